@@ -1,0 +1,135 @@
+"""The admin API under /admin/v1 (FastAPI), guarded by the admin key."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from node import __version__
+from node.app import Node
+from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound
+from node.storage import StorageUnavailable
+from node.wire import KeyCreate, KeyUpdate
+
+
+def build_admin(node: Node) -> FastAPI:
+    app = FastAPI(title="infernode admin", openapi_url="/admin/v1/openapi.json", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(NodeError)
+    async def _node_error(_: Request, err: NodeError) -> JSONResponse:
+        return JSONResponse(status_code=err.status, content=json.loads(err.body()), headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        e = exc.errors()[0]
+        param = ".".join(str(p) for p in e["loc"] if p != "body")
+        err = InvalidRequest(f"{param}: {e['msg']}", param=param)
+        return JSONResponse(status_code=422, content=json.loads(err.body()))
+
+    @app.exception_handler(StorageUnavailable)
+    async def _db_down(_: Request, exc: StorageUnavailable) -> JSONResponse:
+        err = NodeError(f"database unavailable: {exc}", code="database_unavailable")
+        return JSONResponse(status_code=503, content=json.loads(err.body()), headers={"retry-after": "5"})
+
+    def admin(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not node.admin_key or not hmac.compare_digest(presented.encode(), node.admin_key.encode()):
+            raise AuthenticationError("admin key required: send Authorization: Bearer <admin key>")
+
+    guard = [Depends(admin)]
+
+    def key_or_404(key_id: str):
+        record = node.keys.get(key_id)
+        if record is None:
+            raise NotFound(f"no key with id '{key_id}'", code="key_not_found")
+        return record
+
+    @app.post("/admin/v1/keys", dependencies=guard, status_code=201)
+    async def create_key(body: KeyCreate) -> dict[str, Any]:
+        fields = body.model_dump(exclude_none=True)
+        if "models" in fields:
+            fields["models"] = tuple(fields["models"])
+        record, secret = await node.create_key(**fields)
+        return {**record.public(), "key": secret}
+
+    @app.get("/admin/v1/keys", dependencies=guard)
+    async def list_keys() -> dict[str, Any]:
+        return {"object": "list", "data": [r.public() for r in sorted(node.keys.all(), key=lambda r: r.created_at)]}
+
+    @app.get("/admin/v1/keys/{key_id}", dependencies=guard)
+    async def get_key(key_id: str) -> dict[str, Any]:
+        return key_or_404(key_id).public()
+
+    @app.patch("/admin/v1/keys/{key_id}", dependencies=guard)
+    async def update_key(key_id: str, body: KeyUpdate) -> dict[str, Any]:
+        record = key_or_404(key_id)
+        changes = body.model_dump(exclude_unset=True)
+        if "models" in changes and changes["models"] is not None:
+            changes["models"] = tuple(changes["models"])
+        if changes.get("metadata") is None:
+            changes.pop("metadata", None)
+        record = record.updated(**changes)
+        await node.save_key(record)
+        return record.public()
+
+    @app.post("/admin/v1/keys/{key_id}/revoke", dependencies=guard)
+    @app.delete("/admin/v1/keys/{key_id}", dependencies=guard)
+    async def revoke_key(key_id: str) -> dict[str, Any]:
+        record = key_or_404(key_id).updated(revoked=True)
+        await node.save_key(record)
+        return record.public()
+
+    @app.get("/admin/v1/usage", dependencies=guard)
+    async def usage(group_by: str = "key,model", since: float | None = None, until: float | None = None,
+                    key: str | None = None) -> dict[str, Any]:
+        assert node.storage is not None
+        groups = [g for g in group_by.split(",") if g]
+        if node.ledger is not None:
+            await asyncio.to_thread(node.ledger.flush)
+        try:
+            rows = await asyncio.to_thread(node.storage.usage_report, groups, since, until, key)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="group_by") from None
+        return {"object": "list", "group_by": groups, "data": rows}
+
+    @app.get("/admin/v1/workers", dependencies=guard)
+    async def workers() -> dict[str, Any]:
+        sup = node.supervisor
+        data = [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else []
+        return {"object": "list", "data": data}
+
+    @app.get("/admin/v1/gpus", dependencies=guard)
+    async def gpus() -> dict[str, Any]:
+        inv = node.inventory
+        return {"object": "list", "driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]}
+
+    @app.get("/admin/v1/status", dependencies=guard)
+    async def status() -> dict[str, Any]:
+        ok, reasons = node.readiness()
+        sup = node.supervisor
+        return {
+            "node": {"name": node.config.node.name, "listen": node.config.node.listen, "version": __version__,
+                     "uptime_s": round(time.time() - node.started_at, 1), "ready": ok, "reasons": reasons,
+                     "keys": len(node.keys)},
+            "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
+            "gpus": {"driver": node.inventory.driver, "error": node.inventory.error,
+                     "data": [g.as_dict() for g in node.inventory.gpus]},
+        }
+
+    @app.post("/admin/v1/models/{name}/restart", dependencies=guard)
+    async def restart_model(name: str) -> dict[str, Any]:
+        if node.config.model(name) is None:
+            raise NotFound(f"no model named '{name}'", code="model_not_found")
+        n = node.supervisor.restart_model(name) if node.supervisor else 0
+        return {"model": name, "restarting": n}
+
+    return app

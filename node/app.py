@@ -1,0 +1,228 @@
+"""The running node: every service wired together, started and stopped in order.
+
+Constructing a `Node` does no I/O; `start` opens the database, loads keys, checks
+and pulls the store, places and launches workers; `shutdown` drains and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from node.config import Config
+from node.gateway import Gateway, ModelInfo
+from node.gpus import Inventory, discover
+from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.ledger import Ledger
+from node.lockfile import LockFile, read_lock
+from node.metrics import Metrics
+from node.pull import pull_entry
+from node.quotas import Quotas
+from node.router import Router
+from node.states import WorkerState
+from node.storage import Storage, StorageUnavailable, open_storage
+from node.store import Store
+from node.supervisor import Supervisor
+from node.worker import Replica
+
+log = logging.getLogger("infernode.node")
+
+
+def admin_key_path(config: Config) -> Path:
+    return config.node.admin_key_file or (config.data_dir / "admin.key")
+
+
+def read_admin_key(config: Config) -> str | None:
+    """The admin key: from the environment variable named in the config, else its file."""
+    value = os.environ.get(config.node.admin_key_env)
+    if value:
+        return value.strip()
+    path = admin_key_path(config)
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        return path.read_text().strip() or None
+    return None
+
+
+def ensure_admin_key(config: Config) -> tuple[str, bool]:
+    """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
+    key = read_admin_key(config)
+    if key:
+        return key, False
+    path = admin_key_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "sk-admin-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True
+
+
+class Node:
+    def __init__(self, config: Config, *, nvml: Any = None) -> None:
+        self.config = config
+        self.nvml = nvml
+        self.metrics = Metrics()
+        self.keys = KeyRing()
+        self.quotas = Quotas()
+        self.router = Router(m.name for m in config.models)
+        self.store = Store(config.data_dir / "store")
+        self.storage: Storage | None = None
+        self.ledger: Ledger | None = None
+        self.lock = LockFile()
+        self.inventory = Inventory(())
+        self.supervisor: Supervisor | None = None
+        self.gateway: Gateway | None = None
+        self.admin_key = ""
+        self.started_at = time.time()
+        self.startup_error: str | None = None
+        self.starting = True
+        self._tasks: list[asyncio.Task] = []
+        self._keys_version: tuple[int, float] | None = None
+        self.upstream = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0),
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=60),
+        )
+        self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+
+    def model_infos(self) -> dict[str, ModelInfo]:
+        return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
+                                  price_output=m.price_output) for m in self.config.models}
+
+    def build_gateway(self, ledger: Ledger) -> Gateway:
+        return Gateway(
+            keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
+            models=self.model_infos(), client=self.upstream, max_body_bytes=self.config.node.max_body_bytes,
+            stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
+        )
+
+    # -- start -----------------------------------------------------------------
+    async def open(self) -> None:
+        """What must work before the API answers: admin key, database, keys."""
+        self.admin_key, generated = ensure_admin_key(self.config)
+        if generated:
+            log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))
+        self.storage = open_storage(self.config.database_url())
+        await asyncio.to_thread(self.storage.migrate)
+        await self.refresh_keys(force=True)
+        self.ledger = Ledger(self.storage)
+        self.ledger.start()
+        self.gateway = self.build_gateway(self.ledger)
+
+    async def start_workers(self) -> None:
+        """Check and pull the store, place and launch (or adopt) workers."""
+        try:
+            self.lock = read_lock(self.config.lock_path)
+            self.inventory = await asyncio.to_thread(discover, self.nvml)
+            if self.config.node.pull_on_start:
+                await self._pull_missing()
+            self.supervisor = Supervisor(self.config, self.lock, self.store, self.inventory, self.router,
+                                         self.probe_client, on_change=self._replica_changed)
+            await self.supervisor.verify_store()
+            await self.supervisor.reconcile(adopt=True)
+        except Exception as exc:  # keep serving /readyz with the reason
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+        finally:
+            self.starting = False
+        self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
+
+    async def _pull_missing(self) -> None:
+        for m in self.config.models:
+            entry = self.lock.entry(m.name)
+            if entry is None or m.runtime == "external" or entry.source != m.source:
+                continue
+            if self.store.missing(entry):
+                log.info("pulling %s (%d bytes)", m.name, entry.total_size)
+                try:
+                    await asyncio.to_thread(pull_entry, self.store, entry, m, self.config)
+                except Exception as exc:
+                    log.error("pull of %s failed: %s", m.name, exc)
+
+    def _replica_changed(self, replica: Replica) -> None:
+        labels = (replica.spec.model, str(replica.spec.replica), replica.spec.runtime)
+        self.metrics.worker_up.labels(*labels).set(1 if replica.state is WorkerState.READY else 0)
+        if replica.state is WorkerState.RESTARTING and replica.restarts:
+            self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
+        log.info("replica %s %s%s", replica.id, replica.state.value,
+                 f": {replica.last_error.splitlines()[0]}" if replica.last_error and replica.state is not WorkerState.READY else "")
+
+    # -- keys ------------------------------------------------------------------
+    async def refresh_keys(self, force: bool = False) -> None:
+        """Reload keys when the database says they changed (other nodes' changes too)."""
+        assert self.storage is not None
+        version = await asyncio.to_thread(self.storage.keys_version)
+        if force or version != self._keys_version:
+            records = await asyncio.to_thread(self.storage.list_keys)
+            self.keys.replace_all(records)
+            self._keys_version = version
+
+    async def _keys_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self.refresh_keys()
+            except StorageUnavailable as exc:
+                log.warning("key refresh failed (keys stay as they were): %s", exc)
+
+    async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
+        """A new key and its secret (returned once, stored as a hash)."""
+        assert self.storage is not None
+        q = self.config.default_quota
+        defaults = {"rpm": q.rpm, "tpm": q.tpm, "max_parallel": q.max_parallel, "budget_tokens": q.budget_tokens,
+                    "budget_period": q.budget_period, "user_rpm": q.user_rpm, "user_tpm": q.user_tpm}
+        for k, v in defaults.items():
+            if fields.get(k) is None:
+                fields[k] = v
+        secret = new_secret()
+        record = KeyRecord(id=new_key_id(), secret_hash=hash_secret(secret), prefix=secret[:8], **fields)
+        await asyncio.to_thread(self.storage.insert_key, record)
+        self.keys.put(record)
+        return record, secret
+
+    async def save_key(self, record: KeyRecord) -> None:
+        assert self.storage is not None
+        await asyncio.to_thread(self.storage.save_key, record)
+        self.keys.put(record)
+
+    # -- state -----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        if self.gateway is not None and self.gateway.draining:
+            return False, ["the node is shutting down"]
+        if self.startup_error:
+            return False, [f"start-up failed: {self.startup_error}"]
+        if self.supervisor is None:
+            return False, ["starting: checking the store and launching workers"]
+        return self.supervisor.readiness()
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting and wait (up to grace seconds) for in-flight requests."""
+        if self.gateway is None:
+            return
+        self.gateway.draining = True
+        deadline = time.monotonic() + grace
+        while self.gateway.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def shutdown(self, *, detach: bool = False) -> None:
+        """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
+        for t in self._tasks:
+            t.cancel()
+        if self.supervisor is not None:
+            if detach:
+                await self.supervisor.detach_all()
+            else:
+                await self.supervisor.stop_all()
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.close)
+        await self.upstream.aclose()
+        await self.probe_client.aclose()
+        if self.storage is not None:
+            self.storage.close()

@@ -1,0 +1,170 @@
+"""API keys and usage, through the running node's admin API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from node.adminclient import AdminClient
+from node.cli import ConfigOption, app, config_from, console
+from node.errors import InvalidRequest
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list, update and revoke API keys.")
+app.add_typer(keys_app, name="keys")
+
+
+def _time(value: Optional[str], flag: str) -> Optional[float]:
+    """Unix seconds from an ISO date/time or a number."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{flag} {value!r}: give an ISO date (2026-01-31 or 2026-01-31T12:00) or unix seconds") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for k, v in (("team", team), ("rpm", rpm), ("tpm", tpm), ("max_parallel", max_parallel), ("budget_tokens", budget),
+                 ("budget_period", period), ("user_rpm", user_rpm), ("user_tpm", user_tpm)):
+        if v is not None:
+            body[k] = v
+    if model:
+        body["models"] = list(model)
+    if expires is not None:
+        body["expires_at"] = _time(expires, "--expires")
+    if meta:
+        md = {}
+        for item in meta:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise InvalidRequest(f"--meta {item!r}: write KEY=VALUE")
+            md[k] = v
+        body["metadata"] = md
+    return body
+
+
+TeamOpt = typer.Option(None, "--team", help="team the key belongs to")
+ModelOpt = typer.Option(None, "--model", "-m", help="allowed model (repeat); default: all")
+RpmOpt = typer.Option(None, "--rpm", help="requests per minute")
+TpmOpt = typer.Option(None, "--tpm", help="tokens per minute")
+ParOpt = typer.Option(None, "--max-parallel", help="requests in flight at once")
+BudgetOpt = typer.Option(None, "--budget", help="token budget per period")
+PeriodOpt = typer.Option(None, "--period", help="budget period: day or month (UTC)")
+URpmOpt = typer.Option(None, "--user-rpm", help="requests per minute per end user (`user` field)")
+UTpmOpt = typer.Option(None, "--user-tpm", help="tokens per minute per end user")
+ExpOpt = typer.Option(None, "--expires", help="expiry: ISO date/time (UTC) or unix seconds")
+MetaOpt = typer.Option(None, "--meta", help="metadata KEY=VALUE (repeat)")
+
+
+@keys_app.command("create")
+def create(name: str = typer.Option(..., "--name", help="a name to recognise the key by"),
+           team: Optional[str] = TeamOpt, model: Optional[List[str]] = ModelOpt, rpm: Optional[int] = RpmOpt,
+           tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
+           period: Optional[str] = PeriodOpt, user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt,
+           expires: Optional[str] = ExpOpt, meta: Optional[List[str]] = MetaOpt,
+           as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
+    """Create a key; its secret is printed once and stored only as a hash."""
+    body = {"name": name, **_fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)}
+    data = AdminClient(config_from(config)).post("/admin/v1/keys", json=body)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(f"created key [bold]{data['id']}[/] ({data['name']})", highlight=False)
+    console.print("secret (shown once, store it now):", highlight=False)
+    print(data["key"])
+
+
+def _show(rows: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("id", "name", "prefix", "team", "models", "rpm", "tpm", "parallel", "budget", "expires", "revoked"):
+        t.add_column(col)
+    for r in rows:
+        exp = datetime.fromtimestamp(r["expires_at"], timezone.utc).strftime("%Y-%m-%d %H:%M") if r["expires_at"] else "-"
+        budget = f"{r['budget_tokens']}/{r['budget_period']}" if r["budget_tokens"] is not None else "-"
+        t.add_row(r["id"], r["name"], r["prefix"] + "…", r["team"] or "-", ",".join(r["models"]) if r["models"] else "all",
+                  str(r["rpm"] or "-"), str(r["tpm"] or "-"), str(r["max_parallel"] or "-"), budget, exp,
+                  "[red]yes[/]" if r["revoked"] else "no")
+    console.print(t)
+
+
+@keys_app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
+    """List keys (never their secrets)."""
+    rows = AdminClient(config_from(config)).get("/admin/v1/keys")["data"]
+    print(json.dumps(rows, indent=2)) if as_json else _show(rows)
+
+
+@keys_app.command("get")
+def get(key_id: str, config: Optional[str] = ConfigOption) -> None:
+    """Show one key."""
+    print(json.dumps(AdminClient(config_from(config)).get(f"/admin/v1/keys/{key_id}"), indent=2))
+
+
+@keys_app.command("update")
+def update(key_id: str, name: Optional[str] = typer.Option(None, "--name"), team: Optional[str] = TeamOpt,
+           model: Optional[List[str]] = ModelOpt, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
+           max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
+           user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt, expires: Optional[str] = ExpOpt,
+           meta: Optional[List[str]] = MetaOpt, all_models: bool = typer.Option(False, "--all-models", help="allow every model"),
+           config: Optional[str] = ConfigOption) -> None:
+    """Change a key's limits; takes effect within a second."""
+    body = _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)
+    if name:
+        body["name"] = name
+    if all_models:
+        body["models"] = None
+    print(json.dumps(AdminClient(config_from(config)).patch(f"/admin/v1/keys/{key_id}", json=body), indent=2))
+
+
+@keys_app.command("revoke")
+def revoke(key_id: str, config: Optional[str] = ConfigOption) -> None:
+    """Revoke a key; requests with it get 401 within a second."""
+    data = AdminClient(config_from(config)).post(f"/admin/v1/keys/{key_id}/revoke")
+    console.print(f"revoked {data['id']} ({data['name']})", highlight=False)
+
+
+@app.command()
+def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key id"),
+          since: Optional[str] = typer.Option(None, "--since", help="ISO date/time (UTC) or unix seconds"),
+          until: Optional[str] = typer.Option(None, "--until"),
+          group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,day"),
+          fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+          config: Optional[str] = ConfigOption) -> None:
+    """Usage by key and model (tokens, requests, errors, cost)."""
+    if fmt not in ("table", "csv", "json"):
+        raise InvalidRequest(f"--format {fmt!r}: use table, csv or json")
+    params: dict[str, Any] = {"group_by": group_by}
+    for k, v in (("since", _time(since, "--since")), ("until", _time(until, "--until")), ("key", key)):
+        if v is not None:
+            params[k] = v
+    data = AdminClient(config_from(config)).get("/admin/v1/usage", params=params)
+    rows = data["data"]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    cols = data["group_by"] + ["requests", "prompt_tokens", "completion_tokens", "errors", "cost"]
+    if fmt == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        return
+    t = Table()
+    for c in cols:
+        t.add_column(c, justify="right" if c not in data["group_by"] else "left")
+    for r in rows:
+        t.add_row(*(f"{r[c]:.4f}" if c == "cost" else str(r[c] if r[c] is not None else "-") for c in cols))
+    console.print(t)

@@ -1,0 +1,138 @@
+"""The model supply chain: init, lock, pull, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from node.cli import ConfigOption, app, config_from, console, err_console
+from node.errors import OperationFailed, StoreError
+from node.lockfile import LockFile, read_lock, write_lock
+from node.store import Store
+
+STARTER = """\
+# Infernode appliance configuration. See README.md for every key.
+[node]
+name = "{name}"
+listen = "0.0.0.0:8080"
+data_dir = "{data_dir}"
+admin_key_env = "INFERNODE_ADMIN_KEY"
+
+[[models]]
+name = "tiny-chat"                      # the `model` clients send
+source = "builtin:tiny-chat#*.gguf"     # a tiny random-weight Llama shipped with infernode
+runtime = "llamacpp"
+gpus = 0
+
+[quotas.default]
+rpm = 600
+tpm = 1000000
+"""
+
+
+@app.command()
+def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appliance.toml and models.lock"),
+         data_dir: str = typer.Option("/var/lib/infernode", "--data-dir")) -> None:
+    """Write a starter appliance.toml (GPUs detected) and an empty models.lock."""
+    import socket
+
+    from node.gpus import discover
+
+    dir.mkdir(parents=True, exist_ok=True)
+    cfg = dir / "appliance.toml"
+    if cfg.exists():
+        raise OperationFailed(f"{cfg} exists; edit it, or remove it to start over")
+    inv = discover()
+    text = STARTER.format(name=socket.gethostname(), data_dir=data_dir)
+    if inv.gpus:
+        text += "\n# GPUs found: " + ", ".join(f"{g.index}: {g.name} ({g.memory_total / 2**30:.0f} GiB)" for g in inv.gpus) + "\n"
+    else:
+        text += f"\n# No GPU found ({inv.error}); CPU models only.\n"
+    cfg.write_text(text)
+    lock = dir / "models.lock"
+    if not lock.exists():
+        write_lock(lock, LockFile())
+    console.print(f"wrote {cfg} and {lock}; next: `infernode lock && infernode pull`", highlight=False)
+
+
+@app.command()
+def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.lock is stale; write nothing"),
+         config: Optional[str] = ConfigOption) -> None:
+    """Resolve every model source to an immutable revision and per-file sha256; write models.lock."""
+    from node.resolve import build_lock, stale_models
+
+    cfg = config_from(config)
+    current = read_lock(cfg.lock_path)
+    if check:
+        stale = stale_models(cfg, current)
+        extra = [e.name for e in current.models if cfg.model(e.name) is None]
+        for name, why in stale.items():
+            err_console.print(f"{cfg.lock_path}: {name}: {why}", highlight=False)
+        for name in extra:
+            err_console.print(f"{cfg.lock_path}: {name}: locked but not in {cfg.path}; run `infernode lock`", highlight=False)
+        if stale or extra:
+            raise typer.Exit(1)
+        console.print(f"{cfg.lock_path} is up to date", highlight=False)
+        return
+    new = build_lock(cfg)
+    write_lock(cfg.lock_path, new)
+    for e in new.models:
+        old = current.entry(e.name)
+        change = "unchanged" if old and old.digest == e.sealed().digest else ("updated" if old else "added")
+        console.print(f"{e.name}: {e.revision[:19]} {len(e.files)} files, {e.total_size / 1e6:.1f} MB ({change})", highlight=False)
+    console.print(f"wrote {cfg.lock_path}", highlight=False)
+
+
+@app.command()
+def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull (default: all)"),
+         from_: Optional[Path] = typer.Option(None, "--from", help="import from a folder or bundle (air-gapped)"),
+         config: Optional[str] = ConfigOption) -> None:
+    """Download what models.lock pins into the store and verify every digest."""
+    from node.pull import pull_entry
+    from node.resolve import stale_models
+
+    cfg = config_from(config)
+    lk = read_lock(cfg.lock_path)
+    store = Store(cfg.data_dir / "store")
+    wanted = names or [m.name for m in cfg.models if m.runtime != "external"]
+    stale = stale_models(cfg, lk)
+    failed = 0
+    for name in wanted:
+        model = cfg.model(name)
+        if model is None:
+            raise OperationFailed(f"{cfg.path}: no model named '{name}'")
+        if name in stale:
+            err_console.print(f"{name}: {stale[name]}", highlight=False)
+            failed += 1
+            continue
+        entry = lk.entry(name)
+        assert entry is not None
+        try:
+            res = pull_entry(store, entry, model, cfg)
+        except StoreError as exc:
+            err_console.print(f"[red]{name}:[/] {exc.message}", highlight=False)
+            failed += 1
+            continue
+        console.print(f"{name}: {res.fetched} fetched, {res.present} already present, verified", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(config: Optional[str] = ConfigOption) -> None:
+    """Re-hash the store against models.lock; exit 1 naming every bad file."""
+    cfg = config_from(config)
+    lk = read_lock(cfg.lock_path)
+    store = Store(cfg.data_dir / "store")
+    bad = 0
+    for entry in lk.models:
+        problems = store.verify(entry)
+        for p in problems:
+            err_console.print(f"[red]{entry.name}:[/] {p}", highlight=False)
+        bad += len(problems)
+        if not problems:
+            console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False)
+    if bad:
+        raise typer.Exit(1)

@@ -1,0 +1,95 @@
+"""Running and watching the node: up, status, gpus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from node.adminclient import AdminClient
+from node.cli import ConfigOption, app, config_from, console
+
+
+@app.command()
+def up(config: Optional[str] = ConfigOption) -> None:
+    """Run the node in the foreground (what systemd runs)."""
+    from node.logs import setup_logging
+    from node.server import serve
+
+    cfg = config_from(config)
+    setup_logging(cfg.node.log_format)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional
+        runner = asyncio.run
+    runner(serve(cfg))
+
+
+def _ago(ts: float) -> str:
+    s = max(0, int(time.time() - ts))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+@app.command()
+def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Workers, models and GPUs, as the running node sees them."""
+    data = AdminClient(config_from(config)).get("/admin/v1/status")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    n = data["node"]
+    state = "[green]ready[/]" if n["ready"] else "[yellow]not ready[/]"
+    console.print(f"[bold]{n['name']}[/] {state}  listen {n['listen']}  up {_ago(time.time() - n['uptime_s'])}  "
+                  f"v{n['version']}  {n['keys']} keys")
+    for reason in n["reasons"]:
+        console.print(f"  [yellow]•[/] {reason}", highlight=False)
+    t = Table(title="replicas", title_justify="left")
+    for col in ("model", "replica", "runtime", "state", "since", "restarts", "port", "gpus", "last error"):
+        t.add_column(col)
+    colours = {"ready": "green", "starting": "cyan", "failed": "red", "unhealthy": "yellow", "restarting": "yellow"}
+    for w in data["workers"]:
+        st = w["state"]
+        t.add_row(w["model"], str(w["replica"]), w["runtime"], f"[{colours.get(st, 'white')}]{st}[/]", _ago(w["since"]),
+                  str(w["restarts"]), str(w["port"] or "-"), ",".join(g[:12] for g in w["gpus"]) or "cpu",
+                  (w["last_error"] or "").splitlines()[0][:60] if w["last_error"] else "")
+    console.print(t)
+    gpus = data["gpus"]
+    if gpus["data"]:
+        g = Table(title="GPUs", title_justify="left")
+        for col in ("#", "name", "memory", "util", "temp"):
+            g.add_column(col)
+        for x in gpus["data"]:
+            frac = x["memory_used"] / x["memory_total"] if x["memory_total"] else 0
+            bar = "█" * int(frac * 20) + "░" * (20 - int(frac * 20))
+            g.add_row(str(x["index"]), x["name"], f"{bar} {x['memory_used'] / 2**30:.1f}/{x['memory_total'] / 2**30:.1f} GiB",
+                      f"{x['utilization'] * 100:.0f}%" if x.get("utilization") is not None else "-",
+                      f"{x['temperature_c']:.0f}°C" if x.get("temperature_c") is not None else "-")
+        console.print(g)
+    else:
+        console.print(f"GPUs: {gpus['error'] or 'none'}")
+
+
+@app.command()
+def gpus(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """The NVML inventory of this box."""
+    from node.gpus import discover
+
+    inv = discover()
+    if as_json:
+        print(json.dumps({"driver": inv.driver, "error": inv.error, "gpus": [g.as_dict() for g in inv.gpus]}, indent=2))
+        return
+    if not inv.gpus:
+        console.print(inv.error or "no GPU found")
+        return
+    t = Table()
+    for col in ("#", "uuid", "name", "memory total", "used", "free"):
+        t.add_column(col)
+    for g in inv.gpus:
+        t.add_row(str(g.index), g.uuid, g.name, f"{g.memory_total / 2**30:.1f} GiB", f"{g.memory_used / 2**30:.1f} GiB",
+                  f"{g.memory_free / 2**30:.1f} GiB")
+    console.print(t)

@@ -1,0 +1,336 @@
+"""`appliance.toml`: the node's desired state, loaded and validated with pydantic.
+
+Every mistake becomes one `ConfigError` line naming the file, the key and the fix.
+Relative paths inside the file resolve against the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.errors import ConfigError
+
+RUNTIMES = ("vllm", "sglang", "ollama", "llamacpp", "external")
+CONFIG_ENV = "INFERNODE_CONFIG"
+SYSTEM_CONFIG = Path("/etc/infernode/appliance.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    name: str = Field(default_factory=socket.gethostname)
+    listen: str = "0.0.0.0:8080"
+    data_dir: Path = Path("/var/lib/infernode")
+    admin_key_env: str = "INFERNODE_ADMIN_KEY"
+    admin_key_file: Path | None = None
+    # Pull what models.lock pins before launching, when the store lacks it.
+    pull_on_start: bool = True
+    # Seconds SIGTERM waits for in-flight requests before stopping workers.
+    drain_grace_s: float = 30.0
+    # Seconds a worker outlives a vanished node, waiting to be adopted by its successor.
+    adopt_grace_s: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_prompts: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+            raise ValueError(f"'{v}' is not HOST:PORT; write e.g. \"0.0.0.0:8080\"")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class DatabaseSection(_Section):
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql:// (or sqlite:///PATH)")
+        return v
+
+
+GpuSelector = int | list[int | str]
+
+
+class ModelConfig(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+    source: str = ""
+    runtime: str
+    gpus: GpuSelector = 0
+    replicas: Annotated[int, Field(ge=0)] = 1
+    args: list[str] = []
+    env: dict[str, str] = {}
+    url: str | None = None
+    # Memory each replica needs per GPU, e.g. "20GiB"; estimated from the weights when unset.
+    gpu_memory: str | None = None
+    placement: Literal["binpack", "spread"] = "binpack"
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    max_inflight: Annotated[int, Field(gt=0)] = 64
+    max_queue: Annotated[int, Field(ge=0)] = 256
+    # Prices in your currency per million tokens, reported by usage.
+    price_input: Annotated[float, Field(ge=0)] = 0.0
+    price_output: Annotated[float, Field(ge=0)] = 0.0
+    # Registry for ollama: sources (default registry.ollama.ai).
+    registry: str | None = None
+    # Fleet registration hints (LiteLLM).
+    rpm: int | None = None
+    tpm: int | None = None
+    order: int | None = None
+    tags: list[str] = []
+    probe_inference: bool = False
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        if v not in RUNTIMES:
+            raise ValueError(f"unknown runtime '{v}'; use one of {', '.join(RUNTIMES)}")
+        return v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: GpuSelector) -> GpuSelector:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be a GPU count >= 0 or a list of GPU indices/UUIDs")
+        return v
+
+    @model_validator(mode="after")
+    def _external_needs_url(self) -> "ModelConfig":
+        if self.runtime == "external":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
+        elif not self.source:
+            raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
+        return self
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+
+
+class RuntimeSettings(_Section):
+    """Where a runtime lives: its own venv's python, or a binary path (ollama)."""
+
+    python: Path | None = None
+    binary: Path | None = None
+    startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    env: dict[str, str] = {}
+
+
+class QuotaSettings(_Section):
+    rpm: Annotated[int, Field(ge=0)] | None = None
+    tpm: Annotated[int, Field(ge=0)] | None = None
+    max_parallel: Annotated[int, Field(ge=0)] | None = None
+    budget_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_period: Literal["day", "month"] = "day"
+    # Optional per end-user (`user` field) limits under one key, e.g. for a fleet key.
+    user_rpm: Annotated[int, Field(ge=0)] | None = None
+    user_tpm: Annotated[int, Field(ge=0)] | None = None
+
+
+class LiteLLMFleet(_Section):
+    url: str
+    master_key_env: str = "LITELLM_MASTER_KEY"
+    master_key_file: Path | None = None
+    advertise_url: str
+    register_on_start: bool = True
+    key_rpm: int | None = None
+    key_tpm: int | None = None
+
+
+class FleetSection(_Section):
+    litellm: LiteLLMFleet | None = None
+
+
+class AlertsSection(_Section):
+    webhook_urls: list[str] = []
+    secret_env: str = "INFERNODE_ALERT_SECRET"
+    secret_file: Path | None = None
+    gpu_temperature_c: float = 85.0
+    budget_thresholds: list[float] = [0.8, 1.0]
+
+
+class SupervisorSection(_Section):
+    """How workers are kept alive; the defaults suit real model loads."""
+
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
+    # A replica ready this long has its backoff and crash count reset.
+    stable_after_s: Annotated[float, Field(gt=0)] = 60.0
+    # This many failed starts or crashes in a row end in `failed`.
+    crash_loop_limit: Annotated[int, Field(ge=1)] = 5
+    probe_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # Consecutive failed liveness probes before `unhealthy`; twice this restarts the replica.
+    probe_failures: Annotated[int, Field(ge=1)] = 3
+    stop_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    log_max_bytes: Annotated[int, Field(gt=0)] = 20 * 1024 * 1024
+    log_backups: Annotated[int, Field(ge=0)] = 3
+
+
+class Config(_Section):
+    """The whole `appliance.toml`, plus where it came from."""
+
+    node: NodeSection = NodeSection()
+    supervisor: SupervisorSection = SupervisorSection()
+    database: DatabaseSection = DatabaseSection()
+    models: list[ModelConfig] = []
+    runtimes: dict[str, RuntimeSettings] = {}
+    quotas: dict[str, QuotaSettings] = {}
+    fleet: FleetSection = FleetSection()
+    alerts: AlertsSection = AlertsSection()
+    # Set by load_config, not read from the file.
+    path: Path = Field(default=Path("appliance.toml"), exclude=True)
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, v: dict[str, RuntimeSettings]) -> dict[str, RuntimeSettings]:
+        for name in v:
+            if name not in RUNTIMES:
+                raise ValueError(f"unknown runtime '{name}'; use one of {', '.join(RUNTIMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(f"@models[{i}].name: duplicate model name '{m.name}'; give each [[models]] a unique name")
+            seen.add(m.name)
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def lock_path(self) -> Path:
+        return self.base_dir / "models.lock"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def default_quota(self) -> QuotaSettings:
+        return self.quotas.get("default", QuotaSettings())
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def runtime_settings(self, runtime: str) -> RuntimeSettings:
+        return self.runtimes.get(runtime, RuntimeSettings())
+
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'infernode.db'}"
+
+
+def find_config(explicit: str | os.PathLike | None = None) -> Path:
+    """The config path: --config, else $INFERNODE_CONFIG, else ./appliance.toml, else /etc."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    local = Path("appliance.toml")
+    if local.exists():
+        return local
+    return SYSTEM_CONFIG
+
+
+def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]"
+        elif item in ("function-after", "int", "list[union[int,str]]") or "[" in str(item):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _fix_for(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "remove it or check its spelling"
+    if kind == "missing":
+        return "add it"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"give a {kind.split('_')[0]}"
+    return ""
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML document; raise ConfigError naming the first bad key."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        key = _key_path(err["loc"], raw)
+        if msg.startswith("@"):  # the validator named the key itself
+            key, _, msg = msg[1:].partition(": ")
+        if err["type"] == "extra_forbidden":
+            return _raise(path, key, "unknown key", _fix_for(err))
+        if err["type"] == "missing":
+            return _raise(path, key, "required key is missing", _fix_for(err))
+        if err["type"] == "literal_error":
+            return _raise(path, key, msg)
+        if err["type"] not in ("value_error", "assertion_error"):
+            got = err.get("input")
+            return _raise(path, key, f"{msg.lower()} (got {got!r})")
+        return _raise(path, key, msg)
+    base = path.parent
+    node = cfg.node
+    updates: dict[str, Any] = {"data_dir": _resolve(base, node.data_dir)}
+    if node.admin_key_file:
+        updates["admin_key_file"] = _resolve(base, node.admin_key_file)
+    runtimes = {
+        name: rs.model_copy(update={
+            "python": _resolve(base, rs.python) if rs.python else None,
+            "binary": _resolve(base, rs.binary) if rs.binary and "/" in str(rs.binary) else rs.binary,
+        })
+        for name, rs in cfg.runtimes.items()
+    }
+    return cfg.model_copy(update={"node": node.model_copy(update=updates), "runtimes": runtimes, "path": path})
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _raise(path: Path, key: str, problem: str, fix: str = "") -> Config:
+    raise ConfigError(str(path), key, problem, fix)
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate `appliance.toml` (found as DESIGN.md says when path is None)."""
+    p = find_config(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(p), "", "no such file", "run `infernode init` or pass --config PATH") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), "", f"not valid TOML ({exc})", "fix the syntax at that line") from None
+    return parse_config(raw, p.absolute())

@@ -1,0 +1,111 @@
+"""`infernode up`: bind the port, serve the API, start workers, and stop cleanly.
+
+Signals: SIGTERM/SIGINT drain and stop everything; SIGUSR2 drains and exits leaving
+the workers to their keepers, for a successor node to adopt (upgrades); SIGHUP
+re-reads the config and lock and restarts only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import uvicorn
+
+from node.api import NodeApp
+from node.app import Node
+from node.config import Config
+from node.errors import OperationFailed
+
+log = logging.getLogger("infernode.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (the node drains first, then stops it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OperationFailed(f"port {port} on {host} is already in use (another node?); stop it or change [node].listen") from None
+        raise OperationFailed(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """One node per data_dir: hold an exclusive lock for the node's lifetime."""
+    run = data_dir / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OperationFailed(f"another node is running on {data_dir}; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+async def serve(config: Config, node: Node | None = None) -> None:
+    """Run the node until a signal stops it."""
+    node = node or Node(config)
+    lock_fd = _lock_data_dir(config.data_dir)
+    sock = _bind(config.node.host, config.node.port)
+    await node.open()
+    app = NodeApp(node)
+    uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=75,
+                        timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024,
+                        limit_concurrency=None, http="auto", loop="none")
+    server = _Server(uv)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    mode = {"detach": False}
+
+    def stop(detach: bool) -> None:
+        if not stopping.is_set():
+            mode["detach"] = detach
+            log.info("received %s: %s", "SIGUSR2" if detach else "stop signal",
+                     "draining, leaving workers for adoption" if detach else "draining and stopping workers")
+            stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, False)
+    loop.add_signal_handler(signal.SIGUSR2, stop, True)
+
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.01)
+    log.info("listening on http://%s", config.node.listen)
+    starting = asyncio.create_task(node.start_workers())
+    await asyncio.wait([serving, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await node.drain(config.node.drain_grace_s)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+    await node.shutdown(detach=mode["detach"])
+    server.should_exit = True
+    await serving
+    os.close(lock_fd)
+    log.info("stopped")

@@ -1,0 +1,39 @@
+"""Worker states and the transitions allowed between them (no I/O, no imports)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class WorkerState(str, Enum):
+    PENDING = "pending"          # desired, not started (waiting for placement or the store)
+    STARTING = "starting"        # process launched (or adopted), waiting for readiness
+    READY = "ready"              # serving traffic
+    UNHEALTHY = "unhealthy"      # liveness probes failing; no traffic
+    RESTARTING = "restarting"    # backing off before the next start
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"            # crash loop, missing runtime, bad store: needs a person
+
+
+S = WorkerState
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    S.PENDING: frozenset({S.STARTING, S.STOPPED, S.FAILED, S.PENDING}),
+    S.STARTING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPING}),
+    S.READY: frozenset({S.UNHEALTHY, S.RESTARTING, S.STOPPING}),
+    S.UNHEALTHY: frozenset({S.READY, S.RESTARTING, S.STOPPING}),
+    S.RESTARTING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
+    S.STOPPING: frozenset({S.STOPPED}),
+    S.STOPPED: frozenset({S.STARTING, S.PENDING}),
+    S.FAILED: frozenset({S.STARTING, S.PENDING, S.STOPPING, S.STOPPED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: WorkerState, new: WorkerState) -> None:
+    """Raise unless the table allows old -> new."""
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{old.value} -> {new.value}")

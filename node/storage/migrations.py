@@ -1,0 +1,54 @@
+"""Versioned schema migrations: an ordered list of named steps, each applied once.
+
+The SQL is written to run unchanged on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    ("001_keys_teams_usage", [
+        """CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            team TEXT,
+            models TEXT,
+            rpm BIGINT, tpm BIGINT, max_parallel BIGINT,
+            budget_tokens BIGINT, budget_period TEXT NOT NULL DEFAULT 'day',
+            user_rpm BIGINT, user_tpm BIGINT,
+            expires_at DOUBLE PRECISION,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE teams (
+            name TEXT PRIMARY KEY,
+            rpm BIGINT, tpm BIGINT, max_parallel BIGINT,
+            budget_tokens BIGINT, budget_period TEXT NOT NULL DEFAULT 'day',
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE usage (
+            request_id TEXT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            key_id TEXT,
+            team TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            end_user TEXT,
+            prompt_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0,
+            status INTEGER NOT NULL,
+            latency_ms DOUBLE PRECISION,
+            ttft_ms DOUBLE PRECISION,
+            cost DOUBLE PRECISION NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX usage_ts ON usage (ts)",
+        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ]),
+]
+
+LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,101 @@
+"""Runtime adapters: each turns a worker spec into a launch plan.
+
+An adapter is a plain module with `NAME`, `plan(spec) -> LaunchPlan` and
+`version_argv(spec)`. It never starts a process, opens a socket or imports `node`:
+the supervisor does the doing, the adapter only describes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Mapping, Protocol
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything an adapter needs to describe one replica."""
+
+    model: str                      # the name clients send and the worker serves
+    replica: int
+    runtime: str
+    port: int
+    host: str = "127.0.0.1"
+    model_path: Path | None = None  # snapshot folder, GGUF file or OLLAMA_MODELS tree
+    source: str = ""
+    gpu_uuids: tuple[str, ...] = ()
+    gpu_memory_fraction: float | None = None  # this replica's share of each of its GPUs
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    python: str = "python3"         # interpreter of the runtime's environment
+    binary: str | None = None       # executable for binary runtimes (ollama)
+    max_model_len: int | None = None
+    url: str | None = None          # external runtime: the OpenAI base URL
+    startup_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An HTTP GET relative to the worker's root; ok on 200 (and `expect_model` listed)."""
+
+    path: str
+    expect_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A request sent once after the worker is healthy, before it counts as ready."""
+
+    kind: str                       # "ollama_load": load and pin a model through the ollama client
+    model: str
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: tuple[str, ...]           # empty for a worker the node does not launch (external)
+    env: Mapping[str, str]
+    root_url: str                   # http://127.0.0.1:PORT (where probes go)
+    openai_base: str                # where /v1 traffic goes (no trailing slash)
+    health: Probe                   # liveness
+    ready: Probe                    # readiness
+    startup_timeout_s: float
+    warmup: tuple[Warmup, ...] = ()
+    metrics_path: str | None = None
+    # False when streams carry no usage chunk even with stream_options.include_usage.
+    stream_usage: bool = True
+    upstream_model: str | None = None  # the model name the worker expects, when it differs
+
+
+class Runtime(Protocol):
+    NAME: str
+
+    def plan(self, spec: WorkerSpec) -> LaunchPlan: ...
+
+    def version_argv(self, spec: WorkerSpec) -> tuple[str, ...]: ...
+
+
+NAMES = ("vllm", "sglang", "ollama", "llamacpp", "external")
+
+
+def get(name: str) -> Runtime:
+    """The adapter module for a runtime name."""
+    if name not in NAMES:
+        raise KeyError(name)
+    module: ModuleType = importlib.import_module(f"runtimes.{name}")
+    return module  # type: ignore[return-value]
+
+
+def python_module_version_argv(python: str, distributions: tuple[str, ...]) -> tuple[str, ...]:
+    """A command printing the first installed distribution's version, or failing."""
+    code = (
+        "import importlib.metadata as m, sys\n"
+        f"for d in {distributions!r}:\n"
+        "    try:\n"
+        "        print(m.version(d)); sys.exit(0)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        pass\n"
+        f"sys.exit('none of {', '.join(distributions)} is installed')\n"
+    )
+    return (python, "-c", code)

@@ -1,0 +1,35 @@
+"""An OpenAI-compatible server the node does not launch (`runtime = "external"`).
+
+The node only probes it (`GET {url}/models`) and routes to it, behind the same keys,
+quotas and metrics as its own workers.
+"""
+
+from __future__ import annotations
+
+from runtimes import LaunchPlan, Probe, WorkerSpec
+
+NAME = "external"
+
+
+def plan(spec: WorkerSpec) -> LaunchPlan:
+    if not spec.url:
+        raise ValueError("external needs url")
+    base = spec.url.rstrip("/")
+    root, _, prefix = base.partition("://")
+    host, slash, path = prefix.partition("/")
+    root_url = f"{root}://{host}"
+    models_path = ("/" + path if slash else "") + "/models"
+    return LaunchPlan(
+        argv=(),
+        env={},
+        root_url=root_url,
+        openai_base=base,
+        health=Probe(models_path),
+        ready=Probe(models_path),
+        startup_timeout_s=spec.startup_timeout_s or 30.0,
+        upstream_model=None,
+    )
+
+
+def version_argv(spec: WorkerSpec) -> tuple[str, ...]:
+    return ()

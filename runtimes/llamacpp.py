@@ -1,0 +1,64 @@
+"""llama.cpp through llama-cpp-python's OpenAI server (`python -m llama_cpp.server`).
+
+Flags follow llama-cpp-python's server settings (`--model`, `--model_alias`,
+`--host`, `--port`, `--n_ctx`, `--n_gpu_layers`). Its `/health` is 404 in 0.3.x, so
+readiness is `/v1/models` listing the alias; its streams carry no usage chunk.
+"""
+
+from __future__ import annotations
+
+from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+
+NAME = "llamacpp"
+DEFAULT_STARTUP_TIMEOUT_S = 300.0
+DEFAULT_N_CTX = 2048
+
+
+def _has_flag(args: tuple[str, ...], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def plan(spec: WorkerSpec) -> LaunchPlan:
+    """The command line, environment and probes for one llama.cpp replica."""
+    if spec.model_path is None:
+        raise ValueError("llamacpp needs a GGUF file (model_path)")
+    argv = [
+        spec.python, "-m", "llama_cpp.server",
+        "--model", str(spec.model_path),
+        "--model_alias", spec.model,
+        "--host", spec.host,
+        "--port", str(spec.port),
+    ]
+    if not _has_flag(spec.args, "--n_ctx"):
+        argv += ["--n_ctx", str(spec.max_model_len or DEFAULT_N_CTX)]
+    if spec.gpu_uuids and not _has_flag(spec.args, "--n_gpu_layers"):
+        argv += ["--n_gpu_layers", "-1"]
+    argv += list(spec.args)
+    env = dict(spec.env)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpu_uuids)
+    root = f"http://{spec.host}:{spec.port}"
+    return LaunchPlan(
+        argv=tuple(argv),
+        env=env,
+        root_url=root,
+        openai_base=root + "/v1",
+        health=Probe("/v1/models"),
+        ready=Probe("/v1/models", expect_model=spec.model),
+        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        stream_usage=False,
+    )
+
+
+def version_argv(spec: WorkerSpec) -> tuple[str, ...]:
+    return python_module_version_argv(spec.python, ("llama-cpp-python", "llama_cpp_python"))
+
+
+def n_ctx(plan_: LaunchPlan) -> int | None:
+    """The context length this plan launches with (for max_model_len)."""
+    argv = list(plan_.argv)
+    for i, a in enumerate(argv):
+        if a == "--n_ctx" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--n_ctx="):
+            return int(a.split("=", 1)[1])
+    return None
