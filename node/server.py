@@ -24,6 +24,7 @@ from node.api import NodeApp
 from node.app import Node
 from node.config import Config
 from node.errors import OperationFailed
+from node.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
 
@@ -67,9 +68,10 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-async def serve(config: Config, node: Node | None = None) -> None:
+async def serve(config: Config, node: Node | None = None, notifier: Notifier | None = None) -> None:
     """Run the node until a signal stops it."""
     node = node or Node(config)
+    notifier = notifier or Notifier.from_environ()
     lock_fd = _lock_data_dir(config.data_dir)
     sock = _bind(config.node.host, config.node.port)
     await node.open()
@@ -97,8 +99,12 @@ async def serve(config: Config, node: Node | None = None) -> None:
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)
     log.info("listening on http://%s", config.node.listen)
+    # systemd (Type=notify): ready once the API answers; workers start behind /readyz.
+    notifier.ready(f"listening on http://{config.node.listen}")
+    watchdog = asyncio.create_task(notifier.run_watchdog())
     starting = asyncio.create_task(node.start_workers())
     await asyncio.wait([serving, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    notifier.stopping("draining, leaving workers for adoption" if mode["detach"] else "draining and stopping workers")
     await node.drain(config.node.drain_grace_s)
     if not starting.done():
         starting.cancel()
@@ -107,5 +113,9 @@ async def serve(config: Config, node: Node | None = None) -> None:
     await node.shutdown(detach=mode["detach"])
     server.should_exit = True
     await serving
+    # Keep pinging through the drain: a long drain must not look like a hang to systemd.
+    watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
     os.close(lock_fd)
     log.info("stopped")
