@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 
 from node import __version__
 from node.app import Node
-from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound
+from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound, UpstreamError
+from node.fleet import ProxyError, desired_deployments
 from node.storage import StorageUnavailable
 from node.wire import KeyCreate, KeyUpdate
 
@@ -125,11 +126,58 @@ def build_admin(node: Node) -> FastAPI:
                      "data": [g.as_dict() for g in node.inventory.gpus]},
         }
 
+    @app.post("/admin/v1/reload", dependencies=guard)
+    async def reload() -> dict[str, Any]:
+        """Re-read appliance.toml and models.lock; restart only the replicas whose spec changed."""
+        return await node.reload()
+
     @app.post("/admin/v1/models/{name}/restart", dependencies=guard)
     async def restart_model(name: str) -> dict[str, Any]:
         if node.config.model(name) is None:
             raise NotFound(f"no model named '{name}'", code="model_not_found")
         n = node.supervisor.restart_model(name) if node.supervisor else 0
         return {"model": name, "restarting": n}
+
+    @app.get("/admin/v1/fleet", dependencies=guard)
+    async def fleet_status() -> dict[str, Any]:
+        if node.fleet is None:
+            return {"enabled": False, "reason": "no [fleet.litellm] section in appliance.toml"}
+        return {**dataclasses.asdict(node.fleet.status), "ready_models": node.ready_models()}
+
+    def fleet_or_400() -> None:
+        if node.config.fleet.litellm is None:
+            raise InvalidRequest("no [fleet.litellm] section in appliance.toml; add url and advertise_url there",
+                                 code="fleet_not_configured")
+
+    @app.post("/admin/v1/fleet/register", dependencies=guard)
+    async def fleet_register() -> dict[str, Any]:
+        fleet_or_400()
+        await node.start_fleet(register=True)
+        assert node.fleet is not None
+        try:
+            registered = await node.fleet.sync()
+        except ProxyError as exc:
+            node.fleet.status.last_error = str(exc)
+            raise UpstreamError(str(exc), code="fleet_proxy_error", source="proxy") from None
+        return {**dataclasses.asdict(node.fleet.status), "registered": registered}
+
+    @app.post("/admin/v1/fleet/deregister", dependencies=guard)
+    async def fleet_deregister() -> dict[str, Any]:
+        fleet_or_400()
+        if node.fleet is None:
+            return {"removed": 0}
+        node.fleet.status.registering = True  # deregister even when it was never started here
+        removed = await node.fleet.stop(deregister=True, timeout=15.0)
+        if node.fleet.status.last_error and node.fleet.status.last_error.startswith("deregistration failed"):
+            raise UpstreamError(node.fleet.status.last_error, code="fleet_proxy_error", source="proxy")
+        return {"removed": removed}
+
+    @app.get("/admin/v1/fleet/config", dependencies=guard)
+    async def fleet_config() -> dict[str, Any]:
+        fleet_or_400()
+        await node.start_fleet(register=False)
+        secret = await node.fleet_key()
+        deps = desired_deployments(node.config, secret, [m.name for m in node.config.models])
+        return {"object": "list", "data": [d.body() for d in deps]}
 
     return app

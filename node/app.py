@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 
-from node.config import Config
+from node.config import Config, load_config
+from node.errors import OperationFailed
+from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.gateway import Gateway, ModelInfo
 from node.gpus import Inventory, discover
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
@@ -86,6 +88,8 @@ class Node:
         self.starting = True
         self._tasks: list[asyncio.Task] = []
         self._keys_version: tuple[int, float] | None = None
+        self._reload_lock = asyncio.Lock()
+        self.fleet: FleetReconciler | None = None
         self.upstream = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0),
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=60),
@@ -133,6 +137,31 @@ class Node:
         finally:
             self.starting = False
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
+        if self.config.fleet.litellm is not None:
+            await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
+
+    async def start_fleet(self, *, register: bool) -> None:
+        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
+        if self.fleet is None:
+            assert self.config.fleet.litellm is not None
+            admin = LiteLLMAdmin(self.config.fleet.litellm.url, read_master_key(self.config))
+            self.fleet = FleetReconciler(self.config, admin, ready_models=self.ready_models, api_key=self.fleet_key)
+        try:
+            await self.fleet_key()
+        except StorageUnavailable as exc:
+            log.warning("fleet: cannot create the fleet key yet: %s", exc)
+        if register:
+            self.fleet.start()
+
+    async def fleet_key(self) -> str:
+        """The secret of the node key the fleet proxy uses (created once, then reused)."""
+        key_id, secret = await ensure_fleet_key(self.config, self.keys.get, self.create_key)
+        if self.fleet is not None:
+            self.fleet.status.key_id = key_id
+        return secret
+
+    def ready_models(self) -> list[str]:
+        return [m for m in self.router.models() if self.router.ready(m)]
 
     async def _pull_missing(self) -> None:
         for m in self.config.models:
@@ -151,8 +180,30 @@ class Node:
         self.metrics.worker_up.labels(*labels).set(1 if replica.state is WorkerState.READY else 0)
         if replica.state is WorkerState.RESTARTING and replica.restarts:
             self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
+        if self.fleet is not None:
+            self.fleet.poke()
         log.info("replica %s %s%s", replica.id, replica.state.value,
                  f": {replica.last_error.splitlines()[0]}" if replica.last_error and replica.state is not WorkerState.READY else "")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read appliance.toml and models.lock; restart only the replicas whose spec changed."""
+        async with self._reload_lock:
+            if self.supervisor is None:
+                raise OperationFailed("the node is still starting; reload again once it is up")
+            config = await asyncio.to_thread(load_config, self.config.path)
+            lock = await asyncio.to_thread(read_lock, config.lock_path)
+            notes = []
+            if config.node != self.config.node:  # the port and data dir are held by this process
+                notes.append("[node] changes take effect at the next restart")
+                config = config.model_copy(update={"node": self.config.node})
+            self.config, self.lock = config, lock
+            if self.gateway is not None:
+                self.gateway.models = self.model_infos()
+            if config.node.pull_on_start:
+                await self._pull_missing()
+            summary = await self.supervisor.reload(config, lock)
+            log.info("reloaded %s: %s", config.path, summary)
+            return {**summary, "notes": notes}
 
     # -- keys ------------------------------------------------------------------
     async def refresh_keys(self, force: bool = False) -> None:
@@ -215,6 +266,10 @@ class Node:
         """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
         for t in self._tasks:
             t.cancel()
+        if self.fleet is not None:
+            # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
+            await self.fleet.stop(deregister=not detach)
+            await self.fleet.admin.aclose()
         if self.supervisor is not None:
             if detach:
                 await self.supervisor.detach_all()
