@@ -30,3 +30,22 @@ class KeyCreate(KeyFields):
 class KeyUpdate(KeyFields):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     revoked: bool | None = None
+
+
+class TeamFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    max_parallel: int | None = Field(default=None, ge=0)
+    budget_tokens: int | None = Field(default=None, ge=0)
+    budget_period: Literal["day", "month"] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TeamCreate(TeamFields):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+
+
+class TeamUpdate(TeamFields):
+    pass

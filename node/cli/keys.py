@@ -17,6 +17,8 @@ from node.errors import InvalidRequest
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list, update and revoke API keys.")
 app.add_typer(keys_app, name="keys")
+teams_app = typer.Typer(no_args_is_help=True, help="Teams: limits and budgets shared by their keys.")
+app.add_typer(teams_app, name="teams")
 
 
 def _time(value: Optional[str], flag: str) -> Optional[float]:
@@ -137,18 +139,78 @@ def revoke(key_id: str, config: Optional[str] = ConfigOption) -> None:
     console.print(f"revoked {data['id']} ({data['name']})", highlight=False)
 
 
+def _team_fields(rpm, tpm, max_parallel, budget, period, meta) -> dict[str, Any]:
+    body = _fields(None, None, rpm, tpm, max_parallel, budget, period, None, None, None, meta)
+    return body
+
+
+def _show_teams(rows: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("name", "rpm", "tpm", "parallel", "budget"):
+        t.add_column(col)
+    for r in rows:
+        budget = f"{r['budget_tokens']}/{r['budget_period']}" if r["budget_tokens"] is not None else "-"
+        t.add_row(r["name"], str(r["rpm"] if r["rpm"] is not None else "-"),
+                  str(r["tpm"] if r["tpm"] is not None else "-"),
+                  str(r["max_parallel"] if r["max_parallel"] is not None else "-"), budget)
+    console.print(t)
+
+
+@teams_app.command("create")
+def team_create(name: str = typer.Argument(..., help="the team's name; give it to keys with --team"),
+                rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt,
+                budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
+                meta: Optional[List[str]] = MetaOpt, config: Optional[str] = ConfigOption) -> None:
+    """Create a team whose limits and budget are shared by all its keys."""
+    body = {"name": name, **_team_fields(rpm, tpm, max_parallel, budget, period, meta)}
+    print(json.dumps(AdminClient(config_from(config)).post("/admin/v1/teams", json=body), indent=2))
+
+
+@teams_app.command("list")
+def team_list(as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
+    """List teams and their limits."""
+    rows = AdminClient(config_from(config)).get("/admin/v1/teams")["data"]
+    print(json.dumps(rows, indent=2)) if as_json else _show_teams(rows)
+
+
+@teams_app.command("get")
+def team_get(name: str, config: Optional[str] = ConfigOption) -> None:
+    """Show one team and its keys."""
+    print(json.dumps(AdminClient(config_from(config)).get(f"/admin/v1/teams/{name}"), indent=2))
+
+
+@teams_app.command("update")
+def team_update(name: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
+                max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
+                period: Optional[str] = PeriodOpt, meta: Optional[List[str]] = MetaOpt,
+                config: Optional[str] = ConfigOption) -> None:
+    """Change a team's limits; takes effect within a second."""
+    body = _team_fields(rpm, tpm, max_parallel, budget, period, meta)
+    print(json.dumps(AdminClient(config_from(config)).patch(f"/admin/v1/teams/{name}", json=body), indent=2))
+
+
+@teams_app.command("delete")
+def team_delete(name: str, config: Optional[str] = ConfigOption) -> None:
+    """Delete a team's limits (its keys keep their own)."""
+    AdminClient(config_from(config)).request("DELETE", f"/admin/v1/teams/{name}")
+    console.print(f"deleted team {name}", highlight=False)
+
+
 @app.command()
 def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key id"),
+          team: Optional[str] = typer.Option(None, "--team", help="only this team"),
+          model: Optional[str] = typer.Option(None, "--model", help="only this model"),
           since: Optional[str] = typer.Option(None, "--since", help="ISO date/time (UTC) or unix seconds"),
           until: Optional[str] = typer.Option(None, "--until"),
           group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,day"),
           fmt: str = typer.Option("table", "--format", help="table, csv or json"),
           config: Optional[str] = ConfigOption) -> None:
-    """Usage by key and model (tokens, requests, errors, cost)."""
+    """Usage grouped by key, team, model, user or day (tokens, requests, errors, cost)."""
     if fmt not in ("table", "csv", "json"):
         raise InvalidRequest(f"--format {fmt!r}: use table, csv or json")
     params: dict[str, Any] = {"group_by": group_by}
-    for k, v in (("since", _time(since, "--since")), ("until", _time(until, "--until")), ("key", key)):
+    for k, v in (("since", _time(since, "--since")), ("until", _time(until, "--until")), ("key", key),
+                 ("team", team), ("model", model)):
         if v is not None:
             params[k] = v
     data = AdminClient(config_from(config)).get("/admin/v1/usage", params=params)

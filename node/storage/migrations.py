@@ -49,6 +49,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "CREATE INDEX usage_ts ON usage (ts)",
         "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
     ]),
+    # One counter bumped in the same transaction as every key or team write: nodes
+    # sharing a database poll it (cheap, and immune to clock skew between nodes).
+    ("002_settings_version_team_usage", [
+        "CREATE TABLE settings_version (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)",
+        "INSERT INTO settings_version (id, version) VALUES (1, 0)",
+        "CREATE INDEX usage_team_ts ON usage (team, ts)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -11,12 +11,18 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from node.keys import KeyRecord
 from node.storage.migrations import MIGRATIONS
+from node.teams import TeamRecord
 
 KEY_COLUMNS = [f.name for f in fields(KeyRecord)]
+TEAM_COLUMNS = [f.name for f in fields(TeamRecord)]
 
 
 class StorageUnavailable(Exception):
     """The database cannot be reached or used right now."""
+
+
+class StorageConflict(Exception):
+    """A write collided with a row that already exists (a duplicate name or id)."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,17 @@ class Storage(Protocol):
     def save_key(self, record: KeyRecord) -> None: ...
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
-    def keys_version(self) -> tuple[int, float]: ...
+    def keys_version(self) -> int: ...
+    def insert_team(self, record: TeamRecord) -> None: ...
+    def save_team(self, record: TeamRecord) -> None: ...
+    def delete_team(self, name: str) -> bool: ...
+    def list_teams(self) -> list[TeamRecord]: ...
     def insert_usage(self, rows: list[UsageRow]) -> None: ...
     def usage_since(self, since: float) -> list[UsageRow]: ...
-    def usage_report(self, group_by: list[str], since: float | None, until: float | None, key_id: str | None) -> list[dict[str, Any]]: ...
+    def usage_totals(self, since: float, column: str) -> dict[str, int]: ...
+    def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
+                     key_id: str | None = None, team: str | None = None,
+                     model: str | None = None) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -77,9 +90,15 @@ def _row_to_key(row: dict[str, Any]) -> KeyRecord:
     return KeyRecord(**row)
 
 
-def _key_params(record: KeyRecord) -> list[Any]:
+def _row_to_team(row: dict[str, Any]) -> TeamRecord:
+    row = dict(row)
+    row["metadata"] = json.loads(row["metadata"] or "{}")
+    return TeamRecord(**row)
+
+
+def _key_params(record: KeyRecord | TeamRecord, columns: list[str] = KEY_COLUMNS) -> list[Any]:
     values = []
-    for name in KEY_COLUMNS:
+    for name in columns:
         v = getattr(record, name)
         if name == "models":
             v = json.dumps(list(v)) if v is not None else None
@@ -103,11 +122,14 @@ class SqlStorage:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
+        """Map driver errors: duplicates to StorageConflict, the rest to StorageUnavailable."""
         try:
             yield
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-            raise StorageUnavailable(f"sqlite: {exc}") from exc
         except Exception as exc:
+            if any(c.__name__ == "IntegrityError" for c in type(exc).__mro__):
+                raise StorageConflict(str(exc).splitlines()[0]) from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StorageUnavailable(f"sqlite: {exc}") from exc
             if type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
                 raise StorageUnavailable(f"postgresql: {exc}") from exc
             raise
@@ -140,18 +162,24 @@ class SqlStorage:
                 return []
             return [r["name"] for r in self.backend.query("SELECT name FROM schema_migrations ORDER BY name")]
 
-    # -- keys ------------------------------------------------------------------
+    # -- keys and teams ----------------------------------------------------------
+    def _write_setting(self, sql: str, params: list[Any]) -> int:
+        """One key/team write plus the version bump other nodes poll, in one transaction."""
+        with self._guard():
+            with self.backend.transaction() as tx:
+                n = tx.execute(self._sql(sql), params)
+                tx.execute("UPDATE settings_version SET version = version + 1 WHERE id = 1")
+        return n
+
     def insert_key(self, record: KeyRecord) -> None:
         cols = ", ".join(KEY_COLUMNS)
         marks = ", ".join("?" for _ in KEY_COLUMNS)
-        with self._guard():
-            self.backend.execute(self._sql(f"INSERT INTO keys ({cols}) VALUES ({marks})"), _key_params(record))
+        self._write_setting(f"INSERT INTO keys ({cols}) VALUES ({marks})", _key_params(record))
 
     def save_key(self, record: KeyRecord) -> None:
         sets = ", ".join(f"{c} = ?" for c in KEY_COLUMNS if c != "id")
         params = _key_params(record)
-        with self._guard():
-            self.backend.execute(self._sql(f"UPDATE keys SET {sets} WHERE id = ?"), params[1:] + [record.id])
+        self._write_setting(f"UPDATE keys SET {sets} WHERE id = ?", params[1:] + [record.id])
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         with self._guard():
@@ -162,11 +190,27 @@ class SqlStorage:
         with self._guard():
             return [_row_to_key(r) for r in self.backend.query("SELECT * FROM keys ORDER BY created_at")]
 
-    def keys_version(self) -> tuple[int, float]:
-        """(count, newest updated_at): changes whenever any key is added or changed."""
+    def keys_version(self) -> int:
+        """A counter bumped by every key or team write, on any node sharing this database."""
         with self._guard():
-            row = self.backend.query("SELECT COUNT(*) AS n, MAX(updated_at) AS t FROM keys")[0]
-        return int(row["n"]), float(row["t"] or 0)
+            return int(self.backend.query("SELECT version FROM settings_version WHERE id = 1")[0]["version"])
+
+    def insert_team(self, record: TeamRecord) -> None:
+        cols = ", ".join(TEAM_COLUMNS)
+        marks = ", ".join("?" for _ in TEAM_COLUMNS)
+        self._write_setting(f"INSERT INTO teams ({cols}) VALUES ({marks})", _key_params(record, TEAM_COLUMNS))
+
+    def save_team(self, record: TeamRecord) -> None:
+        sets = ", ".join(f"{c} = ?" for c in TEAM_COLUMNS if c != "name")
+        params = _key_params(record, TEAM_COLUMNS)
+        self._write_setting(f"UPDATE teams SET {sets} WHERE name = ?", params[1:] + [record.name])
+
+    def delete_team(self, name: str) -> bool:
+        return self._write_setting("DELETE FROM teams WHERE name = ?", [name]) > 0
+
+    def list_teams(self) -> list[TeamRecord]:
+        with self._guard():
+            return [_row_to_team(r) for r in self.backend.query("SELECT * FROM teams ORDER BY name")]
 
     # -- ledger ----------------------------------------------------------------
     def insert_usage(self, rows: list[UsageRow]) -> None:
@@ -186,8 +230,19 @@ class SqlStorage:
             rows = self.backend.query(self._sql(f"SELECT {cols} FROM usage WHERE ts >= ? ORDER BY ts"), (since,))
         return [UsageRow(**r) for r in rows]
 
+    def usage_totals(self, since: float, column: str) -> dict[str, int]:
+        """Tokens (prompt + completion) since a time, summed by key_id or team."""
+        if column not in ("key_id", "team"):
+            raise ValueError(f"cannot total by {column!r}")
+        sql = (f"SELECT {column} AS k, SUM(prompt_tokens + completion_tokens) AS n FROM usage "
+               f"WHERE ts >= ? AND {column} IS NOT NULL GROUP BY {column}")
+        with self._guard():
+            rows = self.backend.query(self._sql(sql), (since,))
+        return {r["k"]: int(r["n"] or 0) for r in rows}
+
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
-                     key_id: str | None = None) -> list[dict[str, Any]]:
+                     key_id: str | None = None, team: str | None = None,
+                     model: str | None = None) -> list[dict[str, Any]]:
         """Totals grouped by any of key, team, model, user, day (UTC)."""
         select, group = [], []
         for g in group_by:
@@ -207,6 +262,10 @@ class SqlStorage:
             where.append("ts < ?"); params.append(until)
         if key_id is not None:
             where.append("key_id = ?"); params.append(key_id)
+        if team is not None:
+            where.append("team = ?"); params.append(team)
+        if model is not None:
+            where.append("model = ?"); params.append(model)
         sql = "SELECT " + ", ".join(select + [
             "COUNT(*) AS requests",
             "SUM(prompt_tokens) AS prompt_tokens",
