@@ -17,8 +17,9 @@ from node import __version__
 from node.app import Node
 from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound, UpstreamError
 from node.fleet import ProxyError, desired_deployments
-from node.storage import StorageUnavailable
-from node.wire import KeyCreate, KeyUpdate
+from node.storage import StorageConflict, StorageUnavailable
+from node.teams import TeamRecord
+from node.wire import KeyCreate, KeyUpdate, TeamCreate, TeamUpdate
 
 
 def build_admin(node: Node) -> FastAPI:
@@ -39,6 +40,11 @@ def build_admin(node: Node) -> FastAPI:
     async def _db_down(_: Request, exc: StorageUnavailable) -> JSONResponse:
         err = NodeError(f"database unavailable: {exc}", code="database_unavailable")
         return JSONResponse(status_code=503, content=json.loads(err.body()), headers={"retry-after": "5"})
+
+    @app.exception_handler(StorageConflict)
+    async def _conflict(_: Request, exc: StorageConflict) -> JSONResponse:
+        err = InvalidRequest(f"already exists: {exc}", code="conflict")
+        return JSONResponse(status_code=409, content=json.loads(err.body()))
 
     def admin(request: Request) -> None:
         auth = request.headers.get("authorization", "")
@@ -76,8 +82,9 @@ def build_admin(node: Node) -> FastAPI:
         changes = body.model_dump(exclude_unset=True)
         if "models" in changes and changes["models"] is not None:
             changes["models"] = tuple(changes["models"])
-        if changes.get("metadata") is None:
-            changes.pop("metadata", None)
+        for name in ("metadata", "budget_period"):
+            if name in changes and changes[name] is None:
+                changes.pop(name)
         record = record.updated(**changes)
         await node.save_key(record)
         return record.public()
@@ -89,18 +96,67 @@ def build_admin(node: Node) -> FastAPI:
         await node.save_key(record)
         return record.public()
 
+    def team_or_404(name: str) -> TeamRecord:
+        team = node.quotas.team(name)
+        if team is None:
+            raise NotFound(f"no team named '{name}'", code="team_not_found")
+        return team
+
+    @app.post("/admin/v1/teams", dependencies=guard, status_code=201)
+    async def create_team(body: TeamCreate) -> dict[str, Any]:
+        assert node.storage is not None
+        team = TeamRecord(**body.model_dump(exclude_none=True))
+        await asyncio.to_thread(node.storage.insert_team, team)
+        await node.refresh_keys(force=True)
+        return team.public()
+
+    @app.get("/admin/v1/teams", dependencies=guard)
+    async def list_teams() -> dict[str, Any]:
+        assert node.storage is not None
+        teams = await asyncio.to_thread(node.storage.list_teams)
+        return {"object": "list", "data": [t.public() for t in teams]}
+
+    @app.get("/admin/v1/teams/{name}", dependencies=guard)
+    async def get_team(name: str) -> dict[str, Any]:
+        team = team_or_404(name)
+        keys = sorted(k.id for k in node.keys.all() if k.team == name)
+        return {**team.public(), "keys": keys}
+
+    @app.patch("/admin/v1/teams/{name}", dependencies=guard)
+    async def update_team(name: str, body: TeamUpdate) -> dict[str, Any]:
+        assert node.storage is not None
+        changes = body.model_dump(exclude_unset=True)
+        if changes.get("metadata") is None:
+            changes.pop("metadata", None)
+        if changes.get("budget_period") is None:
+            changes.pop("budget_period", None)
+        team = team_or_404(name).updated(**changes)
+        await asyncio.to_thread(node.storage.save_team, team)
+        await node.refresh_keys(force=True)
+        return team.public()
+
+    @app.delete("/admin/v1/teams/{name}", dependencies=guard)
+    async def delete_team(name: str) -> dict[str, Any]:
+        """Remove a team's limits; its keys keep the team name (for usage) and their own limits."""
+        assert node.storage is not None
+        team_or_404(name)
+        await asyncio.to_thread(node.storage.delete_team, name)
+        await node.refresh_keys(force=True)
+        return {"name": name, "deleted": True}
+
     @app.get("/admin/v1/usage", dependencies=guard)
     async def usage(group_by: str = "key,model", since: float | None = None, until: float | None = None,
-                    key: str | None = None) -> dict[str, Any]:
+                    key: str | None = None, team: str | None = None, model: str | None = None) -> dict[str, Any]:
+        """Totals grouped by any of key, team, model, user, day (UTC) over [since, until)."""
         assert node.storage is not None
         groups = [g for g in group_by.split(",") if g]
         if node.ledger is not None:
             await asyncio.to_thread(node.ledger.flush)
         try:
-            rows = await asyncio.to_thread(node.storage.usage_report, groups, since, until, key)
+            rows = await asyncio.to_thread(node.storage.usage_report, groups, since, until, key, team, model)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="group_by") from None
-        return {"object": "list", "group_by": groups, "data": rows}
+        return {"object": "list", "group_by": groups, "since": since, "until": until, "data": rows}
 
     @app.get("/admin/v1/workers", dependencies=guard)
     async def workers() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_mas
 from node.gateway import Gateway, ModelInfo
 from node.gpus import Inventory, discover
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
-from node.ledger import Ledger
+from node.ledger import Ledger, rebuild_counters
 from node.lockfile import LockFile, read_lock
 from node.metrics import Metrics
 from node.pull import pull_entry
@@ -87,7 +87,7 @@ class Node:
         self.startup_error: str | None = None
         self.starting = True
         self._tasks: list[asyncio.Task] = []
-        self._keys_version: tuple[int, float] | None = None
+        self._keys_version: int | None = None
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
         self.upstream = httpx.AsyncClient(
@@ -116,8 +116,12 @@ class Node:
         self.storage = open_storage(self.config.database_url())
         await asyncio.to_thread(self.storage.migrate)
         await self.refresh_keys(force=True)
-        self.ledger = Ledger(self.storage)
+        # Before the gateway exists: a restart must reset neither a rate window nor a budget.
+        rows = await asyncio.to_thread(rebuild_counters, self.storage, self.quotas, time.time())
+        log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
+        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill")
         self.ledger.start()
+        self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
 
     async def start_workers(self) -> None:
@@ -136,7 +140,6 @@ class Node:
             log.exception("start-up failed")
         finally:
             self.starting = False
-        self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         if self.config.fleet.litellm is not None:
             await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
 
@@ -207,21 +210,29 @@ class Node:
 
     # -- keys ------------------------------------------------------------------
     async def refresh_keys(self, force: bool = False) -> None:
-        """Reload keys when the database says they changed (other nodes' changes too)."""
+        """Reload keys and teams when the database says they changed (other nodes' changes too)."""
         assert self.storage is not None
         version = await asyncio.to_thread(self.storage.keys_version)
         if force or version != self._keys_version:
             records = await asyncio.to_thread(self.storage.list_keys)
+            teams = await asyncio.to_thread(self.storage.list_teams)
             self.keys.replace_all(records)
+            self.quotas.set_teams(teams)
             self._keys_version = version
 
     async def _keys_loop(self) -> None:
+        """Poll the settings version every 0.5 s, so a change on any node applies within a second."""
+        ticks = 0
         while True:
             await asyncio.sleep(0.5)
+            ticks += 1
+            if ticks % 60 == 0:
+                self.quotas.sweep()
             try:
                 await self.refresh_keys()
             except StorageUnavailable as exc:
-                log.warning("key refresh failed (keys stay as they were): %s", exc)
+                if ticks % 20 == 1:
+                    log.warning("key refresh failed (keys stay as they were): %s", exc)
 
     async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
         """A new key and its secret (returned once, stored as a hash)."""
