@@ -25,12 +25,12 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     S.RESTARTING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.STOPPED: frozenset({S.STARTING, S.PENDING}),
-    S.FAILED: frozenset({S.STARTING, S.PENDING, S.STOPPING, S.STOPPED}),
+    S.FAILED: frozenset({S.STARTING, S.PENDING, S.STOPPING, S.STOPPED, S.FAILED}),  # FAILED again: a new reason
 }
 
 
 class IllegalTransition(RuntimeError):
-    pass
+    """A state change the table does not allow (a bug in the supervisor)."""
 
 
 def check_transition(old: WorkerState, new: WorkerState) -> None:

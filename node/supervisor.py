@@ -31,7 +31,8 @@ from node.resolve import stale_models
 from node.router import Router
 from node.states import WorkerState
 from node.store import Store
-from node.worker import Replica, find_adoptable
+from node.handles import find_adoptable
+from node.worker import Replica
 from runtimes import WorkerSpec
 
 log = logging.getLogger("infernode.supervisor")
@@ -72,9 +73,11 @@ class Supervisor:
         spec = WorkerSpec(model="probe", replica=0, runtime=runtime, port=0, python=self._python(runtime),
                           binary=str(rs.binary) if rs.binary else None)
         argv = runtimes.get(runtime).version_argv(spec)
-        if not argv or (not Path(argv[0]).is_absolute() and shutil.which(argv[0]) is None):
-            check = RuntimeCheck(False, f"{runtime} is not installed: {argv[0] if argv else runtime} not found; "
-                                        f"install it or set [runtimes.{runtime}] in appliance.toml")
+        exe = argv[0] if argv else runtime
+        missing = not argv or (shutil.which(exe) is None if not Path(exe).is_absolute() else not os.access(exe, os.X_OK))
+        if missing:
+            check = RuntimeCheck(False, f"{runtime} is not installed: {exe} not found; "
+                                        f"install it or set [runtimes.{runtime}] python/binary in appliance.toml")
         else:
             try:
                 proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
@@ -128,9 +131,18 @@ class Supervisor:
 
     # -- reconciling -------------------------------------------------------------
     def _new_replica(self, spec: WorkerSpec, adopt=None) -> Replica:
+        model = self.config.model(spec.model)
         return Replica(spec=spec, settings=self.config.supervisor, run_dir=self.run_dir, log_dir=self.log_dir,
                        probe_client=self.probe_client, on_change=self._changed, adopt=adopt,
-                       adopt_grace_s=self.config.node.adopt_grace_s)
+                       adopt_grace_s=self.config.node.adopt_grace_s,
+                       probe_inference=bool(model and model.probe_inference))
+
+    async def reload(self, config: Config, lock: LockFile) -> dict[str, list[str]]:
+        """Take a new config and lock; restart only the replicas whose spec changed."""
+        self.config, self.lock = config, lock
+        self.runtime_checks = {}  # a runtime may have been installed since
+        await self.verify_store()
+        return await self.reconcile()
 
     def _held(self, model: ModelConfig, replica: int, state: WorkerState, reason: str) -> Replica:
         spec = WorkerSpec(model=model.name, replica=replica, runtime=model.runtime, port=0)
@@ -138,8 +150,11 @@ class Supervisor:
         r.hold(state, reason)
         return r
 
-    async def reconcile(self, *, adopt: bool = False) -> None:
-        """Make the running replicas match the desired ones (only changed ones restart)."""
+    async def reconcile(self, *, adopt: bool = False) -> dict[str, list[str]]:
+        """Make the running replicas match the desired ones (only changed ones restart).
+
+        Returns the replica ids by what happened to them: started (new or changed),
+        stopped (no longer wanted), unchanged, held (pending/failed with a reason)."""
         self.router.set_models(m.name for m in self.config.models)
         stale = stale_models(self.config, self.lock)
         placement = place(self.config, self.lock, self.inventory)
@@ -176,10 +191,18 @@ class Supervisor:
         self.replicas = desired
         stops = [r.stop() for rid, r in old.items() if desired.get(rid) is not r]
         await asyncio.gather(*stops)
-        for r in desired.values():
-            if not r.held and not r.started:
+        summary: dict[str, list[str]] = {"started": [], "stopped": [], "unchanged": [], "held": []}
+        for rid, r in desired.items():
+            if r.held:
+                summary["held"].append(rid)
+            elif r.started:
+                summary["unchanged"].append(rid)
+            else:
                 r.start()
+                summary["started"].append(rid)
+        summary["stopped"] = sorted(rid for rid in old if rid not in desired)
         self._refresh_router()
+        return summary
 
     def _claim_workers(self) -> None:
         """Tell every keeper left by an earlier node that this node owns it now."""

@@ -25,8 +25,10 @@ from typing import Callable
 import httpx
 
 import runtimes
+from node import probes
 from node.config import SupervisorSection
-from node.keeper import owner_token, process_start_time, token_alive
+from node.handles import Adoptable, KeeperHandle
+from node.keeper import owner_token
 from node.states import WorkerState, check_transition
 from runtimes import LaunchPlan, WorkerSpec
 
@@ -62,59 +64,6 @@ def tail_lines(path: Path, n: int = 20, max_bytes: int = 16384) -> list[str]:
 
 
 @dataclass
-class Adoptable:
-    """A keeper left running by an earlier node, found through its state file."""
-
-    id: str
-    keeper_pid: int
-    port: int
-    spec_hash: str
-    state_file: Path
-
-
-class KeeperHandle:
-    """A running keeper: started by us (a child we reap) or adopted (watched by pidfd)."""
-
-    def __init__(self, pid: int, popen: subprocess.Popen | None = None) -> None:
-        self.pid = pid
-        self.popen = popen
-        self._pidfd: int | None = None
-        with contextlib.suppress(OSError):
-            self._pidfd = os.pidfd_open(pid)
-
-    async def wait(self) -> None:
-        """Return once the keeper has exited (reaping it when it is our child)."""
-        loop = asyncio.get_running_loop()
-        if self._pidfd is not None:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self._pidfd, lambda: fut.done() or fut.set_result(None))
-            try:
-                await fut
-            finally:
-                loop.remove_reader(self._pidfd)
-        else:  # no pidfd: poll
-            while self.alive():
-                await asyncio.sleep(0.2)
-        if self.popen is not None:
-            self.popen.wait()
-
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return process_start_time(self.pid) is not None
-
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
-
-    def close(self) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._pidfd)
-            self._pidfd = None
-
-
-@dataclass
 class ReplicaStatus:
     id: str
     model: str
@@ -143,6 +92,7 @@ class Replica:
     on_change: Callable[["Replica"], None] = lambda r: None
     adopt: Adoptable | None = None
     adopt_grace_s: float = 30.0
+    probe_inference: bool = False   # also send a real one-token completion every few probes
     state: WorkerState = S.PENDING
     since: float = field(default_factory=time.time)
     restarts: int = 0
@@ -161,6 +111,9 @@ class Replica:
         self._task: asyncio.Task | None = None
         self.recent_failures: deque[float] = deque()
         self.held = False
+        self.backoff_s = self.settings.backoff_initial_s  # the wait before the next restart
+        self._was_stable = False
+        self._detaching = False
 
     # -- requests from outside -------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -197,6 +150,7 @@ class Replica:
 
     async def detach(self) -> None:
         """Stop watching without stopping the worker (its keeper waits for a successor)."""
+        self._detaching = True  # the owning task must not stop the worker on its way out
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,16 +184,26 @@ class Replica:
         self.on_change(self)
 
     async def run(self) -> None:
-        backoff = self.settings.backoff_initial_s
+        """Keep the worker alive: restart with doubling backoff, end a crash loop in `failed`."""
+        self.backoff_s = self.settings.backoff_initial_s
         try:
             while not self._stop.is_set():
                 self._restart.clear()
-                why = await self._one_life()
+                try:
+                    why = await self._one_life()
+                except Exception as exc:  # a bug or a bad plan must not leave the replica looking alive
+                    await self._terminate()
+                    self._set(S.FAILED, f"cannot start: {type(exc).__name__}: {exc}")
+                    await self._wait_any(self._stop, self._restart)
+                    continue
                 if self._stop.is_set():
                     break
                 if self._restart.is_set():  # asked for: no backoff, no failure counted
                     self._set(S.RESTARTING)
                     continue
+                if self._was_stable:  # it ran fine for a while: this crash starts a fresh count
+                    self.recent_failures.clear()
+                    self.backoff_s = self.settings.backoff_initial_s
                 self.restarts += 1
                 now = time.monotonic()
                 self.recent_failures.append(now)
@@ -251,13 +215,17 @@ class Replica:
                     if self._stop.is_set():
                         break
                     self.recent_failures.clear()
-                    backoff = self.settings.backoff_initial_s
+                    self.backoff_s = self.settings.backoff_initial_s
                     continue
                 self._set(S.RESTARTING)
-                await self._wait_any(self._stop, self._restart, timeout=backoff)
-                backoff = min(backoff * 2, self.settings.backoff_max_s)
+                await self._wait_any(self._stop, self._restart, timeout=self.backoff_s)
+                self.backoff_s = min(self.backoff_s * 2, self.settings.backoff_max_s)
         finally:
-            if self.state not in (S.STOPPED,):
+            if self._detaching:
+                pass
+            elif self.state is S.PENDING:  # stopped before it ever started
+                self._set(S.STOPPED)
+            elif self.state is not S.STOPPED:
                 if self.state is not S.STOPPING:
                     self._set(S.STOPPING)
                 await self._terminate()
@@ -265,6 +233,7 @@ class Replica:
 
     async def _one_life(self) -> str:
         """Start (or adopt) the worker, wait until ready, watch it; return why it ended."""
+        self._was_stable = False
         if self.adopt is not None:
             adopt, self.adopt = self.adopt, None
             self.spec = replace(self.spec, port=adopt.port)
@@ -280,17 +249,25 @@ class Replica:
             if self.plan.argv:
                 self._spawn()
         self._set(S.STARTING)
-        why = await self._await_ready()
+        why = await self._await_ready() or await self._warm_up()
         if why:
             await self._terminate()
             return why
         self._set(S.READY, "")
         ready_at = time.monotonic()
         why = await self._watch()
-        if time.monotonic() - ready_at >= self.settings.stable_after_s:
-            self.recent_failures.clear()
+        self._was_stable = time.monotonic() - ready_at >= self.settings.stable_after_s
         await self._terminate()
         return why
+
+    async def _warm_up(self) -> str:
+        """Run the plan's warm-up steps (health has passed; not yet READY); '' when done."""
+        assert self.plan is not None
+        for step in self.plan.warmup:
+            why = await probes.warm(self.plan, step, self.plan.startup_timeout_s)
+            if why:
+                return why
+        return ""
 
     def _spawn(self) -> None:
         assert self.plan is not None
@@ -342,20 +319,7 @@ class Replica:
     async def _probe(self, probe: runtimes.Probe) -> str:
         """'' when the probe passes, else why not."""
         assert self.plan is not None
-        try:
-            r = await self.probe_client.get(self.plan.root_url + probe.path, timeout=self.settings.probe_timeout_s)
-        except httpx.HTTPError as exc:
-            return f"{probe.path}: {type(exc).__name__}"
-        if r.status_code != 200:
-            return f"{probe.path}: HTTP {r.status_code}"
-        if probe.expect_model:
-            try:
-                ids = [m.get("id") for m in r.json().get("data", [])]
-            except (ValueError, AttributeError):
-                return f"{probe.path}: not a model list"
-            if probe.expect_model not in ids:
-                return f"{probe.path}: {probe.expect_model} not listed yet"
-        return ""
+        return await probes.check(self.probe_client, self.plan, probe, self.settings.probe_timeout_s)
 
     async def _await_ready(self) -> str:
         """'' once ready; else why not (deadline passed, or the process exited: at once)."""
@@ -391,13 +355,20 @@ class Replica:
         """Probe liveness until the worker dies, stays unhealthy, or a stop/restart is asked."""
         assert self.plan is not None
         failures = 0
+        count = 0
+        infer_failing = False  # once a completion fails, try one every probe until one works
         while True:
             await self._sleep_or_exit(self.settings.probe_interval_s)
             if self._stop.is_set() or self._restart.is_set():
                 return "stop requested"
             if self.keeper is not None and not self.keeper.alive():
                 return self._exit_summary()
+            count += 1
             why = await self._probe(self.plan.health)
+            if not why and self.probe_inference and (infer_failing or count % self.settings.inference_probe_every == 0):
+                why = await probes.infer(self.probe_client, self.plan, self.spec.model,
+                                         self.settings.inference_probe_timeout_s)
+                infer_failing = bool(why)
             if not why:
                 if self.state is S.UNHEALTHY:
                     self._set(S.READY, "")
@@ -438,23 +409,3 @@ class Replica:
         finally:
             for t in tasks:
                 t.cancel()
-
-
-def find_adoptable(run_dir: Path) -> dict[str, Adoptable]:
-    """Keepers left by an earlier node that are still alive, by replica id."""
-    found: dict[str, Adoptable] = {}
-    for path in sorted(run_dir.glob("*.json")):
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        token = info.get("keeper", "")
-        if info.get("exited") or not token_alive(token):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        found[info["id"]] = Adoptable(
-            id=info["id"], keeper_pid=info["keeper_pid"], port=info["port"],
-            spec_hash=info["spec_hash"], state_file=path,
-        )
-    return found
