@@ -23,7 +23,7 @@ import uvicorn
 from node.api import NodeApp
 from node.app import Node
 from node.config import Config
-from node.errors import OperationFailed
+from node.errors import NodeError, OperationFailed
 from node.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
@@ -68,6 +68,14 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+async def _reload(node: Node) -> None:
+    """SIGHUP: reload, logging (not raising) a bad config so the node keeps running."""
+    try:
+        await node.reload()
+    except NodeError as exc:
+        log.error("reload failed, keeping the running config: %s", exc)
+
+
 async def serve(config: Config, node: Node | None = None, notifier: Notifier | None = None) -> None:
     """Run the node until a signal stops it."""
     node = node or Node(config)
@@ -94,6 +102,15 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, False)
     loop.add_signal_handler(signal.SIGUSR2, stop, True)
+    reloads: set[asyncio.Task] = set()  # strong references until each reload finishes
+
+    def reload() -> None:
+        log.info("received SIGHUP: re-reading %s and models.lock", config.path)
+        task = asyncio.create_task(_reload(node))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
 
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
