@@ -184,6 +184,9 @@ class SupervisorSection(_Section):
     # Consecutive failed liveness probes before `unhealthy`; twice this restarts the replica.
     probe_failures: Annotated[int, Field(ge=1)] = 3
     stop_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    # Models with probe_inference = true get a real one-token completion every this many probes.
+    inference_probe_every: Annotated[int, Field(ge=1)] = 6
+    inference_probe_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     log_max_bytes: Annotated[int, Field(gt=0)] = 20 * 1024 * 1024
     log_backups: Annotated[int, Field(ge=0)] = 3
 
