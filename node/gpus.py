@@ -1,13 +1,37 @@
-"""GPU inventory through NVML (nvidia-ml-py); no driver or no GPU is a normal state."""
+"""GPU inventory through NVML (nvidia-ml-py); no driver or no GPU is a normal state.
+
+`discover(nvml)` takes the `pynvml` module as a parameter so tests pass a fake of the
+few calls used here; production passes nothing and the real module is imported.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+NO_DRIVER = "no NVIDIA driver found"
+# NVML's own constants, repeated so a fake need not define them.
+_TEMPERATURE_GPU = 0
+_MIG_ENABLE = 1
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG instance: a separately addressable slice of a GPU (CUDA_VISIBLE_DEVICES=MIG-...)."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int
+    memory_used: int
+    memory_free: int
 
 
 @dataclass(frozen=True)
 class Gpu:
+    """One physical GPU as NVML reports it."""
+
     index: int
     uuid: str
     name: str
@@ -17,8 +41,9 @@ class Gpu:
     utilization: float | None = None       # 0..1
     temperature_c: float | None = None
     power_w: float | None = None
-    compute_capability: str | None = None
+    compute_capability: str | None = None  # "8.0"
     mig_mode: bool = False
+    mig_devices: tuple[MigDevice, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -26,9 +51,14 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Inventory:
+    """Every GPU on the box, or why there are none."""
+
     gpus: tuple[Gpu, ...]
     driver: str | None = None
     error: str | None = None   # why there is no inventory ("no NVIDIA driver found")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"driver": self.driver, "error": self.error, "gpus": [g.as_dict() for g in self.gpus]}
 
 
 def discover(nvml: Any = None) -> Inventory:
@@ -37,23 +67,75 @@ def discover(nvml: Any = None) -> Inventory:
         try:
             import pynvml as nvml  # type: ignore[no-redef]
         except ImportError:
-            return Inventory((), error="nvidia-ml-py is not installed")
+            return Inventory((), error="nvidia-ml-py is not installed: pip install nvidia-ml-py")
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
-        reason = "no NVIDIA driver found" if "Library Not Found" in str(exc) or "Driver Not Loaded" in str(exc) else f"NVML: {exc}"
-        return Inventory((), error=reason)
+        return Inventory((), error=_init_failure(nvml, exc))
     try:
         driver = _s(nvml.nvmlSystemGetDriverVersion())
-        gpus = []
-        for i in range(nvml.nvmlDeviceGetCount()):
-            h = nvml.nvmlDeviceGetHandleByIndex(i)
-            mem = nvml.nvmlDeviceGetMemoryInfo(h)
-            gpus.append(Gpu(index=i, uuid=_s(nvml.nvmlDeviceGetUUID(h)), name=_s(nvml.nvmlDeviceGetName(h)),
-                            memory_total=int(mem.total), memory_used=int(mem.used), memory_free=int(mem.free)))
-        return Inventory(tuple(gpus), driver=driver)
+        count = nvml.nvmlDeviceGetCount()
+        gpus = tuple(_gpu(nvml, i) for i in range(count))
+        return Inventory(gpus, driver=driver, error=None if gpus else "no NVIDIA GPU found")
+    except nvml.NVMLError as exc:
+        return Inventory((), error=f"NVML: {exc}")
     finally:
-        nvml.nvmlShutdown()
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+
+
+def _init_failure(nvml: Any, exc: Exception) -> str:
+    """A no-driver box is a normal state with a plain reason; other NVML errors name themselves."""
+    missing = tuple(c for c in (getattr(nvml, "NVMLError_LibraryNotFound", None),
+                                getattr(nvml, "NVMLError_DriverNotLoaded", None)) if c is not None)
+    if missing and isinstance(exc, missing):
+        return f"{NO_DRIVER} ({exc})"
+    return f"NVML: {exc}"
+
+
+def _optional(nvml: Any, call: Callable[[], T]) -> T | None:
+    """A query some GPUs do not support (NotSupported, or MIG slices) is just unknown."""
+    try:
+        return call()
+    except nvml.NVMLError:
+        return None
+
+
+def _gpu(nvml: Any, i: int) -> Gpu:
+    h = nvml.nvmlDeviceGetHandleByIndex(i)
+    mem = nvml.nvmlDeviceGetMemoryInfo(h)
+    util = _optional(nvml, lambda: nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+    temp = _optional(nvml, lambda: nvml.nvmlDeviceGetTemperature(h, _TEMPERATURE_GPU))
+    power_mw = _optional(nvml, lambda: nvml.nvmlDeviceGetPowerUsage(h))
+    cc = _optional(nvml, lambda: nvml.nvmlDeviceGetCudaComputeCapability(h))
+    mig = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(h))
+    mig_on = bool(mig and mig[0] == _MIG_ENABLE)
+    return Gpu(
+        index=i, uuid=_s(nvml.nvmlDeviceGetUUID(h)), name=_s(nvml.nvmlDeviceGetName(h)),
+        memory_total=int(mem.total), memory_used=int(mem.used), memory_free=int(mem.free),
+        utilization=None if util is None else util / 100.0,
+        temperature_c=None if temp is None else float(temp),
+        power_w=None if power_mw is None else power_mw / 1000.0,
+        compute_capability=None if cc is None else f"{cc[0]}.{cc[1]}",
+        mig_mode=mig_on,
+        mig_devices=_mig_devices(nvml, h) if mig_on else (),
+    )
+
+
+def _mig_devices(nvml: Any, h: Any) -> tuple[MigDevice, ...]:
+    """The MIG instances configured on a GPU; empty slots raise NotFound and are skipped."""
+    found: list[MigDevice] = []
+    for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+        try:
+            m = nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
+        except nvml.NVMLError:
+            continue
+        mem = nvml.nvmlDeviceGetMemoryInfo(m)
+        found.append(MigDevice(index=slot, uuid=_s(nvml.nvmlDeviceGetUUID(m)), name=_s(nvml.nvmlDeviceGetName(m)),
+                               memory_total=int(mem.total), memory_used=int(mem.used), memory_free=int(mem.free)))
+    return tuple(found)
 
 
 def _s(v: Any) -> str:

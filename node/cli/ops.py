@@ -76,20 +76,28 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
 
 @app.command()
 def gpus(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """The NVML inventory of this box."""
+    """The NVML inventory of this box (no driver or no GPU is a normal state, exit 0)."""
     from node.gpus import discover
 
     inv = discover()
     if as_json:
-        print(json.dumps({"driver": inv.driver, "error": inv.error, "gpus": [g.as_dict() for g in inv.gpus]}, indent=2))
+        print(json.dumps(inv.as_dict(), indent=2))
         return
     if not inv.gpus:
-        console.print(inv.error or "no GPU found")
+        console.print(inv.error or "no NVIDIA GPU found", highlight=False)
         return
-    t = Table()
-    for col in ("#", "uuid", "name", "memory total", "used", "free"):
+    t = Table(title=f"driver {inv.driver}", title_justify="left")
+    for col in ("#", "uuid", "name", "memory used/total", "free", "util", "temp", "power", "cc", "mig"):
         t.add_column(col)
     for g in inv.gpus:
-        t.add_row(str(g.index), g.uuid, g.name, f"{g.memory_total / 2**30:.1f} GiB", f"{g.memory_used / 2**30:.1f} GiB",
-                  f"{g.memory_free / 2**30:.1f} GiB")
+        t.add_row(str(g.index), g.uuid, g.name, f"{g.memory_used / 2**30:.1f}/{g.memory_total / 2**30:.1f} GiB",
+                  f"{g.memory_free / 2**30:.1f} GiB",
+                  "-" if g.utilization is None else f"{g.utilization * 100:.0f}%",
+                  "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
+                  "-" if g.power_w is None else f"{g.power_w:.0f} W",
+                  g.compute_capability or "-", "on" if g.mig_mode else "off")
+        for d in g.mig_devices:  # MIG instances are placed on like GPUs, so list them
+            t.add_row(f"{g.index}/{d.index}", d.uuid, f"  {d.name}",
+                      f"{d.memory_used / 2**30:.1f}/{d.memory_total / 2**30:.1f} GiB", f"{d.memory_free / 2**30:.1f} GiB",
+                      "-", "-", "-", "", "")
     console.print(t)
