@@ -112,6 +112,17 @@ class ModelConfig(_Section):
     def _gpus(cls, v: GpuSelector) -> GpuSelector:
         if isinstance(v, int) and v < 0:
             raise ValueError("must be a GPU count >= 0 or a list of GPU indices/UUIDs")
+        if isinstance(v, list) and any((isinstance(x, int) and x < 0) or (isinstance(x, str) and not x) for x in v):
+            raise ValueError("list GPU indices (>= 0) or UUIDs (\"GPU-...\", \"MIG-...\")")
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _gpu_memory(cls, v: str | None) -> str | None:
+        from node.placement import parse_size  # placement imports this module
+
+        if v is not None:
+            parse_size(v)
         return v
 
     @model_validator(mode="after")
