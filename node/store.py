@@ -62,12 +62,31 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self._f: BinaryIO | None = None
         self.offset = 0
+        # True when the blob was already in the store once we held the lock.
+        self.present = False
 
     def __enter__(self) -> "BlobWriter":
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+b")
-        fcntl.flock(f, fcntl.LOCK_EX)
+        while True:
+            f = open(self.path, "a+b")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            # The holder before us may have renamed this partial into place (or deleted
+            # it) while we waited: our lock is then on a file no one else will open.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
         self._f = f
+        if self.store.has(self.locked):
+            # Finished by a concurrent pull: leave our (empty) partial nowhere.
+            self.present = True
+            if os.fstat(f.fileno()).st_size == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+            return self
         # Resume: the bytes already on disk are hashed once, then appended to.
         f.seek(0)
         size = 0
@@ -83,6 +102,7 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         assert self._f is not None
         if self.offset + len(data) > self.locked.size:
+            self._discard()
             raise SizeMismatch(f"{self.locked.path}: more bytes than the {self.locked.size} locked; the source changed")
         try:
             self._f.write(data)
@@ -105,6 +125,8 @@ class BlobWriter:
                 self._discard()
                 raise DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again") from None
             raise
+        if self.present:
+            return self.store.blob_path(self.hexd)
         if self.offset != self.locked.size:
             raise SizeMismatch(f"{self.locked.path}: got {self.offset} bytes, locked size is {self.locked.size}")
         actual = self._hash.hexdigest()
@@ -124,7 +146,12 @@ class BlobWriter:
         self._f.seek(0)
         self._hash, self.offset = hashlib.sha256(), 0
 
+    def discard(self) -> None:
+        """Delete the partial file: its bytes can never become the locked blob."""
+        self._discard()
+
     def _discard(self) -> None:
+        self._hash, self.offset = hashlib.sha256(), 0
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if self._f is not None:
@@ -261,8 +288,48 @@ class Store:
         return (root / configs[0]).parent if configs else root
 
     def ollama_root(self, entry: LockEntry) -> Path:
-        """The OLLAMA_MODELS tree for an ollama: model (laid out by the pull module)."""
-        return self.root / "ollama"
+        """The OLLAMA_MODELS tree shared by ollama: models, with this model linked in.
+
+        An ollama: lock entry's paths already are that layout (`manifests/<host>/<ns>/
+        <name>/<tag>` and `blobs/sha256-<hex>`), so each is a hard link to its store blob
+        (a symlink across filesystems); `ollama serve` then needs no network.
+        """
+        root = self.root / "ollama"
+        for f in entry.files:
+            if not f.path.startswith(("manifests/", "blobs/sha256-")):
+                raise StoreError(f"{entry.name}: {f.path!r} is not part of an Ollama model; is the source ollama:?")
+            target = root / f.path
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise StoreError(f"{entry.name}: file path {f.path!r} escapes the Ollama tree")
+            blob = self.blob_path(f.sha256)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samefile(target, blob):
+                    continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            try:
+                os.link(blob, tmp)
+            except OSError:
+                tmp.symlink_to(blob)
+            os.replace(tmp, target)  # a re-locked tag swaps its manifest atomically
+        return root
+
+    def check_space(self, needed: int) -> None:
+        """Refuse to start a pull that cannot fit (what partial files hold counts as had)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if needed > free:
+            raise DiskFull(f"{self.root}: needs {needed / 1e6:.1f} MB free for this pull, "
+                           f"{free / 1e6:.1f} MB available; free space and pull again")
+
+    def partial_size(self, locked: LockedFile) -> int:
+        """Bytes already downloaded for a blob (resumed, not fetched again)."""
+        try:
+            return (self.partial_dir / check_hex(locked.sha256)).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def blobs(self) -> Iterator[Path]:
         if self.blob_dir.is_dir():

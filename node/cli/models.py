@@ -1,7 +1,8 @@
-"""The model supply chain: init, lock, pull, verify."""
+"""The model supply chain: init, lock, pull, verify, bundle export."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,8 +89,10 @@ def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.loc
 @app.command()
 def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull (default: all)"),
          from_: Optional[Path] = typer.Option(None, "--from", help="import from a folder or bundle (air-gapped)"),
+         json_: bool = typer.Option(False, "--json", help="progress as JSON lines on stdout"),
          config: Optional[str] = ConfigOption) -> None:
     """Download what models.lock pins into the store and verify every digest."""
+    from node.progress import JsonProgress, RichProgress
     from node.pull import pull_entry
     from node.resolve import stale_models
 
@@ -98,24 +101,43 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
     store = Store(cfg.data_dir / "store")
     wanted = names or [m.name for m in cfg.models if m.runtime != "external"]
     stale = stale_models(cfg, lk)
-    failed = 0
+    if from_ is not None and not from_.exists():
+        raise OperationFailed(f"--from {from_}: no such bundle or folder")
+    jobs = []
     for name in wanted:
         model = cfg.model(name)
         if model is None:
             raise OperationFailed(f"{cfg.path}: no model named '{name}'")
-        if name in stale:
-            err_console.print(f"{name}: {stale[name]}", highlight=False)
-            failed += 1
-            continue
-        entry = lk.entry(name)
-        assert entry is not None
-        try:
-            res = pull_entry(store, entry, model, cfg)
-        except StoreError as exc:
-            err_console.print(f"[red]{name}:[/] {exc.message}", highlight=False)
-            failed += 1
-            continue
-        console.print(f"{name}: {res.fetched} fetched, {res.present} already present, verified", highlight=False)
+        if model.runtime == "external":
+            raise OperationFailed(f"{cfg.path}: model '{name}' is external (url = ...); there is nothing to pull")
+        jobs.append((model, lk.entry(name)))
+    failed = 0
+    total = sum(sum(f.size for f in store.missing(e)) for m, e in jobs if e is not None and m.name not in stale)
+    reporter = JsonProgress() if json_ else RichProgress(err_console, total)
+    say = (lambda msg, ok=True: None) if json_ else (lambda msg, ok=True: (console if ok else err_console).print(msg, highlight=False))
+    with contextlib.ExitStack() as stack:
+        if isinstance(reporter, RichProgress):
+            stack.enter_context(reporter)
+        for model, entry in jobs:
+            if model.name in stale or entry is None:
+                why = stale.get(model.name, "not in models.lock; run `infernode lock`")
+                say(f"{model.name}: {why}", False)
+                if json_:
+                    reporter.event(event="error", model=model.name, error=why)  # type: ignore[union-attr]
+                failed += 1
+                continue
+            try:
+                res = pull_entry(store, entry, model, cfg, progress=reporter, from_=from_)
+            except StoreError as exc:
+                say(f"{model.name}: {exc.message}", False)
+                if json_:
+                    reporter.event(event="error", model=model.name, error=exc.message)  # type: ignore[union-attr]
+                failed += 1
+                continue
+            say(f"{model.name}: {res.fetched} fetched, {res.present} already present, verified")
+            if json_:
+                reporter.event(event="model", model=model.name, fetched=res.fetched,  # type: ignore[union-attr]
+                               present=res.present, revision=entry.revision)
     if failed:
         raise typer.Exit(1)
 
@@ -123,16 +145,42 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
 @app.command()
 def verify(config: Optional[str] = ConfigOption) -> None:
     """Re-hash the store against models.lock; exit 1 naming every bad file."""
+    from node.remote import check_manifest, is_ollama_entry
+
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
     store = Store(cfg.data_dir / "store")
     bad = 0
     for entry in lk.models:
-        problems = store.verify(entry)
+        problems = [str(p) for p in store.verify(entry)]
+        if not problems and is_ollama_entry(entry):
+            try:
+                check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
+            except StoreError as exc:
+                problems.append(exc.message)
         for p in problems:
-            err_console.print(f"[red]{entry.name}:[/] {p}", highlight=False)
+            err_console.print(f"{entry.name}: {p}", highlight=False, soft_wrap=True)
         bad += len(problems)
         if not problems:
             console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+bundle_app = typer.Typer(help="Air-gapped bundles: models.lock and its blobs in one archive.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("export")
+def bundle_export(out: Path = typer.Argument(..., help="the archive to write (an uncompressed tar)"),
+                  config: Optional[str] = ConfigOption) -> None:
+    """Write one archive with models.lock and every blob it pins; import with `pull --from OUT`."""
+    from node.bundle import export_bundle
+
+    cfg = config_from(config)
+    lk = read_lock(cfg.lock_path)
+    if not lk.models:
+        raise OperationFailed(f"{cfg.lock_path}: pins no models; run `infernode lock` first")
+    summary = export_bundle(Store(cfg.data_dir / "store"), lk, out)
+    console.print(f"wrote {summary.path}: {summary.models} models, {summary.blobs} blobs, "
+                  f"{summary.bytes / 1e6:.1f} MB; import with `infernode pull --from {summary.path}`", highlight=False)

@@ -1,0 +1,150 @@
+"""One HTTP download into a store blob: Range resume, retries with backoff, stall timeout.
+
+The bytes go straight into a `BlobWriter`, which hashes them as they are written, so
+a download is verified without a second read pass. Anything short of a verified blob
+leaves at most a partial file under `store/partial/`, which the next attempt (or the
+next `infernode pull`, after a kill) resumes with `Range: bytes=<have>-`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import httpx
+
+from node.errors import StoreError
+from node.store import BlobWriter, SizeMismatch
+
+CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+READ_CHUNK = 4 * 1024 * 1024
+
+
+class RemoteError(StoreError):
+    """A source that cannot be reached or refuses us (after retries where retrying helps)."""
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (5xx, 429, a reset, a stall, a short body)."""
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """How hard to try: parallel files, attempts, backoff and the stall timeout."""
+
+    parallel: int = 4
+    retries: int = 8
+    backoff_s: float = 0.5
+    backoff_max_s: float = 15.0
+    stall_timeout_s: float = 30.0
+    connect_timeout_s: float = 15.0
+
+    @classmethod
+    def from_env(cls) -> "NetSettings":
+        """Defaults, overridden by INFERNODE_PULL_{PARALLEL,RETRIES,BACKOFF_S,STALL_S}."""
+        env = os.environ
+        return cls(
+            parallel=max(1, int(env.get("INFERNODE_PULL_PARALLEL", cls.parallel))),
+            retries=max(0, int(env.get("INFERNODE_PULL_RETRIES", cls.retries))),
+            backoff_s=float(env.get("INFERNODE_PULL_BACKOFF_S", cls.backoff_s)),
+            stall_timeout_s=float(env.get("INFERNODE_PULL_STALL_S", cls.stall_timeout_s)),
+        )
+
+    def client(self) -> httpx.Client:
+        """An httpx client with the stall timeout as its read timeout; redirects followed."""
+        timeout = httpx.Timeout(connect=self.connect_timeout_s, read=self.stall_timeout_s,
+                                write=self.stall_timeout_s, pool=None)
+        # Cross-origin redirects (Hub -> CDN) drop Authorization: httpx does that itself.
+        return httpx.Client(timeout=timeout, follow_redirects=True, headers={"accept-encoding": "identity"})
+
+    def sleep_before(self, attempt: int) -> None:
+        """Exponential backoff with jitter, so many boxes do not retry in step."""
+        delay = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
+        time.sleep(delay * (0.5 + random.random() / 2))
+
+
+def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: NetSettings, *,
+               headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Fill `writer` from `url` up to the locked size, resuming and retrying as needed."""
+    size = writer.locked.size
+    attempt, last = 0, ""
+    while writer.offset < size:
+        before = writer.offset
+        try:
+            _one_attempt(client, url, writer, headers or {}, on_bytes)
+        except _Retry as exc:
+            last = str(exc)
+        except httpx.TransportError as exc:  # reset, refused, stall (ReadTimeout), short body
+            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if writer.offset >= size:
+            return
+        if writer.offset > before:
+            attempt = 0  # progress was made: a flaky link is not a dead one
+        attempt += 1
+        if attempt > settings.retries:
+            raise RemoteError(f"{writer.locked.path}: {url}: gave up after {settings.retries} retries "
+                              f"at byte {writer.offset} of {size}: {last}")
+        settings.sleep_before(attempt)
+
+
+def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: dict[str, str],
+                 on_bytes: Callable[[int], None] | None) -> None:
+    size, path = writer.locked.size, writer.locked.path
+    h = dict(headers)
+    if writer.offset:
+        h["range"] = f"bytes={writer.offset}-"
+    with client.stream("GET", url, headers=h) as r:
+        code = r.status_code
+        if code == 416 and writer.offset:
+            writer.reset()  # our partial is longer than what the server has: start over
+            raise _Retry("HTTP 416 for our resume offset")
+        if code >= 500 or code in (408, 429):
+            raise _Retry(f"HTTP {code}")
+        if code == 206:
+            m = CONTENT_RANGE.match(r.headers.get("content-range", ""))
+            if not m or int(m.group(1)) != writer.offset:
+                writer.reset()
+                raise _Retry(f"bad Content-Range {r.headers.get('content-range')!r}")
+            if m.group(3) != "*" and int(m.group(3)) != size:
+                writer.discard()
+                raise SizeMismatch(f"{path}: the server has {m.group(3)} bytes, models.lock pins {size}; the source changed")
+        elif code == 200:
+            if writer.offset:
+                writer.reset()  # Range ignored: the body starts at byte 0
+            length = r.headers.get("content-length")
+            if length is not None and int(length) != size:
+                writer.discard()
+                raise SizeMismatch(f"{path}: the server has {length} bytes, models.lock pins {size}; the source changed")
+        else:
+            hint = " (set HF_TOKEN for gated or private repos)" if code in (401, 403) else ""
+            raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
+        for chunk in r.iter_raw(READ_CHUNK):
+            writer.write(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    if writer.offset < size:
+        raise _Retry(f"connection closed at byte {writer.offset} of {size}")
+
+
+def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,
+                     headers: dict[str, str] | None = None, what: str = "") -> httpx.Response:
+    """A small GET (manifest, metadata) retried like a download; non-2xx is a RemoteError."""
+    attempt, last = 0, ""
+    while True:
+        try:
+            r = client.get(url, headers=headers or {})
+            if r.status_code < 500 and r.status_code not in (408, 429):
+                if r.status_code >= 400:
+                    raise RemoteError(f"{what or url}: HTTP {r.status_code} from {url}")
+                return r
+            last = f"HTTP {r.status_code}"
+        except httpx.TransportError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        attempt += 1
+        if attempt > settings.retries:
+            raise RemoteError(f"{what or url}: gave up after {settings.retries} retries: {last}")
+        settings.sleep_before(attempt)
