@@ -21,7 +21,7 @@ from node.errors import StoreError
 from node.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-READ_CHUNK = 4 * 1024 * 1024
+WRITE_CHUNK = 1024 * 1024
 
 
 class RemoteError(StoreError):
@@ -122,12 +122,30 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
         else:
             hint = " (set HF_TOKEN for gated or private repos)" if code in (401, 403) else ""
             raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
-        for chunk in r.iter_raw(READ_CHUNK):
-            writer.write(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
+        # Coalesce the transport's small reads into big writes, and keep every byte
+        # that arrived before a failure: the next attempt resumes right after it.
+        buf = bytearray()
+        try:
+            for chunk in r.iter_raw():
+                buf += chunk
+                if len(buf) >= WRITE_CHUNK:
+                    _flush(writer, buf, on_bytes)
+        finally:
+            _flush(writer, buf, on_bytes)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
+
+
+def _flush(writer: BlobWriter, buf: bytearray, on_bytes: Callable[[int], None] | None) -> None:
+    if not buf:
+        return
+    n = len(buf)
+    try:
+        writer.write(buf)
+    finally:
+        buf.clear()  # written or refused, these bytes are never offered twice
+    if on_bytes:
+        on_bytes(n)
 
 
 def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,
