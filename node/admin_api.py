@@ -173,13 +173,14 @@ def build_admin(node: Node) -> FastAPI:
     async def status() -> dict[str, Any]:
         ok, reasons = node.readiness()
         sup = node.supervisor
+        inv = node.sampler.gpus or node.inventory  # the background sampler's latest NVML reading
         return {
             "node": {"name": node.config.node.name, "listen": node.config.node.listen, "version": __version__,
                      "uptime_s": round(time.time() - node.started_at, 1), "ready": ok, "reasons": reasons,
                      "keys": len(node.keys)},
             "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
-            "gpus": {"driver": node.inventory.driver, "error": node.inventory.error,
-                     "data": [g.as_dict() for g in node.inventory.gpus]},
+            "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
+            "traffic": node.sampler.window.traffic().as_dict(),
         }
 
     @app.post("/admin/v1/reload", dependencies=guard)

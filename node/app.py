@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from node.alerts import Alerter, budget_uses
 from node.config import Config, load_config
 from node.errors import OperationFailed
 from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
@@ -29,6 +30,7 @@ from node.metrics import Metrics
 from node.pull import pull_entry
 from node.quotas import Quotas
 from node.router import Router
+from node.sampler import Sampler
 from node.states import WorkerState
 from node.storage import Storage, StorageUnavailable, open_storage
 from node.store import Store
@@ -95,6 +97,10 @@ class Node:
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=60),
         )
         self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        self.alerts = Alerter(config.alerts, config.node.name)
+        self.sampler = Sampler(self.metrics, read_gpus=lambda: discover(self.nvml), client=self.probe_client,
+                               replicas=lambda: self.supervisor.replicas.values() if self.supervisor else (),
+                               on_gpus=self.alerts.check_gpus)
 
     def model_infos(self) -> dict[str, ModelInfo]:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
@@ -123,6 +129,12 @@ class Node:
         self.ledger.start()
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
+        self.sampler.start()
+        self.alerts.start()
+        if self.alerts.enabled:
+            storage = self.storage
+            self._tasks.append(asyncio.create_task(self.alerts.watch_budgets(
+                lambda: budget_uses(storage, self.keys.all()), self.config.alerts.budget_check_s), name="budget-alerts"))
 
     async def start_workers(self) -> None:
         """Check and pull the store, place and launch (or adopt) workers."""
@@ -183,6 +195,8 @@ class Node:
         self.metrics.worker_up.labels(*labels).set(1 if replica.state is WorkerState.READY else 0)
         if replica.state is WorkerState.RESTARTING and replica.restarts:
             self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
+        if replica.state is WorkerState.FAILED:
+            self.alerts.replica_failed(replica.id, replica.spec.model, replica.spec.replica, replica.last_error)
         if self.fleet is not None:
             self.fleet.poke()
         log.info("replica %s %s%s", replica.id, replica.state.value,
@@ -286,6 +300,8 @@ class Node:
                 await self.supervisor.detach_all()
             else:
                 await self.supervisor.stop_all()
+        await self.sampler.stop()
+        await self.alerts.stop()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close)
         await self.upstream.aclose()

@@ -179,6 +179,8 @@ class AlertsSection(_Section):
     secret_file: Path | None = None
     gpu_temperature_c: float = 85.0
     budget_thresholds: list[float] = [0.8, 1.0]
+    # Seconds between budget checks against the ledger.
+    budget_check_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class SupervisorSection(_Section):

@@ -1,39 +1,72 @@
-"""Logging: JSON lines for journald, readable lines on a terminal; never a secret."""
+"""Logging: JSON lines for journald, readable lines on a terminal; never a secret.
+
+Every line has time, level, logger and event; request lines add request_id, model,
+key_id (the key's id, never its secret), status and latency_ms. Anything that looks
+like an API key or a bearer token is masked on the way out, whoever logged it.
+Prompts are never logged: the node does not put request bodies in log records.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from typing import Any
 
-FIELDS = ("request_id", "model", "key_id", "status", "latency_ms", "replica", "error")
+FIELDS = ("request_id", "model", "key_id", "status", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens",
+          "endpoint", "replica", "error")
+ACCESS_LOGGER = "infernode.access"
+# sk-... keys (node keys, admin keys, OpenAI-style), bearer tokens and key=value secrets.
+_SECRET_RE = re.compile(
+    r"(?i)(\bsk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]{6,}"
+    r"|(\bbearer\s+)[A-Za-z0-9_\-.~+/=]{8,}"
+    r"|(\b(?:api[_-]?key|secret|password|token|master[_-]?key)\"?\s*[=:]\s*\"?)[^\s\"',;&]{4,}"
+)
+
+
+def redact(text: str) -> str:
+    """Mask secrets in a log line (keeps a short prefix so a key can still be recognised)."""
+    if "sk-" not in text and "earer" not in text and "=" not in text and ":" not in text:
+        return text
+    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", text)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out = {}
+    for f in FIELDS:
+        v = getattr(record, f, None)
+        if v is not None:
+            out[f] = redact(v) if isinstance(v, str) else v
+    return out
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald and log shippers."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": redact(record.getMessage()),
         }
-        for f in FIELDS:
-            v = getattr(record, f, None)
-            if v is not None:
-                out[f] = v
+        out.update(_fields(record))
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+            out["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(out, default=str)
 
 
 class TextFormatter(logging.Formatter):
+    """A short readable line, for a person at a terminal."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None) is not None)
+        line = redact(super().format(record))
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         return f"{line} {extra}" if extra else line
 
 
@@ -50,3 +83,19 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+def access(request_id: str, model: str, key_id: str | None, status: int, latency_s: float, *,
+           endpoint: str = "", ttft_s: float | None = None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    """One line per finished /v1 request (the gateway's access log); cheap when disabled."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    _access.info("request", extra={
+        "request_id": request_id, "model": model, "key_id": key_id, "status": status,
+        "latency_ms": round(latency_s * 1000, 2), "endpoint": endpoint or None,
+        "ttft_ms": round(ttft_s * 1000, 2) if ttft_s is not None else None,
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+    })

@@ -1,15 +1,31 @@
-"""Prometheus metrics of the node (prefix `infernode_`); no per-key labels."""
+"""Prometheus metrics of the node (prefix `infernode_`); no per-key labels.
+
+Besides its own families the node re-exposes each worker's `/metrics` (scraped in the
+background by node/sampler.py), relabelled with `model` and `replica`, so that one
+scrape target covers the whole box. Rendering never does I/O.
+"""
 
 from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from node import __version__
+from node.gpus import Inventory
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Labels the node adds to a worker's samples; a worker's own label of that name is kept as exported_<name>.
+WORKER_LABELS = ("model", "replica")
 
 
 class Metrics:
@@ -30,6 +46,169 @@ class Metrics:
         self.worker_up = Gauge("infernode_worker_up", "1 when the replica is ready.", ["model", "replica", "runtime"], registry=r)
         self.worker_restarts = Counter("infernode_worker_restarts", "Replica restarts after a failure.", ["model", "replica"], registry=r)
         self.quota_rejections = Counter("infernode_quota_rejections", "Requests refused by a quota or limit.", ["reason"], registry=r)
+        gpu = ["gpu", "uuid"]
+        self.gpu_memory_used = Gauge("infernode_gpu_memory_used_bytes", "GPU memory in use (NVML).", gpu, registry=r)
+        self.gpu_memory_total = Gauge("infernode_gpu_memory_total_bytes", "GPU memory in all (NVML).", gpu, registry=r)
+        self.gpu_utilization = Gauge("infernode_gpu_utilization_ratio", "GPU busy time over NVML's last sample period, 0..1.",
+                                     gpu, registry=r)
+        self.gpu_temperature = Gauge("infernode_gpu_temperature_celsius", "GPU core temperature (NVML).", gpu, registry=r)
+        self.gpu_power = Gauge("infernode_gpu_power_watts", "GPU power draw (NVML).", gpu, registry=r)
+        self.gpu_sample_time = Gauge("infernode_gpu_last_sample_timestamp_seconds",
+                                     "When NVML was last read (the sampler runs in the background).", registry=r)
+        self.worker_scrape_up = Gauge("infernode_worker_metrics_up",
+                                      "1 when the node's last scrape of the worker's own /metrics succeeded.",
+                                      ["model", "replica"], registry=r)
+        self._workers: dict[tuple[str, str], list[Metric]] = {}
+
+    # -- written by the background sampler ---------------------------------------
+    def set_gpus(self, inventory: Inventory, now: float | None = None) -> None:
+        """Replace the per-GPU gauges with one NVML sample (GPUs that vanished disappear)."""
+        gauges = (self.gpu_memory_used, self.gpu_memory_total, self.gpu_utilization, self.gpu_temperature, self.gpu_power)
+        for g in gauges:
+            g.clear()
+        for gpu in inventory.gpus:
+            labels = (str(gpu.index), gpu.uuid)
+            self.gpu_memory_used.labels(*labels).set(gpu.memory_used)
+            self.gpu_memory_total.labels(*labels).set(gpu.memory_total)
+            for gauge, value in ((self.gpu_utilization, gpu.utilization), (self.gpu_temperature, gpu.temperature_c),
+                                 (self.gpu_power, gpu.power_w)):
+                if value is not None:  # unsupported on this GPU: no sample rather than a false zero
+                    gauge.labels(*labels).set(value)
+        self.gpu_sample_time.set(time.time() if now is None else now)
+
+    def set_worker_metrics(self, model: str, replica: str, text: str) -> None:
+        """Keep one worker's scraped exposition, relabelled, until the next scrape."""
+        self._workers[(model, replica)] = relabel(text, model, replica)
+        self.worker_scrape_up.labels(model, replica).set(1)
+
+    def drop_worker_metrics(self, model: str, replica: str, *, failed: bool = False) -> None:
+        """Forget a worker's samples (it stopped, or its scrape failed)."""
+        self._workers.pop((model, replica), None)
+        if failed:
+            self.worker_scrape_up.labels(model, replica).set(0)
+        else:
+            try:
+                self.worker_scrape_up.remove(model, replica)
+            except KeyError:
+                pass
+
+    def worker_metric_keys(self) -> set[tuple[str, str]]:
+        return set(self._workers)
+
+    # -- read ----------------------------------------------------------------------
+    def totals(self) -> tuple[float, float, float]:
+        """(answered requests + quota rejections, 5xx answers, quota rejections) since start."""
+        requests = errors = 0.0
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    requests += s.value
+                    if s.labels.get("code", "").startswith("5"):
+                        errors += s.value
+        rejected = sum(s.value for f in self.quota_rejections.collect() for s in f.samples if s.name.endswith("_total"))
+        return requests + rejected, errors, rejected
+
+    def collect(self) -> Iterator[Metric]:
+        """The node's families with the workers' merged in (one block per family name)."""
+        merged: dict[str, Metric] = {f.name: f for f in self.registry.collect()}
+        copied: set[str] = set()  # never extend the registry's own objects
+        for families in self._workers.values():
+            for family in families:
+                have = merged.get(family.name)
+                if have is not None and have.type != family.type:
+                    continue  # a same-named family of another type cannot share the name
+                if family.name not in copied:
+                    merged[family.name] = have = _copy(have) if have is not None else _copy(family, samples=False)
+                    copied.add(family.name)
+                assert have is not None
+                have.samples.extend(family.samples)
+        yield from merged.values()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self)  # type: ignore[arg-type]
+
+
+def _copy(family: Metric, samples: bool = True) -> Metric:
+    out = Metric(family.name, family.documentation, family.type, family.unit)
+    out.samples = list(family.samples) if samples else []
+    return out
+
+
+def relabel(text: str, model: str, replica: str) -> list[Metric]:
+    """Parse a worker's Prometheus text and add model/replica labels to every sample.
+
+    A label the worker already sets under one of those names is kept as
+    `exported_<name>`, as Prometheus does with `honor_labels: false`. Untyped `_created`
+    series (prometheus_client's creation timestamps) are dropped as noise.
+    """
+    out = []
+    for family in text_string_to_metric_families(text):
+        if family.type == "unknown" and family.name.endswith("_created"):
+            continue
+        m = Metric(family.name, family.documentation, family.type, family.unit)
+        for s in family.samples:
+            labels = dict(s.labels)
+            for name in WORKER_LABELS:
+                if name in labels:
+                    labels[f"exported_{name}"] = labels.pop(name)
+            labels["model"], labels["replica"] = model, replica
+            m.samples.append(s._replace(labels=labels, timestamp=None, exemplar=None))
+        out.append(m)
+    return out
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Requests of the last minute, for `infernode status`."""
+
+    window_s: float
+    requests: int
+    errors: int
+    rejected: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.window_s if self.window_s > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"window_s": round(self.window_s, 1), "requests": self.requests, "errors": self.errors,
+                "rejected": self.rejected, "requests_per_s": round(self.requests_per_s, 3),
+                "error_rate": round(self.error_rate, 4)}
+
+
+class RequestWindow:
+    """A 60 s ring of one-second snapshots of the request counters (cheap, in memory).
+
+    The sampler records the counters' totals once a second, so the request path pays
+    nothing; the last minute's counts are the difference between the newest and the
+    oldest snapshot.
+    """
+
+    def __init__(self, span_s: int = 60) -> None:
+        self._snaps: deque[tuple[float, float, float, float]] = deque(maxlen=span_s + 1)
+
+    def record(self, now: float, requests: float, errors: float, rejected: float) -> None:
+        self._snaps.append((now, requests, errors, rejected))
+
+    def traffic(self) -> Traffic:
+        if len(self._snaps) < 2:
+            return Traffic(0.0, 0, 0, 0)
+        t0, r0, e0, j0 = self._snaps[0]
+        t1, r1, e1, j1 = self._snaps[-1]
+        return Traffic(t1 - t0, int(r1 - r0), int(e1 - e0), int(j1 - j0))
+
+
+def exported_names(families: Iterable[Metric]) -> set[str]:
+    """Every series name a set of families produces (counters' _total, histograms' _bucket...)."""
+    names: set[str] = set()
+    for f in families:
+        for s in f.samples:
+            names.add(s.name)
+        names.add(f.name + "_total" if f.type == "counter" else f.name + "_info" if f.type == "info" else f.name)
+        if f.type == "histogram":
+            names.update({f.name + "_bucket", f.name + "_sum", f.name + "_count"})
+    return names

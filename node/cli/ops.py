@@ -35,19 +35,36 @@ def _ago(ts: float) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
+def _bar(frac: float, width: int = 20) -> str:
+    """A memory bar: green under 70 %, yellow under 90 %, red above."""
+    frac = min(max(frac, 0.0), 1.0)
+    full = round(frac * width)
+    colour = "green" if frac < 0.7 else "yellow" if frac < 0.9 else "red"
+    return f"[{colour}]{'█' * full}[/][dim]{'░' * (width - full)}[/]"
+
+
 @app.command()
 def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Workers, models and GPUs, as the running node sees them."""
+    """The node at a glance: readiness, traffic of the last minute, replicas and GPUs."""
+    from rich.markup import escape
+
     data = AdminClient(config_from(config)).get("/admin/v1/status")
     if as_json:
         print(json.dumps(data, indent=2))
         return
     n = data["node"]
     state = "[green]ready[/]" if n["ready"] else "[yellow]not ready[/]"
-    console.print(f"[bold]{n['name']}[/] {state}  listen {n['listen']}  up {_ago(time.time() - n['uptime_s'])}  "
+    console.print(f"[bold]{escape(n['name'])}[/] {state}  listen {n['listen']}  up {_ago(time.time() - n['uptime_s'])}  "
                   f"v{n['version']}  {n['keys']} keys")
     for reason in n["reasons"]:
-        console.print(f"  [yellow]•[/] {reason}", highlight=False)
+        console.print(f"  [yellow]•[/] {escape(reason)}", highlight=False)
+    tr = data.get("traffic")
+    if tr:
+        err = tr["error_rate"]
+        colour = "green" if err == 0 else "yellow" if err < 0.05 else "red"
+        console.print(f"last {tr['window_s']:.0f}s: {tr['requests_per_s']:.2f} req/s, {tr['requests']} requests, "
+                      f"[{colour}]{err:.1%} errors[/] ({tr['errors']} 5xx), {tr['rejected']} rejected by quotas",
+                      highlight=False)
     t = Table(title="replicas", title_justify="left")
     for col in ("model", "replica", "runtime", "state", "since", "restarts", "port", "gpus", "last error"):
         t.add_column(col)
@@ -56,22 +73,23 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
         st = w["state"]
         t.add_row(w["model"], str(w["replica"]), w["runtime"], f"[{colours.get(st, 'white')}]{st}[/]", _ago(w["since"]),
                   str(w["restarts"]), str(w["port"] or "-"), ",".join(g[:12] for g in w["gpus"]) or "cpu",
-                  (w["last_error"] or "").splitlines()[0][:60] if w["last_error"] else "")
+                  escape((w["last_error"] or "").splitlines()[0][:60]) if w["last_error"] else "")
     console.print(t)
     gpus = data["gpus"]
     if gpus["data"]:
         g = Table(title="GPUs", title_justify="left")
-        for col in ("#", "name", "memory", "util", "temp"):
+        for col in ("#", "name", "memory", "util", "temp", "power"):
             g.add_column(col)
         for x in gpus["data"]:
             frac = x["memory_used"] / x["memory_total"] if x["memory_total"] else 0
-            bar = "█" * int(frac * 20) + "░" * (20 - int(frac * 20))
-            g.add_row(str(x["index"]), x["name"], f"{bar} {x['memory_used'] / 2**30:.1f}/{x['memory_total'] / 2**30:.1f} GiB",
+            g.add_row(str(x["index"]), x["name"],
+                      f"{_bar(frac)} {x['memory_used'] / 2**30:.1f}/{x['memory_total'] / 2**30:.1f} GiB",
                       f"{x['utilization'] * 100:.0f}%" if x.get("utilization") is not None else "-",
-                      f"{x['temperature_c']:.0f}°C" if x.get("temperature_c") is not None else "-")
+                      f"{x['temperature_c']:.0f}°C" if x.get("temperature_c") is not None else "-",
+                      f"{x['power_w']:.0f} W" if x.get("power_w") is not None else "-")
         console.print(g)
     else:
-        console.print(f"GPUs: {gpus['error'] or 'none'}")
+        console.print(f"GPUs: {escape(gpus['error'] or 'none')}")
 
 
 @app.command()

@@ -1,0 +1,35 @@
+"""`infernode doctor`: one line per check, ok/warn/fail, and what to fix."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from node.cli import ConfigOption, app, config_from, console
+
+MARKS = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]fail[/]"}
+
+
+@app.command()
+def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> int:
+    """Check driver, NVML, runtimes, port, disk, store, database, admin key and fleet; exit 1 on any fail."""
+    from node.doctor import Level, run_checks
+
+    checks = run_checks(config_from(config))
+    if as_json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            line = f"{MARKS[c.level.value]} {escape(c.name):<{width}}  {escape(c.detail)}"
+            if c.fix and c.level is not Level.OK:
+                line += f"  [dim]→ {escape(c.fix)}[/]"
+            console.print(line, highlight=False, soft_wrap=True, markup=True)
+    failed = sum(c.level is Level.FAIL for c in checks)
+    warned = sum(c.level is Level.WARN for c in checks)
+    if not as_json:
+        console.print(f"{len(checks)} checks: {failed} failed, {warned} warnings", highlight=False)
+    return 1 if failed else 0
