@@ -22,6 +22,7 @@ from node.config import Config, load_config
 from node.errors import OperationFailed
 from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.gateway import Gateway, ModelInfo
+from node.upstream import Pool
 from node.gpus import Inventory, discover
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.ledger import Ledger, rebuild_counters
@@ -92,10 +93,7 @@ class Node:
         self._keys_version: int | None = None
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
-        self.upstream = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=60),
-        )
+        self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=30.0)
         self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         self.alerts = Alerter(config.alerts, config.node.name)
         self.sampler = Sampler(self.metrics, read_gpus=lambda: discover(self.nvml), client=self.probe_client,
@@ -104,13 +102,15 @@ class Node:
 
     def model_infos(self) -> dict[str, ModelInfo]:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output) for m in self.config.models}
+                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue)
+                for m in self.config.models}
 
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream, max_body_bytes=self.config.node.max_body_bytes,
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
+            upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
         )
 
     # -- start -----------------------------------------------------------------
@@ -215,7 +215,7 @@ class Node:
                 config = config.model_copy(update={"node": self.config.node})
             self.config, self.lock = config, lock
             if self.gateway is not None:
-                self.gateway.models = self.model_infos()
+                self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:
                 await self._pull_missing()
             summary = await self.supervisor.reload(config, lock)

@@ -1,24 +1,25 @@
-"""The OpenAI-compatible `/v1` gateway: auth, admission, routing and a byte-faithful proxy.
+"""The OpenAI-compatible `/v1` gateway: auth, admission, backpressure, routing and a byte-faithful proxy.
 
 This is the hot path, written as a bare ASGI app: no framework routing, no
 validation models, no disk or database I/O. Bodies go to the worker unchanged except
-when the node must ask for streamed usage; streamed bytes are passed on as whole SSE
-events as they arrive, and only events that mention usage are looked into.
+for the model name (when the worker serves it under another name) and
+`stream_options` (when the node must ask for streamed usage); streamed bytes are
+passed on as whole SSE events as they arrive, and only events that mention usage are
+looked into (node/sse.py). Upstream HTTP is node/upstream.py's keep-alive pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import re
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import httpx
-
+from node import context
 from node.errors import (
     AuthenticationError, BodyTooLarge, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
     RateLimited, UpstreamError, UpstreamTimeout,
@@ -27,8 +28,10 @@ from node.keys import KeyRing
 from node.ledger import Ledger
 from node.metrics import Metrics
 from node.quotas import Admission, Quotas
-from node.router import Router
+from node.router import Gate, QueueFull, Router
+from node.sse import SseRelay
 from node.storage import UsageRow
+from node.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 
 log = logging.getLogger("infernode.gateway")
 
@@ -44,9 +47,9 @@ PROXIED = {
     b"/v1/score": "score",
 }
 JSON_CT = [(b"content-type", b"application/json")]
-ID_RE = re.compile(rb'"id"\s*:\s*"([^"]*)"')
-CONTENT_MARKS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
-EMPTY_MARKS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+QUEUE_WAIT_S = 30.0
+BODY_TIMEOUT_S = 30.0
 
 
 class ClientGone(Exception):
@@ -71,6 +74,8 @@ class ModelInfo:
     max_model_len: int | None = None
     price_input: float = 0.0      # per million tokens
     price_output: float = 0.0
+    max_inflight: int = 64
+    max_queue: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -92,86 +97,44 @@ class Exchange:
     first_token_at: float | None = None
 
 
-class SseRelay:
-    """Passes SSE bytes through whole events at a time, noting usage and tokens.
-
-    `drop_usage`: hide the usage-only chunk the node asked for on the client's behalf.
-    `count_content`: the runtime sends no usage; count one token per content event.
-    """
-
-    def __init__(self, *, drop_usage: bool, count_content: bool) -> None:
-        self.drop_usage, self.count_content = drop_usage, count_content
-        self.buf = b""
-        self.usage: dict[str, Any] | None = None
-        self.content_events = 0
-        self.first_content = False
-        self.stream_id: bytes | None = None
-        self.saw_done = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self.buf + chunk if self.buf else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            if len(data) > 1 << 20:  # a pathological event: pass it on rather than grow
-                self.buf = b""
-                return data
-            self.buf = data
-            return b""
-        out, self.buf = data[: cut + 2], data[cut + 2:]
-        if self.stream_id is None:
-            m = ID_RE.search(out)
-            if m:
-                self.stream_id = m.group(1)
-        if self.count_content or not self.first_content:
-            # Servers differ in JSON spacing ("content":"x" vs "content": "x").
-            n = sum(out.count(p) for p in CONTENT_MARKS) - sum(out.count(p) for p in EMPTY_MARKS)
-            if n > 0:
-                self.first_content = True
-                self.content_events += n
-        if b"[DONE]" in out:
-            self.saw_done = True
-        if b'"usage":{' in out or b'"usage": {' in out:
-            out = self._take_usage(out)
-        return out
-
-    def _take_usage(self, out: bytes) -> bytes:
-        kept = []
-        for event in out.split(b"\n\n"):
-            if not event:
-                continue
-            if b'"usage"' in event and event.startswith(b"data:"):
-                try:
-                    obj = json.loads(event[5:])
-                except ValueError:
-                    obj = None
-                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    self.usage = obj["usage"]
-                    if self.drop_usage and not obj.get("choices"):
-                        continue
-            kept.append(event)
-        return b"".join(e + b"\n\n" for e in kept)
-
-
 class Gateway:
     """The `/v1` ASGI app."""
 
     def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
-                 models: dict[str, ModelInfo], client: httpx.AsyncClient, max_body_bytes: int,
-                 stream_usage: Callable[[Any], bool]) -> None:
+                 models: dict[str, ModelInfo], client: Pool, max_body_bytes: int,
+                 stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
+                 queue_wait_s: float = QUEUE_WAIT_S) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
         self.max_body_bytes = max_body_bytes
         self.stream_usage = stream_usage
+        self.upstream_model = upstream_model
+        self.queue_wait_s = queue_wait_s
+        self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
+        self._series: dict[str, _Series] = {}
+        # Request ids: a random per-process prefix and a counter (unique, and cheaper than uuid4).
+        self._rid_prefix = os.urandom(6).hex()
+        self._rid_seq = itertools.count(1)
+
+    def set_models(self, models: dict[str, ModelInfo]) -> None:
+        """New model settings (config reload); a model's gate is kept, with its new limits, while it stays."""
+        gates = {}
+        for name, m in models.items():
+            gate = self.gates.get(name) or Gate(m.max_inflight, m.max_queue)
+            gate.max_inflight, gate.max_queue = m.max_inflight, m.max_queue
+            gates[name] = gate
+        self.models, self.gates = models, gates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid_in = _header(scope, b"x-request-id")
-        rid = rid_in.decode("latin-1")[:128] if rid_in else uuid.uuid4().hex
+        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):010x}"
         ridb = rid.encode("latin-1")
         try:
-            path = scope["raw_path"].split(b"?", 1)[0] if scope.get("raw_path") else scope["path"].encode()
+            path = scope.get("raw_path") or scope["path"].encode()
+            path = path.split(b"?", 1)[0]
             key = self._authenticate(scope)
             if path == b"/v1/models" and scope["method"] == "GET":
                 return await self._list_models(key, ridb, send)
@@ -187,6 +150,7 @@ class Gateway:
         except NodeError as err:
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
+            log.info("request %s refused: %d %s", rid, err.status, err.message)
             await send_body(send, err.status, err.body(), error_headers(err, ridb))
 
     # -- request checks ----------------------------------------------------------
@@ -203,9 +167,19 @@ class Gateway:
         declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {self.max_body_bytes}")
-        chunks, size = [], 0
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone()
+        if not msg.get("more_body"):  # the common case: the whole body in one message
+            return msg.get("body", b"")
+        chunks, size = [msg.get("body", b"")], len(msg.get("body", b""))
+        deadline = time.monotonic() + BODY_TIMEOUT_S  # a client trickling its body is not waited on forever
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise InvalidRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                                     code="request_timeout") from None
             if msg["type"] == "http.disconnect":
                 raise ClientGone()
             part = msg.get("body", b"")
@@ -219,11 +193,21 @@ class Gateway:
     async def _list_models(self, key, ridb: bytes, send: Send) -> None:
         data = [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
-             "max_model_len": self.router.context.get(m.name) or m.max_model_len}
+             "max_model_len": self.context_len(m)}
             for m in self.models.values() if key.allows(m.name)
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
         await send_body(send, 200, body, JSON_CT + [(b"x-request-id", ridb)])
+
+    def _metrics_for(self, model: str) -> _Series:
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = _Series(self.metrics, model)
+        return series
+
+    def context_len(self, info: ModelInfo) -> int | None:
+        """The model's context: configured, else what its launch plan says."""
+        return info.max_model_len or self.router.context.get(info.name)
 
     # -- the proxy ---------------------------------------------------------------
     async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
@@ -242,152 +226,206 @@ class Gateway:
             raise ModelNotFound(f"the model '{model}' does not exist on this node", param="model")
         if self.draining:
             raise NoReadyReplica("the node is shutting down", retry_after=5)
-        adm = self.quotas.admit(key, model, req.get("user") if isinstance(req.get("user"), str) else None)
-        ex = Exchange(rid=rid, model=model, endpoint=endpoint, key_id=key.id, team=key.team,
-                      user=req.get("user") if isinstance(req.get("user"), str) else None, started=time.perf_counter(),
-                      stream=bool(req.get("stream")))
+        stream = req.get("stream") is True
+        if endpoint in ("chat", "completions"):
+            context.check(req, endpoint, self.context_len(info))
+        if not self.router.ready(model):
+            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
+        user = req.get("user") if isinstance(req.get("user"), str) else None
+        adm = self.quotas.admit(key, model, user)
+        gate = self.gates[model]
+        ex = Exchange(rid=rid, model=model, endpoint=endpoint, key_id=key.id, team=key.team, user=user,
+                      started=time.perf_counter(), stream=stream)
+        entered = False
         try:
-            target = self.router.pick(model)
-            if target is None:
-                raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
-            client_wants_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            worker_usage = self.stream_usage(target)
-            if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
-                req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
-                body = json.dumps(req).encode()
-            relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
-            await self._exchange(target, path, body, ex, adm, relay, client_wants_usage, ridb, receive, send)
+            try:
+                await gate.enter(self.queue_wait_s)
+            except QueueFull as full:
+                raise RateLimited(
+                    f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
+                    retry_after=full.retry_after, reason="model_capacity", code="model_overloaded", headers={
+                        "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
+            entered = True
+            await self._route(req, body, endpoint, path, ex, adm, ridb, receive, send)
         except NodeError as err:
             ex.status = err.status
             raise
         except ClientGone:
             ex.status = 499
+            log.info("request %s: client disconnected", rid)
         finally:
+            if entered:
+                gate.leave(time.perf_counter() - ex.started)
             self._account(ex, adm, info)
 
-    async def _exchange(self, target, path: bytes, body: bytes, ex: Exchange, adm: Admission,
-                        relay: SseRelay | None, client_wants_usage: bool, ridb: bytes,
-                        receive: Receive, send: Send) -> None:
-        headers = {"content-type": "application/json", "x-request-id": ex.rid}
-        resp = None
-        tried = None
+    async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
+                     ridb: bytes, receive: Receive, send: Send) -> None:
+        target = self.router.pick(ex.model)
+        if target is None:
+            raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
+        client_wants_usage = bool(isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage"))
+        worker_usage = self.stream_usage(target)
+        changed = False
+        if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
+            req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
+            changed = True
+        upstream_name = self.upstream_model(target)
+        if upstream_name and upstream_name != ex.model:
+            req["model"] = upstream_name
+            changed = True
+        if changed:
+            body = json.dumps(req).encode()
+        relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
+        headers = (("content-type", "application/json"), ("x-request-id", ex.rid))
+        subpath = path.decode()[3:]
         for attempt in (0, 1):
-            url = target.openai_base + path.decode()[3:]
-            target.inflight += 1
-            self.inflight += 1
             try:
-                resp = await self.client.send(self.client.build_request("POST", url, content=body, headers=headers), stream=True)
+                resp = await self.client.request("POST", target.openai_base, subpath, body, headers)
                 break
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except ConnectFailed as exc:
                 # Nothing reached the client yet: retry once on another replica.
-                target.inflight -= 1
-                self.inflight -= 1
-                tried = target
-                other = self.router.pick(ex.model, exclude=tried) if attempt == 0 else None
+                log.warning("request %s: worker %s unreachable (%s)", ex.rid, target.id, exc)
+                other = self.router.pick(ex.model, exclude=target) if attempt == 0 else None
                 if other is None:
-                    raise UpstreamError(f"worker for '{ex.model}' is unreachable: {type(exc).__name__}") from None
+                    raise UpstreamError(f"the worker for '{ex.model}' is unreachable: {exc}") from None
                 target = other
-            except httpx.TimeoutException:
-                target.inflight -= 1
-                self.inflight -= 1
-                raise UpstreamTimeout(f"worker for '{ex.model}' did not answer in time") from None
-        assert resp is not None
-        self.metrics.inflight.labels(ex.model).inc()
-        watcher = asyncio.create_task(_watch_disconnect(receive, asyncio.current_task()))
+            except TimedOut:
+                raise UpstreamTimeout(f"the worker for '{ex.model}' did not answer in time") from None
+            except UpstreamFailure as exc:
+                raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}") from None
+        await self._forward(resp, target, ex, adm, relay, client_wants_usage, ridb, receive, send)
+
+    async def _forward(self, resp: Response, target, ex: Exchange, adm: Admission, relay: SseRelay | None,
+                       client_wants_usage: bool, ridb: bytes, receive: Receive, send: Send) -> None:
+        target.inflight += 1
+        self.inflight += 1
+        gauge = self._metrics_for(ex.model).inflight
+        gauge.inc()
+        me = asyncio.current_task()
+        watcher = asyncio.create_task(_watch_disconnect(receive, me))
         try:
             await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, send)
         except asyncio.CancelledError:
             if watcher.done() and not watcher.cancelled() and watcher.result():
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                me.uncancel()  # type: ignore[union-attr]
                 raise ClientGone() from None
             raise
         finally:
             watcher.cancel()
-            await resp.aclose()
+            resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
             target.inflight -= 1
             self.inflight -= 1
-            self.metrics.inflight.labels(ex.model).dec()
+            gauge.dec()
 
-    async def _respond(self, resp: httpx.Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
+    async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
                        client_wants_usage: bool, ridb: bytes, send: Send) -> None:
-        out_headers = [(b"x-request-id", ridb)] + [(k.encode(), v.encode()) for k, v in adm.headers.items()]
-        ctype = resp.headers.get("content-type", "application/json")
-        if resp.status_code >= 400:
-            raw = await resp.aread()
-            ex.status = resp.status_code
-            status = resp.status_code if resp.status_code < 500 else 502
-            await send_body(send, status, _worker_error(raw, resp.status_code), JSON_CT + out_headers)
+        out_headers = [(b"x-request-id", ridb)]
+        if adm.headers:
+            out_headers += [(k.encode(), v.encode()) for k, v in adm.headers.items()]
+        ctype = resp.header(b"content-type") or b"application/json"
+        if resp.status >= 400:
+            raw = await _read_or_fail(resp, ex)
+            ex.status = resp.status
+            status = resp.status if resp.status < 500 else 502
+            log.info("request %s: worker answered %d", ex.rid, resp.status)
+            await send_body(send, status, _worker_error(raw, resp.status), JSON_CT + out_headers)
             return
-        if relay is None or not ctype.startswith("text/event-stream"):
-            raw = await resp.aread()
+        if relay is None or not ctype.startswith(b"text/event-stream"):
+            raw = await _read_or_fail(resp, ex)
             ex.first_token_at = time.perf_counter()
             usage = _usage_of(raw)
             if usage:
                 ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 ex.completion_tokens = int(usage.get("completion_tokens") or 0)
-            await send_body(send, resp.status_code, raw, [(b"content-type", ctype.encode())] + out_headers)
+            await send_body(send, resp.status, raw, [(b"content-type", ctype)] + out_headers)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")] + out_headers})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + out_headers})
+        synth = relay.count_content and client_wants_usage
+        finished = False  # the client's stream ended with [DONE]; what follows upstream is only drained
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.chunks():
                 out = relay.feed(chunk)
-                if relay.first_content and ex.first_token_at is None:
-                    ex.first_token_at = time.perf_counter()
-                if out:
-                    if relay.count_content and client_wants_usage and relay.saw_done:
-                        out = self._synth_usage(out, relay, ex)
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-        except httpx.HTTPError as exc:
-            ex.status = 502
-            log.warning("worker died mid-stream", extra={"request_id": ex.rid, "model": ex.model, "error": type(exc).__name__})
-            err = UpstreamError(f"the worker for '{ex.model}' failed mid-stream ({type(exc).__name__})", source="worker")
-            await send({"type": "http.response.body", "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n",
-                        "more_body": True})
+                if out and not finished:
+                    if ex.first_token_at is None and relay.first_content:
+                        ex.first_token_at = time.perf_counter()
+                    done = relay.saw_done and not relay.buf
+                    if synth and relay.saw_done:
+                        out = relay.synth_usage(out, model=ex.model, chat=ex.endpoint == "chat",
+                                                prompt_tokens=ex.prompt_tokens)
+                    finished = done
+                    if finished:
+                        resp.drain_timeout(5.0)  # only the end of the framing should follow
+                    # Ending the response with the last event saves the client a separate empty write.
+                    await send({"type": "http.response.body", "body": out, "more_body": not finished})
+        except UpstreamFailure as exc:
+            if not finished:
+                ex.status = 502
+                log.warning("request %s: the worker for %s failed mid-stream: %s", ex.rid, ex.model, exc)
+                err = UpstreamError(f"the worker for '{ex.model}' failed mid-stream: {exc}", source="worker")
+                await send({"type": "http.response.body",
+                            "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n", "more_body": True})
         finally:
-            self._stream_usage(relay, ex)
-        if relay.buf:
-            await send({"type": "http.response.body", "body": relay.buf, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def _stream_usage(self, relay: SseRelay, ex: Exchange) -> None:
-        if relay.usage:
-            ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
-            ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
-        elif relay.count_content:
-            ex.completion_tokens = relay.content_events
-
-    def _synth_usage(self, out: bytes, relay: SseRelay, ex: Exchange) -> bytes:
-        """The runtime cannot report stream usage; add the chunk the client asked for."""
-        cut = out.rfind(b"data: [DONE]")
-        usage = {"prompt_tokens": 0, "completion_tokens": relay.content_events, "total_tokens": relay.content_events}
-        obj = {"id": (relay.stream_id or b"").decode(), "object": "chat.completion.chunk" if ex.endpoint == "chat" else "text_completion",
-               "created": int(time.time()), "model": ex.model, "choices": [], "usage": usage}
-        relay.saw_done = False
-        return out[:cut] + b"data: " + json.dumps(obj).encode() + b"\n\n" + out[cut:]
+            if relay.usage:
+                ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
+                ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
+            elif relay.count_content:
+                ex.completion_tokens = relay.content_events
+        if not finished:
+            await send({"type": "http.response.body", "body": relay.buf, "more_body": False})
 
     def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
-        now = time.perf_counter()
-        latency = now - ex.started
+        latency = time.perf_counter() - ex.started
         adm.finish(ex.prompt_tokens, ex.completion_tokens)
-        m = self.metrics
-        m.requests.labels(ex.model, str(ex.status)).inc()
-        m.duration.labels(ex.model).observe(latency)
+        m = self._metrics_for(ex.model)
+        m.requests(ex.status).inc()
+        m.duration.observe(latency)
         ttft = None
         if ex.first_token_at is not None:
             ttft = ex.first_token_at - ex.started
             if ex.stream:
-                m.ttft.labels(ex.model).observe(ttft)
+                m.ttft.observe(ttft)
         if ex.prompt_tokens:
-            m.tokens.labels(ex.model, "prompt").inc(ex.prompt_tokens)
+            m.prompt.inc(ex.prompt_tokens)
         if ex.completion_tokens:
-            m.tokens.labels(ex.model, "completion").inc(ex.completion_tokens)
+            m.completion.inc(ex.completion_tokens)
         cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
         self.ledger.record(UsageRow(
             request_id=ex.rid, ts=time.time(), key_id=ex.key_id, team=ex.team, model=ex.model, endpoint=ex.endpoint,
             end_user=ex.user, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
             status=ex.status, latency_ms=latency * 1000, ttft_ms=ttft * 1000 if ttft is not None else None, cost=cost,
         ))
+
+
+class _Series:
+    """One model's metric children, looked up once rather than per request."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.duration = metrics.duration.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.prompt = metrics.tokens.labels(model, "prompt")
+        self.completion = metrics.tokens.labels(model, "completion")
+        self.inflight = metrics.inflight.labels(model)
+        self._by_status: dict[int, Any] = {}
+
+    def requests(self, status: int) -> Any:
+        c = self._by_status.get(status)
+        if c is None:
+            c = self._by_status[status] = self.metrics.requests.labels(self.model, str(status))
+        return c
+
+
+async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
+    """A whole (non-streamed) answer; a worker failing half way is a 502/504 from the worker."""
+    try:
+        return await resp.read()
+    except TimedOut:
+        raise UpstreamTimeout(f"the worker for '{ex.model}' stopped answering", source="worker") from None
+    except BrokenResponse as exc:
+        log.warning("request %s: the worker for %s failed: %s", ex.rid, ex.model, exc)
+        raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}", source="worker") from None
 
 
 async def _watch_disconnect(receive: Receive, task: asyncio.Task | None) -> bool:

@@ -86,7 +86,9 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
     app = NodeApp(node)
     uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=75,
                         timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024,
-                        limit_concurrency=None, http="auto", loop="none")
+                        limit_concurrency=None, http="auto", loop="none",
+                        # Nothing in front of the node rewrites client addresses; skip that per-request work.
+                        proxy_headers=False, server_header=False)
     server = _Server(uv)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -1,0 +1,202 @@
+"""Gateway overhead benchmark: the stub worker directly vs through a real node in front.
+
+Starts `tests/fakes/openai_worker.py` (32 streamed chunks, with usage when asked) and a
+real `infernode up` with the stub as an `external` model, a key with rpm/tpm quotas
+and metrics on. For >= 10 s per cell it measures, at concurrency 1 and 64, plain and
+streaming chat completions, direct and through the node: requests/s, p50/p99 latency,
+time to first data (streams), and the node's CPU time (utime+stime from /proc, robust
+to a noisy machine) per request and per streamed chunk, and its RSS.
+
+Run: `.venv/bin/python bench/gateway.py [--duration 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from node.upstream import Pool  # noqa: E402  (the load generator reuses the node's lean client)
+
+CHUNKS = 32
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    vals = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            vals[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not become ready")
+
+
+async def run_cell(base: str, key: str, stream: bool, concurrency: int, duration: float) -> dict:
+    pool = Pool(read_timeout=60)
+    body = json.dumps({"model": "stub-model", "messages": [{"role": "user", "content": "Say something."}],
+                       "max_tokens": CHUNKS, "stream": stream}).encode()
+    headers = (("content-type", "application/json"), ("authorization", f"Bearer {key}"))
+    lat: list[float] = []
+    ttfd: list[float] = []
+    errors = 0
+    chunks = 0
+    stop = time.perf_counter() + duration
+
+    async def one() -> None:
+        nonlocal errors, chunks
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            resp = await pool.request("POST", base, "/chat/completions", body, headers)
+            first = None
+            try:
+                async for data in resp.chunks():
+                    if first is None:
+                        first = time.perf_counter()
+                    if stream:
+                        chunks += data.count(b"\n\n")
+            finally:
+                resp.close()
+            t1 = time.perf_counter()
+            if resp.status != 200:
+                errors += 1
+                continue
+            lat.append(t1 - t0)
+            if stream and first is not None:
+                ttfd.append(first - t0)
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    await pool.aclose()
+    lat.sort()
+    ttfd.sort()
+
+    def pct(xs: list[float], p: float) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
+
+    return {"n": len(lat), "errors": errors, "rps": len(lat) / duration, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
+            "ttfd50": pct(ttfd, 0.5) if stream else None, "events": chunks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    args = ap.parse_args()
+    py = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="infernode-bench-"))
+    stub_port, node_port = free_port(), free_port()
+    stub = subprocess.Popen([py, "-m", "tests.fakes.openai_worker", "--port", str(stub_port), "--no-record",
+                             "--chunks", str(CHUNKS)], cwd=REPO)
+    (work / "appliance.toml").write_text(f"""
+[node]
+listen = "127.0.0.1:{node_port}"
+data_dir = "data"
+
+[quotas.default]
+rpm = 100000000
+tpm = 10000000000
+
+[[models]]
+name = "stub-model"
+runtime = "external"
+url = "http://127.0.0.1:{stub_port}/v1"
+max_inflight = 256
+""")
+    cfg = str(work / "appliance.toml")
+    subprocess.run([py, "-m", "node", "lock", "--config", cfg], check=True, cwd=REPO, capture_output=True)
+    log = (work / "node.log").open("wb")
+    node = subprocess.Popen([py, "-m", "node", "up", "--config", cfg], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        node_url = f"http://127.0.0.1:{node_port}"
+        wait_http(node_url + "/readyz")
+        import httpx
+        admin = (work / "data" / "admin.key").read_text().strip()
+        r = httpx.post(node_url + "/admin/v1/keys", json={"name": "bench", "rpm": 100000000, "tpm": 10000000000},
+                       headers={"authorization": f"Bearer {admin}"}, timeout=10)
+        r.raise_for_status()
+        key = r.json()["key"]
+        rows = []
+        for conc in args.concurrency:
+            for stream in (False, True):
+                for target, base in (("direct", f"http://127.0.0.1:{stub_port}/v1"), ("node", node_url + "/v1")):
+                    asyncio.run(run_cell(base, key, stream, conc, 1.0))  # warm the pools
+                    c0 = cpu_seconds(node.pid)
+                    res = asyncio.run(run_cell(base, key, stream, conc, args.duration))
+                    cpu = cpu_seconds(node.pid) - c0
+                    res.update(target=target, stream=stream, conc=conc, node_cpu_ms=cpu * 1000 / max(res["n"], 1))
+                    rows.append(res)
+                    print(f"  {target:6} conc={conc:<3} stream={stream!s:5} {res['rps']:8.0f} req/s "
+                          f"p50 {res['p50']:.2f} ms", file=sys.stderr)
+        rss, hwm = rss_mb(node.pid)
+        report(rows, rss, hwm)
+        metrics = httpx.get(node_url + "/metrics", timeout=10).text
+        ok = [line for line in metrics.splitlines() if line.startswith('infernode_requests_total{')]
+        print("node metrics:", "; ".join(ok))
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(30)
+        stub.terminate()
+        stub.wait(10)
+
+
+def report(rows: list[dict], rss: float, hwm: float) -> None:
+    print(f"\n{'target':7}{'conc':>5}{'stream':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'TTFD ms':>9}"
+          f"{'node CPU ms/req':>17}{'errors':>8}")
+    for r in rows:
+        ttfd = f"{r['ttfd50']:.2f}" if r["ttfd50"] is not None else "-"
+        cpu = f"{r['node_cpu_ms']:.3f}" if r["target"] == "node" else "-"
+        print(f"{r['target']:7}{r['conc']:>5}{str(r['stream']):>7}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}"
+              f"{ttfd:>9}{cpu:>17}{r['errors']:>8}")
+    print()
+    by = {(r["target"], r["conc"], r["stream"]): r for r in rows}
+    for conc in sorted({r["conc"] for r in rows}):
+        d, n = by[("direct", conc, False)], by[("node", conc, False)]
+        ds, ns = by[("direct", conc, True)], by[("node", conc, True)]
+        per_chunk = (ns["node_cpu_ms"] - n["node_cpu_ms"]) / CHUNKS
+        print(f"concurrency {conc}: node/direct req/s {n['rps'] / d['rps']:.2f} (stream {ns['rps'] / ds['rps']:.2f}); "
+              f"added p50 {n['p50'] - d['p50']:+.2f} ms (stream {ns['p50'] - ds['p50']:+.2f} ms); "
+              f"added TTFD {ns['ttfd50'] - ds['ttfd50']:+.2f} ms; node CPU {n['node_cpu_ms']:.3f} ms/request, "
+              f"{per_chunk:.4f} ms/streamed chunk")
+    print(f"node RSS {rss:.0f} MB now, {hwm:.0f} MB peak")
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    main()

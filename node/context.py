@@ -1,0 +1,81 @@
+"""Context honesty: refuse, with a clear 400, a request that certainly cannot fit the model's context.
+
+The node has no tokenizer on the hot path, so it only rejects what is certain:
+- `max_tokens` (or `max_completion_tokens`) alone larger than the context;
+- a prompt given as token ids (completions) whose length plus `max_tokens` exceeds it;
+- a text prompt whose *lower bound* in tokens plus `max_tokens` exceeds it. The bound is
+  the prompt's UTF-8 bytes, with runs of one repeated character counted once, divided
+  by MAX_BYTES_PER_TOKEN (no common tokenizer has ordinary tokens longer than that;
+  runs of one character, which some vocabularies do merge into long tokens, are why
+  runs count once). Anything less certain goes to the worker, which enforces its
+  own limit and whose 400 is passed through.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from node.errors import InvalidRequest
+
+MAX_BYTES_PER_TOKEN = 32
+RUNS = re.compile(rb"(.)\1+", re.DOTALL)
+
+
+def check(req: dict[str, Any], endpoint: str, context_len: int | None) -> None:
+    """Raise InvalidRequest when prompt + max_tokens certainly exceed context_len."""
+    if not context_len:
+        return
+    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        max_tokens = 0
+    param = "max_completion_tokens" if "max_completion_tokens" in req else "max_tokens"
+    if max_tokens > context_len:
+        raise InvalidRequest(
+            f"{param} is {max_tokens}, but this model's context is {context_len} tokens; "
+            f"ask for at most {context_len} tokens, prompt included", param=param, code="context_length_exceeded")
+    ids, texts = _prompt(req, endpoint)
+    if ids + max_tokens > context_len:
+        raise InvalidRequest(
+            f"the prompt has {ids} tokens and {param} is {max_tokens}: together more than this model's "
+            f"context of {context_len} tokens", param="prompt", code="context_length_exceeded")
+    size = sum(len(t) for t in texts)
+    # Cheap test first; the exact lower bound only when the cheap one says it may not fit.
+    if ids + size // MAX_BYTES_PER_TOKEN + max_tokens <= context_len:
+        return
+    low = ids + sum(len(RUNS.sub(rb"\1", t)) for t in texts) // MAX_BYTES_PER_TOKEN
+    if low + max_tokens > context_len:
+        raise InvalidRequest(
+            f"the prompt is at least {low} tokens long and {param} is {max_tokens}: together more than this "
+            f"model's context of {context_len} tokens; shorten the prompt or lower {param}",
+            param="messages" if endpoint == "chat" else "prompt", code="context_length_exceeded")
+
+
+def _prompt(req: dict[str, Any], endpoint: str) -> tuple[int, list[bytes]]:
+    """(token ids given as ids, prompt texts as UTF-8)."""
+    texts: list[bytes] = []
+    ids = 0
+    if endpoint == "chat":
+        for msg in req.get("messages") or ():
+            if not isinstance(msg, dict):
+                continue
+            content = msg.get("content")
+            if isinstance(content, str):
+                texts.append(content.encode())
+            elif isinstance(content, list):
+                texts += [p["text"].encode() for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return 0, texts
+    prompt = req.get("prompt")
+    if isinstance(prompt, str):
+        texts.append(prompt.encode())
+    elif isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            ids = len(prompt)
+        else:  # a batch: each prompt must fit on its own, so the longest one decides
+            longest_ids = max((len(p) for p in prompt if isinstance(p, list)), default=0)
+            strs = [p.encode() for p in prompt if isinstance(p, str)]
+            if strs:  # checking the longest text alone stays a lower bound for a mixed batch
+                texts.append(max(strs, key=len))
+            else:
+                ids = longest_ids
+    return ids, texts

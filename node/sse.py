@@ -1,0 +1,94 @@
+"""Server-sent events passed through whole, looking only at what usage accounting needs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+ID_RE = re.compile(rb'"id"\s*:\s*"([^"]*)"')
+# Servers differ in JSON spacing ("content":"x" vs "content": "x").
+CONTENT_MARKS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+EMPTY_MARKS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
+MAX_PENDING = 1 << 20
+
+
+class SseRelay:
+    """Passes SSE bytes through whole events at a time, noting usage and tokens.
+
+    `drop_usage`: hide the usage-only chunk the node asked for on the client's behalf.
+    `count_content`: the runtime sends no usage; count one token per content event.
+    """
+
+    def __init__(self, *, drop_usage: bool, count_content: bool) -> None:
+        self.drop_usage, self.count_content = drop_usage, count_content
+        self.buf = b""
+        self.usage: dict[str, Any] | None = None
+        self.content_events = 0
+        self.first_content = False
+        self.stream_id: bytes | None = None
+        self.saw_done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events so far (bytes unchanged, the hidden usage chunk removed)."""
+        data = self.buf + chunk if self.buf else chunk
+        if data.endswith(b"\n\n"):  # the common case: one or more whole events
+            out, self.buf = data, b""
+        else:
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                if len(data) > MAX_PENDING:  # a pathological event: pass it on rather than grow
+                    self.buf = b""
+                    return data
+                self.buf = data
+                return b""
+            out, self.buf = data[: cut + 2], data[cut + 2:]
+        if self.count_content or not self.first_content:
+            n = 0
+            for p in CONTENT_MARKS:
+                if p in out:
+                    n += out.count(p)
+            if n:
+                for p in EMPTY_MARKS:
+                    if p in out:
+                        n -= out.count(p)
+            if n > 0:
+                self.first_content = True
+                self.content_events += n
+            if self.stream_id is None:
+                m = ID_RE.search(out)
+                if m:
+                    self.stream_id = m.group(1)
+        if b'"usage"' in out:
+            out = self._take_usage(out)
+        if b"data: [DONE]" in out:
+            self.saw_done = True
+        return out
+
+    def _take_usage(self, out: bytes) -> bytes:
+        kept = []
+        for event in out.split(b"\n\n"):
+            if not event:
+                continue
+            if b'"usage"' in event and event.startswith(b"data:"):
+                try:
+                    obj = json.loads(event[5:])
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    self.usage = obj["usage"]
+                    if self.drop_usage and not obj.get("choices"):
+                        continue
+            kept.append(event)
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def synth_usage(self, out: bytes, *, model: str, chat: bool, prompt_tokens: int) -> bytes:
+        """Insert the usage chunk a runtime without stream usage cannot send, before `[DONE]`."""
+        cut = out.rfind(b"data: [DONE]")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": self.content_events,
+                 "total_tokens": prompt_tokens + self.content_events}
+        obj = {"id": (self.stream_id or b"").decode(), "object": "chat.completion.chunk" if chat else "text_completion",
+               "created": int(time.time()), "model": model, "choices": [], "usage": usage}
+        self.saw_done = False
+        return out[:cut] + b"data: " + json.dumps(obj).encode() + b"\n\n" + out[cut:]
