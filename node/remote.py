@@ -22,7 +22,7 @@ from node.download import NetSettings, RemoteError, fetch_into, get_with_retries
 from node.errors import StoreError
 from node.lockfile import LockedFile, LockEntry
 from node.progress import NullProgress, PullProgress
-from node.sources import HfSource, OllamaSource, Source, UrlSource
+from node.sources import HfSource, OllamaSource, Source, UrlSource, registry_host
 from node.store import Store
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -96,10 +96,10 @@ def _hash_url(client: httpx.Client, url: str, headers: dict[str, str], settings:
 # -- Ollama registry (Docker distribution v2) -----------------------------------------
 def registry_base(registry: str) -> tuple[str, str]:
     """(base URL, host as Ollama names it): `http://` marks an insecure registry."""
+    host = registry_host(registry)
     if registry.startswith(("http://", "https://")):
-        host = registry.split("://", 1)[1].rstrip("/")
         return registry.rstrip("/"), host
-    return f"https://{registry.rstrip('/')}", registry.rstrip("/")
+    return f"https://{host}", host
 
 
 def manifest_path(src: OllamaSource) -> str:

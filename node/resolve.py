@@ -8,7 +8,7 @@ from pathlib import Path
 
 from node.config import Config, ModelConfig
 from node.lockfile import LockedFile, LockEntry, LockFile
-from node.sources import BuiltinSource, FileSource, Source, SourceError, parse_source
+from node.sources import BuiltinSource, FileSource, OllamaSource, Source, SourceError, parse_source, registry_host
 from node.store import CHUNK
 
 
@@ -76,4 +76,7 @@ def stale_models(config: Config, lock: LockFile) -> dict[str, str]:
             out[m.name] = "not in models.lock; run `infernode lock`"
         elif entry.source != m.source:
             out[m.name] = f"source is '{m.source}' in appliance.toml but '{entry.source}' in models.lock; run `infernode lock`"
+        elif isinstance(src := source_of(m, config), OllamaSource) and entry.files and not entry.files[0].path.startswith(
+                f"manifests/{registry_host(src.registry)}/"):
+            out[m.name] = f"registry is '{src.registry}' in appliance.toml but models.lock was resolved elsewhere; run `infernode lock`"
     return out

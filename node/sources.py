@@ -66,6 +66,11 @@ class BuiltinSource:
         return BUILTIN_DIR / self.name
 
 
+def registry_host(registry: str) -> str:
+    """The registry as Ollama names it in its manifests tree (no scheme)."""
+    return registry.split("://", 1)[-1].rstrip("/")
+
+
 Source = HfSource | OllamaSource | UrlSource | FileSource | BuiltinSource
 
 

@@ -55,7 +55,7 @@ def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appli
     lock = dir / "models.lock"
     if not lock.exists():
         write_lock(lock, LockFile())
-    console.print(f"wrote {cfg} and {lock}; next: `infernode lock && infernode pull`", highlight=False)
+    console.print(f"wrote {cfg} and {lock}; next: `infernode lock && infernode pull`", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -70,20 +70,20 @@ def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.loc
         stale = stale_models(cfg, current)
         extra = [e.name for e in current.models if cfg.model(e.name) is None]
         for name, why in stale.items():
-            err_console.print(f"{cfg.lock_path}: {name}: {why}", highlight=False)
+            err_console.print(f"{cfg.lock_path}: {name}: {why}", highlight=False, soft_wrap=True)
         for name in extra:
-            err_console.print(f"{cfg.lock_path}: {name}: locked but not in {cfg.path}; run `infernode lock`", highlight=False)
+            err_console.print(f"{cfg.lock_path}: {name}: locked but not in {cfg.path}; run `infernode lock`", highlight=False, soft_wrap=True)
         if stale or extra:
             raise typer.Exit(1)
-        console.print(f"{cfg.lock_path} is up to date", highlight=False)
+        console.print(f"{cfg.lock_path} is up to date", highlight=False, soft_wrap=True)
         return
     new = build_lock(cfg)
     write_lock(cfg.lock_path, new)
     for e in new.models:
         old = current.entry(e.name)
         change = "unchanged" if old and old.digest == e.sealed().digest else ("updated" if old else "added")
-        console.print(f"{e.name}: {e.revision[:19]} {len(e.files)} files, {e.total_size / 1e6:.1f} MB ({change})", highlight=False)
-    console.print(f"wrote {cfg.lock_path}", highlight=False)
+        console.print(f"{e.name}: {e.revision[:19]} {len(e.files)} files, {e.total_size / 1e6:.1f} MB ({change})", highlight=False, soft_wrap=True)
+    console.print(f"wrote {cfg.lock_path}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -114,7 +114,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
     failed = 0
     total = sum(sum(f.size for f in store.missing(e)) for m, e in jobs if e is not None and m.name not in stale)
     reporter = JsonProgress() if json_ else RichProgress(err_console, total)
-    say = (lambda msg, ok=True: None) if json_ else (lambda msg, ok=True: (console if ok else err_console).print(msg, highlight=False))
+    say = (lambda msg, ok=True: None) if json_ else (lambda msg, ok=True: (console if ok else err_console).print(msg, highlight=False, soft_wrap=True))
     with contextlib.ExitStack() as stack:
         if isinstance(reporter, RichProgress):
             stack.enter_context(reporter)
@@ -162,7 +162,7 @@ def verify(config: Optional[str] = ConfigOption) -> None:
             err_console.print(f"{entry.name}: {p}", highlight=False, soft_wrap=True)
         bad += len(problems)
         if not problems:
-            console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False)
+            console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)
 
@@ -183,4 +183,4 @@ def bundle_export(out: Path = typer.Argument(..., help="the archive to write (an
         raise OperationFailed(f"{cfg.lock_path}: pins no models; run `infernode lock` first")
     summary = export_bundle(Store(cfg.data_dir / "store"), lk, out)
     console.print(f"wrote {summary.path}: {summary.models} models, {summary.blobs} blobs, "
-                  f"{summary.bytes / 1e6:.1f} MB; import with `infernode pull --from {summary.path}`", highlight=False)
+                  f"{summary.bytes / 1e6:.1f} MB; import with `infernode pull --from {summary.path}`", highlight=False, soft_wrap=True)

@@ -4,7 +4,7 @@ Follows the Hub HTTP API as documented at https://huggingface.co/docs/hub/api an
 `huggingface_hub.HfApi.model_info` calls it:
 - `GET /api/models/{repo}/revision/{rev}?blobs=true` -> `{"id", "sha", "siblings": [
   {"rfilename", "size", "blobId", "lfs": {"sha256", "size", "pointerSize"}}]}`; an unknown
-  repo answers 401 with `X-Error-Code: RepositoryNotFound`, an unknown revision 404 with
+  repo (or a private one asked anonymously) answers 401 with `X-Error-Code: RepoNotFound`, an unknown revision 404 with
   `X-Error-Code: RevisionNotFound` (what `hf_raise_for_status` maps to its errors).
 - `GET|HEAD /{repo}/resolve/{rev}/{path}`: small (git) files are served directly with
   `X-Repo-Commit` and `ETag`; LFS files answer 302 to a CDN URL with `X-Linked-Size`
@@ -72,7 +72,10 @@ class _HubHandler(FaultyHandler):
             self.send_blob(hexd, self.server.blobs[hexd], {"etag": f'"{hexd}"'})
             return
         if not self._authorized():
-            self.send_json(401, b'{"error":"Invalid credentials in Authorization header"}')
+            if self.headers.get("authorization"):
+                self.send_json(401, b'{"error":"Invalid credentials in Authorization header"}')
+            else:  # the Hub hides private repos from anonymous callers
+                self.send_json(401, b'{"error":"Repository not found"}', {"x-error-code": "RepoNotFound"})
             return
         if path.startswith("/api/models/"):
             self._model_info(path.removeprefix("/api/models/"))
@@ -86,7 +89,7 @@ class _HubHandler(FaultyHandler):
     def _lookup(self, repo: str, rev: str) -> tuple[str, dict[str, bytes]] | None:
         r = self.server.repos.get(repo)
         if r is None:
-            self.send_json(401, b'{"error":"Repository not found"}', {"x-error-code": "RepositoryNotFound"})
+            self.send_json(401, b'{"error":"Repository not found"}', {"x-error-code": "RepoNotFound"})
             return None
         sha = r.refs.get(rev, rev)
         if sha not in r.commits:
