@@ -15,8 +15,9 @@ is not placed on whole; its MIG instances are (one per replica, as CUDA allows).
 Replicas with explicit `gpus` are placed first, then the rest in config order, so that
 adding a model never moves the ones already running. `binpack` (default) picks the
 fullest device that still fits, `spread` the one with the fewest replicas (then the
-most room). A replica alone on its devices gets the runtime's default memory use; replicas sharing a device each get
-`gpu_memory_fraction` = the memory charged for it / the device's total.
+most room). A replica alone on its devices gets the runtime's default memory use;
+replicas sharing a device each get `gpu_memory_fraction` = the memory charged for it /
+the device's total.
 """
 
 from __future__ import annotations
@@ -167,12 +168,14 @@ def _choose(need: int, n: int, devices: list[_Device], mode: str) -> list[_Devic
 def _why_not(need: int, n: int, devices: list[_Device]) -> str:
     whole = [d for d in devices if not d.mig]
     if n > 1 and len(whole) < n:
-        return f"needs {n} GPUs; this box has {len(whole)} whole GPU(s)" + (" (MIG instances cannot be combined)" if len(whole) < len(devices) else "")
+        mig_note = " (MIG instances cannot be combined)" if len(whole) < len(devices) else ""
+        return f"needs {n} GPUs; this box has {len(whole)} whole GPU(s){mig_note}"
     best = max(devices, key=lambda d: d.room)
     if n == 1:
         return f"needs {gib(need)}; the largest free GPU has {gib(max(best.room, 0))} ({best.label})"
     enough = sum(1 for d in whole if d.room >= need)
-    return f"needs {gib(need)} on each of {n} GPUs; {enough} GPU(s) have that much free (largest free: {gib(max(best.room, 0))})"
+    return (f"needs {gib(need)} on each of {n} GPUs; {enough} GPU(s) have that much free "
+            f"(largest free: {gib(max(best.room, 0))})")
 
 
 def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
@@ -194,7 +197,9 @@ def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
         n = m.gpu_count
         for r in range(m.replicas):
             if not devices:
-                unplaced.append(Unplaced(m, r, f"needs {n} GPU(s); {inventory.error or 'no NVIDIA GPU found'}"))
+                why = ("every GPU is in MIG mode without MIG instances" if inventory.gpus
+                       else inventory.error or "no NVIDIA GPU found")
+                unplaced.append(Unplaced(m, r, f"needs {n} GPU(s); {why}"))
                 continue
             if isinstance(m.gpus, list):
                 picked = [_select(s, devices) for s in m.gpus]

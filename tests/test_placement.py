@@ -195,3 +195,8 @@ def test_shares_on_a_device_never_exceed_it() -> None:
 def test_empty_inventory_without_error_text() -> None:
     p = place(cfg({"name": "a", "gpus": 1}), lock(a=1), Inventory(()))
     assert p.unplaced[0].reason == "needs 1 GPU(s); no NVIDIA GPU found"
+
+
+def test_mig_mode_without_instances() -> None:
+    p = place(cfg({"name": "a", "gpus": 1}), lock(a=1), discover(FakeNvml.with_gpus(FakeGpu("NVIDIA A100-SXM4-40GB", 40, mig=[], mig_enabled=True))))
+    assert p.unplaced[0].reason == "needs 1 GPU(s); every GPU is in MIG mode without MIG instances"

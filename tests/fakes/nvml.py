@@ -77,6 +77,7 @@ class FakeGpu:
     power_mw: int = 70_000
     compute_capability: tuple[int, int] = (8, 0)
     mig: list[FakeMig] | None = None   # None: no MIG support; []: supported, disabled
+    mig_enabled: bool | None = None    # True with mig=[]: MIG mode on, no instances made yet
     mig_slots: int = 7
     uuid: str = ""
 
@@ -165,7 +166,8 @@ class FakeNvml:
     def nvmlDeviceGetMigMode(self, h: FakeGpu) -> list[int]:
         if h.mig is None:
             raise NVMLError_NotSupported()
-        mode = NVML_DEVICE_MIG_ENABLE if h.mig else 0
+        on = bool(h.mig) if h.mig_enabled is None else h.mig_enabled
+        mode = NVML_DEVICE_MIG_ENABLE if on else 0
         return [mode, mode]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, h: FakeGpu) -> int:
