@@ -301,6 +301,10 @@ def test_missing_runtime_is_a_clear_failed_state(node_factory):
     assert status["workers"][0]["state"] == "failed"
     assert "is not installed" in status["workers"][0]["last_error"]
     assert status["node"]["ready"] is False
+    doctor = run_cli("doctor", "--json", config=node.config)
+    assert doctor.returncode != 0
+    [check] = [c for c in json.loads(doctor.stdout) if "llamacpp" in c["name"]]
+    assert check["level"] == "fail" and f"llamacpp is not installed: {missing} not found" in check["detail"]
 
 
 def _ready_reasons(node) -> list[str] | None:
