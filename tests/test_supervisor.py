@@ -314,3 +314,60 @@ def _ready_reasons(node) -> list[str] | None:
         return None
     reasons = r.json().get("reasons", [])
     return reasons if r.status_code == 503 and any("not installed" in x for x in reasons) else None
+
+
+# -- warm-up: Ollama's model is loaded and pinned before the replica is ready ----------
+FAKE_OLLAMA = REPO / "tests" / "fakes" / "bin" / "ollama"
+
+
+def ollama_tree(root: Path, with_blob: bool = True) -> Path:
+    """An OLLAMA_MODELS tree holding `tiny:latest` (manifest, and its model blob unless told not)."""
+    import hashlib
+
+    blob = b"GGUF fake weights"
+    digest = hashlib.sha256(blob).hexdigest()
+    manifest = {"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": len(blob)}]}
+    m = root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    m.parent.mkdir(parents=True)
+    m.write_text(json.dumps(manifest))
+    (root / "blobs").mkdir()
+    if with_blob:
+        (root / "blobs" / f"sha256-{digest}").write_bytes(blob)
+    return root
+
+
+def ollama_replica(tmp: Path, rec: Recorder, *, with_blob: bool = True) -> Replica:
+    spec = WorkerSpec(model="tiny", replica=0, runtime="ollama", port=0, source="ollama:tiny",
+                      model_path=ollama_tree(tmp / "ollama", with_blob), binary=str(FAKE_OLLAMA),
+                      env={"FAKE_RUNTIME_LOAD_DELAY_S": "1.0"}, startup_timeout_s=20)
+    settings = SupervisorSection(backoff_initial_s=0.2, crash_loop_limit=1, probe_interval_s=0.2, stop_timeout_s=3)
+    return Replica(spec=spec, settings=settings, run_dir=tmp / "run", log_dir=tmp / "logs",
+                   probe_client=httpx.AsyncClient(), on_change=rec, adopt_grace_s=3)
+
+
+def test_ollama_warmup_loads_and_pins_before_ready(tmp_path):
+    rec = Recorder()
+    r = ollama_replica(tmp_path, rec)
+    loaded: list[dict] = []
+
+    def ready_and_checked() -> bool:
+        if rec.prev is not S.READY or loaded:
+            return bool(loaded)
+        loaded.extend(httpx.get(r.plan.root_url + "/api/ps", timeout=5).json()["models"])
+        return True
+
+    drive(r, ready_and_checked, timeout=30)
+    [m] = loaded
+    assert m["name"] == "tiny:latest" and m["expires_at"].startswith("2318-")  # keep_alive=-1: forever
+    times = {s: t for s, t, _ in rec.events}
+    assert times[S.READY] - times[S.STARTING] >= 1.0  # the 1 s model load happened before READY
+
+
+def test_ollama_warmup_failure_is_reported(tmp_path):
+    rec = Recorder()
+    r = ollama_replica(tmp_path, rec, with_blob=False)
+    drive(r, lambda: rec.prev is S.FAILED, timeout=30)
+    [failed] = [e for e in rec.events if e[0] is S.FAILED]
+    assert "warm-up ollama_load tiny:latest" in failed[2] and "has no model blob" in failed[2]
+    assert S.READY not in rec.states()
