@@ -17,6 +17,7 @@ import ollama
 import pytest
 
 import runtimes
+from node.gpus import discover
 from runtimes import LaunchPlan, Probe, Warmup, WorkerSpec
 from runtimes import ollama as ollama_rt
 from runtimes import sglang as sglang_rt
@@ -326,3 +327,56 @@ def test_ignore_sigterm(launch) -> None:
     assert w.proc.poll() is None and "SIGTERM received and ignored" in w.log.read_text()
     os.killpg(w.proc.pid, signal.SIGKILL)
     assert w.proc.wait(10) == -signal.SIGKILL
+
+
+# -- behind a real node ------------------------------------------------------------
+
+STAND_INS = f"""
+[[models]]
+name = "tiny-vllm"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+
+[[models]]
+name = "tiny-sglang"
+source = "builtin:tiny-chat#hf/*"
+runtime = "sglang"
+env = {{ FAKE_RUNTIME_START_DELAY_S = "1" }}
+
+[runtimes.vllm]
+python = "{FAKE_PYTHON}"
+
+[runtimes.sglang]
+python = "{FAKE_PYTHON}"
+"""
+
+
+def test_stand_ins_serve_behind_the_node(node_factory) -> None:
+    """`[runtimes.X] python = <stand-in interpreter>` runs the adapters' argv for real under the supervisor."""
+    node = node_factory(STAND_INS)
+    key = node.create_key()
+    for model in ("tiny-vllm", "tiny-sglang"):
+        r = httpx.post(node.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                       json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "the quick brown"
+    states = {w["model"]: (w["runtime"], w["state"]) for w in node.workers()}
+    assert states == {"tiny-vllm": ("vllm", "ready"), "tiny-sglang": ("sglang", "ready")}
+
+
+@pytest.mark.skipif(bool(discover().gpus), reason="this box has a GPU, so the model would be placed")
+def test_gpu_model_on_a_box_without_driver_is_unplaceable_not_fatal(node_factory) -> None:
+    node = node_factory(STAND_INS.replace('runtime = "vllm"', 'runtime = "vllm"\ngpus = 1'), ready=False)
+    wait, states = time.monotonic() + 60, {}
+    while time.monotonic() < wait:
+        try:
+            states = {w["model"]: w for w in node.workers()}
+        except (httpx.HTTPError, OSError, ValueError):  # not listening yet
+            pass
+        if states.get("tiny-sglang", {}).get("state") == "ready":
+            break
+        time.sleep(0.3)
+    held = states["tiny-vllm"]
+    assert held["state"] == "pending" and "no NVIDIA driver found" in (held["last_error"] or "")
+    ready = httpx.get(node.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and "no NVIDIA driver found" in ready.text
