@@ -99,24 +99,29 @@ class Ledger:
 
     def _spill_queue(self) -> None:
         """Move queued rows to the spill file (bounded); without a spill file they stay queued."""
-        if self.spill_path is None:
+        if self.spill_path is None or not self._queue:
             return
-        rows = self._take()
-        while rows:
-            size = self.spill_bytes()
-            lines = "".join(json.dumps(dataclasses.asdict(r), separators=(",", ":")) + "\n" for r in rows)
-            if size + len(lines) > self.max_spill_bytes:
-                self.dropped += len(rows) + len(self._queue)
-                log.error("ledger spill file %s is full (%d bytes): %d rows dropped", self.spill_path, size,
-                          len(rows) + len(self._queue))
-                self._queue.clear()
-                return
+        room = self.max_spill_bytes - self.spill_bytes()
+        lines, n = [], 0
+        while self._queue:
+            line = json.dumps(dataclasses.asdict(self._queue[0]), separators=(",", ":")) + "\n"
+            if len(line) > room:
+                break
+            lines.append(line)
+            room -= len(line)
+            self._queue.popleft()
+            n += 1
+        if lines:
             with open(self.spill_path, "a", encoding="utf-8") as f:
-                f.write(lines)
+                f.write("".join(lines))
                 f.flush()
                 os.fsync(f.fileno())
-            self.spilled += len(rows)
-            rows = self._take()
+            self.spilled += n
+        if self._queue:
+            self.dropped += len(self._queue)
+            log.error("ledger spill file %s is full (%d bytes): %d rows dropped", self.spill_path,
+                      self.max_spill_bytes, len(self._queue))
+            self._queue.clear()
 
     def _replay(self) -> bool:
         """Insert the spill file's rows; remove it when all are in. False when the database is still away."""
