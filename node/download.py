@@ -124,28 +124,29 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
             raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
         # Coalesce the transport's small reads into big writes, and keep every byte
         # that arrived before a failure: the next attempt resumes right after it.
-        buf = bytearray()
+        buf: list[bytes] = []
+        have = 0
         try:
             for chunk in r.iter_raw():
-                buf += chunk
-                if len(buf) >= WRITE_CHUNK:
+                buf.append(chunk)
+                have += len(chunk)
+                if have >= WRITE_CHUNK:
                     _flush(writer, buf, on_bytes)
+                    have = 0
         finally:
             _flush(writer, buf, on_bytes)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
 
 
-def _flush(writer: BlobWriter, buf: bytearray, on_bytes: Callable[[int], None] | None) -> None:
+def _flush(writer: BlobWriter, buf: list[bytes], on_bytes: Callable[[int], None] | None) -> None:
     if not buf:
         return
-    n = len(buf)
-    try:
-        writer.write(buf)
-    finally:
-        buf.clear()  # written or refused, these bytes are never offered twice
+    data = b"".join(buf)
+    buf.clear()  # written or refused, these bytes are never offered twice
+    writer.write(data)
     if on_bytes:
-        on_bytes(n)
+        on_bytes(len(data))
 
 
 def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,

@@ -68,7 +68,7 @@ class BlobWriter:
     def __enter__(self) -> "BlobWriter":
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            f = open(self.path, "a+b")
+            f = open(self.path, "a+b", buffering=0)  # each write reaches the OS: a kill loses nothing
             fcntl.flock(f, fcntl.LOCK_EX)
             # The holder before us may have renamed this partial into place (or deleted
             # it) while we waited: our lock is then on a file no one else will open.
@@ -99,13 +99,17 @@ class BlobWriter:
         self.offset = size
         return self
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
+        """Append and hash; the partial file is unbuffered, so short writes are retried here."""
         assert self._f is not None
         if self.offset + len(data) > self.locked.size:
             self._discard()
             raise SizeMismatch(f"{self.locked.path}: more bytes than the {self.locked.size} locked; the source changed")
         try:
-            self._f.write(data)
+            view = memoryview(data)
+            while view:
+                n = self._f.write(view)
+                view = view[n or 0:]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self._discard()
