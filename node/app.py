@@ -27,6 +27,7 @@ from node.gpus import Inventory, discover
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.ledger import Ledger, rebuild_counters
 from node.lockfile import LockFile, read_lock
+from node.logs import ACCESS_LOGGER
 from node.metrics import Metrics
 from node.pull import pull_entry
 from node.quotas import Quotas
@@ -116,6 +117,7 @@ class Node:
     # -- start -----------------------------------------------------------------
     async def open(self) -> None:
         """What must work before the API answers: admin key, database, keys."""
+        logging.getLogger(ACCESS_LOGGER).disabled = not self.config.node.access_log
         self.admin_key, generated = ensure_admin_key(self.config)
         if generated:
             log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))

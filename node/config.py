@@ -40,6 +40,8 @@ class NodeSection(_Section):
     max_body_bytes: int = 4 * 1024 * 1024
     log_format: Literal["auto", "json", "text"] = "auto"
     log_prompts: bool = False
+    # One JSON line per /v1 request (request id, model, key id, status, latency); never the body.
+    access_log: bool = True
 
     @field_validator("listen")
     @classmethod

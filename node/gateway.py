@@ -26,6 +26,7 @@ from node.errors import (
 )
 from node.keys import KeyRing
 from node.ledger import Ledger
+from node.logs import access as access_log
 from node.metrics import Metrics
 from node.quotas import Admission, Quotas
 from node.router import Gate, QueueFull, Router
@@ -396,6 +397,8 @@ class Gateway:
             end_user=ex.user, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
             status=ex.status, latency_ms=latency * 1000, ttft_ms=ttft * 1000 if ttft is not None else None, cost=cost,
         ))
+        access_log(ex.rid, ex.model, ex.key_id, ex.status, latency, endpoint=ex.endpoint, ttft_s=ttft,
+                   prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens)
 
 
 class _Series:
