@@ -23,13 +23,25 @@ BASE_ENV = {"OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NOPRUNE": "1"}
 
 
 def ollama_name(source: str) -> str:
-    """The NAME:TAG Ollama lists for an `ollama:NAME[:TAG]` source (tag defaults to latest)."""
+    """The name Ollama lists for an `ollama:[HOST/][NAMESPACE/]NAME[:TAG]` source.
+
+    As Ollama shortens names: the default registry and the `library` namespace are
+    dropped ("qwen2.5:0.5b"); a model from another registry keeps its host and namespace
+    ("127.0.0.1:5000/library/tiny:q4"); the tag defaults to `latest`.
+    """
     ref = source.removeprefix("ollama:")
     if not ref or ref == source:
         raise ValueError(f"ollama needs an ollama:NAME[:TAG] source, not {source!r}")
-    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
-    name = name.removeprefix(DEFAULT_REGISTRY + "/").removeprefix("library/")
-    return f"{name}:{tag or 'latest'}"
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    name, tag = (ref[:colon], ref[colon + 1:]) if colon > slash else (ref, "latest")
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] != DEFAULT_REGISTRY:
+        return f"{name}:{tag or 'latest'}"
+    parts = parts[1:] if len(parts) == 3 else parts
+    if len(parts) == 2 and parts[0] == "library":
+        parts = parts[1:]
+    return f"{'/'.join(parts)}:{tag or 'latest'}"
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:

@@ -97,6 +97,9 @@ def test_ollama_names_and_mistakes(tmp_path: Path) -> None:
     assert ollama_rt.ollama_name("ollama:llama3.2") == "llama3.2:latest"
     assert ollama_rt.ollama_name("ollama:library/qwen:0.5b") == "qwen:0.5b"
     assert ollama_rt.ollama_name("ollama:myorg/model:v1") == "myorg/model:v1"
+    assert ollama_rt.ollama_name("ollama:registry.ollama.ai/library/qwen") == "qwen:latest"
+    assert ollama_rt.ollama_name("ollama:127.0.0.1:5000/library/tiny:q4") == "127.0.0.1:5000/library/tiny:q4"
+    assert ollama_rt.ollama_name("ollama:127.0.0.1:5000/library/tiny") == "127.0.0.1:5000/library/tiny:latest"
     with pytest.raises(ValueError, match="ollama:NAME"):
         ollama_rt.plan(spec("ollama", source="hf:org/x", model_path=tmp_path))
     with pytest.raises(ValueError, match="takes no arguments"):
@@ -238,7 +241,7 @@ def test_sglang_stand_in_is_unready_while_starting(launch) -> None:
     assert w.stop() == 0
 
 
-def ollama_tree(root: Path, name: str, tag: str, *, with_blob: bool = True) -> None:
+def ollama_tree(root: Path, name: str, tag: str, *, with_blob: bool = True, host: str = "registry.ollama.ai") -> None:
     """An OLLAMA_MODELS tree as `ollama pull` leaves it: a manifest and sha256-named blobs."""
     weights = b"GGUF fake weights"
     digest = "sha256:" + hashlib.sha256(weights).hexdigest()
@@ -248,7 +251,7 @@ def ollama_tree(root: Path, name: str, tag: str, *, with_blob: bool = True) -> N
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                 "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": digest, "size": 2},
                 "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(weights)}]}
-    path = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    path = root / "manifests" / host / "library" / name / tag
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest))
 
@@ -281,6 +284,16 @@ def test_ollama_warmup_fails_clearly_when_the_blob_is_missing(launch, tmp_path: 
     w.wait(plan.ready)
     with pytest.raises(ollama.ResponseError, match="no model blob"):
         ollama.Client(host=plan.root_url).generate(model="qwen2.5:0.5b", keep_alive=-1)
+
+
+def test_ollama_model_from_another_registry_keeps_its_full_name(launch, tmp_path: Path) -> None:
+    ollama_tree(tmp_path / "models", "tiny", "q4", host="127.0.0.1:5000")
+    plan = ollama_rt.plan(spec("ollama", model="tiny", source="ollama:127.0.0.1:5000/library/tiny:q4",
+                               model_path=tmp_path / "models", binary=FAKE_OLLAMA, port=free_port()))
+    assert plan.upstream_model == "127.0.0.1:5000/library/tiny:q4"
+    w = launch(plan)
+    w.wait(plan.ready)
+    assert ollama.Client(host=plan.root_url).generate(model=plan.upstream_model, prompt="", keep_alive=-1).done
 
 
 def test_ollama_stand_in_rejects_what_ollama_rejects() -> None:
