@@ -94,3 +94,26 @@ def test_gpus_command_table_says_why_there_are_none() -> None:
         assert f"driver {inv.driver}" in out.stdout
     else:
         assert inv.error and inv.error.split(" (")[0] in out.stdout
+
+
+def test_gpus_table_on_a_fake_box_lists_mig_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table `infernode gpus` prints, with NVML swapped for the stand-in under its import name."""
+    from typer.testing import CliRunner
+
+    import node.cli.ops  # noqa: F401  (registers the command)
+    from node.cli import app, console
+
+    fake = mig_box()
+    fake.gpus[1].utilization_pct, fake.gpus[1].temperature_c, fake.gpus[1].power_mw = 42, 55, 88_000
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(console, "width", 250)
+    out = CliRunner().invoke(app, ["gpus"])
+    assert out.exit_code == 0, out.output
+    assert "driver 550.54.15" in out.output
+    for g in fake.gpus:
+        assert g.uuid in out.output
+    for m in fake.gpus[0].mig or []:
+        assert m.uuid in out.output and "MIG " + m.name.rsplit(" ", 1)[1] in out.output
+    row = next(line for line in out.output.splitlines() if fake.gpus[1].uuid in line)
+    assert "42%" in row and "55°C" in row and "88 W" in row and "0.0/40.0 GiB" in row and "off" in row
+    assert CliRunner().invoke(app, ["gpus", "--json"]).output.count("MIG-") == 3
