@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
+from node.errors import AuthenticationError
+
 SECRET_PREFIX = "sk-"
 
 
@@ -94,12 +96,20 @@ class KeyRing:
         self._by_hash = by_hash
         self._by_id = {**self._by_id, record.id: record}
 
-    def lookup(self, secret: str) -> KeyRecord | None:
-        """The record for a presented secret, compared in constant time."""
+    def lookup(self, secret: str, now: float | None = None) -> KeyRecord | None:
+        """The record for a presented secret (None if unknown), compared in constant time.
+
+        A revoked or expired key raises AuthenticationError, so every route (even
+        /v1/models) answers 401 with the reason.
+        """
         digest = hash_secret(secret)
         record = self._by_hash.get(digest)
         if record is None or not hmac.compare_digest(record.secret_hash, digest):
             return None
+        if record.revoked:
+            raise AuthenticationError("this API key has been revoked", code="key_revoked")
+        if record.expired(time.time() if now is None else now):
+            raise AuthenticationError("this API key has expired", code="key_expired")
         return record
 
     def get(self, key_id: str) -> KeyRecord | None:
