@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -253,3 +254,31 @@ def test_metrics_after_known_traffic(tiny_node):
     with tiny_node.admin() as c:
         traffic = wait_until(lambda: (t := c.get("/admin/v1/status").json()["traffic"])["requests"] >= 3 and t, timeout=5)
     assert traffic["requests"] == 3 and traffic["errors"] == 0 and traffic["requests_per_s"] > 0
+
+
+VLLM_STAND_IN = f"""
+[[models]]
+name = "tiny-vllm"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+replicas = 2
+
+[runtimes.vllm]
+python = "{Path(__file__).resolve().parent / 'fakes' / 'bin' / 'python'}"
+"""
+
+
+def test_workers_own_metrics_reexposed_through_the_node(node_factory):
+    """vLLM's /metrics (the stand-in's) appears on the node's one scrape target, per replica."""
+    node = node_factory(VLLM_STAND_IN)
+
+    def scraped() -> str | None:
+        text = httpx.get(node.url + "/metrics", timeout=10).text
+        reps = {r for r in ("0", "1")
+                if value(text, "vllm:num_requests_running", model="tiny-vllm", replica=r, model_name="tiny-vllm") == 0}
+        return text if reps == {"0", "1"} else None
+
+    text = wait_until(scraped, timeout=30, interval=0.5)  # the sampler scrapes workers every 10 s
+    assert text, httpx.get(node.url + "/metrics", timeout=10).text[-2000:]
+    assert value(text, "infernode_worker_metrics_up", model="tiny-vllm", replica="1") == 1
+    assert text.count("# TYPE vllm:num_requests_running ") == 1
