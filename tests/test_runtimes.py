@@ -393,3 +393,11 @@ def test_gpu_model_on_a_box_without_driver_is_unplaceable_not_fatal(node_factory
     assert held["state"] == "pending" and "no NVIDIA driver found" in (held["last_error"] or "")
     ready = httpx.get(node.url + "/readyz", timeout=5)
     assert ready.status_code == 503 and "no NVIDIA driver found" in ready.text
+
+
+def test_sigterm_before_a_planned_crash_exits_cleanly(launch) -> None:
+    plan = sglang_rt.plan(spec("sglang", python=FAKE_PYTHON, port=free_port(), env={"FAKE_RUNTIME_CRASH_AFTER_S": "60"}))
+    w = launch(plan)
+    w.wait(plan.ready)
+    t0 = time.monotonic()
+    assert w.stop() == 0 and time.monotonic() - t0 < 5

@@ -259,7 +259,9 @@ def serve(rt: Runtime, host: str, port: int, routes: dict[tuple[str, str], Calla
         def crash() -> None:
             rt.log(f"ERROR:    engine core died unexpectedly (FAKE_RUNTIME_CRASH_AFTER_S={b.crash_after_s})")
             os._exit(b.crash_code)
-        threading.Timer(b.crash_after_s, crash).start()
+        timer = threading.Timer(b.crash_after_s, crash)
+        timer.daemon = True  # a clean SIGTERM exit must not wait for the planned crash
+        timer.start()
     if bind_after_load:  # vLLM opens its port only once the engine is up
         while not rt.loaded() and not stop.is_set():
             time.sleep(0.05)
