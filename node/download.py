@@ -9,8 +9,10 @@ next `infernode pull`, after a kill) resumes with `Range: bytes=<have>-`.
 from __future__ import annotations
 
 import os
+import queue
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +24,7 @@ from node.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 WRITE_CHUNK = 1024 * 1024
+SYNC_EVERY = 64 * 1024 * 1024
 
 
 class RemoteError(StoreError):
@@ -122,31 +125,71 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
         else:
             hint = " (set HF_TOKEN for gated or private repos)" if code in (401, 403) else ""
             raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
-        # Coalesce the transport's small reads into big writes, and keep every byte
-        # that arrived before a failure: the next attempt resumes right after it.
-        buf: list[bytes] = []
-        have = 0
-        try:
-            for chunk in r.iter_raw():
-                buf.append(chunk)
-                have += len(chunk)
-                if have >= WRITE_CHUNK:
-                    _flush(writer, buf, on_bytes)
-                    have = 0
-        finally:
-            _flush(writer, buf, on_bytes)
+        _pump(r, writer, on_bytes)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
 
 
-def _flush(writer: BlobWriter, buf: list[bytes], on_bytes: Callable[[int], None] | None) -> None:
-    if not buf:
-        return
-    data = b"".join(buf)
-    buf.clear()  # written or refused, these bytes are never offered twice
-    writer.write(data)
-    if on_bytes:
-        on_bytes(len(data))
+def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None:
+    """Receive on this thread while another writes and hashes, so neither waits on the other.
+
+    The transport's small reads are coalesced into big writes. Every byte that arrived
+    before a failure is still written, so the next attempt resumes right after it.
+    """
+    q: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+    failed: list[BaseException] = []
+    flush_due, done = threading.Event(), threading.Event()
+
+    def drain() -> None:
+        unsynced = 0
+        while (data := q.get()) is not None:
+            if failed:
+                continue
+            try:
+                writer.write(data)
+                if on_bytes:
+                    on_bytes(len(data))
+            except BaseException as exc:  # handed to the receiving thread below
+                failed.append(exc)
+            unsynced += len(data)
+            if unsynced >= SYNC_EVERY:
+                unsynced = 0
+                flush_due.set()
+
+    def flusher() -> None:
+        # Write back while receiving, so the fsync before the rename finds little left.
+        while True:
+            flush_due.wait()
+            flush_due.clear()
+            if done.is_set():
+                return
+            writer.sync()
+
+    t = threading.Thread(target=drain, name="pull-write", daemon=True)
+    f = threading.Thread(target=flusher, name="pull-sync", daemon=True)
+    t.start()
+    f.start()
+    buf: list[bytes] = []
+    have = 0
+    try:
+        for chunk in r.iter_raw():
+            buf.append(chunk)
+            have += len(chunk)
+            if have >= WRITE_CHUNK:
+                if failed:
+                    break
+                q.put(b"".join(buf))
+                buf, have = [], 0
+    finally:
+        if buf and not failed:
+            q.put(b"".join(buf))
+        q.put(None)
+        t.join()
+        done.set()
+        flush_due.set()
+        f.join()
+    if failed:
+        raise failed[0]
 
 
 def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,

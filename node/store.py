@@ -118,6 +118,13 @@ class BlobWriter:
         self._hash.update(data)
         self.offset += len(data)
 
+    def sync(self) -> None:
+        """Start writing back what is written so far (a later commit's fsync is then short)."""
+        f = self._f
+        if f is not None:
+            with contextlib.suppress(OSError, ValueError):  # closed or failing: commit reports it
+                os.fdatasync(f.fileno())
+
     def commit(self) -> Path:
         """Check size and digest, then rename into place; a mismatch deletes the partial."""
         assert self._f is not None
