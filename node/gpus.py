@@ -55,7 +55,7 @@ class Inventory:
 
     gpus: tuple[Gpu, ...]
     driver: str | None = None
-    error: str | None = None   # why there is no inventory ("no NVIDIA driver found")
+    error: str | None = None   # why there is no (or a partial) inventory ("no NVIDIA driver found")
 
     def as_dict(self) -> dict[str, Any]:
         return {"driver": self.driver, "error": self.error, "gpus": [g.as_dict() for g in self.gpus]}
@@ -75,8 +75,15 @@ def discover(nvml: Any = None) -> Inventory:
     try:
         driver = _s(nvml.nvmlSystemGetDriverVersion())
         count = nvml.nvmlDeviceGetCount()
-        gpus = tuple(_gpu(nvml, i) for i in range(count))
-        return Inventory(gpus, driver=driver, error=None if gpus else "no NVIDIA GPU found")
+        gpus: list[Gpu] = []
+        problems: list[str] = []
+        for i in range(count):
+            try:
+                gpus.append(_gpu(nvml, i))
+            except nvml.NVMLError as exc:  # one lost GPU must not hide the others
+                problems.append(f"GPU {i}: NVML: {exc}")
+        error = "; ".join(problems) or (None if gpus else "no NVIDIA GPU found")
+        return Inventory(tuple(gpus), driver=driver, error=error)
     except nvml.NVMLError as exc:
         return Inventory((), error=f"NVML: {exc}")
     finally:

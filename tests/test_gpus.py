@@ -60,6 +60,14 @@ def test_driver_without_gpus_says_so() -> None:
     assert inv.gpus == () and inv.driver == "550.54.15" and inv.error == "no NVIDIA GPU found"
 
 
+def test_a_lost_gpu_does_not_hide_the_others() -> None:
+    nvml = box(2)
+    nvml.gpus[0].lost = True
+    inv = discover(nvml)
+    assert [g.index for g in inv.gpus] == [1]
+    assert inv.error == "GPU 0: NVML: GPU is lost"
+
+
 def test_the_real_pynvml_on_this_box() -> None:
     """On a box without the driver the real module must give the same plain state."""
     try:

@@ -119,3 +119,5 @@ def gpus(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
                       f"{d.memory_used / 2**30:.1f}/{d.memory_total / 2**30:.1f} GiB", f"{d.memory_free / 2**30:.1f} GiB",
                       "-", "-", "-", "", "")
     console.print(t)
+    if inv.error:  # some GPU could not be read
+        console.print(f"[yellow]{inv.error}[/]", highlight=False)

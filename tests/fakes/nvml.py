@@ -55,6 +55,10 @@ class NVMLError_LibraryNotFound(NVMLError):
     value, text = 12, "NVML Shared Library Not Found"
 
 
+class NVMLError_GpuIsLost(NVMLError):
+    value, text = 15, "GPU is lost"
+
+
 @dataclass
 class FakeMig:
     """One MIG instance on a fake GPU."""
@@ -80,6 +84,7 @@ class FakeGpu:
     mig_enabled: bool | None = None    # True with mig=[]: MIG mode on, no instances made yet
     mig_slots: int = 7
     uuid: str = ""
+    lost: bool = False                 # fell off the bus: every query raises GpuIsLost
 
 
 @dataclass
@@ -98,6 +103,7 @@ class FakeNvml:
     NVMLError_NotFound = NVMLError_NotFound
     NVMLError_DriverNotLoaded = NVMLError_DriverNotLoaded
     NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    NVMLError_GpuIsLost = NVMLError_GpuIsLost
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
     NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE
 
@@ -139,6 +145,8 @@ class FakeNvml:
         return self.gpus[i]
 
     def nvmlDeviceGetUUID(self, h: FakeGpu | FakeMig) -> str:
+        if isinstance(h, FakeGpu) and h.lost:
+            raise NVMLError_GpuIsLost()
         return h.uuid
 
     def nvmlDeviceGetName(self, h: FakeGpu | FakeMig) -> str:
