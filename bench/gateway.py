@@ -5,7 +5,8 @@ real `infernode up` with the stub as an `external` model, a key with rpm/tpm quo
 and metrics on. For >= 10 s per cell it measures, at concurrency 1 and 64, plain and
 streaming chat completions, direct and through the node: requests/s, p50/p99 latency,
 time to first data (streams), and the node's CPU time (utime+stime from /proc, robust
-to a noisy machine) per request and per streamed chunk, and its RSS.
+to a noisy machine) per request and per streamed chunk, and its RSS. "event loop" is
+the main thread's share; the rest is the ledger's batch writer and other threads.
 
 Run: `.venv/bin/python bench/gateway.py [--duration 10]`.
 """
@@ -39,8 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """utime + stime of a process (or of one of its threads)."""
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
@@ -153,10 +156,12 @@ max_inflight = 256
             for stream in (False, True):
                 for target, base in (("direct", f"http://127.0.0.1:{stub_port}/v1"), ("node", node_url + "/v1")):
                     asyncio.run(run_cell(base, key, stream, conc, 1.0))  # warm the pools
-                    c0 = cpu_seconds(node.pid)
+                    c0, m0 = cpu_seconds(node.pid), cpu_seconds(node.pid, node.pid)
                     res = asyncio.run(run_cell(base, key, stream, conc, args.duration))
-                    cpu = cpu_seconds(node.pid) - c0
-                    res.update(target=target, stream=stream, conc=conc, node_cpu_ms=cpu * 1000 / max(res["n"], 1))
+                    cpu, main_cpu = cpu_seconds(node.pid) - c0, cpu_seconds(node.pid, node.pid) - m0
+                    n = max(res["n"], 1)
+                    res.update(target=target, stream=stream, conc=conc, node_cpu_ms=cpu * 1000 / n,
+                               loop_cpu_ms=main_cpu * 1000 / n)
                     rows.append(res)
                     print(f"  {target:6} conc={conc:<3} stream={stream!s:5} {res['rps']:8.0f} req/s "
                           f"p50 {res['p50']:.2f} ms", file=sys.stderr)
@@ -174,12 +179,13 @@ max_inflight = 256
 
 def report(rows: list[dict], rss: float, hwm: float) -> None:
     print(f"\n{'target':7}{'conc':>5}{'stream':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'TTFD ms':>9}"
-          f"{'node CPU ms/req':>17}{'errors':>8}")
+          f"{'node CPU ms/req':>17}{'(event loop)':>14}{'errors':>8}")
     for r in rows:
         ttfd = f"{r['ttfd50']:.2f}" if r["ttfd50"] is not None else "-"
         cpu = f"{r['node_cpu_ms']:.3f}" if r["target"] == "node" else "-"
+        loop = f"{r['loop_cpu_ms']:.3f}" if r["target"] == "node" else "-"
         print(f"{r['target']:7}{r['conc']:>5}{str(r['stream']):>7}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}"
-              f"{ttfd:>9}{cpu:>17}{r['errors']:>8}")
+              f"{ttfd:>9}{cpu:>17}{loop:>14}{r['errors']:>8}")
     print()
     by = {(r["target"], r["conc"], r["stream"]): r for r in rows}
     for conc in sorted({r["conc"] for r in rows}):

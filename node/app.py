@@ -112,6 +112,7 @@ class Node:
             models=self.model_infos(), client=self.upstream, max_body_bytes=self.config.node.max_body_bytes,
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
+            uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
         )
 
     # -- start -----------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -104,6 +105,7 @@ class Gateway:
     def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
                  models: dict[str, ModelInfo], client: Pool, max_body_bytes: int,
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
+                 uuid_request_ids: Callable[[Any], bool] = lambda t: False,
                  queue_wait_s: float = QUEUE_WAIT_S) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
@@ -111,13 +113,15 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.stream_usage = stream_usage
         self.upstream_model = upstream_model
+        self.uuid_request_ids = uuid_request_ids
         self.queue_wait_s = queue_wait_s
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
         self._series: dict[str, _Series] = {}
-        # Request ids: a random per-process prefix and a counter (unique, and cheaper than uuid4).
-        self._rid_prefix = os.urandom(6).hex()
+        # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID
+        # (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
+        self._rid_prefix = os.urandom(10).hex()
         self._rid_seq = itertools.count(1)
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
@@ -131,7 +135,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid_in = _header(scope, b"x-request-id")
-        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):010x}"
+        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
         ridb = rid.encode("latin-1")
         try:
             path = scope.get("raw_path") or scope["path"].encode()
@@ -199,6 +203,18 @@ class Gateway:
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
         await send_body(send, 200, body, JSON_CT + [(b"x-request-id", ridb)])
+
+    def _worker_rid(self, rid: str, target: Any) -> str:
+        """The request id for the worker: the client's, unless the runtime insists on a UUID and it is not one."""
+        if not self.uuid_request_ids(target):
+            return rid
+        try:
+            return str(uuid.UUID(rid))
+        except ValueError:
+            # llama-cpp-python answers 400 to a non-UUID x-request-id; send a stable UUID derived from it.
+            wid = str(uuid.uuid5(uuid.NAMESPACE_URL, rid))
+            log.info("request %s is %s at the worker", rid, wid)
+            return wid
 
     def _metrics_for(self, model: str) -> _Series:
         series = self._series.get(model)
@@ -279,7 +295,7 @@ class Gateway:
         if changed:
             body = json.dumps(req).encode()
         relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
-        headers = (("content-type", "application/json"), ("x-request-id", ex.rid))
+        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
         subpath = path.decode()[3:]
         for attempt in (0, 1):
             try:

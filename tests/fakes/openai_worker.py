@@ -223,5 +223,26 @@ def main() -> None:
         asyncio.run(serve(a.host, a.port, stub))
 
 
+def start(port: int, *args: str) -> "subprocess.Popen[bytes]":
+    """Start the stub as a child process and wait until it answers (for tests and the benchmark)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_worker", "--port", str(port), *args],
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the stub worker exited with {proc.returncode}")
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the stub worker did not start in 30 s")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,275 @@
+"""The /v1 gateway through a real `infernode up`: against the stub worker, and against real llama.cpp."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import free_port, start_node, wait_until, write_config
+from tests.fakes import openai_worker
+
+MAX_INFLIGHT, MAX_QUEUE, CONTEXT = 2, 1, 4096
+
+
+def stub_model_toml(port: int, name: str = "stub-model", extra: str = "") -> str:
+    return f"""
+[[models]]
+name = "{name}"
+runtime = "external"
+url = "http://127.0.0.1:{port}/v1"
+max_model_len = {CONTEXT}
+max_inflight = {MAX_INFLIGHT}
+max_queue = {MAX_QUEUE}
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def stub_node(tmp_path_factory):
+    """A stub worker and a real node serving it as an external model; yields (node, key, stub_url)."""
+    d: Path = tmp_path_factory.mktemp("gw")
+    port = free_port()
+    stub = openai_worker.start(port)
+    node = start_node(write_config(d, stub_model_toml(port)))
+    try:
+        node.wait_ready()
+        yield node, node.create_key(), f"http://127.0.0.1:{port}"
+    finally:
+        node.stop()
+        stub.kill()
+        stub.wait()
+
+
+def events(stub_url: str) -> list[dict]:
+    return httpx.get(stub_url + "/stub/events", timeout=5).json()
+
+
+def last_request(stub_url: str) -> dict:
+    return [e for e in events(stub_url) if e["event"] == "request"][-1]
+
+
+def sse_lines(r: httpx.Response) -> list[str]:
+    return [line for line in r.iter_lines() if line.startswith("data:")]
+
+
+def test_every_endpoint_through_openai_client(stub_node):
+    node, key, stub = stub_node
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    [m] = c.models.list().data
+    assert m.id == "stub-model" and m.model_extra["max_model_len"] == CONTEXT
+
+    chat = c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.choices[0].message.content == "tok " * 32 and chat.usage.total_tokens == 39
+
+    # Streams without usage asked: the node asks the worker, and hides that chunk.
+    chunks = list(c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True))
+    assert len(chunks) == 32 and all(ch.usage is None and ch.choices for ch in chunks)
+    assert last_request(stub)["body"]["stream_options"] == {"include_usage": True}
+    chunks = list(c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 32
+
+    comp = c.completions.create(model="stub-model", prompt="Once", max_tokens=3)
+    assert comp.choices[0].text.startswith("tok")
+    parts = list(c.completions.create(model="stub-model", prompt="Once", max_tokens=3, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == "tok " * 32
+
+    emb = c.embeddings.create(model="stub-model", input=["a", "b"])
+    assert len(emb.data) == 2 and emb.usage.prompt_tokens == 2
+
+    for path in ("/v1/rerank", "/v1/score"):
+        r = httpx.post(node.url + path, headers={"authorization": f"Bearer {key}"}, timeout=10,
+                       json={"model": "stub-model", "query": "q", "documents": ["x", "y"]})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        assert last_request(stub)["path"] == path
+
+
+def test_body_passed_unchanged_and_request_id(stub_node):
+    node, key, stub = stub_node
+    body = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], "top_k": 7, "min_p": 0.1,
+            "guided_json": {"type": "object"}, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": f"Bearer {key}", "x-request-id": "my-req-42"}) as r:
+        assert r.headers["x-request-id"] == "my-req-42"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = sse_lines(r)
+    assert lines[-1] == "data: [DONE]" and '"usage"' in lines[-2]
+    seen = last_request(stub)
+    assert seen["body"] == body and seen["request_id"] == "my-req-42"
+    r = httpx.get(node.url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=10)
+    assert len(r.headers["x-request-id"]) >= 16  # made up by the node when the client sent none
+
+
+def test_worker_errors_pass_through_marked_worker(stub_node):
+    node, key, _ = stub_node
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "x"}],
+                                  extra_body={"stub": {"status": 400, "message": "top_k must be positive"}})
+    assert e.value.body["message"] == "top_k must be positive" and e.value.body["source"] == "worker"
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "x"}],
+                                  extra_body={"stub": {"status": 500, "message": "CUDA error"}})
+    assert e.value.status_code == 502 and e.value.body["source"] == "worker"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["source"] == "node" and e.value.body["code"] == "model_not_found"
+
+
+def test_client_disconnect_cancels_the_worker_request(stub_node):
+    node, key, stub = stub_node
+    body = {"model": "stub-model", "messages": [], "stream": True, "stub": {"chunks": 200, "chunk_delay_s": 0.05}}
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": f"Bearer {key}", "x-request-id": "bye-1"}) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data:")
+            if got == 3:
+                break
+    gone = wait_until(lambda: [e for e in events(stub) if e["event"] == "disconnect" and e["request_id"] == "bye-1"],
+                      timeout=10)
+    assert gone and gone[0]["after_chunks"] < 100
+
+
+def test_worker_dying_mid_stream_ends_with_error_event(stub_node):
+    node, key, _ = stub_node
+    body = {"model": "stub-model", "messages": [], "stream": True, "stub": {"die_after": 5}}
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": f"Bearer {key}", "x-request-id": "dies-1"}) as r:
+        lines = sse_lines(r)
+    assert len(lines) == 7 and lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][5:])["error"]
+    assert err["source"] == "worker" and err["code"] == "worker_failed" and "mid-stream" in err["message"]
+    assert wait_until(lambda: "dies-1" in node.log.read_text() and "mid-stream" in node.log.read_text(), timeout=5)
+    # The non-streaming equivalent is a 502 from the worker.
+    r = httpx.post(node.url + "/v1/completions", json={"model": "stub-model", "prompt": "x", "stub": {"die_after": 0}},
+                   headers={"authorization": f"Bearer {key}"}, timeout=10)
+    assert r.status_code == 200  # die_after only applies to streams; a plain answer is whole
+    r = httpx.post(node.url + "/v1/completions", json={"model": "stub-model", "prompt": "x", "stream": True,
+                                                       "stub": {"die_after": 0}},
+                   headers={"authorization": f"Bearer {key}"}, timeout=10)
+    assert '"source": "worker"' in r.text and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_backpressure_429_with_headers(stub_node):
+    node, key, _ = stub_node
+    body = {"model": "stub-model", "prompt": "x", "stub": {"delay_s": 1.5}}
+
+    def one(_):
+        return httpx.post(node.url + "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                          timeout=20)
+
+    n = MAX_INFLIGHT + MAX_QUEUE + 2
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200] * (MAX_INFLIGHT + MAX_QUEUE) + [429] * 2
+    refused = [r for r in results if r.status_code == 429][0]
+    assert refused.json()["error"]["code"] == "model_overloaded" and refused.json()["error"]["source"] == "node"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(refused.headers["x-ratelimit-limit-requests"]) == MAX_INFLIGHT + MAX_QUEUE
+    metrics = httpx.get(node.url + "/metrics", timeout=10).text
+    assert 'infernode_quota_rejections_total{reason="model_capacity"} 2.0' in metrics
+
+
+def test_bad_bodies(stub_node):
+    node, key, _ = stub_node
+    auth = {"authorization": f"Bearer {key}"}
+    url = node.url + "/v1/chat/completions"
+    r = httpx.post(url, headers=auth, content=b"x" * (5 * 1024 * 1024), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for content, param in ((b"{not json", None), (b"[1, 2]", None), (b'{"messages": []}', "model")):
+        r = httpx.post(url, headers=auth, content=content, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and r.headers["x-request-id"]
+    assert httpx.get(url, headers=auth, timeout=10).status_code == 400
+    r = httpx.post(node.url + "/v1/nope", headers=auth, json={}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["source"] == "node"
+
+
+def test_context_check(stub_node):
+    node, key, stub = stub_node
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "x"}], max_tokens=CONTEXT + 1)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+    long_prompt = " ".join(str(i) for i in range(40_000))  # > 32 bytes/token * 4096 even with runs collapsed
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="stub-model", prompt=long_prompt, max_tokens=10)
+    assert "context of 4096 tokens" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="stub-model", prompt=list(range(4000)), max_tokens=100)
+    # Not certainly too long: left to the worker (whitespace runs may be single tokens).
+    ok = c.completions.create(model="stub-model", prompt=" " * 200_000, max_tokens=10)
+    assert ok.choices[0].text
+    ok = c.completions.create(model="stub-model", prompt=list(range(4000)), max_tokens=96)
+    assert ok.choices[0].text
+
+
+def test_no_ready_replica_is_503(node_factory):
+    port = free_port()  # nothing listens there
+    node = node_factory(stub_model_toml(port), ready=False)
+    assert wait_until(lambda: _up(node.url), timeout=30)
+    key = node.create_key()
+    r = httpx.post(node.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=10,
+                   json={"model": "stub-model", "messages": []})
+    assert r.status_code == 503 and r.headers["retry-after"].isdigit()
+    assert r.json()["error"]["code"] == "model_not_ready"
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- against a real llama.cpp worker -------------------------------------------------
+def test_llamacpp_streams_usage_and_context(tiny_node):
+    key = tiny_node.create_key()
+    c = openai.OpenAI(base_url=tiny_node.url + "/v1", api_key=key, max_retries=0)
+    msgs = [{"role": "user", "content": "hello"}]
+    chunks = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    content_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    # llama.cpp sends no usage chunk: the node counts one token per content event and adds the chunk.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content_chunks)
+    plain = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, stream=True))
+    assert all(ch.usage is None for ch in plain)
+    comp = list(c.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=6, stream=True))
+    assert "".join(ch.choices[0].text for ch in comp if ch.choices)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=4096)
+    assert e.value.body["code"] == "context_length_exceeded" and "2048" in e.value.body["message"]
+    # A field llama.cpp knows but OpenAI does not is passed through (and honoured).
+    r = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=5, extra_body={"top_k": 1, "seed": 1})
+    r2 = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=5, extra_body={"top_k": 1, "seed": 2})
+    assert r.choices[0].message.content == r2.choices[0].message.content  # top_k=1 is greedy
+
+
+def test_llamacpp_killed_mid_stream(tiny_node):
+    key = tiny_node.create_key()
+    [w] = tiny_node.workers()
+    body = {"model": "tiny-chat", "prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
+    lines = []
+    with httpx.stream("POST", tiny_node.url + "/v1/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {key}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                lines.append(line)
+                if len(lines) == 2:
+                    os.kill(w["pid"], signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][5:])["error"]
+    assert err["source"] == "worker" and "mid-stream" in err["message"]
+    assert len(lines) < 1900
+    time.sleep(0.1)
