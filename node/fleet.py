@@ -124,11 +124,11 @@ def read_master_key(config: Config) -> str | None:
 
 
 class ProxyError(Exception):
-    """The proxy refused or could not be reached; `retryable` says whether waiting helps."""
+    """The proxy refused or could not be reached; `status` is its HTTP status when it answered."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
-        self.retryable = retryable
+        self.status = status
 
 
 class LiteLLMAdmin:
@@ -151,11 +151,11 @@ class LiteLLMAdmin:
             text = r.text[:300]
             if r.status_code in (401, 403):
                 raise ProxyError(f"LiteLLM refused the master key ({r.status_code}): {text}; check [fleet.litellm] "
-                                 "master_key_env / master_key_file", retryable=True)
+                                 "master_key_env / master_key_file", status=r.status_code)
             if r.status_code == 500 and "db" in text.lower():
                 raise ProxyError(f"LiteLLM cannot store models ({text}); run it with a database and "
-                                 "STORE_MODEL_IN_DB=True, or paste `infernode fleet config` into its config.yaml")
-            raise ProxyError(f"LiteLLM {method} {path} answered {r.status_code}: {text}")
+                                 "STORE_MODEL_IN_DB=True, or paste `infernode fleet config` into its config.yaml", status=500)
+            raise ProxyError(f"LiteLLM {method} {path} answered {r.status_code}: {text}", status=r.status_code)
         try:
             return r.json()
         except ValueError:
@@ -178,7 +178,12 @@ class LiteLLMAdmin:
         await self._call("POST", "/model/update", json=dep.body())
 
     async def delete(self, deployment_id: str) -> None:
-        await self._call("POST", "/model/delete", json={"id": deployment_id})
+        try:
+            await self._call("POST", "/model/delete", json={"id": deployment_id})
+        except ProxyError as exc:
+            # Already gone (LiteLLM answers 400 "not found in db"): deleting is idempotent.
+            if exc.status not in (400, 404) or "not found" not in str(exc).lower():
+                raise
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from node.config import Config, load_config
 from node.errors import ConfigError, NodeError
@@ -37,10 +38,10 @@ def main() -> None:
         exc.show()
         sys.exit(2)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print("[red]error:[/] " + escape(exc.message), highlight=False, soft_wrap=True)
         sys.exit(2)
     except NodeError as exc:
-        err_console.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print("[red]error:[/] " + escape(exc.message), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,6 +7,7 @@ import time
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from node.adminclient import AdminClient
 from node.cli import ConfigOption, app, config_from, console
@@ -41,7 +42,7 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
         print(json.dumps(data, indent=2))
         return
     if not data["enabled"]:
-        console.print(f"fleet: off ({data['reason']})", highlight=False)
+        console.print(f"fleet: off ({escape(data['reason'])})", highlight=False)
         return
     state = "registering" if data["registering"] else "not registering"
     synced = f"last sync {int(time.time() - data['last_sync'])}s ago" if data["last_sync"] else "never synced"
@@ -51,7 +52,7 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
         console.print(f"  registered {i}", highlight=False)
     if data["last_error"]:
         retry = f" (retry in {data['next_retry_s']:.0f}s)" if data.get("next_retry_s") else ""
-        console.print(f"[yellow]last error{retry}:[/] {data['last_error']}", highlight=False)
+        console.print(f"[yellow]last error{retry}:[/] {escape(data['last_error'])}", highlight=False)
 
 
 @fleet_app.command("config")
