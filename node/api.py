@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -42,7 +43,8 @@ class NodeApp:
             body = json.dumps({"status": "ready" if ok else "not ready", "reasons": reasons}).encode()
             return await send_body(send, 200 if ok else 503, body, JSON_CT)
         if path == "/metrics":
-            return await send_body(send, 200, self.node.metrics.render(),
+            # Rendering a box's worth of worker families takes a while: keep it off the event loop.
+            return await send_body(send, 200, await asyncio.to_thread(self.node.metrics.render),
                                    [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
         if path.startswith("/admin/"):
             return await self.admin(scope, receive, send)

@@ -64,20 +64,22 @@ class Metrics:
     def set_gpus(self, inventory: Inventory, now: float | None = None) -> None:
         """Replace the per-GPU gauges with one NVML sample (GPUs that vanished disappear)."""
         gauges = (self.gpu_memory_used, self.gpu_memory_total, self.gpu_utilization, self.gpu_temperature, self.gpu_power)
-        for g in gauges:
-            g.clear()
+        seen: dict[Gauge, set[tuple[str, str]]] = {g: set() for g in gauges}
         for gpu in inventory.gpus:
             labels = (str(gpu.index), gpu.uuid)
-            self.gpu_memory_used.labels(*labels).set(gpu.memory_used)
-            self.gpu_memory_total.labels(*labels).set(gpu.memory_total)
-            for gauge, value in ((self.gpu_utilization, gpu.utilization), (self.gpu_temperature, gpu.temperature_c),
-                                 (self.gpu_power, gpu.power_w)):
+            values = (gpu.memory_used, gpu.memory_total, gpu.utilization, gpu.temperature_c, gpu.power_w)
+            for gauge, value in zip(gauges, values):
                 if value is not None:  # unsupported on this GPU: no sample rather than a false zero
                     gauge.labels(*labels).set(value)
+                    seen[gauge].add(labels)
+        # Remove only what vanished (a scrape rendering in another thread never sees the gauges empty).
+        for gauge, keep in seen.items():
+            for labels in _label_sets(gauge) - keep:
+                gauge.remove(*labels)
         self.gpu_sample_time.set(time.time() if now is None else now)
 
     def set_worker_metrics(self, model: str, replica: str, text: str) -> None:
-        """Keep one worker's scraped exposition, relabelled, until the next scrape."""
+        """Keep one worker's scraped exposition, relabelled, until the next scrape (safe from a thread)."""
         self._workers[(model, replica)] = relabel(text, model, replica)
         self.worker_scrape_up.labels(model, replica).set(1)
 
@@ -112,7 +114,7 @@ class Metrics:
         """The node's families with the workers' merged in (one block per family name)."""
         merged: dict[str, Metric] = {f.name: f for f in self.registry.collect()}
         copied: set[str] = set()  # never extend the registry's own objects
-        for families in self._workers.values():
+        for families in list(self._workers.values()):  # a snapshot: the sampler may replace entries meanwhile
             for family in families:
                 have = merged.get(family.name)
                 if have is not None and have.type != family.type:
@@ -126,6 +128,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self)  # type: ignore[arg-type]
+
+
+def _label_sets(gauge: Gauge) -> set[tuple[str, ...]]:
+    """The label values a labelled gauge has children for."""
+    return {tuple(s.labels[n] for n in ("gpu", "uuid")) for f in gauge.collect() for s in f.samples}
 
 
 def _copy(family: Metric, samples: bool = True) -> Metric:

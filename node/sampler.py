@@ -117,7 +117,8 @@ class Sampler:
                 raise ValueError(f"HTTP {r.status_code}")
             if len(r.content) > MAX_WORKER_METRICS_BYTES:
                 raise ValueError(f"{len(r.content)} bytes is more than the node re-exposes")
-            self.metrics.set_worker_metrics(*key, r.text)
+            # Parsing a big exposition is CPU work: do it beside the event loop, not on it.
+            await asyncio.to_thread(self.metrics.set_worker_metrics, *key, r.text)
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("scrape of %s failed: %s", url, exc)
             self.metrics.drop_worker_metrics(*key, failed=True)
