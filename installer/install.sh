@@ -30,7 +30,8 @@ usage: install.sh [options]
 EOF
 }
 
-say() { printf '==> %s\n' "$*"; }
+START=$SECONDS
+say() { printf '==> [%ss] %s\n' "$((SECONDS - START))" "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
@@ -117,7 +118,7 @@ if [ -r /etc/os-release ]; then
     esac
 fi
 
-python_ok() { "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+python_ok() { [ "$("$1" -c 'import sys, venv, ensurepip; print(sys.version_info >= (3, 11))' 2>/dev/null)" = True ]; }
 if [ -n "$PYTHON" ]; then
     python_ok "$PYTHON" || die "$PYTHON is not Python >= 3.11 with the venv module (Debian/Ubuntu: apt-get install python3-venv)"
 else
@@ -244,13 +245,25 @@ if [ -e "$ETC/appliance.toml" ]; then
     done
 else
     say "config: writing $ETC/appliance.toml"
+    # The embedded tiny-chat, on a runtime this install has: llama.cpp (GGUF, CPU), else vLLM (safetensors).
+    if [ -n "${RUNTIME_PYTHON[llamacpp]:-}" ] || [ -z "${RUNTIME_PYTHON[vllm]:-}" ]; then
+        TINY_MODEL='source = "builtin:tiny-chat#*.gguf"
+runtime = "llamacpp"
+gpus = 0
+args = ["--n_threads", "2"]'
+        [ -n "${RUNTIME_PYTHON[llamacpp]:-}" ] || warn "tiny-chat needs the llamacpp runtime: add --runtime llamacpp, or put your own model in the config"
+    else
+        TINY_MODEL="source = \"builtin:tiny-chat#hf/*\"
+runtime = \"vllm\"
+gpus = $([ "$CPU" = 1 ] && echo 0 || echo 1)"
+    fi
     {
         cat <<EOF
 # Infernode appliance configuration, written by install.sh. See README.md for every key.
 # tiny-chat is a tiny random-weight model shipped with Infernode (it answers with nonsense):
 # replace it with a real model, then \`infernode lock && infernode pull\`.
 [node]
-name = "$(hostname)"
+name = "$(uname -n)"
 listen = "$LISTEN"
 data_dir = "$DATA"
 admin_key_env = "INFERNODE_ADMIN_KEY"     # if set, it wins over admin_key_file
@@ -258,11 +271,8 @@ admin_key_file = "$ETC/admin.key"
 
 [[models]]
 name = "tiny-chat"
-source = "builtin:tiny-chat#*.gguf"
-runtime = "llamacpp"
-gpus = 0
+$TINY_MODEL
 replicas = 1
-args = ["--n_threads", "2"]
 
 [quotas.default]
 rpm = 600

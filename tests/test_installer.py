@@ -1,0 +1,236 @@
+"""installer/install.sh and uninstall.sh, for real: venvs, pip, a started node, upgrade, removal.
+
+One install -> reinstall -> upgrade -> uninstall sequence into a temporary prefix, as the
+tests below in file order (each builds on the one before; pip's cache keeps it to minutes).
+They use `--user` semantics (no `infernode` system user, files owned by the caller) and
+`--no-systemd`, so running them as root changes nothing outside the temporary prefix.
+The source installed is `git archive HEAD` of this checkout (its working tree may be
+mid-edit); without git they install the working tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, free_port, wait_until
+
+INSTALL = REPO / "installer" / "install.sh"
+UNINSTALL = REPO / "installer" / "uninstall.sh"
+
+
+class Box:
+    """A temporary machine root that the installer installs into."""
+
+    def __init__(self, root: Path, source: Path, port: int) -> None:
+        self.root = root
+        self.prefix = root / "prefix"
+        self.source = source
+        self.port = port
+        self.opt = self.prefix / "opt/infernode"
+        self.etc = self.prefix / "etc/infernode"
+        self.data = self.prefix / "var/lib/infernode"
+        self.cli = self.prefix / "bin/infernode"
+        self.url = f"http://127.0.0.1:{port}"
+        self.api_key = ""
+
+    def install(self, *extra: str, timeout: float = 480) -> subprocess.CompletedProcess:
+        argv = ["bash", str(INSTALL), "--user", "--prefix", str(self.prefix), "--no-systemd",
+                "--python", sys.executable, "--source", str(self.source), "--listen", f"127.0.0.1:{self.port}", *extra]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        assert p.returncode == 0, f"{argv} -> {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
+        return p
+
+    def uninstall(self, *extra: str) -> subprocess.CompletedProcess:
+        argv = ["bash", str(UNINSTALL), "--user", "--prefix", str(self.prefix), "--no-systemd", *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    def current(self) -> str:
+        return os.readlink(self.opt / "current")
+
+    def start(self, log_name: str) -> subprocess.Popen:
+        """`infernode up` from the installed venv, configured the way the systemd unit does it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERNODE_", "VIRTUAL_ENV"))}
+        env["INFERNODE_CONFIG"] = str(self.etc / "appliance.toml")
+        log = (self.root / log_name).open("wb")
+        return subprocess.Popen([str(self.opt / "current/bin/infernode"), "up"], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=self.data)
+
+    def wait_ready(self, proc: subprocess.Popen, log_name: str, timeout: float = 120) -> None:
+        def ready() -> bool:
+            assert proc.poll() is None, (self.root / log_name).read_text()[-4000:]
+            try:
+                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(ready, timeout=timeout, interval=0.3), (self.root / log_name).read_text()[-4000:]
+
+    def admin(self) -> httpx.Client:
+        key = (self.etc / "admin.key").read_text().strip()
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def files_under(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmd:
+                out.append(cmd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    root = tmp_path_factory.mktemp("installbox")
+    source = root / "src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, timeout=60)
+    if archive.returncode == 0:
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True, timeout=60)
+    else:
+        source = REPO
+    yield Box(root, source, free_port())
+    for cmd in processes_mentioning(str(root)):  # nothing may outlive the module
+        raise AssertionError(f"left running: {cmd}")
+
+
+@pytest.mark.timeout(900)
+def test_install_then_the_installed_node_answers_readyz(box: Box) -> None:
+    t0 = time.monotonic()
+    p = box.install("--runtime", "llamacpp")
+    print(f"install took {time.monotonic() - t0:.0f}s")
+    assert "Next steps:" in p.stdout and "no NVIDIA driver found" in p.stderr  # warns, does not fail
+    assert (box.opt / "current/bin/infernode").exists() and box.current().startswith("venvs/node-")
+    assert (box.opt / "runtimes/llamacpp/bin/python").exists()
+    cfg = (box.etc / "appliance.toml").read_text()
+    assert f'data_dir = "{box.data}"' in cfg and f'listen = "127.0.0.1:{box.port}"' in cfg
+    assert f'admin_key_file = "{box.etc}/admin.key"' in cfg
+    assert f'[runtimes.llamacpp]\npython = "{box.opt}/runtimes/llamacpp/bin/python"' in cfg
+    assert (box.etc / "models.lock").read_text().count("[[models]]") == 1
+    key = box.etc / "admin.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and key.read_text().startswith("sk-admin-")
+    # The node's venv has the node, not the runtime: llama.cpp lives only in its own venv.
+    assert subprocess.run([str(box.opt / "current/bin/python"), "-c", "import llama_cpp"], capture_output=True).returncode != 0
+    # The CLI on PATH finds this install's config by itself.
+    p = subprocess.run([str(box.cli), "lock", "--check"], capture_output=True, text=True, cwd=box.root, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "INFERNODE_CONFIG"})
+    assert p.returncode == 0, p.stderr
+
+    node = box.start("node1.log")
+    try:
+        box.wait_ready(node, "node1.log")
+        assert any("llama_cpp.server" in c for c in processes_mentioning(f"{box.opt}/runtimes/llamacpp/bin/python"))
+        with box.admin() as admin:  # the admin key the installer generated is the one the node uses
+            r = admin.post("/admin/v1/keys", json={"name": "survives-upgrade"})
+            assert r.status_code in (200, 201), r.text
+            box.api_key = r.json()["key"]
+        r = httpx.get(box.url + "/v1/models", headers={"authorization": f"Bearer {box.api_key}"}, timeout=10)
+        assert [m["id"] for m in r.json()["data"]] == ["tiny-chat"]
+        # uninstall refuses while a node runs on the data.
+        u = box.uninstall()
+        assert u.returncode == 1 and "still running" in u.stderr and (box.opt / "current").exists()
+    finally:
+        assert stop(node) == 0
+    assert wait_until(lambda: not processes_mentioning(str(box.data)), timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_reinstall_is_idempotent(box: Box) -> None:
+    before = files_under(box.etc), box.current(), sorted(os.listdir(box.opt / "venvs"))
+    t0 = time.monotonic()
+    p = box.install("--runtime", "llamacpp")
+    took = time.monotonic() - t0
+    assert "node already installed" in p.stdout and "runtime llamacpp: already installed" in p.stdout
+    assert "keeping" in p.stdout
+    assert (files_under(box.etc), box.current(), sorted(os.listdir(box.opt / "venvs"))) == before
+    assert took < 60, f"a no-op reinstall took {took:.0f}s"
+
+
+@pytest.mark.timeout(900)
+def test_upgrade_swaps_the_venv_and_keeps_config_and_data(box: Box) -> None:
+    cfg = box.etc / "appliance.toml"
+    cfg.write_text(cfg.read_text().replace('name = "', 'name = "edited-', 1))  # a user's edit
+    etc_before = files_under(box.etc)
+    db_before = (box.data / "infernode.db").stat().st_size
+    old = box.current()
+    p = box.install("--runtime", "llamacpp", "--upgrade")
+    new = box.current()
+    assert new != old and f"(was {old})" in p.stdout
+    assert sorted(os.listdir(box.opt / "venvs")) == sorted({old.split("/")[1], new.split("/")[1]})  # previous kept for rollback
+    assert files_under(box.etc) == etc_before
+    assert (box.data / "infernode.db").stat().st_size >= db_before
+
+    node = box.start("node2.log")
+    try:
+        box.wait_ready(node, "node2.log", timeout=90)
+        # The key created before the upgrade still works: the database was kept.
+        r = httpx.get(box.url + "/v1/models", headers={"authorization": f"Bearer {box.api_key}"}, timeout=10)
+        assert r.status_code == 200, r.text
+        status = box.admin().get("/admin/v1/status").json()
+        assert status["node"]["name"].startswith("edited-")
+    finally:
+        assert stop(node) == 0
+    assert wait_until(lambda: not processes_mentioning(str(box.data)), timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_uninstall_leaves_nothing_but_data(box: Box) -> None:
+    etc_before = files_under(box.etc)
+    p = box.uninstall()
+    assert p.returncode == 0, p.stderr
+    left = files_under(box.prefix)
+    assert left and all(path.startswith("var/lib/infernode/") for path in left), sorted(left)
+    assert "var/lib/infernode/infernode.db" in left
+    # The config and admin key are parked with the data, byte for byte.
+    saved = {f"config-saved/{k}": v for k, v in etc_before.items()}
+    assert saved.items() <= {k.removeprefix("var/lib/infernode/"): v for k, v in left.items()}.items()
+    assert not any(p.is_symlink() for p in box.prefix.rglob("*") if "var/lib/infernode" not in str(p))
+    assert sorted(x.name for x in box.prefix.iterdir()) == ["var"]
+    p = box.uninstall("--purge")
+    assert p.returncode == 0, p.stderr
+    assert not box.prefix.exists() or not any(box.prefix.iterdir())
+
+
+def test_installer_refuses_bad_input_with_one_clear_line(tmp_path: Path) -> None:
+    base = ["bash", str(INSTALL), "--user", "--prefix", str(tmp_path / "p"), "--no-systemd"]
+    p = subprocess.run(base + ["--runtime", "llamacpp,tgi"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "unknown runtime 'tgi'" in p.stderr
+    p = subprocess.run(base + ["--source", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "not an Infernode source tree" in p.stderr and "--source" in p.stderr
+    p = subprocess.run(base + ["--python", shutil.which("true") or "/bin/true"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Python >= 3.11" in p.stderr
+    p = subprocess.run(base + ["--frobnicate"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "unknown option '--frobnicate'" in p.stderr
+    assert not (tmp_path / "p").exists()  # nothing written on refusal
+    p = subprocess.run(["bash", str(UNINSTALL), "--user", "--prefix", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert p.returncode == 1 and "no Infernode installed" in p.stderr
