@@ -13,6 +13,7 @@ from typing import BinaryIO, Callable
 from node.config import Config, ModelConfig
 from node.errors import StoreError
 from node.lockfile import LockedFile, LockEntry
+from node.manifest import check_manifest, is_ollama_entry
 from node.progress import NullProgress, PullProgress
 from node.resolve import source_of
 from node.sources import BuiltinSource, FileSource
@@ -79,7 +80,6 @@ def copy_stream(store: Store, f: LockedFile, model: str, progress: PullProgress,
 def finish_views(store: Store, entry: LockEntry) -> None:
     """Build the model's views now, so a runtime never waits on them (and Ollama finds its tree)."""
     store.view(entry)
-    from node.remote import check_manifest, is_ollama_entry
     if is_ollama_entry(entry):
         check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
         store.ollama_root(entry)

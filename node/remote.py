@@ -21,13 +21,12 @@ from node.config import ModelConfig
 from node.download import NetSettings, RemoteError, fetch_into, get_with_retries
 from node.errors import StoreError
 from node.lockfile import LockedFile, LockEntry
+from node.manifest import MANIFEST_V2, check_manifest, is_ollama_entry
 from node.progress import NullProgress, PullProgress
 from node.sources import HfSource, OllamaSource, Source, UrlSource, registry_host
 from node.store import Store
 
-MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 
 
 @dataclass(frozen=True)
@@ -132,35 +131,6 @@ def resolve_ollama(model: ModelConfig, src: OllamaSource, settings: NetSettings)
     except (ValueError, KeyError, TypeError) as exc:
         raise RemoteError(f"{model.name}: {url}: not a v2 image manifest ({exc})") from None
     return LockEntry(name=model.name, source=model.source, revision=f"sha256:{digest}", files=files).sealed()
-
-
-def rebuild_manifest(entry: LockEntry) -> bytes:
-    """The manifest as Ollama writes it (compact JSON), from the lock alone."""
-    man, config, *layers = entry.files
-
-    def item(f: LockedFile) -> dict:
-        return {"mediaType": f.media_type, "digest": f"sha256:{f.sha256}", "size": f.size}
-
-    doc = {"schemaVersion": 2, "mediaType": man.media_type or MANIFEST_V2,
-           "config": item(config), "layers": [item(f) for f in layers]}
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def check_manifest(entry: LockEntry, raw: bytes) -> None:
-    """The stored manifest names exactly the blobs the lock pins, in order (offline check)."""
-    try:
-        doc = json.loads(raw)
-        named = [(str(b["digest"]).removeprefix("sha256:"), int(b["size"]), b.get("mediaType"))
-                 for b in [doc["config"], *doc["layers"]]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{entry.name}: {entry.files[0].path}: not a v2 image manifest ({exc})") from None
-    pinned = [(f.sha256, f.size, f.media_type) for f in entry.files[1:]]
-    if named != pinned:
-        raise StoreError(f"{entry.name}: manifest {entry.revision} names other blobs than models.lock pins; run `infernode lock`")
-
-
-def is_ollama_entry(entry: LockEntry) -> bool:
-    return bool(entry.files) and entry.files[0].path.startswith("manifests/")
 
 
 # -- plain URLs ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from node.config import load_config
 from node.download import RemoteError
 from node.lockfile import read_lock, write_lock
 from node.pull import pull_entry
-from node.remote import check_manifest, rebuild_manifest
+from node.manifest import check_manifest, rebuild_manifest
 from node.resolve import build_lock
 from node.store import Store
 from node.errors import StoreError

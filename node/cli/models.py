@@ -145,7 +145,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
 @app.command()
 def verify(config: Optional[str] = ConfigOption) -> None:
     """Re-hash the store against models.lock; exit 1 naming every bad file."""
-    from node.remote import check_manifest, is_ollama_entry
+    from node.manifest import check_manifest, is_ollama_entry
 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
