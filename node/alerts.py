@@ -154,7 +154,7 @@ class Alerter:
                 if t != passed[-1]:
                     continue  # jumped past several at once: say only the highest
                 self.emit("budget", f"{u.scope} {u.name} has used {share:.0%} of its {u.period}ly budget "
-                          f"({u.used} of {u.budget} tokens)", scope=u.scope, id=u.id, name=u.name, used=u.used,
+                          f"({u.used} of {u.budget} tokens)", scope=u.scope, scope_id=u.id, name=u.name, used=u.used,
                           budget=u.budget, threshold=t, period=u.period,
                           severity="critical" if t >= 1.0 else "warning")
         # Forget marks of past periods so the set stays small.

@@ -126,6 +126,7 @@ def test_budget_thresholds_fire_once_per_period():
     a.check_budgets(use(800))
     [e] = events()
     assert e["event"] == "budget" and e["threshold"] == 0.8 and e["scope"] == "key" and e["used"] == 800
+    assert e["scope_id"] == "key_1" and e["name"] == "app" and len(e["id"]) == 32
     a.check_budgets(use(900))
     assert events() == []                     # 80 % already said
     a.check_budgets(use(1000))
@@ -213,7 +214,7 @@ budget_check_s = 0.3
         assert wait_until(lambda: any(b["event"] == "budget" for b in rx.bodies()), timeout=20)
         time.sleep(1.0)
         budget = [b for b in rx.bodies() if b["event"] == "budget"]
-        assert len(budget) == 1 and budget[0]["id"] == key_id and budget[0]["threshold"] == 0.8
+        assert len(budget) == 1 and budget[0]["scope_id"] == key_id and budget[0]["threshold"] == 0.8
         assert budget[0]["used"] == 850 and budget[0]["budget"] == 1000
     finally:
         rx.close()
