@@ -24,6 +24,8 @@ from node.gpus import Inventory
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Rejections the gateway also counts in infernode_requests_total (refused after admission, code 429).
+ANSWERED_REJECTIONS = frozenset({"model_capacity"})
 # Labels the node adds to a worker's samples; a worker's own label of that name is kept as exported_<name>.
 WORKER_LABELS = ("model", "replica")
 
@@ -107,8 +109,14 @@ class Metrics:
                     requests += s.value
                     if s.labels.get("code", "").startswith("5"):
                         errors += s.value
-        rejected = sum(s.value for f in self.quota_rejections.collect() for s in f.samples if s.name.endswith("_total"))
-        return requests + rejected, errors, rejected
+        rejected = unanswered = 0.0
+        for family in self.quota_rejections.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    rejected += s.value
+                    if s.labels.get("reason") not in ANSWERED_REJECTIONS:
+                        unanswered += s.value  # refused before admission: not in requests_total
+        return requests + unanswered, errors, rejected
 
     def collect(self) -> Iterator[Metric]:
         """The node's families with the workers' merged in (one block per family name)."""

@@ -282,3 +282,13 @@ def test_workers_own_metrics_reexposed_through_the_node(node_factory):
     assert text, httpx.get(node.url + "/metrics", timeout=10).text[-2000:]
     assert value(text, "infernode_worker_metrics_up", model="tiny-vllm", replica="1") == 1
     assert text.count("# TYPE vllm:num_requests_running ") == 1
+
+
+def test_totals_count_each_request_once():
+    m = Metrics()
+    m.requests.labels("a", "200").inc(7)
+    m.requests.labels("a", "502").inc(1)
+    m.requests.labels("a", "429").inc(2)           # refused for model capacity: answered and counted...
+    m.quota_rejections.labels("model_capacity").inc(2)  # ...and also a rejection
+    m.quota_rejections.labels("key_rpm").inc(3)    # refused at admission: only a rejection
+    assert m.totals() == (13, 1, 5)
