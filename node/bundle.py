@@ -23,7 +23,7 @@ from typing import BinaryIO
 from node.errors import StoreError
 from node.lockfile import LockedFile, LockEntry, LockFile, write_lock
 from node.progress import PullProgress
-from node.store import CHUNK, DigestMismatch, Store
+from node.store import DigestMismatch, Store
 
 LOCK_MEMBER = "models.lock"
 

@@ -103,21 +103,21 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
     with client.stream("GET", url, headers=h) as r:
         code = r.status_code
         if code == 416 and writer.offset:
-            writer.reset()  # our partial is longer than what the server has: start over
+            _restart(writer, on_bytes)  # our partial is longer than what the server has: start over
             raise _Retry("HTTP 416 for our resume offset")
         if code >= 500 or code in (408, 429):
             raise _Retry(f"HTTP {code}")
         if code == 206:
             m = CONTENT_RANGE.match(r.headers.get("content-range", ""))
             if not m or int(m.group(1)) != writer.offset:
-                writer.reset()
+                _restart(writer, on_bytes)
                 raise _Retry(f"bad Content-Range {r.headers.get('content-range')!r}")
             if m.group(3) != "*" and int(m.group(3)) != size:
                 writer.discard()
                 raise SizeMismatch(f"{path}: the server has {m.group(3)} bytes, models.lock pins {size}; the source changed")
         elif code == 200:
             if writer.offset:
-                writer.reset()  # Range ignored: the body starts at byte 0
+                _restart(writer, on_bytes)  # Range ignored: the body starts at byte 0
             length = r.headers.get("content-length")
             if length is not None and int(length) != size:
                 writer.discard()
@@ -128,6 +128,14 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
         _pump(r, writer, on_bytes)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
+
+
+def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None:
+    """Throw away the partial bytes (and take them back from the progress count)."""
+    had = writer.offset
+    writer.reset()
+    if on_bytes and had:
+        on_bytes(-had)
 
 
 def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None:

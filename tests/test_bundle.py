@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -12,8 +11,7 @@ import pytest
 
 from node.bundle import export_bundle, read_bundle_lock
 from node.config import load_config
-from node.lockfile import read_lock, write_lock
-from node.resolve import build_lock
+from node.lockfile import read_lock
 from node.store import Store
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from node.config import load_config
 from node.download import NetSettings, RemoteError
 from node.lockfile import read_lock, write_lock
+from node.progress import JsonProgress
 from node.pull import pull_entry
 from node.resolve import build_lock
 from node.store import DigestMismatch, DiskFull, SizeMismatch, Store
@@ -50,12 +50,12 @@ def setup_box(tmp_path: Path, models: str):
     return cfg, read_lock(cfg.lock_path), Store(cfg.data_dir / "store")
 
 
-def pull(cfg, lock, store, name="m", settings=FAST):
+def pull(cfg, lock, store, name="m", settings=FAST, progress=None):
     from node import remote
     from node.resolve import source_of
     model, entry = cfg.model(name), lock.entry(name)
     src = source_of(model, cfg)
-    remote.pull(store, entry, src, settings=settings)
+    remote.pull(store, entry, src, settings=settings, progress=progress)
     return entry
 
 
@@ -109,8 +109,13 @@ def test_server_ignoring_range_restarts_cleanly(tmp_path, hub):
     hexd = lock.entry("m").files[0].sha256
     hub.faults.drop_after[hexd] = 500_000
     hub.faults.ignore_range = True
-    entry = pull(cfg, lock, store)
+    out = io.StringIO()
+    entry = pull(cfg, lock, store, progress=JsonProgress(out, interval_s=0))
     assert store.verify(entry) == []
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    # The bytes thrown away when the server ignored Range are taken back from the count.
+    assert max(e["done"] for e in events) == len(WEIGHTS)
+    assert events[-1] == {"event": "done", "file": "m/model.Q4.gguf", "total": len(WEIGHTS), "done": len(WEIGHTS)}
 
 
 def test_corrupt_byte_deletes_partial_and_names_digests(tmp_path, hub):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
