@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import threading
@@ -19,7 +20,7 @@ from node.gpus import discover
 from node.metrics import Metrics, RequestWindow, relabel
 from node.sampler import Sampler
 from node.states import WorkerState
-from tests.conftest import wait_until
+from tests.conftest import run_cli, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 
 PROMTOOL = shutil.which("promtool")
@@ -254,6 +255,17 @@ def test_metrics_after_known_traffic(tiny_node):
     with tiny_node.admin() as c:
         traffic = wait_until(lambda: (t := c.get("/admin/v1/status").json()["traffic"])["requests"] >= 3 and t, timeout=5)
     assert traffic["requests"] == 3 and traffic["errors"] == 0 and traffic["requests_per_s"] > 0
+    out = run_cli("status", config=tiny_node.config, env={"INFERNODE_ADMIN_KEY": tiny_node.admin_key, "COLUMNS": "160"},
+                  check=True).stdout
+    assert "test-node ready" in out and "3 requests, 0.0% errors (0 5xx), 0 rejected by quotas" in out
+    assert re.search(r"tiny-chat\s+│\s+0\s+│\s+llamacpp\s+│\s+ready", out), out
+
+
+def test_status_draws_gpu_memory_bars():
+    from node.cli.ops import _bar
+
+    assert _bar(0.5, 10) == "[green]█████[/][dim]░░░░░[/]"
+    assert _bar(0.95, 10).startswith("[red]") and _bar(1.7, 4) == "[red]████[/][dim][/]"
 
 
 VLLM_STAND_IN = f"""
