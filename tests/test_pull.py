@@ -224,3 +224,28 @@ def test_cli_pull_reports_each_failure_and_exits_1(tmp_path, hub):
     p = run_cli("pull", config=cfg.path, env={"HF_ENDPOINT": hub.url, "INFERNODE_PULL_RETRIES": "1"})
     assert p.returncode == 1
     assert "digest mismatch" in p.stderr and "model.Q4.gguf" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_after_node_killed_mid_pull(node_factory, tmp_path, hub):
+    """`infernode up` pulls what is missing before launch; SIGKILL it mid-file, then resume."""
+    models = model_toml("hf:org/tiny#*Q4.gguf", name="big")
+    hub.faults.rate_bps = 1024 * 1024
+    node = node_factory(models, ready=False, env={"HF_ENDPOINT": hub.url})
+    lock = read_lock(node.config.parent / "models.lock")
+    f = lock.entry("big").files[0]
+    partial = node.data_dir / "store" / "partial" / f.sha256
+    try:
+        assert wait_until(lambda: partial.exists() and partial.stat().st_size > 500_000, timeout=90), \
+            node.log.read_text()[-2000:]
+    finally:
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+    had = partial.stat().st_size
+    assert had < f.size
+    hub.faults.rate_bps = None
+    p = run_cli("pull", "--json", config=node.config, env={"HF_ENDPOINT": hub.url})
+    assert p.returncode == 0, p.stderr
+    start = next(json.loads(line) for line in p.stdout.splitlines() if '"start"' in line)
+    assert start["done"] == had
+    assert [s.range for s in hub.seen if s.path.startswith("/cdn/")][-1] == f"bytes={had}-"
+    assert run_cli("verify", config=node.config).returncode == 0
