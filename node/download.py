@@ -200,15 +200,15 @@ def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None]
         raise failed[0]
 
 
-def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,
-                     headers: dict[str, str] | None = None, what: str = "") -> httpx.Response:
-    """A small GET (manifest, metadata) retried like a download; non-2xx is a RemoteError."""
+def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *, headers: dict[str, str] | None = None,
+                     what: str = "", ok: tuple[int, ...] = ()) -> httpx.Response:
+    """A small GET (manifest, metadata) retried like a download; other non-2xx than `ok` is a RemoteError."""
     attempt, last = 0, ""
     while True:
         try:
             r = client.get(url, headers=headers or {})
             if r.status_code < 500 and r.status_code not in (408, 429):
-                if r.status_code >= 400:
+                if r.status_code >= 400 and r.status_code not in ok:
                     raise RemoteError(f"{what or url}: HTTP {r.status_code} from {url}")
                 return r
             last = f"HTTP {r.status_code}"

@@ -11,8 +11,9 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 import httpx
@@ -107,12 +108,34 @@ def manifest_path(src: OllamaSource) -> str:
     return f"manifests/{host}/{src.repository}/{src.tag}"
 
 
+def registry_token(client: httpx.Client, src: OllamaSource, settings: NetSettings) -> dict[str, str]:
+    """Headers for the registry: none, or an anonymous pull token (Docker token auth)."""
+    base, _ = registry_base(src.registry)
+    # Only a 401 asks for a token; a registry that answers /v2/ otherwise is read as open.
+    r = get_with_retries(client, f"{base}/v2/", settings, ok=tuple(range(400, 500)), what=f"registry {src.registry}")
+    if r.status_code != 401:
+        return {}
+    challenge = r.headers.get("www-authenticate", "")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    realm = params.pop("realm", "")
+    if not challenge.lower().startswith("bearer ") or not realm:
+        raise RemoteError(f"registry {src.registry} wants {challenge or 'credentials'}; only anonymous pull tokens are supported")
+    params["scope"] = f"repository:{src.repository}:pull"
+    t = get_with_retries(client, str(httpx.URL(realm, params=params)), settings, what=f"token from {realm}")
+    try:
+        token = t.json().get("token") or t.json()["access_token"]
+    except (ValueError, KeyError) as exc:
+        raise RemoteError(f"registry {src.registry}: {realm} returned no token ({exc})") from None
+    return {"authorization": f"Bearer {token}"}
+
+
 def resolve_ollama(model: ModelConfig, src: OllamaSource, settings: NetSettings) -> LockEntry:
     """Tag -> manifest digest; pins the manifest itself and every blob it names."""
     base, _ = registry_base(src.registry)
     url = f"{base}/v2/{src.repository}/manifests/{src.tag}"
     with settings.client() as client:
-        r = get_with_retries(client, url, settings, headers={"accept": f"{MANIFEST_V2}, {OCI_MANIFEST}"},
+        auth = registry_token(client, src, settings)
+        r = get_with_retries(client, url, settings, headers={"accept": f"{MANIFEST_V2}, {OCI_MANIFEST}", **auth},
                              what=f"{model.name}: ollama:{src.name}:{src.tag}")
     raw = r.content
     digest = hashlib.sha256(raw).hexdigest()
@@ -193,6 +216,10 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
     store.check_space(sum(f.size - store.partial_size(f) for f in missing))
     jobs = downloads(entry, src, missing)
     with settings.client() as client, ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
+        if isinstance(src, OllamaSource) and jobs:
+            # httpx drops the token on the registry's cross-origin redirect to its storage.
+            auth = registry_token(client, src, settings)
+            jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
         futures = [pool.submit(_fetch_one, store, client, d, settings, progress, entry.name) for d in jobs]
         errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)

@@ -214,3 +214,18 @@ def test_ollama_registry_change_makes_the_lock_stale(tmp_path, registry):
     cfg_path.write_text(cfg_path.read_text().replace(registry.url, "https://registry.example.com"))
     stale = run_cli("lock", "--check", config=cfg_path)
     assert stale.returncode == 1 and "registry is 'https://registry.example.com'" in stale.stderr
+
+
+def test_ollama_registry_with_anonymous_token_auth(tmp_path):
+    reg = FakeRegistry(token_auth=True).start()
+    try:
+        reg.push("library/tiny", "q4", [("application/vnd.ollama.image.model", GGUF)])
+        cfg, lock = lock_of(write_box(tmp_path, ollama_model(reg)))
+        store = Store(cfg.data_dir / "store")
+        pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
+        assert store.verify(lock.entry("m")) == []
+        tokens = [s for s in reg.seen if s.path.startswith("/token")]
+        assert tokens and "scope=repository%3Alibrary%2Ftiny%3Apull" in tokens[0].path
+        assert any(s.path.startswith("/v2/library/tiny/manifests/") and s.authorization for s in reg.seen)
+    finally:
+        reg.stop()

@@ -8,6 +8,9 @@ blob/main/spec.md, "Pull") as registry.ollama.ai serves it to `ollama pull`:
   404 `{"errors": [{"code": "MANIFEST_UNKNOWN", ...}]}`.
 - `GET|HEAD /v2/<name>/blobs/sha256:<hex>` -> 307 to a storage URL (registry.ollama.ai
   redirects blob downloads to its CDN), which serves the bytes with Range.
+With `token_auth`, /v2/ routes answer 401 with `WWW-Authenticate: Bearer realm=...,
+service=...` and accept a token from `GET <realm>?service=&scope=` (the Docker registry
+token authentication spec, https://distribution.github.io/distribution/spec/auth/token/).
 Manifests are written the way Ollama writes them (Go `json.Marshal`: compact, fields
 schemaVersion, mediaType, config, layers; each layer mediaType, digest, size).
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from urllib.parse import urlsplit
+import secrets
+from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.faulty_http import FaultyHandler, FaultyServer
 
@@ -33,8 +37,10 @@ def layer(media_type: str, data: bytes) -> dict:
 class FakeRegistry(FaultyServer):
     """The registry on 127.0.0.1; `push()` publishes a model under a tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_auth: bool = False) -> None:
         super().__init__(_RegistryHandler)
+        self.token_auth = token_auth
+        self.issued: set[str] = set()
         self.manifests: dict[tuple[str, str], bytes] = {}  # (repository, tag or sha256:hex) -> bytes
         self.blobs: dict[str, bytes] = {}
 
@@ -56,12 +62,29 @@ class FakeRegistry(FaultyServer):
 class _RegistryHandler(FaultyHandler):
     server: FakeRegistry
 
+    def _authorized(self) -> bool:
+        auth = self.headers.get("authorization", "")
+        return auth.startswith("Bearer ") and auth.removeprefix("Bearer ") in self.server.issued
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
         self.server.record(self)
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
+        if path == "/token":
+            q = parse_qs(url.query)
+            token = secrets.token_hex(8)
+            self.server.issued.add(token)
+            self.send_json(200, json.dumps({"token": token, "scope": q.get("scope", [""])[0], "expires_in": 300}).encode())
+            return
+        if self.server.token_auth and not path.startswith("/storage/") and not self._authorized():
+            m = ROUTE.match(path)
+            scope = f',scope="repository:{m["name"]}:pull"' if m else ""
+            self.send_json(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                           {"www-authenticate": f'Bearer realm="{self.server.url}/token",service="fake-registry"{scope}'})
+            return
         if path in ("/v2", "/v2/"):
             self.send_json(200, b"{}")
             return
