@@ -24,6 +24,8 @@ from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_mas
 from node.gateway import Gateway, ModelInfo
 from node.upstream import Pool
 from node.gpus import Inventory, discover
+from node.handles import claim_workers
+from node.keeper import owner_token
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.ledger import Ledger, rebuild_counters
 from node.lockfile import LockFile, read_lock
@@ -141,6 +143,9 @@ class Node:
 
     async def start_workers(self) -> None:
         """Check and pull the store, place and launch (or adopt) workers."""
+        # Claim the workers an earlier node left at once: pulling and re-hashing the store
+        # below can outlast their keepers' adopt_grace_s.
+        claim_workers(self.config.data_dir / "run" / "workers", owner_token())
         try:
             self.lock = read_lock(self.config.lock_path)
             self.inventory = await asyncio.to_thread(discover, self.nvml)

@@ -87,3 +87,12 @@ def find_adoptable(run_dir: Path) -> dict[str, Adoptable]:
             spec_hash=info["spec_hash"], state_file=path,
         )
     return found
+
+
+def claim_workers(run_dir: Path, token: str) -> None:
+    """Tell every keeper an earlier node left that `token`'s node owns it now (before its grace runs out)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = run_dir / "owner"
+    tmp = owner.with_name(".owner.tmp")
+    tmp.write_text(token)
+    tmp.replace(owner)

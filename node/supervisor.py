@@ -31,7 +31,7 @@ from node.resolve import stale_models
 from node.router import Router
 from node.states import WorkerState
 from node.store import Store
-from node.handles import find_adoptable
+from node.handles import claim_workers, find_adoptable
 from node.worker import Replica
 from runtimes import WorkerSpec
 
@@ -181,6 +181,7 @@ class Supervisor:
                 replica.adopt = found
                 log.info("adopting %s (pid %s, port %s)", rid, found.keeper_pid, found.port)
             elif found is not None:
+                log.info("not adopting %s: its spec changed since it was started; replacing it", rid)
                 await self._stop_orphan(found.keeper_pid)
             desired[rid] = replica
         for u in placement.unplaced:
@@ -206,11 +207,7 @@ class Supervisor:
 
     def _claim_workers(self) -> None:
         """Tell every keeper left by an earlier node that this node owns it now."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        owner = self.run_dir / "owner"
-        tmp = owner.with_name(".owner.tmp")
-        tmp.write_text(owner_token())
-        tmp.replace(owner)
+        claim_workers(self.run_dir, owner_token())
 
     async def _stop_orphan(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):

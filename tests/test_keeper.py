@@ -37,6 +37,13 @@ def state(tmp: Path) -> dict:
         return {}
 
 
+def log_lines(tmp: Path) -> list[str]:
+    try:
+        return (tmp / "w.log").read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def alive(pid: int) -> bool:
     return process_start_time(pid) is not None
 
@@ -44,7 +51,8 @@ def alive(pid: int) -> bool:
 def test_worker_output_is_rotated(tmp_path):
     k = keeper(tmp_path, sys.executable, "-c", CHATTY, max_bytes=4000, backups=2)
     try:
-        assert wait_until(lambda: "done writing" in (tmp_path / "w.log").read_text(errors="replace")
+        # A line of its own: the keeper's "[keeper] starting: ..." line quotes the command too.
+        assert wait_until(lambda: "done writing" in (tmp_path / "w.log").read_text(errors="replace").splitlines()
                           if (tmp_path / "w.log").exists() else False, timeout=30)
         files = sorted(p.name for p in tmp_path.glob("w.log*"))
         assert files == ["w.log", "w.log.1", "w.log.2"]  # backups=2: older ones are deleted
@@ -68,7 +76,9 @@ def test_sigterm_stops_the_whole_worker_group(tmp_path):
             "print('grandchild', p.pid, flush=True)\n"
             "time.sleep(600)\n")
     k = keeper(tmp_path, sys.executable, "-c", code)
-    info = wait_until(lambda: state(tmp_path).get("worker_pid") and "child up" in (tmp_path / "w.log").read_text() and state(tmp_path), timeout=20)
+    # Whole lines only: the keeper's "[keeper] starting: ..." line quotes the command too.
+    info = wait_until(lambda: state(tmp_path).get("worker_pid") and {"child up"} <= set(log_lines(tmp_path))
+                      and any(ln.startswith("grandchild ") for ln in log_lines(tmp_path)) and state(tmp_path), timeout=20)
     worker = info["worker_pid"]
     grandchild = int(next(ln for ln in (tmp_path / "w.log").read_text().splitlines() if ln.startswith("grandchild")).split()[1])
     assert alive(worker) and alive(grandchild)
