@@ -31,6 +31,10 @@ class RemoteError(StoreError):
     """A source that cannot be reached or refuses us (after retries where retrying helps)."""
 
 
+class PullCancelled(StoreError):
+    """The pull was interrupted (Ctrl-C, shutdown); what arrived is kept for a resume."""
+
+
 class _Retry(Exception):
     """A failure worth another attempt (5xx, 429, a reset, a stall, a short body)."""
 
@@ -71,14 +75,17 @@ class NetSettings:
 
 
 def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: NetSettings, *,
-               headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+               headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None,
+               cancel: threading.Event | None = None) -> None:
     """Fill `writer` from `url` up to the locked size, resuming and retrying as needed."""
     size = writer.locked.size
     attempt, last = 0, ""
     while writer.offset < size:
+        if cancel is not None and cancel.is_set():
+            raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
         before = writer.offset
         try:
-            _one_attempt(client, url, writer, headers or {}, on_bytes)
+            _one_attempt(client, url, writer, headers or {}, on_bytes, cancel)
         except _Retry as exc:
             last = str(exc)
         except httpx.TransportError as exc:  # reset, refused, stall (ReadTimeout), short body
@@ -95,7 +102,7 @@ def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: Net
 
 
 def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: dict[str, str],
-                 on_bytes: Callable[[int], None] | None) -> None:
+                 on_bytes: Callable[[int], None] | None, cancel: threading.Event | None) -> None:
     size, path = writer.locked.size, writer.locked.path
     h = dict(headers)
     if writer.offset:
@@ -125,7 +132,7 @@ def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: di
         else:
             hint = " (set HF_TOKEN for gated or private repos)" if code in (401, 403) else ""
             raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
-        _pump(r, writer, on_bytes)
+        _pump(r, writer, on_bytes, cancel)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
 
@@ -138,7 +145,8 @@ def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None
         on_bytes(-had)
 
 
-def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None:
+def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
+          cancel: threading.Event | None = None) -> None:
     """Receive on this thread while another writes and hashes, so neither waits on the other.
 
     The transport's small reads are coalesced into big writes. Every byte that arrived
@@ -181,6 +189,8 @@ def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None]
     have = 0
     try:
         for chunk in r.iter_raw():
+            if cancel is not None and cancel.is_set():
+                raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
             buf.append(chunk)
             have += len(chunk)
             if have >= WRITE_CHUNK:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from urllib.parse import quote
@@ -220,8 +221,13 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
             # httpx drops the token on the registry's cross-origin redirect to its storage.
             auth = registry_token(client, src, settings)
             jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
-        futures = [pool.submit(_fetch_one, store, client, d, settings, progress, entry.name) for d in jobs]
-        errors = [f.exception() for f in futures]
+        cancel = threading.Event()
+        futures = [pool.submit(_fetch_one, store, client, d, settings, progress, entry.name, cancel) for d in jobs]
+        try:
+            errors = [f.exception() for f in futures]
+        except BaseException:  # Ctrl-C: stop the other downloads at their next chunk
+            cancel.set()
+            raise
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
@@ -230,14 +236,14 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
 
 
 def _fetch_one(store: Store, client: httpx.Client, d: Download, settings: NetSettings,
-               progress: PullProgress, model: str) -> None:
+               progress: PullProgress, model: str, cancel: threading.Event) -> None:
     label = f"{model}/{d.locked.path}"
     with store.writer(d.locked) as w:
         progress.start(label, d.locked.size, w.offset if not w.present else d.locked.size)
         try:
             if not w.present:
                 fetch_into(client, d.url, w, settings, headers=d.headers,
-                           on_bytes=lambda n: progress.advance(label, n))
+                           on_bytes=lambda n: progress.advance(label, n), cancel=cancel)
                 w.commit()
         except BaseException as exc:
             progress.finish(label, False, getattr(exc, "message", str(exc)))

@@ -249,3 +249,23 @@ def test_resume_after_node_killed_mid_pull(node_factory, tmp_path, hub):
     assert start["done"] == had
     assert [s.range for s in hub.seen if s.path.startswith("/cdn/")][-1] == f"bytes={had}-"
     assert run_cli("verify", config=node.config).returncode == 0
+
+
+def test_ctrl_c_stops_a_pull_promptly_and_keeps_the_partial(tmp_path, hub):
+    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny#*.gguf"))
+    hub.faults.rate_bps = 256 * 1024  # 12 s a file: far longer than the wait below
+    env = {**os.environ, "HF_ENDPOINT": hub.url}
+    proc = subprocess.Popen(INFERNODE + ["pull", "--json", "--config", str(cfg.path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partials = lambda: [p for p in store.partial_dir.iterdir() if p.stat().st_size > 200_000] \
+        if store.partial_dir.is_dir() else []
+    try:
+        assert wait_until(lambda: len(partials()) == 2, timeout=60)  # both files downloading in parallel
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=5)  # not after the remaining megabytes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130
+    assert len(partials()) == 2 and not any(store.has(f) for f in lock.entry("m").files)
