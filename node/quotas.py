@@ -32,13 +32,18 @@ WINDOW = 60.0
 
 
 class Counter:
-    """One scope's counters: the admissions and token charges of the last minute, budgets, in flight."""
+    """One scope's counters: the admissions and token charges of the last minute, budgets, in flight.
+
+    Admissions are an exact log of timestamps; token charges are merged per whole
+    second ([second, tokens]), so a scope holds at most 61 of them, and a second's
+    tokens leave the window when all of that second has.
+    """
 
     __slots__ = ("hits", "tokens", "token_sum", "day", "day_used", "month", "month_used", "parallel")
 
     def __init__(self) -> None:
         self.hits: deque[float] = deque()
-        self.tokens: deque[tuple[float, int]] = deque()
+        self.tokens: deque[list[int]] = deque()
         self.token_sum = 0
         self.day = self.month = -1
         self.day_used = self.month_used = 0
@@ -50,7 +55,7 @@ class Counter:
         while hits and hits[0] <= edge:
             hits.popleft()
         toks = self.tokens
-        while toks and toks[0][0] <= edge:
+        while toks and toks[0][0] + 1 <= edge:
             self.token_sum -= toks.popleft()[1]
 
     def roll(self, day: int, month: int) -> None:
@@ -65,11 +70,19 @@ class Counter:
     def charge(self, ts: float, tokens: int, budget: bool) -> None:
         if tokens <= 0:
             return
-        self.tokens.append((ts, tokens))
-        self.token_sum += tokens
+        self.add_tokens(ts, tokens)
         if budget:
             self.day_used += tokens
             self.month_used += tokens
+
+    def add_tokens(self, ts: float, tokens: int) -> None:
+        sec = int(ts)
+        toks = self.tokens
+        if toks and toks[-1][0] == sec:
+            toks[-1][1] += tokens
+        else:
+            toks.append([sec, tokens])
+        self.token_sum += tokens
 
     def tokens_free_in(self, limit: int, now: float) -> float:
         """Seconds until the last minute's tokens drop below `limit`."""
@@ -77,7 +90,7 @@ class Counter:
         for ts, n in self.tokens:
             excess -= n
             if excess < 0:
-                return ts + WINDOW - now
+                return ts + 1 + WINDOW - now
         return 0.0
 
     def idle(self) -> bool:
@@ -244,7 +257,7 @@ class Quotas:
                 c = self.counter(scope, name)
                 c.roll(day, month)
                 c.month_used = n
-        for row in sorted(window, key=lambda r: r.ts):
+        for row in sorted(window, key=lambda r: r.ts):  # token buckets must be appended in order
             started = row.ts - (row.latency_ms or 0) / 1000
             tokens = row.prompt_tokens + row.completion_tokens
             scopes = []
@@ -257,8 +270,7 @@ class Quotas:
             for c in scopes:
                 c.hits.append(started)
                 if tokens > 0:
-                    c.tokens.append((row.ts, tokens))
-                    c.token_sum += tokens
+                    c.add_tokens(row.ts, tokens)
         for c in self._counters.values():
             # Sort: rows end in a different order than they started.
             if c.hits and any(a > b for a, b in zip(c.hits, list(c.hits)[1:])):
@@ -294,7 +306,7 @@ def _headers(plan: list[tuple[Counter, Limits]], now: float) -> dict[str, str]:
         if lim.tpm is not None:
             left = max(0, lim.tpm - c.token_sum)
             if best_tok is None or left < best_tok[1]:
-                reset = c.tokens[0][0] + WINDOW - now if c.tokens else 0.0
+                reset = c.tokens[0][0] + 1 + WINDOW - now if c.tokens else 0.0
                 best_tok = (lim.tpm, left, reset)
     if best_req is not None:
         h["x-ratelimit-limit-requests"] = str(best_req[0])

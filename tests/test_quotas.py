@@ -73,10 +73,11 @@ def test_tpm_checked_before_charged_after() -> None:
     b.finish(20, 20, now=T0 + 2)            # the stream ends past the limit: charged in full
     err = refused(q, k, T0 + 3)
     assert err.reason == "key_tpm"
-    assert err.retry_after == 58            # T0 + 1's 90 tokens leave at T0 + 61, leaving 40 < 100
+    assert err.retry_after == 59            # second T0 + 1's 90 tokens leave at T0 + 62, leaving 40 < 100
     assert err.headers["x-ratelimit-limit-tokens"] == "100"
     assert err.headers["x-ratelimit-remaining-tokens"] == "0"
-    q.admit(k, "m", now=T0 + 61.5)
+    refused(q, k, T0 + 61.5)
+    q.admit(k, "m", now=T0 + 62.5)
 
 
 def test_budget_per_day_and_month_utc() -> None:
