@@ -170,7 +170,7 @@ if [ "$USER_MODE" = 0 ]; then
     fi
     # Some drivers give GPU device nodes to these groups rather than mode 0666.
     for g in video render; do
-        getent group "$g" >/dev/null && usermod -a -G "$g" "$SERVICE_USER"
+        if getent group "$g" >/dev/null; then usermod -a -G "$g" "$SERVICE_USER"; fi
     done
 fi
 
@@ -343,6 +343,12 @@ if [ "$NO_SYSTEMD" = 0 ]; then
     fi
 fi
 
+if [ "$UPGRADE" = 1 ] && [ -e "$DATA/run/node.lock" ] && ! flock -n "$DATA/run/node.lock" true 2>/dev/null \
+    && [ "${UNIT_STATE##*, }" != restarted ]; then
+    warn "a node still runs the old venv on $DATA (pid $(cat "$DATA/run/node.lock")): to switch without reloading models," \
+         "send it SIGUSR2 and start it again once it exited (its workers are adopted)"
+fi
+
 CLI="$BIN_DIR/infernode"
 installed_runtimes="${!RUNTIME_PYTHON[*]}"
 cat <<EOF
@@ -358,8 +364,13 @@ Infernode is installed.
 
 Next steps:
   1. edit $ETC/appliance.toml (models, listen address, [runtimes.*] paths)
-  2. $CLI lock && $CLI pull
 EOF
+if [ "$USER_MODE" = 0 ]; then
+    # The store belongs to the service user: pull as it, so the node can write there later.
+    echo "  2. sudo $CLI lock && sudo -u $SERVICE_USER $CLI pull"
+else
+    echo "  2. $CLI lock && $CLI pull"
+fi
 if [ "$NO_SYSTEMD" = 0 ]; then
     journal="journalctl -u infernode -f"; [ "$USER_MODE" = 1 ] && journal="journalctl --user -u infernode -f"
     echo "  3. ${SYSTEMCTL[*]} start infernode && $journal"

@@ -183,7 +183,10 @@ def test_upgrade_swaps_the_venv_and_keeps_config_and_data(box: Box) -> None:
     etc_before = files_under(box.etc)
     db_before = (box.data / "infernode.db").stat().st_size
     old = box.current()
-    p = box.install("--runtime", "llamacpp", "--upgrade")
+    runtime_before = files_under(box.opt / "runtimes/llamacpp/bin")
+    # --runtime none: upgrade the node only (a runtime named with --upgrade is pip-upgraded in place).
+    p = box.install("--runtime", "none", "--upgrade")
+    assert files_under(box.opt / "runtimes/llamacpp/bin") == runtime_before
     new = box.current()
     assert new != old and f"(was {old})" in p.stdout
     assert sorted(os.listdir(box.opt / "venvs")) == sorted({old.split("/")[1], new.split("/")[1]})  # previous kept for rollback
