@@ -297,13 +297,22 @@ def _post(url: str, headers: dict):
     return r if r.status_code == 503 else None
 
 
-def test_missing_runtime_is_a_clear_failed_state(node_factory):
+VLLM_MODEL = """
+[[models]]
+name = "tiny-chat"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+"""
+
+
+@pytest.mark.parametrize("runtime,models", [("llamacpp", TINY_MODEL), ("vllm", VLLM_MODEL)])
+def test_missing_runtime_is_a_clear_failed_state(node_factory, runtime, models):
     missing = "/nonexistent/venv/bin/python"
-    node = node_factory(TINY_MODEL, extra=f'[runtimes.llamacpp]\npython = "{missing}"\n', ready=False)
+    node = node_factory(models, extra=f'[runtimes.{runtime}]\npython = "{missing}"\n', ready=False)
     r = wait_until(lambda: _ready_reasons(node), timeout=30)
-    assert r and f"llamacpp is not installed: {missing} not found" in r[0]
+    assert r and f"{runtime} is not installed: {missing} not found" in r[0]
     [w] = node.workers()
-    assert w["state"] == "failed" and "llamacpp is not installed" in w["last_error"]
+    assert w["state"] == "failed" and f"{runtime} is not installed" in w["last_error"]
     out = run_cli("status", "--json", config=node.config, check=True)
     status = json.loads(out.stdout)
     assert status["workers"][0]["state"] == "failed"
@@ -311,8 +320,8 @@ def test_missing_runtime_is_a_clear_failed_state(node_factory):
     assert status["node"]["ready"] is False
     doctor = run_cli("doctor", "--json", config=node.config)
     assert doctor.returncode != 0
-    [check] = [c for c in json.loads(doctor.stdout) if "llamacpp" in c["name"]]
-    assert check["level"] == "fail" and f"llamacpp is not installed: {missing} not found" in check["detail"]
+    [check] = [c for c in json.loads(doctor.stdout) if c["name"] == f"runtime {runtime}"]
+    assert check["level"] == "fail" and f"{runtime} is not installed: {missing} not found" in check["detail"]
 
 
 def _ready_reasons(node) -> list[str] | None:
