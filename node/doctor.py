@@ -68,8 +68,8 @@ def fail(name: str, detail: str, fix: str = "") -> Check:
     return Check(name, Level.FAIL, detail, fix)
 
 
-def run_checks(config: Config, *, nvml: Any = None, timeout_s: float = 5.0) -> list[Check]:
-    """Every check, in the order a person would fix things."""
+def run_checks(config: Config, *, nvml: Any = None, timeout_s: float = 5.0, rehash: bool = False) -> list[Check]:
+    """Every check, in the order a person would fix things (rehash: re-read every blob, slow on big models)."""
     inventory = discover(nvml)
     checks = [check_gpus(config, inventory)]
     lock, lock_check = _lock(config)
@@ -79,7 +79,7 @@ def run_checks(config: Config, *, nvml: Any = None, timeout_s: float = 5.0) -> l
     if lock_check is not None:
         checks.append(lock_check)
     else:
-        checks += list(check_store(config, lock))
+        checks += list(check_store(config, lock, rehash=rehash))
         checks.append(check_disk(config, lock))
         checks.append(check_placement(config, lock, inventory))
     checks.append(check_database(config))
@@ -171,8 +171,8 @@ def check_data_dir(config: Config) -> Check:
     return ok("data_dir", f"{d} is writable" if d.exists() else f"{d} will be created (under {existing})")
 
 
-def check_store(config: Config, lock: LockFile) -> Iterator[Check]:
-    """The store against models.lock: every pinned file present at its size (`infernode verify` re-hashes)."""
+def check_store(config: Config, lock: LockFile, *, rehash: bool = False) -> Iterator[Check]:
+    """The store against models.lock: every pinned file present at its size, and with rehash its digest."""
     stale = stale_models(config, lock)
     store = Store(config.data_dir / "store")
     for m in config.models:
@@ -188,9 +188,14 @@ def check_store(config: Config, lock: LockFile) -> Iterator[Check]:
             size = sum(f.size for f in missing)
             yield warn(f"model {m.name}", f"{len(missing)} of {len(entry.files)} files ({_size(size)}) missing "
                        "or incomplete in the store", "run `infernode pull` (the node also pulls on start)")
+            continue
+        bad = [p for f in entry.files if rehash and (p := store.rehash(f)) is not None]
+        if bad:
+            yield fail(f"model {m.name}", f"{len(bad)} of {len(entry.files)} files are corrupt: {bad[0]}",
+                       "run `infernode verify` (moves them aside), then `infernode pull`")
         else:
-            yield ok(f"model {m.name}", f"{len(entry.files)} files, {_size(entry.total_size)}, all in the store "
-                     "(`infernode verify` re-hashes them)")
+            yield ok(f"model {m.name}", f"{len(entry.files)} files, {_size(entry.total_size)}, all in the store"
+                     + (", digests verified" if rehash else " (`--rehash` re-reads them)"))
 
 
 def check_disk(config: Config, lock: LockFile) -> Check:

@@ -11,6 +11,7 @@ from node.doctor import Level, check_database, check_gpus, check_store, run_chec
 from node.gpus import discover
 from node.lockfile import read_lock
 from node.storage import open_storage
+from node.store import Store
 from tests.conftest import TINY_MODEL, free_port, run_cli, write_config
 from tests.fakes.nvml import FakeNvml, box
 
@@ -86,6 +87,17 @@ def test_store_and_schema_problems(tmp_path: Path):
     lock = read_lock(cfg.lock_path)
     [missing] = list(check_store(cfg, lock))
     assert missing.level is Level.WARN and "infernode pull" in missing.fix  # locked, not pulled yet
+    run_cli("pull", config=cfg_path, check=True)
+    [good] = list(check_store(cfg, lock, rehash=True))
+    assert good.level is Level.OK and "digests verified" in good.detail
+    blob = Store(cfg.data_dir / "store").blob_path(lock.models[0].files[0].sha256)
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF  # same size, different bytes: only a re-hash sees it
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    assert list(check_store(cfg, lock))[0].level is Level.OK
+    [corrupt] = list(check_store(cfg, lock, rehash=True))
+    assert corrupt.level is Level.FAIL and "digest mismatch" in corrupt.detail
     # The source changed in appliance.toml but not in models.lock: reported, never re-resolved.
     changed = cfg_path.read_text().replace('#*.gguf"', '#hf/*"')
     cfg_path.write_text(changed)

@@ -14,11 +14,12 @@ MARKS = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]fail[/
 
 
 @app.command()
-def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> int:
+def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON"),
+           rehash: bool = typer.Option(False, "--rehash", help="also re-hash every model file in the store (slow)")) -> int:
     """Check driver, NVML, runtimes, port, disk, store, database, admin key and fleet; exit 1 on any fail."""
     from node.doctor import Level, run_checks
 
-    checks = run_checks(config_from(config))
+    checks = run_checks(config_from(config), rehash=rehash)
     if as_json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))
     else:
