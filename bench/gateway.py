@@ -144,6 +144,7 @@ max_inflight = 256
     node = subprocess.Popen([py, "-m", "node", "up", "--config", cfg], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         node_url = f"http://127.0.0.1:{node_port}"
+        print(f"node pid {node.pid}, stub pid {stub.pid}, work dir {work}", file=sys.stderr)
         wait_http(node_url + "/readyz")
         import httpx
         admin = (work / "data" / "admin.key").read_text().strip()
