@@ -29,6 +29,7 @@ from node.keys import KeyRecord
 from node.teams import TeamRecord
 
 WINDOW = 60.0
+WHO = {"key": "this key", "team": "this key's team", "user": "this end user"}
 
 
 class Counter:
@@ -163,12 +164,16 @@ class Quotas:
     def __init__(self) -> None:
         self._counters: dict[tuple[str, ...], Counter] = {}
         self._teams: dict[str, TeamRecord] = {}
+        # key id -> (the record it was built for, its key and team scopes): records are
+        # immutable, so an identity check tells when a key changed.
+        self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]]]] = {}
         self._day = -1
         self._month = -1
 
     # -- configuration -----------------------------------------------------------
     def set_teams(self, teams: Iterable[TeamRecord]) -> None:
         self._teams = {t.name: t for t in teams}
+        self._plans = {}
 
     def team(self, name: str) -> TeamRecord | None:
         return self._teams.get(name)
@@ -196,12 +201,8 @@ class Quotas:
             raise AuthenticationError("this API key has expired", code="key_expired")
         if not key.allows(model):
             raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
-        plan = [(self.counter("key", key.id), Limits("key", key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
-                                                      key.budget_period, True))]
-        team = self._teams.get(key.team) if key.team else None
-        if team is not None:
-            plan.append((self.counter("team", team.name), Limits("team", team.rpm, team.tpm, team.max_parallel,
-                                                                 team.budget_tokens, team.budget_period, True)))
+        cached = self._plans.get(key.id)
+        plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key))
         if user and (key.user_rpm is not None or key.user_tpm is not None):
             plan.append((self.counter("user", key.id, user), Limits("user", key.user_rpm, key.user_tpm, None, None,
                                                                     "day", False)))
@@ -215,8 +216,18 @@ class Quotas:
             c.parallel += 1
         return Admission(self, key, model, _headers(plan, now), plan)
 
+    def _key_plan(self, key: KeyRecord) -> list[tuple[Counter, Limits]]:
+        plan = [(self.counter("key", key.id), Limits("key", key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
+                                                      key.budget_period, True))]
+        team = self._teams.get(key.team) if key.team else None
+        if team is not None:
+            plan.append((self.counter("team", team.name), Limits("team", team.rpm, team.tpm, team.max_parallel,
+                                                                 team.budget_tokens, team.budget_period, True)))
+        self._plans[key.id] = (key, plan)
+        return plan
+
     def _check(self, c: Counter, lim: Limits, now: float, plan: list[tuple[Counter, Limits]]) -> None:
-        who = {"key": "this key", "team": "this key's team", "user": "this end user"}[lim.label]
+        who = WHO[lim.label]
         if lim.rpm is not None and len(c.hits) >= lim.rpm:
             wait = c.hits[0] + WINDOW - now if c.hits else WINDOW
             raise RateLimited(f"{who} reached its limit of {lim.rpm} requests per minute", retry_after=wait,
