@@ -124,6 +124,11 @@ def test_cli_verify_exits_1_naming_bad_file(tmp_path):
     p = run_cli("verify", config=cfg)
     assert p.returncode == 1
     assert f"tiny-chat: {entry.files[0].path}: digest mismatch: expected sha256:{entry.files[0].sha256}" in p.stderr
+    # The bad copy is moved aside, so the next pull fetches it again and all is well.
+    assert "moved to" in p.stderr and (tmp_path / "data" / "store" / "quarantine" / entry.files[0].sha256).is_file()
+    pulled = run_cli("pull", config=cfg)
+    assert pulled.returncode == 0 and "1 fetched" in pulled.stdout, pulled.stderr
+    assert run_cli("verify", config=cfg).returncode == 0
 
 
 def corrupt(store: Store, f: LockedFile) -> None:

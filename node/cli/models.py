@@ -11,7 +11,7 @@ import typer
 from node.cli import ConfigOption, app, config_from, console, err_console
 from node.errors import OperationFailed, StoreError
 from node.lockfile import LockFile, read_lock, write_lock
-from node.store import Store
+from node.store import Problem, Store
 
 STARTER = """\
 # Infernode appliance configuration. See README.md for every key.
@@ -144,7 +144,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
 
 @app.command()
 def verify(config: Optional[str] = ConfigOption) -> None:
-    """Re-hash the store against models.lock; exit 1 naming every bad file."""
+    """Re-hash the store against models.lock; exit 1 naming every bad file (moved aside for `pull`)."""
     from node.manifest import check_manifest, is_ollama_entry
 
     cfg = config_from(config)
@@ -152,7 +152,17 @@ def verify(config: Optional[str] = ConfigOption) -> None:
     store = Store(cfg.data_dir / "store")
     bad = 0
     for entry in lk.models:
-        problems = [str(p) for p in store.verify(entry)]
+        problems = []
+        for f in entry.files:
+            p = store.rehash(f)
+            if p is None:
+                continue
+            if store.blob_path(f.sha256).exists():
+                # A blob with the right size but wrong bytes would look present to `pull`
+                # for ever: move it aside so the next pull fetches it again.
+                store.quarantine(f)
+                p = Problem(p.path, f"{p.what}; moved to {store.root / 'quarantine'}, run `infernode pull`")
+            problems.append(str(p))
         if not problems and is_ollama_entry(entry):
             try:
                 check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
