@@ -29,6 +29,7 @@ from node.lockfile import LockFile
 from node.placement import Placed, place
 from node.resolve import stale_models
 from node.router import Router
+from node.sources import OllamaSource, parse_source, registry_host
 from node.states import WorkerState
 from node.store import Store
 from node.handles import claim_workers, find_adoptable
@@ -107,14 +108,28 @@ class Supervisor:
             check = await self.check_runtime(m.runtime, m)
             if not check.ok:
                 return check.detail
-        return WorkerSpec(
+        spec = WorkerSpec(
             model=m.name, replica=placed.replica, runtime=m.runtime, port=0,
-            model_path=model_path, source=m.source, gpu_uuids=placed.gpu_uuids,
+            model_path=model_path, source=self._runtime_source(m), gpu_uuids=placed.gpu_uuids,
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
             python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
             max_model_len=m.max_model_len, url=m.url,
             startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s,
         )
+        try:  # an adapter refuses a spec it cannot launch (e.g. `args` for ollama): say so, don't crash
+            runtimes.get(m.runtime).plan(spec)
+        except ValueError as exc:
+            return f"{m.runtime} cannot launch {m.name}: {exc}"
+        return spec
+
+    @staticmethod
+    def _runtime_source(m: ModelConfig) -> str:
+        """The source as the runtime names the model (Ollama keeps a private registry's host)."""
+        if m.runtime == "ollama" and m.registry and m.source.startswith("ollama:"):
+            src = parse_source(m.source, registry=m.registry)
+            assert isinstance(src, OllamaSource)
+            return f"ollama:{registry_host(m.registry)}/{src.repository}:{src.tag}"
+        return m.source
 
     async def verify_store(self) -> None:
         """Re-hash every locked model before launch; a bad one is held, the others start."""
