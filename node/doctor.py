@@ -289,12 +289,22 @@ def check_fleet(config: Config, timeout_s: float) -> Check:
         r = httpx.get(base + "/model/info", headers={"authorization": f"Bearer {key}"}, timeout=timeout_s)
     except httpx.HTTPError as exc:
         return fail("fleet", f"LiteLLM at {base}: /model/info failed ({type(exc).__name__})", "check the proxy's logs")
-    if r.status_code in (401, 403):
+    if r.status_code in (401, 403) or _auth_error(r):
         return fail("fleet", f"LiteLLM at {base} rejects the master key ({r.status_code})",
                     f"set ${fleet.master_key_env} to the proxy's master key")
     if r.status_code >= 400:
         return warn("fleet", f"LiteLLM at {base} is up; /model/info answered {r.status_code}", "check the proxy's logs")
     return ok("fleet", f"LiteLLM at {base} is up and accepts the master key")
+
+
+def _auth_error(r: httpx.Response) -> bool:
+    """Did LiteLLM refuse the key? A bad key is error.type "auth_error"; a proxy without a
+    database answers "no_db_connection" instead, because only a non-master key is looked up there."""
+    try:
+        err = r.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(err, dict) and err.get("type") in ("auth_error", "no_db_connection")
 
 
 def check_alerts(config: Config) -> Check:

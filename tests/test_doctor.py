@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 from node.config import load_config
-from node.doctor import Level, check_database, check_gpus, check_store, run_checks
+import pytest
+
+from node.doctor import Level, check_database, check_fleet, check_gpus, check_store, run_checks
 from node.gpus import discover
 from node.lockfile import read_lock
 from node.storage import open_storage
 from node.store import Store
-from tests.conftest import TINY_MODEL, free_port, run_cli, write_config
+from tests.conftest import TINY_MODEL, free_port, run_cli, wait_until, write_config
 from tests.fakes.nvml import FakeNvml, box
 
 
@@ -130,3 +134,38 @@ def test_running_node_is_recognised_on_its_port(tiny_node):
     assert rc == 0, text
     assert checks["port"]["level"] == "ok" and "this node" in checks["port"]["detail"]
     assert checks["database"]["level"] == "ok" and checks["model tiny-chat"]["level"] == "ok"
+
+
+LITELLM = Path(__file__).resolve().parent.parent / ".venv-litellm" / "bin" / "litellm"
+
+
+@pytest.mark.skipif(not LITELLM.exists(), reason="no LiteLLM proxy: run `bash .ci/setup-litellm.sh` to create .venv-litellm")
+def test_fleet_check_against_a_real_litellm_proxy(tmp_path: Path):
+    port = free_port()
+    (tmp_path / "litellm.yaml").write_text('model_list: []\ngeneral_settings:\n  master_key: "sk-proxy-master"\n')
+    log = (tmp_path / "litellm.log").open("wb")
+    proxy = subprocess.Popen([str(LITELLM), "--config", str(tmp_path / "litellm.yaml"), "--port", str(port), "--host", "127.0.0.1"],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    try:
+        extra = f'[fleet.litellm]\nurl = "http://127.0.0.1:{port}"\nadvertise_url = "http://box:8080"\nmaster_key_env = "TEST_LITELLM_KEY"\n'
+        cfg = load_config(write_config(tmp_path, TINY_MODEL, extra=extra))
+        up = wait_until(lambda: proxy.poll() is not None or check_fleet(cfg, 2).level is not Level.FAIL
+                        or "unreachable" not in check_fleet(cfg, 2).detail, timeout=180, interval=1)
+        assert up and proxy.poll() is None, (tmp_path / "litellm.log").read_text()[-3000:]
+        os.environ.pop("TEST_LITELLM_KEY", None)
+        c = check_fleet(cfg, 10)
+        assert c.level is Level.FAIL and "no master key" in c.detail
+        os.environ["TEST_LITELLM_KEY"] = "sk-wrong"
+        c = check_fleet(cfg, 10)
+        assert c.level is Level.FAIL and "rejects the master key" in c.detail
+        os.environ["TEST_LITELLM_KEY"] = "sk-proxy-master"
+        c = check_fleet(cfg, 10)
+        assert c.level is Level.OK and "accepts the master key" in c.detail
+    finally:
+        os.environ.pop("TEST_LITELLM_KEY", None)
+        proxy.terminate()
+        try:
+            proxy.wait(20)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
