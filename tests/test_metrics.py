@@ -294,6 +294,9 @@ def test_workers_own_metrics_reexposed_through_the_node(node_factory):
     assert text, httpx.get(node.url + "/metrics", timeout=10).text[-2000:]
     assert value(text, "infernode_worker_metrics_up", model="tiny-vllm", replica="1") == 1
     assert text.count("# TYPE vllm:num_requests_running ") == 1
+    if PROMTOOL:
+        rc, out = promtool(text)
+        assert rc in (0, 3) and all("should not contain ':'" in p for p in out.splitlines() if p.strip()), out
 
 
 def test_totals_count_each_request_once():
