@@ -160,7 +160,8 @@ def relabel(text: str, model: str, replica: str) -> list[Metric]:
     for family in text_string_to_metric_families(text):
         if family.type == "unknown" and family.name.endswith("_created"):
             continue
-        m = Metric(family.name, family.documentation, family.type, family.unit)
+        doc = family.documentation or "Exported by the worker (it gave no help text)."
+        m = Metric(family.name, doc, family.type, family.unit)
         for s in family.samples:
             labels = dict(s.labels)
             for name in WORKER_LABELS:
