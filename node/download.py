@@ -8,6 +8,7 @@ next `infernode pull`, after a kill) resumes with `Range: bytes=<have>-`.
 
 from __future__ import annotations
 
+import http.client
 import os
 import queue
 import random
@@ -19,11 +20,12 @@ from typing import Callable
 
 import httpx
 
+from node.bulkhttp import BulkClient, BulkResponse
 from node.errors import StoreError
 from node.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-WRITE_CHUNK = 1024 * 1024
+READ_SIZE = 256 * 1024  # small enough that a failed read loses little
 SYNC_EVERY = 64 * 1024 * 1024
 
 
@@ -68,13 +70,17 @@ class NetSettings:
         # Cross-origin redirects (Hub -> CDN) drop Authorization: httpx does that itself.
         return httpx.Client(timeout=timeout, follow_redirects=True, headers={"accept-encoding": "identity"})
 
+    def bulk_client(self) -> BulkClient:
+        """The client blob bodies are read with (see node.bulkhttp for why not httpx)."""
+        return BulkClient(timeout_s=self.stall_timeout_s)
+
     def sleep_before(self, attempt: int) -> None:
         """Exponential backoff with jitter, so many boxes do not retry in step."""
         delay = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
         time.sleep(delay * (0.5 + random.random() / 2))
 
 
-def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: NetSettings, *,
+def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSettings, *,
                headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None,
                cancel: threading.Event | None = None) -> None:
     """Fill `writer` from `url` up to the locked size, resuming and retrying as needed."""
@@ -88,7 +94,7 @@ def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: Net
             _one_attempt(client, url, writer, headers or {}, on_bytes, cancel)
         except _Retry as exc:
             last = str(exc)
-        except httpx.TransportError as exc:  # reset, refused, stall (ReadTimeout), short body
+        except (OSError, http.client.HTTPException) as exc:  # reset, refused, stall (timeout), TLS, short body
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if writer.offset >= size:
             return
@@ -101,31 +107,31 @@ def fetch_into(client: httpx.Client, url: str, writer: BlobWriter, settings: Net
         settings.sleep_before(attempt)
 
 
-def _one_attempt(client: httpx.Client, url: str, writer: BlobWriter, headers: dict[str, str],
+def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, headers: dict[str, str],
                  on_bytes: Callable[[int], None] | None, cancel: threading.Event | None) -> None:
     size, path = writer.locked.size, writer.locked.path
     h = dict(headers)
     if writer.offset:
         h["range"] = f"bytes={writer.offset}-"
-    with client.stream("GET", url, headers=h) as r:
-        code = r.status_code
+    with client.get(url, h) as r:
+        code = r.status
         if code == 416 and writer.offset:
             _restart(writer, on_bytes)  # our partial is longer than what the server has: start over
             raise _Retry("HTTP 416 for our resume offset")
         if code >= 500 or code in (408, 429):
             raise _Retry(f"HTTP {code}")
         if code == 206:
-            m = CONTENT_RANGE.match(r.headers.get("content-range", ""))
+            m = CONTENT_RANGE.match(r.header("content-range") or "")
             if not m or int(m.group(1)) != writer.offset:
                 _restart(writer, on_bytes)
-                raise _Retry(f"bad Content-Range {r.headers.get('content-range')!r}")
+                raise _Retry(f"bad Content-Range {r.header('content-range')!r}")
             if m.group(3) != "*" and int(m.group(3)) != size:
                 writer.discard()
                 raise SizeMismatch(f"{path}: the server has {m.group(3)} bytes, models.lock pins {size}; the source changed")
         elif code == 200:
             if writer.offset:
                 _restart(writer, on_bytes)  # Range ignored: the body starts at byte 0
-            length = r.headers.get("content-length")
+            length = r.header("content-length")
             if length is not None and int(length) != size:
                 writer.discard()
                 raise SizeMismatch(f"{path}: the server has {length} bytes, models.lock pins {size}; the source changed")
@@ -145,14 +151,14 @@ def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None
         on_bytes(-had)
 
 
-def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
+def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
           cancel: threading.Event | None = None) -> None:
     """Receive on this thread while another writes and hashes, so neither waits on the other.
 
-    The transport's small reads are coalesced into big writes. Every byte that arrived
-    before a failure is still written, so the next attempt resumes right after it.
+    Every byte that arrived before a failure is still written, so the next attempt
+    resumes right after it.
     """
-    q: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+    q: queue.Queue[bytearray | None] = queue.Queue(maxsize=8)
     failed: list[BaseException] = []
     flush_due, done = threading.Event(), threading.Event()
 
@@ -185,22 +191,17 @@ def _pump(r: httpx.Response, writer: BlobWriter, on_bytes: Callable[[int], None]
     f = threading.Thread(target=flusher, name="pull-sync", daemon=True)
     t.start()
     f.start()
-    buf: list[bytes] = []
-    have = 0
     try:
-        for chunk in r.iter_raw():
+        while not failed:
             if cancel is not None and cancel.is_set():
                 raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
-            buf.append(chunk)
-            have += len(chunk)
-            if have >= WRITE_CHUNK:
-                if failed:
-                    break
-                q.put(b"".join(buf))
-                buf, have = [], 0
+            chunk = bytearray(READ_SIZE)  # a fresh buffer: the writer thread may still hold the last one
+            with memoryview(chunk) as view:
+                n = r.readinto(view)
+            if not n:
+                break
+            q.put(chunk if n == READ_SIZE else chunk[:n])
     finally:
-        if buf and not failed:
-            q.put(b"".join(buf))
         q.put(None)
         t.join()
         done.set()

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
+from node.bulkhttp import BulkClient
 from node.config import ModelConfig
 from node.download import NetSettings, RemoteError, fetch_into, get_with_retries
 from node.errors import StoreError
@@ -222,7 +223,8 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
             auth = registry_token(client, src, settings)
             jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
         cancel = threading.Event()
-        futures = [pool.submit(_fetch_one, store, client, d, settings, progress, entry.name, cancel) for d in jobs]
+        bulk = settings.bulk_client()
+        futures = [pool.submit(_fetch_one, store, bulk, d, settings, progress, entry.name, cancel) for d in jobs]
         try:
             errors = [f.exception() for f in futures]
         except BaseException:  # Ctrl-C: stop the other downloads at their next chunk
@@ -235,7 +237,7 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
         check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
 
 
-def _fetch_one(store: Store, client: httpx.Client, d: Download, settings: NetSettings,
+def _fetch_one(store: Store, client: BulkClient, d: Download, settings: NetSettings,
                progress: PullProgress, model: str, cancel: threading.Event) -> None:
     label = f"{model}/{d.locked.path}"
     with store.writer(d.locked) as w:
