@@ -97,6 +97,7 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    responded: bool = False   # the last byte of the answer was handed to the server
 
 
 class Gateway:
@@ -254,6 +255,11 @@ class Gateway:
         ex = Exchange(rid=rid, model=model, endpoint=endpoint, key_id=key.id, team=key.team, user=user,
                       started=time.perf_counter(), stream=stream)
         entered = False
+        self.inflight += 1
+        me = asyncio.current_task()
+        # From here on a client that goes away cancels this task: in the queue, while the
+        # worker computes a non-streamed answer, or mid-stream.
+        watcher = asyncio.create_task(_watch_disconnect(receive, me, ex))
         try:
             try:
                 await gate.enter(self.queue_wait_s)
@@ -265,20 +271,25 @@ class Gateway:
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
-            await self._route(req, body, endpoint, path, ex, adm, ridb, receive, send)
+            await self._route(req, body, endpoint, path, ex, adm, ridb, send)
+        except asyncio.CancelledError:
+            if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+                raise
+            me.uncancel()  # type: ignore[union-attr]
+            ex.status = 499
+            log.info("request %s: client disconnected", rid)
         except NodeError as err:
             ex.status = err.status
             raise
-        except ClientGone:
-            ex.status = 499
-            log.info("request %s: client disconnected", rid)
         finally:
+            watcher.cancel()
+            self.inflight -= 1
             if entered:
                 gate.leave(time.perf_counter() - ex.started)
             self._account(ex, adm, info)
 
     async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
-                     ridb: bytes, receive: Receive, send: Send) -> None:
+                     ridb: bytes, send: Send) -> None:
         target = self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
@@ -298,42 +309,33 @@ class Gateway:
         headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
         subpath = path.decode()[3:]
         for attempt in (0, 1):
+            target.inflight += 1  # counted from the request's start, for least-outstanding routing
             try:
                 resp = await self.client.request("POST", target.openai_base, subpath, body, headers)
-                break
             except ConnectFailed as exc:
+                target.inflight -= 1
                 # Nothing reached the client yet: retry once on another replica.
                 log.warning("request %s: worker %s unreachable (%s)", ex.rid, target.id, exc)
                 other = self.router.pick(ex.model, exclude=target) if attempt == 0 else None
                 if other is None:
                     raise UpstreamError(f"the worker for '{ex.model}' is unreachable: {exc}") from None
                 target = other
-            except TimedOut:
-                raise UpstreamTimeout(f"the worker for '{ex.model}' did not answer in time") from None
-            except UpstreamFailure as exc:
-                raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}") from None
-        await self._forward(resp, target, ex, adm, relay, client_wants_usage, ridb, receive, send)
-
-    async def _forward(self, resp: Response, target, ex: Exchange, adm: Admission, relay: SseRelay | None,
-                       client_wants_usage: bool, ridb: bytes, receive: Receive, send: Send) -> None:
-        target.inflight += 1
-        self.inflight += 1
+                continue
+            except BaseException as exc:
+                target.inflight -= 1
+                if isinstance(exc, TimedOut):
+                    raise UpstreamTimeout(f"the worker for '{ex.model}' did not answer in time") from None
+                if isinstance(exc, UpstreamFailure):
+                    raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}") from None
+                raise
+            break
         gauge = self._metrics_for(ex.model).inflight
         gauge.inc()
-        me = asyncio.current_task()
-        watcher = asyncio.create_task(_watch_disconnect(receive, me))
         try:
             await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, send)
-        except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and watcher.result():
-                me.uncancel()  # type: ignore[union-attr]
-                raise ClientGone() from None
-            raise
         finally:
-            watcher.cancel()
             resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
             target.inflight -= 1
-            self.inflight -= 1
             gauge.dec()
 
     async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
@@ -347,6 +349,7 @@ class Gateway:
             ex.status = resp.status
             status = resp.status if resp.status < 500 else 502
             log.info("request %s: worker answered %d", ex.rid, resp.status)
+            ex.responded = True
             await send_body(send, status, _worker_error(raw, resp.status), JSON_CT + out_headers)
             return
         if relay is None or not ctype.startswith(b"text/event-stream"):
@@ -356,6 +359,7 @@ class Gateway:
             if usage:
                 ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+            ex.responded = True
             await send_body(send, resp.status, raw, [(b"content-type", ctype)] + out_headers)
             return
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + out_headers})
@@ -371,7 +375,7 @@ class Gateway:
                     if synth and relay.saw_done:
                         out = relay.synth_usage(out, model=ex.model, chat=ex.endpoint == "chat",
                                                 prompt_tokens=ex.prompt_tokens)
-                    finished = done
+                    finished = ex.responded = done
                     if finished:
                         resp.drain_timeout(5.0)  # only the end of the framing should follow
                     # Ending the response with the last event saves the client a separate empty write.
@@ -390,6 +394,7 @@ class Gateway:
             elif relay.count_content:
                 ex.completion_tokens = relay.content_events
         if not finished:
+            ex.responded = True
             await send({"type": "http.response.body", "body": relay.buf, "more_body": False})
 
     def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
@@ -447,13 +452,15 @@ async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
         raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}", source="worker") from None
 
 
-async def _watch_disconnect(receive: Receive, task: asyncio.Task | None) -> bool:
-    """Cancel the request's task when the client goes away; True if it did."""
+async def _watch_disconnect(receive: Receive, task: asyncio.Task | None, ex: Exchange) -> bool:
+    """Cancel the request's task when the client goes away before its answer ended; True if it did."""
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            if task is not None:
-                task.cancel()
+            # The server also reports a disconnect once the response is complete: not a cancellation.
+            if ex.responded or task is None:
+                return False
+            task.cancel()
             return True
 
 

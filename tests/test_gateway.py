@@ -140,6 +140,16 @@ def test_client_disconnect_cancels_the_worker_request(stub_node):
     assert gone and gone[0]["after_chunks"] < 100
 
 
+def test_client_disconnect_cancels_a_non_streamed_request(stub_node):
+    node, key, stub = stub_node
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(node.url + "/v1/completions", json={"model": "stub-model", "prompt": "x", "stub": {"delay_s": 5}},
+                   headers={"authorization": f"Bearer {key}", "x-request-id": "bye-2"}, timeout=0.5)
+    gone = wait_until(lambda: [e for e in events(stub) if e["event"] == "disconnect" and e["request_id"] == "bye-2"],
+                      timeout=4)
+    assert gone  # the worker saw it long before its 5 s were up
+
+
 def test_worker_dying_mid_stream_ends_with_error_event(stub_node):
     node, key, _ = stub_node
     body = {"model": "stub-model", "messages": [], "stream": True, "stub": {"die_after": 5}}

@@ -133,8 +133,13 @@ class Conn(asyncio.Protocol):
         if stub.record:
             stub.events.append({"event": "request", "path": path, "body": req,
                                 "request_id": headers.get("x-request-id")})
-        if ctl.get("delay_s"):
-            await asyncio.sleep(ctl["delay_s"])
+        if ctl.get("delay_s"):  # "thinking": a client that goes away meanwhile is noticed and recorded
+            try:
+                await asyncio.wait_for(self.lost.wait(), ctl["delay_s"])
+                stub.events.append({"event": "disconnect", "after_chunks": 0, "request_id": headers.get("x-request-id")})
+                return
+            except asyncio.TimeoutError:
+                pass
         if ctl.get("status"):
             return self._error(int(ctl["status"]), ctl.get("message", "stub error"), ctl.get("param"))
         if req.get("model") != stub.model:
