@@ -229,3 +229,23 @@ def test_ollama_registry_with_anonymous_token_auth(tmp_path):
         assert any(s.path.startswith("/v2/library/tiny/manifests/") and s.authorization for s in reg.seen)
     finally:
         reg.stop()
+
+
+def test_hf_token_is_not_sent_to_the_cdn(tmp_path, monkeypatch):
+    hub, cdn = FakeHub(token="hf_secret").start(), FakeHub().start()
+    try:
+        hub.commit("org/private", {"tiny.gguf": GGUF})
+        cdn.blobs = hub.blobs
+        hub.cdn_url = cdn.url  # another origin, as the Hub's storage is
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        cfg, lock = lock_of(write_box(tmp_path, model("hf:org/private")))
+        store = Store(cfg.data_dir / "store")
+        pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
+        assert store.verify(lock.entry("m")) == []
+        assert [s.authorization for s in hub.seen if "/resolve/" in s.path] == ["Bearer hf_secret"]
+        cdn_seen = [s for s in cdn.seen if s.path.startswith("/cdn/")]
+        assert cdn_seen and all(s.authorization is None for s in cdn_seen)
+    finally:
+        hub.stop()
+        cdn.stop()

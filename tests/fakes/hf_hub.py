@@ -38,6 +38,8 @@ class FakeHub(FaultyServer):
         self.repos: dict[str, Repo] = {}
         self.token = token
         self.blobs: dict[str, bytes] = {}
+        # Where LFS redirects go; another server here makes the CDN a different origin.
+        self.cdn_url: str | None = None
 
     def commit(self, repo: str, files: dict[str, bytes], ref: str = "main") -> str:
         """A new commit of `files` on branch or tag `ref`; returns its 40-hex sha."""
@@ -127,7 +129,7 @@ class _HubHandler(FaultyHandler):
         hexd = hashlib.sha256(data).hexdigest()
         if len(data) >= LFS_THRESHOLD:
             self.send_response(302)
-            self.send_header("location", f"{self.server.url}/cdn/{hexd}")
+            self.send_header("location", f"{self.server.cdn_url or self.server.url}/cdn/{hexd}")
             self.send_header("x-repo-commit", sha)
             self.send_header("x-linked-size", str(len(data)))
             self.send_header("x-linked-etag", f'"{hexd}"')
