@@ -239,6 +239,14 @@ def test_node_registers_restarts_without_duplicates_and_deregisters(fleet_node, 
         key = dep["litellm_params"]["api_key"]
         models = httpx.get(n.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).json()
         assert models["data"][0]["id"] == "tiny-chat" and "max_model_len" in models["data"][0]
+        assert isinstance(models["data"][0]["max_model_len"], int)
+        # Client mistakes are 4xx (LiteLLM cools a whole deployment down on 5xx).
+        auth = {"authorization": f"Bearer {key}"}
+        for body, code in ((b"{not json", 400), (b'{"messages": []}', 400), (b'{"model": "nope", "messages": []}', 404)):
+            r = httpx.post(n.url + "/v1/chat/completions", content=body, headers=auth)
+            assert r.status_code == code, r.text
+            assert r.json()["error"]["message"]
+        assert httpx.post(n.url + "/v1/chat/completions", json={}, headers={"authorization": "Bearer sk-bad"}).status_code == 401
         saved = json.loads((n.data_dir / "fleet.key").read_text())
         with n.admin() as c:
             rec = c.get(f"/admin/v1/keys/{saved['id']}").json()

@@ -47,9 +47,14 @@ def _fleet_key_usage(n) -> dict:
     return rows[0] if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    """Two ready nodes and a LiteLLM proxy whose model_list is their `fleet config` output."""
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Two ready nodes and a LiteLLM proxy whose model_list is their `fleet config` output.
+
+    Shared by the module's tests (starting three servers costs most of the time); the
+    test that stops a node runs last.
+    """
+    tmp_path = tmp_path_factory.mktemp("litellm-fleet")
     nodes: list = []
     proxy = None
     try:
@@ -111,13 +116,13 @@ def test_proxy_routes_chat_streams_and_usage_to_both_nodes(fleet):
     assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0
 
     with httpx.stream("POST", url + "/v1/chat/completions", headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=120,
-                      json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                            "stream": True, "stream_options": {"include_usage": True}}) as s:
+                      json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as s:
         assert s.status_code == 200
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks), chunks
+    assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks), json.dumps(chunks)
     usage = [c["usage"] for c in chunks if c.get("usage")]
     assert usage and usage[-1]["completion_tokens"] > 0
 
