@@ -65,13 +65,16 @@ def chat(url: str, key: str, max_tokens: int = 1, stream: bool = False, user: st
 
 
 def test_limits_through_a_real_node_and_restart(node_factory) -> None:
-    n = node_factory()
+    n = node_factory(TINY_MODEL + "price_input = 1.5\nprice_output = 4.0\n")
     # tpm and a budget reached mid-stream: the stream finishes, the next request is refused.
     ktpm = n.create_key(tpm=20)
     kbud = n.create_key(budget_tokens=20, budget_period="month")
     for k, reason in ((ktpm, "tokens per minute"), (kbud, "budget")):
         r = chat(n.url, k, max_tokens=30, stream=True)
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        # Usage is charged when the upstream response has ended, which can be a moment
+        # after the client has read [DONE] (the gateway ends the client's stream first).
+        time.sleep(0.3)
         refused = chat(n.url, k)
         assert refused.status_code == 429 and reason in refused.json()["error"]["message"]
     assert refused.json()["error"]["code"] == "budget_exceeded"
@@ -116,6 +119,9 @@ def test_limits_through_a_real_node_and_restart(node_factory) -> None:
     csv = run_cli("usage", "--group-by", "model", "--format", "csv", config=n.config, check=True).stdout
     assert csv.splitlines()[0] == "model,requests,prompt_tokens,completion_tokens,errors,cost"
     assert csv.splitlines()[1].startswith("tiny-chat,")
+    (m,) = json.loads(run_cli("usage", "--group-by", "model", "--format", "json", config=n.config, check=True).stdout)
+    assert m["cost"] == pytest.approx((m["prompt_tokens"] * 1.5 + m["completion_tokens"] * 4.0) / 1e6)
+    assert m["cost"] > 0
 
     # A restart resets neither a budget nor a rate window (rebuilt from the ledger).
     assert n.stop() == 0
