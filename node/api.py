@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 from node.admin_api import build_admin
@@ -30,12 +31,14 @@ class NodeApp:
         if kind != "http":
             return
         path: str = scope["path"]
+        gateway = self.node.gateway
+        if path.startswith("/v1/") and gateway is not None:
+            return await gateway(scope, receive, send)  # the hot path sets its own x-request-id
+        rid = _request_id(scope)
+        send = _with_request_id(send, rid)
         if path.startswith("/v1/"):
-            gateway = self.node.gateway
-            if gateway is None:
-                err = NoReadyReplica("the node is starting", retry_after=2)
-                return await send_body(send, err.status, err.body(), error_headers(err, b"-"))
-            return await gateway(scope, receive, send)
+            err = NoReadyReplica("the node is starting", retry_after=2)
+            return await send_body(send, err.status, err.body(), error_headers(err, rid))
         if path == "/healthz":
             return await send_body(send, 200, b'{"status":"ok"}', JSON_CT)
         if path == "/readyz":
@@ -49,7 +52,7 @@ class NodeApp:
         if path.startswith("/admin/"):
             return await self.admin(scope, receive, send)
         err: NodeError = NotFound(f"no route {scope['method']} {path}")
-        await send_body(send, 404, err.body(), error_headers(err, b"-"))
+        await send_body(send, 404, err.body(), JSON_CT)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -59,3 +62,20 @@ class NodeApp:
             elif msg["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _request_id(scope: Scope) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"x-request-id":
+            return v[:128]
+    return uuid.uuid4().hex.encode()
+
+
+def _with_request_id(send: Send, rid: bytes) -> Send:
+    """`send`, adding x-request-id to the response headers (every response carries one)."""
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+            message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+        await send(message)
+    return wrapped

@@ -283,3 +283,11 @@ def test_llamacpp_killed_mid_stream(tiny_node):
     assert err["source"] == "worker" and "mid-stream" in err["message"]
     assert len(lines) < 1900
     time.sleep(0.1)
+
+
+def test_every_response_has_a_request_id(stub_node):
+    node, key, _ = stub_node
+    for path in ("/healthz", "/readyz", "/metrics", "/admin/v1/keys", "/nowhere"):
+        r = httpx.get(node.url + path, headers={"x-request-id": "rid-" + path}, timeout=10)
+        assert r.headers["x-request-id"] == "rid-" + path, path
+        assert len(httpx.get(node.url + path, timeout=10).headers["x-request-id"]) == 32
