@@ -222,6 +222,10 @@ class Node:
                 notes.append("[node] changes take effect at the next restart")
                 config = config.model_copy(update={"node": self.config.node})
             self.config, self.lock = config, lock
+            if self.fleet is not None and config.fleet.litellm is not None:
+                # Per-model rpm/tpm/order/tags may have changed; the proxy URL and key stay until restart.
+                self.fleet.config = config.model_copy(update={"fleet": self.fleet.config.fleet})
+                self.fleet.poke()
             if self.gateway is not None:
                 self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:

@@ -255,7 +255,20 @@ def test_node_registers_restarts_without_duplicates_and_deregisters(fleet_node, 
         st = json.loads(status.stdout)
         assert st["registered"] == [dep_id] and st["key_id"] == saved["id"] and st["last_error"] is None
 
+        # The fleet key's own quota shows in x-ratelimit-* headers the proxy can read.
+        r = httpx.post(n.url + "/v1/chat/completions", headers=auth, timeout=60,
+                       json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "1000", r.headers
+
+        # The model goes away (its replica restarts) and comes back: removed, then registered again.
+        deletes = fake.calls.count(("POST", "/model/delete"))
+        with n.admin() as c:
+            assert c.post("/admin/v1/models/tiny-chat/restart").status_code == 200
+        assert wait_until(lambda: fake.calls.count(("POST", "/model/delete")) > deletes, timeout=20), fake.calls
+        assert wait_until(lambda: fake.ids() == [dep_id], timeout=60), fake.ids()
+
         # Clean shutdown deregisters.
+        news = fake.calls.count(("POST", "/model/new"))
         assert n.stop() == 0
         assert fake.ids() == []
 
@@ -265,7 +278,7 @@ def test_node_registers_restarts_without_duplicates_and_deregisters(fleet_node, 
             n2.wait_ready()
             assert wait_until(lambda: fake.ids() == [dep_id], timeout=20), fake.ids()
             assert fake.models[dep_id]["litellm_params"]["api_key"] == key
-            assert sum(1 for c in fake.calls if c == ("POST", "/model/new")) == 2
+            assert fake.calls.count(("POST", "/model/new")) == news + 1
             # SIGUSR2 (an upgrade: workers left for a successor) keeps the registration.
             assert n2.stop(signal.SIGUSR2) == 0
             assert fake.ids() == [dep_id]
