@@ -19,6 +19,9 @@ from tests.conftest import REPO, TINY_MODEL, free_port, run_cli, start_node, wri
 
 LITELLM = REPO / ".venv-litellm" / "bin" / "litellm"
 PROXY_KEY = "sk-proxy-master"
+# The tiny model's random weights may pick end-of-turn (token 2) first; forbid it so every
+# answer has content.
+NO_EOS = {"2": -100}
 
 pytestmark = pytest.mark.skipif(not LITELLM.exists(),
                                 reason="no LiteLLM proxy: run `bash .ci/setup-litellm.sh` to create .venv-litellm")
@@ -102,7 +105,8 @@ def fleet(tmp_path_factory):
 
 
 def _chat(url: str, **extra) -> httpx.Response:
-    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **extra}
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+            "logit_bias": NO_EOS, **extra}
     return httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {PROXY_KEY}"},
                       timeout=120)
 
@@ -117,7 +121,7 @@ def test_proxy_routes_chat_streams_and_usage_to_both_nodes(fleet):
 
     with httpx.stream("POST", url + "/v1/chat/completions", headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=120,
                       json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as s:
+                            "logit_bias": NO_EOS, "stream": True, "stream_options": {"include_usage": True}}) as s:
         assert s.status_code == 200
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
