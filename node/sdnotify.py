@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 log = logging.getLogger("infernode.sdnotify")
 
@@ -25,6 +25,7 @@ class Notifier:
     def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
         self.address = address
         self.watchdog_usec = watchdog_usec
+        self.is_stopping = False
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True) -> "Notifier":
@@ -65,6 +66,7 @@ class Notifier:
         return self.send(STATUS=status)
 
     def stopping(self, status: str) -> bool:
+        self.is_stopping = True  # from here on the shutdown's own STATUS lines stand
         return self.send(STOPPING=1, STATUS=status)
 
     def watchdog(self) -> bool:
@@ -77,14 +79,24 @@ class Notifier:
             return None
         return self.watchdog_usec / 2 / 1e6
 
-    async def run_watchdog(self) -> None:
-        """Ping the watchdog from the event loop until cancelled: a stuck loop misses pings and systemd restarts us."""
-        interval = self.watchdog_interval_s
-        if interval is None:
+    async def run(self, status: Callable[[], str] | None = None, status_every_s: float = 5.0) -> None:
+        """Until cancelled: ping the watchdog every WATCHDOG_USEC/2 and send STATUS= when status() changes.
+
+        The pings come from the event loop, so a wedged loop misses them and systemd restarts the node.
+        """
+        if not self.enabled:
             return
+        ticks = [t for t in (self.watchdog_interval_s, status_every_s if status else None) if t]
+        if not ticks:
+            return
+        last = None
         while True:
-            self.watchdog()
-            await asyncio.sleep(interval)
+            if self.watchdog_usec:
+                self.watchdog()
+            if status is not None and not self.is_stopping and (line := status()) != last:
+                self.status(line)
+                last = line
+            await asyncio.sleep(min(ticks))
 
 
 def _watchdog_usec(env: MutableMapping[str, str]) -> int | None:

@@ -76,6 +76,13 @@ async def _reload(node: Node) -> None:
         log.error("reload failed, keeping the running config: %s", exc)
 
 
+def _status_line(node: Node, config: Config) -> str:
+    """One line for `systemctl status`: where the node listens and whether it is ready."""
+    ok, reasons = node.readiness()
+    state = f"ready, serving {', '.join(node.ready_models())}" if ok else f"not ready: {reasons[0] if reasons else 'starting'}"
+    return f"listening on http://{config.node.listen}; {state}"
+
+
 async def serve(config: Config, node: Node | None = None, notifier: Notifier | None = None) -> None:
     """Run the node until a signal stops it."""
     node = node or Node(config)
@@ -120,7 +127,7 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
     log.info("listening on http://%s", config.node.listen)
     # systemd (Type=notify): ready once the API answers; workers start behind /readyz.
     notifier.ready(f"listening on http://{config.node.listen}")
-    watchdog = asyncio.create_task(notifier.run_watchdog())
+    watchdog = asyncio.create_task(notifier.run(lambda: _status_line(node, config)))
     starting = asyncio.create_task(node.start_workers())
     await asyncio.wait([serving, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
     notifier.stopping("draining, leaving workers for adoption" if mode["detach"] else "draining and stopping workers")

@@ -150,6 +150,11 @@ def test_node_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         pings = [m for m in listener.messages[first:] if m.get("WATCHDOG") == "1"]
         assert 3 <= len(pings) <= 6, listener.messages  # every WATCHDOG_USEC/2 = 0.5 s
         node.wait_ready()
+        # `systemctl status` follows readiness: STATUS= changes once the model is served.
+        deadline = time.monotonic() + 15
+        while not any(m.get("STATUS", "").endswith("; ready, serving tiny-chat") for m in listener.messages):
+            assert time.monotonic() < deadline, listener.messages
+            listener.poll()
         # Workers must not inherit the socket: only the node speaks for the unit.
         workers = descendants_of_keepers(node.data_dir)
         assert workers
@@ -160,6 +165,9 @@ def test_node_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         stopping = listener.wait_for("STOPPING", timeout=30)
         assert stopping["STATUS"] == "draining and stopping workers"
         assert node.proc.wait(30) == 0
+        listener.poll()
+        after = listener.messages[listener.messages.index(stopping) + 1:]
+        assert not any("STATUS" in m for m in after), after  # the shutdown's status is not overwritten
         assert wait_until(lambda: not descendants_of_keepers(node.data_dir), timeout=20)
     finally:
         node.stop()
