@@ -241,7 +241,14 @@ class FleetReconciler:
             for dep_id, dep in want.items():
                 fp = dep.fingerprint()
                 if dep_id not in have:
-                    await self.admin.add(dep)
+                    try:
+                        await self.admin.add(dep)
+                    except ProxyError as exc:
+                        # Stored but not yet in the proxy's router (another pod, or a reload under way):
+                        # the id is ours, so replace it rather than fail.
+                        if exc.status != 400 or "unique" not in str(exc).lower():
+                            raise
+                        await self.admin.update(dep)
                     log.info("fleet: registered %s with %s", dep_id, self.admin.url)
                 elif self._pushed.get(dep_id) != fp:
                     # The proxy masks api_key in /model/info, so compare with what we sent, not what it shows.

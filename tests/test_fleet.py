@@ -15,7 +15,7 @@ import yaml
 
 from node.config import parse_config
 from node.fleet import (FleetReconciler, LiteLLMAdmin, deployment_id, desired_deployments, ensure_fleet_key,
-                        id_prefix, model_list_yaml)
+                        id_prefix, model_list_yaml, read_master_key)
 from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from tests.conftest import TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 from tests.fakes.litellm_admin import LiteLLMAdminFake
@@ -164,6 +164,33 @@ def test_wrong_master_key_and_no_database_say_what_to_fix(tmp_path, fake):
         await r.admin.aclose()
 
     asyncio.run(scenario())
+
+
+def test_add_of_an_id_the_proxy_already_stores_becomes_an_update(tmp_path, fake):
+    cfg = _config(tmp_path, fake.url)
+    [dep] = desired_deployments(cfg, "sk-old", ["chat-a"])
+    fake.models[dep.id] = {**dep.body(), "model_info": {"id": dep.id}}
+
+    async def scenario() -> None:
+        r = _reconciler(cfg, fake.url, {"chat-a"}, key="sk-new")
+        r.admin.deployments = lambda prefix: asyncio.sleep(0, {})  # the proxy's router has not loaded it yet
+        await r.sync()
+        await r.admin.aclose()
+
+    asyncio.run(scenario())
+    assert fake.ids() == [dep.id] and fake.models[dep.id]["litellm_params"]["api_key"] == "sk-new"
+
+
+def test_master_key_from_env_else_file(tmp_path, monkeypatch):
+    (tmp_path / "litellm.key").write_text("sk-from-file\n")
+    raw = {"node": {"data_dir": str(tmp_path / "data")},
+           "fleet": {"litellm": {"url": "http://p:4000", "advertise_url": "http://n:8080",
+                                 "master_key_env": "TEST_FLEET_MK", "master_key_file": "litellm.key"}}}
+    cfg = parse_config(raw, tmp_path / "appliance.toml")
+    monkeypatch.delenv("TEST_FLEET_MK", raising=False)
+    assert read_master_key(cfg) == "sk-from-file"
+    monkeypatch.setenv("TEST_FLEET_MK", "sk-from-env")
+    assert read_master_key(cfg) == "sk-from-env"
 
 
 def test_fleet_key_is_created_once_and_replaced_when_revoked(tmp_path):
