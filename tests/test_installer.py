@@ -183,6 +183,7 @@ def test_reinstall_is_idempotent(box: Box) -> None:
     t0 = time.monotonic()
     p = box.install("--runtime", "llamacpp")
     took = time.monotonic() - t0
+    print(f"reinstall took {took:.1f}s")
     assert "node already installed" in p.stdout and "runtime llamacpp: already installed" in p.stdout
     assert "keeping" in p.stdout
     assert (files_under(box.etc), box.current(), sorted(os.listdir(box.opt / "venvs"))) == before
