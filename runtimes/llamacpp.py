@@ -1,8 +1,16 @@
 """llama.cpp through llama-cpp-python's OpenAI server (`python -m llama_cpp.server`).
 
 Flags follow llama-cpp-python's server settings (`--model`, `--model_alias`,
-`--host`, `--port`, `--n_ctx`, `--n_gpu_layers`). Its `/health` is 404 in 0.3.x, so
-readiness is `/v1/models` listing the alias; its streams carry no usage chunk.
+`--host`, `--port`, `--n_ctx`, `--n_gpu_layers`, `--interrupt_requests`). Its
+`/health` is 404 in 0.3.x, so readiness is `/v1/models` listing the alias; its
+streams carry no usage chunk.
+
+The server runs one generation at a time behind a lock that every model route takes
+(`/v1/models` included), and by default a request waiting for that lock interrupts
+the running stream. So the node launches it with `--interrupt_requests False`
+(concurrent requests queue instead of cutting each other short) and probes liveness
+on `/docs`, a static page that does not wait for the lock, so a long generation
+never looks like a dead worker.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     ]
     if not _has_flag(spec.args, "--n_ctx"):
         argv += ["--n_ctx", str(spec.max_model_len or DEFAULT_N_CTX)]
+    if not _has_flag(spec.args, "--interrupt_requests"):
+        argv += ["--interrupt_requests", "False"]
     if spec.gpu_uuids and not _has_flag(spec.args, "--n_gpu_layers"):
         argv += ["--n_gpu_layers", "-1"]
     argv += list(spec.args)
@@ -42,7 +52,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         env=env,
         root_url=root,
         openai_base=root + "/v1",
-        health=Probe("/v1/models"),
+        health=Probe("/docs"),
         ready=Probe("/v1/models", expect_model=spec.model),
         startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
         stream_usage=False,

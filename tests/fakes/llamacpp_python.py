@@ -6,10 +6,10 @@ way the node runs the real interpreter: `PY -c CODE` for the version check (hand
 the real Python) and `PY -m llama_cpp.server --model F --model_alias A --host H --port P
 --n_ctx N ...` for a worker. It accepts exactly the flags of llama-cpp-python's server
 that the adapter uses (llama-cpp-python docs, "OpenAI Compatible Web Server": `--model`,
-`--model_alias`, `--host`, `--port`, `--n_ctx`, `--n_threads`, `--n_gpu_layers`) and
-rejects others like the real argparse-based server (exit 2). It serves the routes the
-node probes on that server: `GET /v1/models` (the alias listed) and
-`POST /v1/completions`.
+`--model_alias`, `--host`, `--port`, `--n_ctx`, `--n_threads`, `--n_gpu_layers`,
+`--interrupt_requests`) and rejects others like the real argparse-based server (exit 2).
+It serves the routes the node probes on that server: `GET /v1/models` (the alias
+listed), `GET /docs` (FastAPI's docs page, the liveness probe) and `POST /v1/completions`.
 
 FAKE_LLAMACPP_MODE (from the model's env) says how to misbehave:
   serve            serve normally
@@ -41,6 +41,7 @@ def _server_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n_ctx", type=int, default=2048)
     p.add_argument("--n_threads", type=int)
     p.add_argument("--n_gpu_layers", type=int)
+    p.add_argument("--interrupt_requests", choices=["True", "False"])
     return p.parse_args(argv)
 
 
@@ -57,6 +58,13 @@ def _handler(alias: str, infer_ok: bool) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "me"}]})
+            elif self.path == "/docs":
+                page = b"<!DOCTYPE html><html><head><title>FastAPI - Swagger UI</title></head></html>"
+                self.send_response(200)
+                self.send_header("content-type", "text/html; charset=utf-8")
+                self.send_header("content-length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
             else:
                 self._json(404, {"detail": "Not Found"})
 
