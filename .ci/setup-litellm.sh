@@ -10,6 +10,6 @@ if [ -x "$VENV/bin/litellm" ] && "$VENV/bin/python" -c 'import litellm.proxy.pro
 fi
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q 'litellm[proxy]'
+"$VENV/bin/pip" install -q 'litellm[proxy]==1.106.2'
 "$VENV/bin/litellm" --version || true
 echo "setup-litellm: installed litellm[proxy] into $VENV"
