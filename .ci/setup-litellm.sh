@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-litellm
-if [ -x "$VENV/bin/litellm" ] && "$VENV/bin/python" -c 'import litellm.proxy.proxy_server' >/dev/null 2>&1; then
+if [ -x "$VENV/bin/litellm" ] && "$VENV/bin/python" -c 'import importlib.metadata as m; assert m.version("litellm") == "1.106.2"' >/dev/null 2>&1; then
     echo "setup-litellm: $VENV already has litellm[proxy]"
     exit 0
 fi
