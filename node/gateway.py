@@ -378,6 +378,9 @@ class Gateway:
                     finished = ex.responded = done
                     if finished:
                         resp.drain_timeout(5.0)  # only the end of the framing should follow
+                        # Charge quotas before the client sees [DONE], so its next request already counts them.
+                        _stream_tokens(relay, ex)
+                        adm.finish(ex.prompt_tokens, ex.completion_tokens)
                     # Ending the response with the last event saves the client a separate empty write.
                     await send({"type": "http.response.body", "body": out, "more_body": not finished})
         except UpstreamFailure as exc:
@@ -388,11 +391,7 @@ class Gateway:
                 await send({"type": "http.response.body",
                             "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n", "more_body": True})
         finally:
-            if relay.usage:
-                ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
-                ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
-            elif relay.count_content:
-                ex.completion_tokens = relay.content_events
+            _stream_tokens(relay, ex)
         if not finished:
             ex.responded = True
             await send({"type": "http.response.body", "body": relay.buf, "more_body": False})
@@ -462,6 +461,15 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task | None, ex: Exc
                 return False
             task.cancel()
             return True
+
+
+def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
+    """Token counts of a stream: the worker's usage chunk, else one per content event."""
+    if relay.usage:
+        ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
+        ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
+    elif relay.count_content:
+        ex.completion_tokens = relay.content_events
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
