@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 import time
@@ -70,19 +72,42 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
-def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
-    """Route the node's and uvicorn's logs to stdout in one format."""
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting and the write to stdout
+    (a pipe to journald, or a file) happen off the event loop, never on the request path."""
+
+    dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:  # stdout is stuck: drop rather than block requests or grow without bound
+            _Enqueue.dropped += 1
+
+
+def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> logging.handlers.QueueListener:
+    """Route the node's and uvicorn's logs to stdout in one format, written by a background thread.
+
+    Returns the writer; the caller's `stop()` writes out what is queued.
+    """
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    records: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=100_000)
+    writer = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
+    writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    return writer
 
 
 _access = logging.getLogger(ACCESS_LOGGER)

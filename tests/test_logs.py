@@ -63,17 +63,19 @@ def test_text_on_a_terminal_json_otherwise(restore_logging, monkeypatch):
     tty = os.fdopen(slave, "w")
     try:
         monkeypatch.setattr(sys, "stdout", tty)
-        setup_logging("auto")
-        assert isinstance(logging.getLogger().handlers[0].formatter, TextFormatter)
+        writer = setup_logging("auto")
+        assert isinstance(writer.handlers[0].formatter, TextFormatter)
+        writer.stop()
     finally:
         tty.close()
         os.close(master)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    setup_logging("auto")
-    assert isinstance(logging.getLogger().handlers[0].formatter, JsonFormatter)
+    writer = setup_logging("auto")
+    assert isinstance(writer.handlers[0].formatter, JsonFormatter)
     access("rid-1", "tiny", "key_1", 200, 0.25, endpoint="chat", ttft_s=0.05, prompt_tokens=3, completion_tokens=4)
     logging.getLogger(ACCESS_LOGGER).disabled = True  # [node] access_log = false
     access("rid-2", "tiny", "key_1", 200, 0.25)
+    writer.stop()  # lines are written by a background thread; stop() writes out what is queued
     lines = [json.loads(ln) for ln in sys.stdout.getvalue().splitlines()]
     assert [ln["request_id"] for ln in lines] == ["rid-1"]
     assert lines[0] | {"time": None} == {"time": None, "level": "info", "logger": ACCESS_LOGGER, "event": "request",

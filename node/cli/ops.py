@@ -21,13 +21,16 @@ def up(config: Optional[str] = ConfigOption) -> None:
     from node.server import serve
 
     cfg = config_from(config)
-    setup_logging(cfg.node.log_format)
+    writer = setup_logging(cfg.node.log_format)
     try:
         import uvloop
         runner = uvloop.run
     except ImportError:  # uvloop is optional
         runner = asyncio.run
-    runner(serve(cfg))
+    try:
+        runner(serve(cfg))
+    finally:
+        writer.stop()
 
 
 def _ago(ts: float) -> str:
