@@ -72,6 +72,9 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
+MAX_QUEUED = 100_000
+
+
 class _Enqueue(logging.handlers.QueueHandler):
     """Hands records to the writer thread as they are: formatting and the write to stdout
     (a pipe to journald, or a file) happen off the event loop, never on the request path."""
@@ -82,10 +85,10 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:  # stdout is stuck: drop rather than block requests or grow without bound
-            _Enqueue.dropped += 1
+        if self.queue.qsize() >= MAX_QUEUED:  # stdout is stuck: drop rather than block or grow without bound
+            self.dropped += 1
+            return
+        self.queue.put_nowait(record)
 
 
 def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> logging.handlers.QueueListener:
@@ -96,7 +99,8 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> logging.handl
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
-    records: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=100_000)
+    # SimpleQueue: a put is cheap (no Condition to notify), which matters once per request.
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     writer.start()
     root = logging.getLogger()

@@ -6,7 +6,8 @@ import json
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+import operator
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, Protocol, Sequence
 
 from node.keys import KeyRecord
@@ -45,6 +46,8 @@ class UsageRow:
 
 
 USAGE_COLUMNS = [f.name for f in fields(UsageRow)]
+# dataclasses.astuple deep-copies every field; this is a plain read, in column order.
+_usage_values = operator.attrgetter(*USAGE_COLUMNS)
 
 
 class Backend(Protocol):
@@ -222,7 +225,7 @@ class SqlStorage:
         sql = self._sql(f"INSERT INTO usage ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING")
         with self._guard():
             with self.backend.transaction() as tx:
-                tx.executemany(sql, [astuple(r) for r in rows])
+                tx.executemany(sql, [_usage_values(r) for r in rows])
 
     def usage_since(self, since: float) -> list[UsageRow]:
         cols = ", ".join(USAGE_COLUMNS)
