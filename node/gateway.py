@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from node import context
+from node.bodies import usage_of, worker_error
 from node.errors import (
     AuthenticationError, BodyTooLarge, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
     RateLimited, UpstreamError, UpstreamTimeout,
@@ -28,7 +29,7 @@ from node.errors import (
 from node.keys import KeyRing
 from node.ledger import Ledger
 from node.logs import access as access_log
-from node.metrics import Metrics
+from node.metrics import Metrics, ModelSeries
 from node.quotas import Admission, Quotas
 from node.router import Gate, QueueFull, Router
 from node.sse import SseRelay
@@ -119,7 +120,7 @@ class Gateway:
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
-        self._series: dict[str, _Series] = {}
+        self._series: dict[str, ModelSeries] = {}
         # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID
         # (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
         self._rid_prefix = os.urandom(10).hex()
@@ -217,10 +218,10 @@ class Gateway:
             log.info("request %s is %s at the worker", rid, wid)
             return wid
 
-    def _metrics_for(self, model: str) -> _Series:
+    def _metrics_for(self, model: str) -> ModelSeries:
         series = self._series.get(model)
         if series is None:
-            series = self._series[model] = _Series(self.metrics, model)
+            series = self._series[model] = ModelSeries(self.metrics, model)
         return series
 
     def context_len(self, info: ModelInfo) -> int | None:
@@ -350,12 +351,12 @@ class Gateway:
             status = resp.status if resp.status < 500 else 502
             log.info("request %s: worker answered %d", ex.rid, resp.status)
             ex.responded = True
-            await send_body(send, status, _worker_error(raw, resp.status), JSON_CT + out_headers)
+            await send_body(send, status, worker_error(raw, resp.status), JSON_CT + out_headers)
             return
         if relay is None or not ctype.startswith(b"text/event-stream"):
             raw = await _read_or_fail(resp, ex)
             ex.first_token_at = time.perf_counter()
-            usage = _usage_of(raw)
+            usage = usage_of(raw)
             if usage:
                 ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 ex.completion_tokens = int(usage.get("completion_tokens") or 0)
@@ -421,25 +422,6 @@ class Gateway:
                    prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens)
 
 
-class _Series:
-    """One model's metric children, looked up once rather than per request."""
-
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self.metrics, self.model = metrics, model
-        self.duration = metrics.duration.labels(model)
-        self.ttft = metrics.ttft.labels(model)
-        self.prompt = metrics.tokens.labels(model, "prompt")
-        self.completion = metrics.tokens.labels(model, "completion")
-        self.inflight = metrics.inflight.labels(model)
-        self._by_status: dict[int, Any] = {}
-
-    def requests(self, status: int) -> Any:
-        c = self._by_status.get(status)
-        if c is None:
-            c = self._by_status[status] = self.metrics.requests.labels(self.model, str(status))
-        return c
-
-
 async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
     """A whole (non-streamed) answer; a worker failing half way is a 502/504 from the worker."""
     try:
@@ -477,32 +459,3 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if k == name:
             return v
     return None
-
-
-def _usage_of(raw: bytes) -> dict[str, Any] | None:
-    if b'"usage"' not in raw:
-        return None
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
-
-
-def _worker_error(raw: bytes, status: int) -> bytes:
-    """A worker's error, in OpenAI's shape, marked as coming from the worker."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        obj["error"]["source"] = "worker"
-        obj["error"].setdefault("type", "invalid_request_error" if status < 500 else "upstream_error")
-        return json.dumps(obj).encode()
-    message = obj.get("detail") if isinstance(obj, dict) and "detail" in obj else raw.decode("utf-8", "replace")[:2000]
-    if not isinstance(message, str):
-        message = json.dumps(message)
-    return json.dumps({"error": {
-        "message": message, "type": "invalid_request_error" if status < 500 else "upstream_error",
-        "param": None, "code": str(status), "source": "worker"}}).encode()

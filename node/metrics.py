@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
@@ -228,3 +228,22 @@ def exported_names(families: Iterable[Metric]) -> set[str]:
         if f.type == "histogram":
             names.update({f.name + "_bucket", f.name + "_sum", f.name + "_count"})
     return names
+
+
+class ModelSeries:
+    """One model's metric children, looked up once rather than per request."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.duration = metrics.duration.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.prompt = metrics.tokens.labels(model, "prompt")
+        self.completion = metrics.tokens.labels(model, "completion")
+        self.inflight = metrics.inflight.labels(model)
+        self._by_status: dict[int, Any] = {}
+
+    def requests(self, status: int) -> Any:
+        c = self._by_status.get(status)
+        if c is None:
+            c = self._by_status[status] = self.metrics.requests.labels(self.model, str(status))
+        return c
