@@ -115,6 +115,7 @@ class Node:
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
+            log_prompts=self.config.node.log_prompts,
         )
 
     # -- start -----------------------------------------------------------------

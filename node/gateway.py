@@ -108,7 +108,7 @@ class Gateway:
                  models: dict[str, ModelInfo], client: Pool, max_body_bytes: int,
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
-                 queue_wait_s: float = QUEUE_WAIT_S) -> None:
+                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
@@ -117,6 +117,7 @@ class Gateway:
         self.upstream_model = upstream_model
         self.uuid_request_ids = uuid_request_ids
         self.queue_wait_s = queue_wait_s
+        self.log_prompts = log_prompts
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
@@ -246,6 +247,10 @@ class Gateway:
         if self.draining:
             raise NoReadyReplica("the node is shutting down", retry_after=5)
         stream = req.get("stream") is True
+        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
+            prompt = req.get("messages", req.get("prompt", req.get("input")))
+            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
+                                                      "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
         if not self.router.ready(model):

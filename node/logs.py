@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 FIELDS = ("request_id", "model", "key_id", "status", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens",
-          "endpoint", "replica", "error")
+          "endpoint", "replica", "error", "prompt")
 ACCESS_LOGGER = "infernode.access"
 # sk-... keys (node keys, admin keys, OpenAI-style), bearer tokens and key=value secrets.
 _SECRET_RE = re.compile(

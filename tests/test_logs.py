@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from node.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter, access, redact, setup_logging
+from tests.conftest import TINY_MODEL, start_node, write_config
 
 
 @pytest.fixture
@@ -102,3 +103,26 @@ def test_node_logs_json_access_lines_without_prompt_or_secret(tiny_node):
     assert line["key_id"].startswith("key_") and line["completion_tokens"] == 3
     assert prompt not in text
     assert key not in text and key[:12] not in text and tiny_node.admin_key not in text
+
+
+def test_prompts_are_logged_only_when_switched_on(tiny_node, tmp_path):
+    cfg = write_config(tmp_path, TINY_MODEL)
+    cfg.write_text(cfg.read_text().replace('name = "test-node"', 'name = "test-node"\nlog_prompts = true'))
+    node_on = start_node(cfg)
+    try:
+        node_on.wait_ready()
+        prompt = "PROMPT-LOGGED-ON-PURPOSE-51c2"
+        for n in (tiny_node, node_on):
+            key = n.create_key()
+            r = httpx.post(n.url + "/v1/chat/completions",
+                           headers={"authorization": f"Bearer {key}", "x-request-id": str(uuid.uuid4())},
+                           json={"model": "tiny-chat", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            n.stop()
+    finally:
+        node_on.stop()
+    assert prompt not in tiny_node.log.read_text()
+    lines = [json.loads(ln) for ln in node_on.log.read_text().splitlines() if ln.strip()]
+    [line] = [ln for ln in lines if ln.get("prompt")]
+    assert prompt in line["prompt"] and line["model"] == "tiny-chat"
