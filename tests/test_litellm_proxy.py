@@ -74,7 +74,7 @@ def fleet(tmp_path_factory):
             "model_list": model_list,
             "general_settings": {"master_key": PROXY_KEY},
             "litellm_settings": {"num_retries": 3, "request_timeout": 60},
-            "router_settings": {"num_retries": 3, "allowed_fails": 1, "cooldown_time": 30, "retry_after": 0},
+            "router_settings": {"num_retries": 3, "allowed_fails": 0, "cooldown_time": 30, "retry_after": 0},
         }))
         log = (tmp_path / "litellm.log").open("wb")
         proxy = subprocess.Popen([str(LITELLM), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"],
