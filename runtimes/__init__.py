@@ -87,6 +87,25 @@ def get(name: str) -> Runtime:
     return module  # type: ignore[return-value]
 
 
+def local_plan(spec: WorkerSpec, argv: list[str] | tuple[str, ...], env: Mapping[str, str], *,
+               health: Probe, ready: Probe, default_startup_timeout_s: float, **extra) -> LaunchPlan:
+    """The plan of a worker the node launches on spec.host:spec.port, serving OpenAI under /v1.
+
+    The worker sees only the GPUs placement gave it (none: an empty CUDA_VISIBLE_DEVICES).
+    """
+    root = f"http://{spec.host}:{spec.port}"
+    return LaunchPlan(
+        argv=tuple(argv),
+        env={**env, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)},
+        root_url=root,
+        openai_base=root + "/v1",
+        health=health,
+        ready=ready,
+        startup_timeout_s=spec.startup_timeout_s or default_startup_timeout_s,
+        **extra,
+    )
+
+
 def has_flag(args: tuple[str, ...], *flags: str) -> bool:
     """Whether the user's extra args already set one of these flags (then theirs wins)."""
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)

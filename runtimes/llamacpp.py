@@ -15,7 +15,7 @@ never looks like a dead worker.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
 
 NAME = "llamacpp"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
@@ -40,17 +40,11 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     if spec.gpu_uuids and not has_flag(spec.args, "--n_gpu_layers"):
         argv += ["--n_gpu_layers", "-1"]
     argv += list(spec.args)
-    env = dict(spec.env)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpu_uuids)
-    root = f"http://{spec.host}:{spec.port}"
-    return LaunchPlan(
-        argv=tuple(argv),
-        env=env,
-        root_url=root,
-        openai_base=root + "/v1",
+    return local_plan(
+        spec, argv, spec.env,
         health=Probe("/docs"),
         ready=Probe("/v1/models", expect_model=spec.model),
-        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         stream_usage=False,
     )
 

@@ -12,7 +12,7 @@ carries when it differs from the served name.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, Warmup
+from runtimes import LaunchPlan, Probe, Warmup, WorkerSpec, local_plan
 
 NAME = "ollama"
 DEFAULT_STARTUP_TIMEOUT_S = 10 * 60.0
@@ -55,19 +55,14 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         **BASE_ENV, **spec.env,
         "OLLAMA_HOST": f"{spec.host}:{spec.port}",
         "OLLAMA_MODELS": str(spec.model_path),
-        "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids),
     }
     if spec.max_model_len and "OLLAMA_CONTEXT_LENGTH" not in env:
         env["OLLAMA_CONTEXT_LENGTH"] = str(spec.max_model_len)
-    root = f"http://{spec.host}:{spec.port}"
-    return LaunchPlan(
-        argv=(spec.binary or "ollama", "serve"),
-        env=env,
-        root_url=root,
-        openai_base=root + "/v1",
+    return local_plan(
+        spec, (spec.binary or "ollama", "serve"), env,
         health=Probe("/api/version"),
         ready=Probe("/v1/models", expect_model=upstream),
-        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         warmup=(Warmup(kind="ollama_load", model=upstream),),
         stream_usage=True,
         upstream_model=upstream if upstream != spec.model else None,

