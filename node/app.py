@@ -111,7 +111,7 @@ class Node:
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
-            models=self.model_infos(), client=self.upstream, max_body_bytes=self.config.node.max_body_bytes,
+            models=self.model_infos(), client=self.upstream,
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
+_DECODER = json.JSONDecoder()
+_USAGE_VALUE = re.compile(rb'"usage"\s*:\s*\{')
+
+
 def usage_of(raw: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a non-streamed answer, if it has one."""
-    if b'"usage"' not in raw:
+    """The `usage` object of a non-streamed answer, if it has one.
+
+    Only the usage object is decoded, not the whole answer: servers put it last, and a
+    `"usage"` key cannot occur inside a JSON string (its quotes would be escaped). A
+    body where that shortcut finds nothing usable is decoded whole.
+    """
+    at = raw.rfind(b'"usage"')
+    if at < 0:
         return None
+    m = _USAGE_VALUE.match(raw, at)
+    if m is not None:
+        try:
+            usage, _ = _DECODER.raw_decode(raw[m.end() - 1:].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            usage = None
+        if isinstance(usage, dict) and "prompt_tokens" in usage:
+            return usage
     try:
         obj = json.loads(raw)
     except ValueError:

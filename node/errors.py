@@ -89,6 +89,20 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTimeout(NodeError):
+    """The client did not send its whole request in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(NodeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class BodyTooLarge(NodeError):
     status = 413
     type = "invalid_request_error"

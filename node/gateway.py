@@ -1,7 +1,7 @@
 """The OpenAI-compatible `/v1` gateway: auth, admission, backpressure, routing and a byte-faithful proxy.
 
-This is the hot path, written as a bare ASGI app: no framework routing, no
-validation models, no disk or database I/O. Bodies go to the worker unchanged except
+This is the hot path, answered straight from the node's HTTP server (node/httpd.py):
+no framework routing, no ASGI messages, no validation models, no disk or database I/O. Bodies go to the worker unchanged except
 for the model name (when the worker serves it under another name) and
 `stream_options` (when the node must ask for streamed usage); streamed bytes are
 passed on as whole SSE events as they arrive, and only events that mention usage are
@@ -18,14 +18,15 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from node import context
 from node.bodies import usage_of, worker_error
 from node.errors import (
-    AuthenticationError, BodyTooLarge, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
+    AuthenticationError, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
     RateLimited, UpstreamError, UpstreamTimeout,
 )
+from node.httpd import Connection, Request
 from node.keys import KeyRing
 from node.ledger import Ledger
 from node.logs import access as access_log
@@ -38,10 +39,6 @@ from node.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOu
 
 log = logging.getLogger("infernode.gateway")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 PROXIED = {
     b"/v1/chat/completions": "chat",
     b"/v1/completions": "completions",
@@ -52,17 +49,6 @@ PROXIED = {
 JSON_CT = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 QUEUE_WAIT_S = 30.0
-BODY_TIMEOUT_S = 30.0
-
-
-class ClientGone(Exception):
-    """The client disconnected; the upstream call is abandoned."""
-
-
-async def send_body(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": headers + [(b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def error_headers(err: NodeError, rid: bytes) -> list[tuple[bytes, bytes]]:
@@ -82,7 +68,7 @@ class ModelInfo:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """One proxied request's bookkeeping."""
 
@@ -98,21 +84,19 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
-    responded: bool = False   # the last byte of the answer was handed to the server
 
 
 class Gateway:
     """The `/v1` ASGI app."""
 
     def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
-                 models: dict[str, ModelInfo], client: Pool, max_body_bytes: int,
+                 models: dict[str, ModelInfo], client: Pool,
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
-        self.max_body_bytes = max_body_bytes
         self.stream_usage = stream_usage
         self.upstream_model = upstream_model
         self.uuid_request_ids = uuid_request_ids
@@ -136,34 +120,31 @@ class Gateway:
             gates[name] = gate
         self.models, self.gates = models, gates
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rid_in = _header(scope, b"x-request-id")
+    async def handle(self, req: Request, conn: Connection) -> None:
+        """Answer one `/v1` request."""
+        rid_in = req.header(b"x-request-id")
         rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
         ridb = rid.encode("latin-1")
         try:
-            path = scope.get("raw_path") or scope["path"].encode()
-            path = path.split(b"?", 1)[0]
-            key = self._authenticate(scope)
-            if path == b"/v1/models" and scope["method"] == "GET":
-                return await self._list_models(key, ridb, send)
+            path = req.path
+            key = self._authenticate(req)
+            if path == b"/v1/models" and req.method == "GET":
+                return self._list_models(key, ridb, conn)
             endpoint = PROXIED.get(path)
             if endpoint is None:
-                raise NotFound(f"no route {scope['method']} {path.decode(errors='replace')}")
-            if scope["method"] != "POST":
+                raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
+            if req.method != "POST":
                 raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
-            body = await self._read_body(scope, receive)
-            await self._proxy(endpoint, path, key, body, rid, ridb, receive, send)
-        except ClientGone:
-            return
+            await self._proxy(endpoint, path, key, req.body, rid, ridb, conn)
         except NodeError as err:
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
             log.info("request %s refused: %d %s", rid, err.status, err.message)
-            await send_body(send, err.status, err.body(), error_headers(err, ridb))
+            conn.respond(err.status, error_headers(err, ridb), err.body())
 
     # -- request checks ----------------------------------------------------------
-    def _authenticate(self, scope: Scope):
-        auth = _header(scope, b"authorization")
+    def _authenticate(self, req: Request):
+        auth = req.header(b"authorization")
         if not auth or not auth[:7].lower() == b"bearer ":
             raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
         record = self.keys.lookup(auth[7:].strip().decode("latin-1"))
@@ -171,41 +152,14 @@ class Gateway:
             raise AuthenticationError("invalid API key")
         return record
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        declared = _header(scope, b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {self.max_body_bytes}")
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone()
-        if not msg.get("more_body"):  # the common case: the whole body in one message
-            return msg.get("body", b"")
-        chunks, size = [msg.get("body", b"")], len(msg.get("body", b""))
-        deadline = time.monotonic() + BODY_TIMEOUT_S  # a client trickling its body is not waited on forever
-        while True:
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise InvalidRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
-                                     code="request_timeout") from None
-            if msg["type"] == "http.disconnect":
-                raise ClientGone()
-            part = msg.get("body", b"")
-            size += len(part)
-            if size > self.max_body_bytes:
-                raise BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
-            chunks.append(part)
-            if not msg.get("more_body"):
-                return b"".join(chunks)
-
-    async def _list_models(self, key, ridb: bytes, send: Send) -> None:
+    def _list_models(self, key, ridb: bytes, conn: Connection) -> None:
         data = [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
              "max_model_len": self.context_len(m)}
             for m in self.models.values() if key.allows(m.name)
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
-        await send_body(send, 200, body, JSON_CT + [(b"x-request-id", ridb)])
+        conn.respond(200, JSON_CT + [(b"x-request-id", ridb)], body)
 
     def _worker_rid(self, rid: str, target: Any) -> str:
         """The request id for the worker: the client's, unless the runtime insists on a UUID and it is not one."""
@@ -231,7 +185,7 @@ class Gateway:
 
     # -- the proxy ---------------------------------------------------------------
     async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
-                     receive: Receive, send: Send) -> None:
+                     conn: Connection) -> None:
         try:
             req = json.loads(body)
         except ValueError as exc:
@@ -262,10 +216,8 @@ class Gateway:
                       started=time.perf_counter(), stream=stream)
         entered = False
         self.inflight += 1
-        me = asyncio.current_task()
-        # From here on a client that goes away cancels this task: in the queue, while the
-        # worker computes a non-streamed answer, or mid-stream.
-        watcher = asyncio.create_task(_watch_disconnect(receive, me, ex))
+        # From here on a client that goes away cancels this task (node/httpd.py): in the
+        # queue, while the worker computes a non-streamed answer, or mid-stream.
         try:
             try:
                 await gate.enter(self.queue_wait_s)
@@ -277,25 +229,24 @@ class Gateway:
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
-            await self._route(req, body, endpoint, path, ex, adm, ridb, send)
+            await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
         except asyncio.CancelledError:
-            if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+            if not conn.gone:
                 raise
-            me.uncancel()  # type: ignore[union-attr]
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             ex.status = 499
             log.info("request %s: client disconnected", rid)
         except NodeError as err:
             ex.status = err.status
             raise
         finally:
-            watcher.cancel()
             self.inflight -= 1
             if entered:
                 gate.leave(time.perf_counter() - ex.started)
             self._account(ex, adm, info)
 
     async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
-                     ridb: bytes, send: Send) -> None:
+                     ridb: bytes, conn: Connection) -> None:
         target = self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
@@ -338,25 +289,24 @@ class Gateway:
         gauge = self._metrics_for(ex.model).inflight
         gauge.inc()
         try:
-            await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, send)
+            await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, conn)
         finally:
             resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
             target.inflight -= 1
             gauge.dec()
 
     async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
-                       client_wants_usage: bool, ridb: bytes, send: Send) -> None:
+                       client_wants_usage: bool, ridb: bytes, conn: Connection) -> None:
         out_headers = [(b"x-request-id", ridb)]
-        if adm.headers:
-            out_headers += [(k.encode(), v.encode()) for k, v in adm.headers.items()]
+        if adm.wire_headers:
+            out_headers += adm.wire_headers
         ctype = resp.header(b"content-type") or b"application/json"
         if resp.status >= 400:
             raw = await _read_or_fail(resp, ex)
             ex.status = resp.status
             status = resp.status if resp.status < 500 else 502
             log.info("request %s: worker answered %d", ex.rid, resp.status)
-            ex.responded = True
-            await send_body(send, status, worker_error(raw, resp.status), JSON_CT + out_headers)
+            conn.respond(status, JSON_CT + out_headers, worker_error(raw, resp.status))
             return
         if relay is None or not ctype.startswith(b"text/event-stream"):
             raw = await _read_or_fail(resp, ex)
@@ -365,10 +315,9 @@ class Gateway:
             if usage:
                 ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 ex.completion_tokens = int(usage.get("completion_tokens") or 0)
-            ex.responded = True
-            await send_body(send, resp.status, raw, [(b"content-type", ctype)] + out_headers)
+            conn.respond(resp.status, [(b"content-type", ctype)] + out_headers, raw)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + out_headers})
+        conn.start(200, SSE_HEADERS + out_headers)
         synth = relay.count_content and client_wants_usage
         finished = False  # the client's stream ended with [DONE]; what follows upstream is only drained
         try:
@@ -381,26 +330,26 @@ class Gateway:
                     if synth and relay.saw_done:
                         out = relay.synth_usage(out, model=ex.model, chat=ex.endpoint == "chat",
                                                 prompt_tokens=ex.prompt_tokens)
-                    finished = ex.responded = done
+                    finished = done
                     if finished:
                         resp.drain_timeout(5.0)  # only the end of the framing should follow
                         # Charge quotas before the client sees [DONE], so its next request already counts them.
                         _stream_tokens(relay, ex)
                         adm.finish(ex.prompt_tokens, ex.completion_tokens)
-                    # Ending the response with the last event saves the client a separate empty write.
-                    await send({"type": "http.response.body", "body": out, "more_body": not finished})
+                    if finished:
+                        conn.end(out)  # the last event and the end of the body in one write
+                    else:
+                        await conn.write(out)
         except UpstreamFailure as exc:
             if not finished:
                 ex.status = 502
                 log.warning("request %s: the worker for %s failed mid-stream: %s", ex.rid, ex.model, exc)
                 err = UpstreamError(f"the worker for '{ex.model}' failed mid-stream: {exc}", source="worker")
-                await send({"type": "http.response.body",
-                            "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n", "more_body": True})
+                await conn.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
         finally:
             _stream_tokens(relay, ex)
         if not finished:
-            ex.responded = True
-            await send({"type": "http.response.body", "body": relay.buf, "more_body": False})
+            conn.end(relay.buf)
 
     def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
         latency = time.perf_counter() - ex.started
@@ -438,18 +387,6 @@ async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
         raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}", source="worker") from None
 
 
-async def _watch_disconnect(receive: Receive, task: asyncio.Task | None, ex: Exchange) -> bool:
-    """Cancel the request's task when the client goes away before its answer ended; True if it did."""
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            # The server also reports a disconnect once the response is complete: not a cancellation.
-            if ex.responded or task is None:
-                return False
-            task.cancel()
-            return True
-
-
 def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
     """Token counts of a stream: the worker's usage chunk, else one per content event."""
     if relay.usage:
@@ -457,10 +394,3 @@ def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
         ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
     elif relay.count_content:
         ex.completion_tokens = relay.content_events
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return v
-    return None

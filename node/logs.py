@@ -82,12 +82,16 @@ class LogWriter:
     The request path only appends a record to a deque (no lock to notify, no syscall);
     the thread wakes every WRITE_EVERY_S, formats and writes what has gathered. When
     stdout is stuck and MAX_QUEUED records wait, new ones are dropped and counted
-    rather than blocking requests or growing without bound.
+    rather than blocking requests or growing without bound. Access lines, one per /v1
+    request, are queued as plain tuples and formatted here: a LogRecord costs the event
+    loop more than the whole rest of the request's bookkeeping.
     """
 
-    def __init__(self, handler: logging.Handler) -> None:
+    def __init__(self, handler: logging.StreamHandler) -> None:  # type: ignore[type-arg]
         self.handlers = [handler]
-        self.records: deque[logging.LogRecord] = deque()
+        self.records: deque[logging.LogRecord | tuple] = deque()
+        self._second = -1
+        self._stamps = ("", "")
         self.dropped = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -97,9 +101,50 @@ class LogWriter:
 
     def _drain(self) -> None:
         handler = self.handlers[0]
+        as_json = isinstance(handler.formatter, JsonFormatter)
+        lines: list[str] = []
         while self.records:
-            handler.handle(self.records.popleft())
+            rec = self.records.popleft()
+            if type(rec) is tuple:
+                lines.append(self._access_line(rec, as_json))
+                continue
+            if lines:
+                self._write(handler, lines)
+            handler.handle(rec)  # type: ignore[arg-type]
+        if lines:
+            self._write(handler, lines)
         handler.flush()
+
+    @staticmethod
+    def _write(handler: logging.StreamHandler, lines: list[str]) -> None:  # type: ignore[type-arg]
+        try:
+            handler.stream.write("".join(lines))
+        except (OSError, ValueError):
+            pass  # stdout gone (journald restarting): the lines are lost, requests are not
+        lines.clear()
+
+    def _access_line(self, rec: tuple, as_json: bool) -> str:
+        ts, rid, model, key_id, status, latency_s, endpoint, ttft_s, prompt_tokens, completion_tokens = rec
+        second = int(ts)
+        if second != self._second:  # the formatted time changes once a second
+            self._second = second
+            self._stamps = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+                            time.strftime("%H:%M:%S", time.localtime(second)))
+        fields = {"request_id": redact(rid), "model": model, "key_id": key_id, "status": status,
+                  "latency_ms": round(latency_s * 1000, 2)}
+        if ttft_s is not None:
+            fields["ttft_ms"] = round(ttft_s * 1000, 2)
+        fields["prompt_tokens"] = prompt_tokens
+        fields["completion_tokens"] = completion_tokens
+        if endpoint:
+            fields["endpoint"] = endpoint
+        if key_id is None:
+            del fields["key_id"]
+        if as_json:
+            return json.dumps({"time": f"{self._stamps[0]}.{int(ts * 1000) % 1000:03d}Z", "level": "info",
+                               "logger": ACCESS_LOGGER, "event": "request", **fields}) + "\n"
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{self._stamps[1]} INFO    {ACCESS_LOGGER}: request {extra}\n"
 
     def _run(self) -> None:
         while not self._stop.wait(WRITE_EVERY_S):
@@ -111,6 +156,9 @@ class LogWriter:
         if self._thread.is_alive():
             self._thread.join()
         self._drain()
+        global _writer
+        if _writer is self:
+            _writer = None
 
 
 class _Enqueue(logging.Handler):
@@ -142,6 +190,8 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> LogWriter:
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     writer = LogWriter(handler)
     writer.start()
+    global _writer
+    _writer = writer
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(writer)]
     root.setLevel(level)
@@ -154,12 +204,21 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> LogWriter:
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
+_writer: LogWriter | None = None  # where access lines go once setup_logging ran (logging is process-wide)
 
 
 def access(request_id: str, model: str, key_id: str | None, status: int, latency_s: float, *,
            endpoint: str = "", ttft_s: float | None = None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
     """One line per finished /v1 request (the gateway's access log); cheap when disabled."""
     if not _access.isEnabledFor(logging.INFO):
+        return
+    writer = _writer
+    if writer is not None and _access.propagate and not _access.handlers:
+        if len(writer.records) >= MAX_QUEUED:
+            writer.dropped += 1
+        else:
+            writer.records.append((time.time(), request_id, model, key_id, status, latency_s, endpoint, ttft_s,
+                                   prompt_tokens, completion_tokens))
         return
     _access.info("request", extra={
         "request_id": request_id, "model": model, "key_id": key_id, "status": status,

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
+    CollectorRegistry, Counter, Gauge, Info, PlatformCollector, ProcessCollector, generate_latest,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import __version__
 from node.gpus import Inventory
+from node.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -38,13 +39,16 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         Info("infernode_build", "Build information of the node.", registry=r).info({"version": __version__})
-        self.requests = Counter("infernode_requests", "Requests answered, by model and HTTP status.", ["model", "code"], registry=r)
-        self.duration = Histogram("infernode_request_duration_seconds", "Request duration as the node saw it.",
-                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("infernode_time_to_first_token_seconds", "Time to the first streamed token.",
-                              ["model"], buckets=TTFT_BUCKETS, registry=r)
-        self.tokens = Counter("infernode_tokens", "Tokens processed, by kind (prompt|completion).", ["model", "kind"], registry=r)
-        self.inflight = Gauge("infernode_inflight_requests", "Requests in flight to workers.", ["model"], registry=r)
+        # Written by the gateway on every request, from the event loop only: lock-free families.
+        self.requests = LoopCounter("infernode_requests", "Requests answered, by model and HTTP status.",
+                                    ["model", "code"], r)
+        self.duration = LoopHistogram("infernode_request_duration_seconds", "Request duration as the node saw it.",
+                                      ["model"], r, buckets=LATENCY_BUCKETS)
+        self.ttft = LoopHistogram("infernode_time_to_first_token_seconds", "Time to the first streamed token.",
+                                  ["model"], r, buckets=TTFT_BUCKETS)
+        self.tokens = LoopCounter("infernode_tokens", "Tokens processed, by kind (prompt|completion).",
+                                  ["model", "kind"], r)
+        self.inflight = LoopGauge("infernode_inflight_requests", "Requests in flight to workers.", ["model"], r)
         self.worker_up = Gauge("infernode_worker_up", "1 when the replica is ready.", ["model", "replica", "runtime"], registry=r)
         self.worker_restarts = Counter("infernode_worker_restarts", "Replica restarts after a failure.", ["model", "replica"], registry=r)
         self.quota_rejections = Counter("infernode_quota_rejections", "Requests refused by a quota or limit.", ["reason"], registry=r)

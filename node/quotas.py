@@ -138,16 +138,20 @@ def next_month_start(now: float) -> float:
     return float(calendar.timegm((y, m, 1, 0, 0, 0)))
 
 
-@dataclass
+@dataclass(slots=True)
 class Admission:
     """One admitted request; `finish` must be called exactly once."""
 
     quotas: "Quotas"
     key: KeyRecord
     model: str
-    headers: dict[str, str] = field(default_factory=dict)
+    wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent
     scopes: list[tuple[Counter, Limits]] = field(default_factory=list)
     _done: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.wire_headers}
 
     def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None) -> None:
         """Charge the worker's reported usage and release the parallel slot."""
@@ -231,11 +235,11 @@ class Quotas:
         if lim.rpm is not None and len(c.hits) >= lim.rpm:
             wait = c.hits[0] + WINDOW - now if c.hits else WINDOW
             raise RateLimited(f"{who} reached its limit of {lim.rpm} requests per minute", retry_after=wait,
-                              reason=f"{lim.label}_rpm", headers=_headers(plan, now))
+                              reason=f"{lim.label}_rpm", headers=_header_dict(plan, now))
         if lim.tpm is not None and c.token_sum >= lim.tpm:
             raise RateLimited(f"{who} reached its limit of {lim.tpm} tokens per minute",
                               retry_after=c.tokens_free_in(lim.tpm, now) if lim.tpm else WINDOW,
-                              reason=f"{lim.label}_tpm", headers=_headers(plan, now))
+                              reason=f"{lim.label}_tpm", headers=_header_dict(plan, now))
         if lim.max_parallel is not None and c.parallel >= lim.max_parallel:
             raise RateLimited(f"{who} already has {lim.max_parallel} requests in flight", retry_after=1,
                               reason=f"{lim.label}_parallel")
@@ -304,27 +308,31 @@ class Quotas:
         return len(self._counters)
 
 
-def _headers(plan: list[tuple[Counter, Limits]], now: float) -> dict[str, str]:
-    """x-ratelimit-* for the tightest request and token limits among the scopes."""
-    h: dict[str, str] = {}
+def _headers(plan: list[tuple[Counter, Limits]], now: float) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* for the tightest request and token limits among the scopes (every request: kept cheap)."""
+    h: list[tuple[bytes, bytes]] = []
     best_req = best_tok = None
     for c, lim in plan:
         if lim.rpm is not None:
-            left = max(0, lim.rpm - len(c.hits))
+            left = lim.rpm - len(c.hits)
             if best_req is None or left < best_req[1]:
-                reset = c.hits[0] + WINDOW - now if c.hits else 0.0
-                best_req = (lim.rpm, left, reset)
+                best_req = (lim.rpm, left, c)
         if lim.tpm is not None:
-            left = max(0, lim.tpm - c.token_sum)
+            left = lim.tpm - c.token_sum
             if best_tok is None or left < best_tok[1]:
-                reset = c.tokens[0][0] + 1 + WINDOW - now if c.tokens else 0.0
-                best_tok = (lim.tpm, left, reset)
+                best_tok = (lim.tpm, left, c)
     if best_req is not None:
-        h["x-ratelimit-limit-requests"] = str(best_req[0])
-        h["x-ratelimit-remaining-requests"] = str(best_req[1])
-        h["x-ratelimit-reset-requests"] = f"{max(0.0, best_req[2]):.0f}s"
+        limit, left, c = best_req
+        reset = c.hits[0] + WINDOW - now if c.hits else 0.0
+        h += ((b"x-ratelimit-limit-requests", b"%d" % limit), (b"x-ratelimit-remaining-requests", b"%d" % max(0, left)),
+              (b"x-ratelimit-reset-requests", b"%ds" % round(max(0.0, reset))))
     if best_tok is not None:
-        h["x-ratelimit-limit-tokens"] = str(best_tok[0])
-        h["x-ratelimit-remaining-tokens"] = str(best_tok[1])
-        h["x-ratelimit-reset-tokens"] = f"{max(0.0, best_tok[2]):.0f}s"
+        limit, left, c = best_tok
+        reset = c.tokens[0][0] + 1 + WINDOW - now if c.tokens else 0.0
+        h += ((b"x-ratelimit-limit-tokens", b"%d" % limit), (b"x-ratelimit-remaining-tokens", b"%d" % max(0, left)),
+              (b"x-ratelimit-reset-tokens", b"%ds" % round(max(0.0, reset))))
     return h
+
+
+def _header_dict(plan: list[tuple[Counter, Limits]], now: float) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in _headers(plan, now)}

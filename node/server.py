@@ -16,25 +16,15 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Iterator
-
-import uvicorn
 
 from node.api import NodeApp
 from node.app import Node
 from node.config import Config
 from node.errors import NodeError, OperationFailed
+from node.httpd import Server
 from node.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling (the node drains first, then stops it)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -90,13 +80,7 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
     lock_fd = _lock_data_dir(config.data_dir)
     sock = _bind(config.node.host, config.node.port)
     await node.open()
-    app = NodeApp(node)
-    uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=75,
-                        timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024,
-                        limit_concurrency=None, http="auto", loop="none",
-                        # Nothing in front of the node rewrites client addresses; skip that per-request work.
-                        proxy_headers=False, server_header=False)
-    server = _Server(uv)
+    server = Server(NodeApp(node, sock.getsockname()[:2]), max_body_bytes=config.node.max_body_bytes)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     mode = {"detach": False}
@@ -121,15 +105,13 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.01)
+    await server.start(sock)
     log.info("listening on http://%s", config.node.listen)
     # systemd (Type=notify): ready once the API answers; workers start behind /readyz.
     notifier.ready(f"listening on http://{config.node.listen}")
     watchdog = asyncio.create_task(notifier.run(lambda: _status_line(node, config)))
     starting = asyncio.create_task(node.start_workers())
-    await asyncio.wait([serving, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await stopping.wait()
     notifier.stopping("draining, leaving workers for adoption" if mode["detach"] else "draining and stopping workers")
     await node.drain(config.node.drain_grace_s)
     if not starting.done():
@@ -137,8 +119,7 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
         with contextlib.suppress(asyncio.CancelledError):
             await starting
     await node.shutdown(detach=mode["detach"])
-    server.should_exit = True
-    await serving
+    await server.close(grace_s=5.0)
     # Keep pinging through the drain: a long drain must not look like a hang to systemd.
     watchdog.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,7 @@ class StorageConflict(Exception):
     """A write collided with a row that already exists (a duplicate name or id)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs the request path ~2 µs per row
 class UsageRow:
     """One ledger row: a finished request."""
 
