@@ -181,7 +181,7 @@ class _Enqueue(logging.Handler):
 
 
 def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> LogWriter:
-    """Route the node's and uvicorn's logs to stdout in one format, written by a background thread.
+    """Route the node's logs to stdout in one format, written by a background thread.
 
     Returns the writer; the caller's `stop()` writes out what is queued.
     """
@@ -195,10 +195,6 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> LogWriter:
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(writer)]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return writer
 
