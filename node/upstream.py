@@ -1,10 +1,18 @@
-"""A small HTTP/1.1 keep-alive client for talking to workers, over asyncio streams.
+"""A small HTTP/1.1 keep-alive client for talking to workers, over asyncio.Protocol.
 
 The gateway's hot path spends most of its CPU in the HTTP client; a general client
-(httpx) costs several times what forwarding one request needs. This one does only what
-the gateway needs: POST/GET with a byte body, content-length or chunked responses,
-keep-alive connections pooled per worker, and errors that say whether anything was
-sent or received (so the gateway knows when a retry on another replica is safe).
+(httpx) costs several times what forwarding one request needs, and even asyncio's
+streams add a buffer copy, a timer and a few awaits per read. This one does only what
+the gateway needs: POST/GET with a byte body, content-length, chunked or read-to-EOF
+answers parsed by llhttp (through httptools) as their bytes arrive, keep-alive
+connections pooled per worker, and errors that say whether anything was sent or
+received (so the gateway knows when a retry on another replica is safe).
+
+A wait costs no timer: it records its deadline, and one timer per pool, armed while
+requests are in flight, times out the waits past theirs every tick (a second, or an
+eighth of a shorter read timeout). Memory stays bounded both ways: reading from a worker
+pauses while more than BUFFER_LIMIT bytes of its body wait for a slow consumer, and a
+large request body is written a slice at a time, each once the worker took the last.
 """
 
 from __future__ import annotations
@@ -15,7 +23,12 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
+import httptools
+
 MAX_HEAD = 64 * 1024
+BUFFER_LIMIT = 256 * 1024   # body bytes waiting for the consumer before reading from the worker pauses
+WRITE_SLICE = 256 * 1024    # request bodies larger than this are written a slice at a time
+TICK_S = 1.0                # waits are checked against their deadlines this often (or more often)
 
 
 class UpstreamFailure(Exception):
@@ -53,39 +66,217 @@ class Origin:
         return cls(tls, host, port, u.path.rstrip("/"), (u.netloc or host).encode())
 
 
-class _Conn:
-    __slots__ = ("reader", "writer", "idle_since")
+class _SecondAnswer(Exception):
+    """The worker began another answer to a request it had already answered."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+
+class _Conn(asyncio.Protocol):
+    """One connection to a worker: parses the answer to the request in flight as its bytes arrive.
+
+    The task that sent the request is the only one waiting on it, on `waiter`, which the
+    protocol callbacks resolve when the head is complete, body bytes arrive, the body
+    ends, the connection fails, or writing may go on.
+    """
+
+    __slots__ = ("loop", "transport", "parser", "closed", "reusable", "busy", "idle_since", "waiter", "deadline",
+                 "paused_reading", "paused_writing", "status", "headers", "keep_alive", "done", "error", "pieces",
+                 "size", "head_bytes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
+        # With both, chunked framing wins over a content-length (RFC 9112 6.3), as it always did here.
+        self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self.closed = False           # the worker closed or reset the connection (or we aborted it)
+        self.reusable = True          # nothing spoiled the connection for another request
+        self.busy = False             # a request is in flight (its Response not closed yet)
         self.idle_since = 0.0
+        self.waiter: asyncio.Future[None] | None = None
+        self.deadline = 0.0           # when the pending wait times out
+        self.paused_reading = False
+        self.paused_writing = False
+        # The answer to the request in flight.
+        self.status = 0               # 0 until the head of the (final, non-1xx) answer is complete
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.done = False             # the answer's body ended
+        self.error: UpstreamFailure | None = None
+        self.pieces: list[bytes] = []  # body bytes not yet taken by the consumer
+        self.size = 0                 # their length
+        self.head_bytes = 0           # bytes received before the head was complete
 
-    def close(self) -> None:
-        self.writer.transport.abort()
+    def begin(self) -> None:
+        """Forget the last answer: a new request is about to be sent."""
+        self.busy = True
+        self.status = 0
+        self.headers = []
+        self.keep_alive = False
+        self.done = False
+        self.error = None
+        if self.closed:  # e.g. a fresh connection the worker closed before it was used: nothing would wake a wait
+            self.error = ConnectFailed("the worker closed the connection without answering")
+        self.pieces = []
+        self.size = 0
+        self.head_bytes = 0
+
+    def rest(self) -> None:
+        """The answer was read to its end: idle in the pool until the next request."""
+        self.busy = False
+        self.status = 0
+        self.pieces = []
+        self.size = 0
+        self.waiter = None
+        self.idle_since = self.loop.time()
+        if self.paused_reading:
+            self.paused_reading = False
+            self.transport.resume_reading()  # so that the worker closing it is noticed
+
+    def abort(self) -> None:
+        """Drop the connection at once (this is how a worker learns its answer is no longer wanted)."""
+        self.closed = True
+        self.transport.abort()
+
+    def wait(self, timeout: float) -> asyncio.Future[None]:
+        """A future resolved when something happens on the connection; the pool times it out."""
+        self.waiter = w = self.loop.create_future()
+        self.deadline = self.loop.time() + timeout
+        return w
+
+    def time_out(self, now: float) -> None:
+        w = self.waiter
+        if w is not None and now >= self.deadline:
+            self.waiter = None
+            if not w.done():
+                w.set_exception(TimedOut("the worker sent nothing for too long" if self.status
+                                         else "the worker did not answer in time"))
+
+    def take(self) -> bytes:
+        """The body bytes that arrived since the last take."""
+        pieces = self.pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.pieces = []
+        self.size = 0
+        if self.paused_reading:
+            self.resume()
+        return data
+
+    def resume(self) -> None:
+        """The consumer took the buffered body: read from the worker again."""
+        self.paused_reading = False
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def _wake(self) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.status:
+            if not self.busy:
+                # Bytes while idle in the pool: whatever they are, the connection cannot carry another request.
+                self.reusable = False
+                self.abort()
+                return
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self.reusable = False
+            if self.error is None and not self.done:
+                self.error = BrokenResponse(f"the worker's response is malformed ({exc})")
+        if not self.status and self.head_bytes > MAX_HEAD and self.error is None:
+            self.error = BrokenResponse("the worker's response headers are too large")
+        if self.size > BUFFER_LIMIT and not self.paused_reading:
+            # The consumer is slower than the worker: let TCP push back rather than buffer without end.
+            self.paused_reading = True
+            self.transport.pause_reading()
+        w = self.waiter
+        if w is not None and (self.status or self.error is not None):
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def eof_received(self) -> None:
+        self._ended(None)  # returning None: the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.waiter is not None:
+            self._wake()
+
+    def _ended(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.busy and not self.done and self.error is None:
+            if self.status:
+                if self._ends_at_eof():
+                    self.done = True
+                else:
+                    self.error = BrokenResponse("the worker closed the connection before the body ended")
+            elif self.head_bytes:
+                self.error = BrokenResponse("the worker's answer broke off in its headers")
+            elif exc is not None:
+                self.error = ConnectFailed(f"the worker's connection failed ({type(exc).__name__})")
+            else:
+                self.error = ConnectFailed("the worker closed the connection without answering")
+        if self.waiter is not None:
+            self._wake()
+
+    def _ends_at_eof(self) -> bool:
+        for k, v in self.headers:
+            if k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()):
+                return False
+        return True
+
+    # -- httptools callbacks ------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _SecondAnswer()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.rstrip()))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.headers = []  # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            return
+        if self.head_bytes > MAX_HEAD and sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD:
+            self.error = BrokenResponse("the worker's response headers are too large")
+            raise self.error
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.status:
+            self.done = True
 
 
 class Response:
     """A worker's answer: status and headers read, body read by `read` or `chunks`."""
 
-    def __init__(self, pool: "Pool", origin: Origin, conn: _Conn, status: int,
-                 headers: list[tuple[bytes, bytes]], timeout: float) -> None:
-        self._pool, self._origin, self._conn = pool, origin, conn
-        self.status = status
-        self.headers = headers
-        self._timeout = timeout
-        self._chunked = False
-        self._length: int | None = None
-        self._reusable = True
-        for k, v in headers:
-            if k == b"transfer-encoding" and b"chunked" in v.lower():
-                self._chunked = True
-            elif k == b"content-length":
-                self._length = int(v)
-            elif k == b"connection" and v.lower() == b"close":
-                self._reusable = False
-        if not self._chunked and self._length is None:
-            self._reusable = False  # body ends at EOF
-        self._done = False
+    __slots__ = ("status", "headers", "_pool", "_idle", "_conn", "_timeout")
+
+    def __init__(self, pool: "Pool", idle: list[_Conn], conn: _Conn) -> None:
+        self._pool, self._idle, self._conn = pool, idle, conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self._timeout = pool.read_timeout
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -95,93 +286,49 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body."""
-        return b"".join([c async for c in self.chunks()])
+        conn = self._conn
+        if conn.done:  # the usual case: the whole answer came in one read
+            return conn.take() if conn.pieces else b""
+        parts = []
+        while True:
+            if conn.pieces:
+                parts.append(conn.take())
+            if conn.done:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(self._timeout)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (chunked framing removed), one piece per network read."""
-        r = self._conn.reader
-        try:
-            if self._chunked:
-                async for data in self._dechunk(r):
-                    yield data
-            elif self._length is not None:
-                left = self._length
-                while left:
-                    async with asyncio.timeout(self._timeout):
-                        data = await r.read(min(left, 1 << 16))
-                    if not data:
-                        raise BrokenResponse("the worker closed the connection before the body ended")
-                    left -= len(data)
-                    yield data
-            else:
-                while True:
-                    async with asyncio.timeout(self._timeout):
-                        data = await r.read(1 << 16)
-                    if not data:
-                        break
-                    yield data
-        except TimeoutError:
-            raise TimedOut("the worker sent nothing for too long") from None
-        except (ConnectionError, ValueError) as exc:
-            raise BrokenResponse(f"the worker's response broke off ({type(exc).__name__})") from None
-        self._done = True
-
-    async def _dechunk(self, r: asyncio.StreamReader) -> AsyncIterator[bytes]:
-        # Parse chunked framing over raw reads: one await per network read, not per chunk.
-        buf = b""
-        pos = 0
-        need = -1  # bytes of chunk payload still to take; -1: expecting a size line
+        """The body's bytes as they arrive (chunked framing removed): all that came since the last piece."""
+        conn = self._conn
+        loop = conn.loop
         while True:
-            out = []
-            while True:
-                if need < 0:
-                    eol = buf.find(b"\r\n", pos)
-                    if eol < 0:
-                        break
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                    if size == 0:
-                        if buf.find(b"\r\n", eol + 2) < 0:  # the empty trailer line
-                            break
-                        if out:
-                            yield b"".join(out)
-                        return
-                    pos, need = eol + 2, size
-                avail = len(buf) - pos
-                if avail <= 0:
-                    break
-                if avail < need + 2:
-                    take = min(avail, need)
-                    if take:
-                        out.append(buf[pos:pos + take])
-                        need -= take
-                        pos += take
-                    break
-                out.append(buf[pos:pos + need])
-                pos += need + 2
-                need = -1
-            if out:
-                yield b"".join(out)
-            buf = buf[pos:]
-            pos = 0
-            async with asyncio.timeout(self._timeout):
-                data = await r.read(1 << 16)
-            if not data:
-                raise BrokenResponse("the worker closed the connection in the middle of its answer")
-            buf = buf + data if buf else data
+            pieces = conn.pieces
+            if pieces:  # conn.take() and conn.wait(), inlined: this loop turns once per network read
+                conn.pieces = []
+                conn.size = 0
+                if conn.paused_reading:
+                    conn.resume()
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            elif conn.done:
+                return
+            elif conn.error is not None:
+                raise conn.error
+            else:
+                conn.waiter = w = loop.create_future()
+                conn.deadline = loop.time() + self._timeout
+                await w
 
     def drain_timeout(self, seconds: float) -> None:
         """From now on, wait at most this long for more body bytes."""
         self._timeout = min(self._timeout, seconds)
 
     def close(self) -> None:
-        """Return the connection to the pool if the body was read to its end, else drop it."""
+        """Return the connection to the pool if the body was read to its end, else drop it (the worker stops)."""
         conn, self._conn = self._conn, None  # type: ignore[assignment]
-        if conn is None:
-            return
-        if self._done and self._reusable:
-            self._pool._release(self._origin, conn)
-        else:
-            conn.close()
+        if conn is not None:
+            self._pool._finish(self._idle, conn)
 
 
 class Pool:
@@ -192,101 +339,119 @@ class Pool:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_idle, self.idle_expiry = max_idle, idle_expiry
         self._idle: dict[Origin, list[_Conn]] = {}
-        self._origins: dict[str, Origin] = {}
+        self._routes: dict[str, tuple[Origin, list[_Conn], str]] = {}  # base URL -> origin, idle connections, host
         self._tls: ssl.SSLContext | None = None
+        self._busy: set[_Conn] = set()
+        self._ticker: asyncio.TimerHandle | None = None
+        self._tick_s = max(0.01, min(TICK_S, read_timeout / 8))
 
     def origin(self, base_url: str) -> Origin:
-        o = self._origins.get(base_url)
-        if o is None:
-            o = self._origins[base_url] = Origin.parse(base_url)
-        return o
+        return self._route(base_url)[0]
+
+    def _route(self, base_url: str) -> tuple[Origin, list[_Conn], str]:
+        route = self._routes.get(base_url)
+        if route is None:
+            origin = Origin.parse(base_url)
+            idle = self._idle.setdefault(origin, [])
+            route = self._routes[base_url] = (origin, idle, origin.host_header.decode("latin-1"))
+        return route
 
     async def request(self, method: str, base_url: str, path: str, body: bytes = b"",
                       headers: tuple[tuple[str, str], ...] = ()) -> Response:
         """Send a request to base_url + path; return once the status and headers arrived."""
-        origin = self.origin(base_url)
-        head = [f"{method} {origin.prefix}{path} HTTP/1.1\r\n".encode(), b"host: ", origin.host_header,
-                b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n"]
+        origin, idle, host = self._route(base_url)
+        text = f"host: {host}\r\ncontent-length: {len(body)}\r\n"
         for k, v in headers:
-            head.append(f"{k}: {v}\r\n".encode("latin-1"))
-        head.append(b"\r\n")
-        data = b"".join(head) + body
+            text += f"{k}: {v}\r\n"
+        head = f"{method} {origin.prefix}{path} HTTP/1.1\r\n".encode() + (text + "\r\n").encode("latin-1")
+        if len(body) <= WRITE_SLICE:
+            head += body
+            body = b""
         while True:
-            conn, reused = self._take(origin), True
+            conn, reused = self._take(idle), True
             if conn is None:
                 conn, reused = await self._connect(origin), False
+            conn.begin()
+            self._busy.add(conn)
+            if self._ticker is None:
+                self._ticker = conn.loop.call_at(conn.loop.time() + self._tick_s, self._tick, conn.loop)
             try:
-                return await self._exchange(origin, conn, data)
+                conn.transport.write(head)
+                if body:
+                    await self._send_body(conn, body)
+                while not conn.status:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(self.read_timeout)
+                return Response(self, idle, conn)
             except ConnectFailed:
-                conn.close()
+                self._drop(conn)
                 if not reused:
                     raise
-                # A pooled connection the worker had already closed: try a fresh one.
+                # A pooled connection the worker had already closed: try another.
             except BaseException:
-                conn.close()
+                self._drop(conn)
                 raise
 
-    async def _exchange(self, origin: Origin, conn: _Conn, data: bytes) -> Response:
-        conn.writer.write(data)
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                head = await conn.reader.readuntil(b"\r\n\r\n")
-        except TimeoutError:
-            raise TimedOut("the worker did not answer in time") from None
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise ConnectFailed("the worker closed the connection without answering") from None
-            raise BrokenResponse("the worker's answer broke off in its headers") from None
-        except ConnectionError as exc:
-            raise ConnectFailed(f"the worker's connection failed ({type(exc).__name__})") from None
-        except asyncio.LimitOverrunError:
-            raise BrokenResponse("the worker's response headers are too large") from None
-        lines = head[:-4].split(b"\r\n")
-        try:
-            status = int(lines[0].split(b" ", 2)[1])
-        except (IndexError, ValueError):
-            raise BrokenResponse(f"the worker sent a bad status line: {lines[0][:80]!r}") from None
-        headers = []
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            headers.append((k.strip().lower(), v.strip()))
-        return Response(self, origin, conn, status, headers, self.read_timeout)
+    async def _send_body(self, conn: _Conn, body: bytes) -> None:
+        # A slice at a time, each once the transport's buffer drained, so a large body is never copied whole.
+        view = memoryview(body)
+        for start in range(0, len(view), WRITE_SLICE):
+            while conn.paused_writing and not (conn.status or conn.closed or conn.error is not None):
+                await conn.wait(self.read_timeout)
+            if conn.status or conn.closed or conn.error is not None:
+                conn.reusable = False  # the worker answered, or went away, before it took the whole body
+                return
+            conn.transport.write(view[start:start + WRITE_SLICE])
 
-    def _take(self, origin: Origin) -> _Conn | None:
-        idle = self._idle.get(origin)
-        loop = asyncio.get_running_loop()
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for conn in self._busy:
+            if conn.waiter is not None:
+                conn.time_out(now)
+        self._ticker = loop.call_at(now + self._tick_s, self._tick, loop) if self._busy else None
+
+    def _take(self, idle: list[_Conn]) -> _Conn | None:
         while idle:
             conn = idle.pop()
-            if loop.time() - conn.idle_since < self.idle_expiry and not conn.reader.at_eof() \
-                    and not conn.writer.transport.is_closing():
+            if not conn.closed and conn.loop.time() - conn.idle_since < self.idle_expiry:
                 return conn
-            conn.close()
+            conn.abort()
         return None
 
-    def _release(self, origin: Origin, conn: _Conn) -> None:
-        idle = self._idle.setdefault(origin, [])
-        if len(idle) >= self.max_idle or conn.reader.at_eof():
-            conn.close()
-            return
-        conn.idle_since = asyncio.get_running_loop().time()
-        idle.append(conn)
+    def _finish(self, idle: list[_Conn], conn: _Conn) -> None:
+        self._busy.discard(conn)
+        if conn.done and not conn.pieces and conn.keep_alive and conn.reusable and not conn.closed \
+                and len(idle) < self.max_idle:
+            conn.rest()
+            idle.append(conn)
+        else:
+            conn.abort()
+
+    def _drop(self, conn: _Conn) -> None:
+        self._busy.discard(conn)
+        conn.abort()
 
     async def _connect(self, origin: Origin) -> _Conn:
+        loop = asyncio.get_running_loop()
         tls = None
         if origin.tls:
             tls = self._tls = self._tls or ssl.create_default_context()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(origin.host, origin.port, ssl=tls, limit=MAX_HEAD), self.connect_timeout)
-        except asyncio.TimeoutError:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(loop), origin.host, origin.port, ssl=tls), self.connect_timeout)
+        except TimeoutError:
             raise ConnectFailed(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from None
-        return _Conn(reader, writer)
+        return conn
 
     async def aclose(self) -> None:
         """Close every idle connection."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for idle in self._idle.values():
             for conn in idle:
-                conn.close()
-        self._idle.clear()
+                conn.abort()
+            idle.clear()

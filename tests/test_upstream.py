@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -11,11 +17,12 @@ import pytest
 from node.context import check
 from node.errors import InvalidRequest
 from node.gateway import Gateway, ModelInfo
+from node.httpd import Server
 from node.keys import KeyRecord, KeyRing, hash_secret
 from node.metrics import Metrics
 from node.quotas import Quotas
 from node.router import Gate, QueueFull, Router
-from node.upstream import BrokenResponse, ConnectFailed, Pool, TimedOut
+from node.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut
 from tests.conftest import free_port
 from tests.fakes import openai_worker
 
@@ -116,6 +123,268 @@ def test_failures_are_classified():
     asyncio.run(main())
 
 
+def test_a_slow_reader_pauses_a_fast_worker():
+    """The worker streams faster than the body is read: reading pauses, memory stays bounded, nothing is lost."""
+    total = 64 << 20  # more than loopback socket buffers hold, even when tuned large
+    piece = bytes(range(256)) * 256  # 64 KiB
+
+    async def main():
+        sent = {"n": 0}
+
+        async def handler(reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            while sent["n"] < total:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent["n"] += len(piece)
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        server, base, _ = await serve(handler)
+        pool = Pool()
+        resp = await pool.request("POST", base, "/x", b"{}")
+        await asyncio.sleep(0.5)  # the consumer reads nothing for a while
+        conn = resp._conn
+        assert not conn.transport.is_reading()
+        assert conn.size <= BUFFER_LIMIT + (512 << 10)  # the limit, plus at most one network read
+        assert sent["n"] < total // 2  # the worker was held back by TCP, not drained into memory
+        got, digest = 0, hashlib.sha256()
+        async for data in resp.chunks():
+            got += len(data)
+            digest.update(data)
+            assert conn.size <= BUFFER_LIMIT + (512 << 10)
+        expected = hashlib.sha256()
+        for _ in range(total // len(piece)):
+            expected.update(piece)
+        assert got == total and digest.digest() == expected.digest()
+        resp.close()
+        await pool.aclose()
+        server.close()
+    asyncio.run(main())
+
+
+def test_read_timeout_on_the_head_and_on_the_body():
+    async def main():
+        pool = Pool(read_timeout=0.3)
+
+        async def silent(reader, writer):
+            await asyncio.sleep(5)
+        server, base, _ = await serve(silent)
+        started = time.monotonic()
+        with pytest.raises(TimedOut, match="did not answer"):
+            await pool.request("POST", base, "/x", b"{}")
+        assert 0.25 < time.monotonic() - started < 1.5
+        server.close()
+
+        async def stalls_in_body(reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf")
+            await writer.drain()
+            await asyncio.sleep(5)
+        server, base, _ = await serve(stalls_in_body)
+        resp = await pool.request("POST", base, "/x", b"{}")
+        started = time.monotonic()
+        pieces = []
+        with pytest.raises(TimedOut, match="sent nothing"):
+            async for data in resp.chunks():
+                pieces.append(data)
+        assert pieces == [b"half"] and 0.25 < time.monotonic() - started < 1.5
+        resp.close()
+        server.close()
+
+        async def stalls_in_stream(reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked(BODY, 10)[:-5])
+            await writer.drain()
+            await asyncio.sleep(5)
+        server, base, _ = await serve(stalls_in_stream)
+        resp = await Pool(read_timeout=60).request("POST", base, "/x", b"{}")
+        resp.drain_timeout(0.2)  # a shorter wait for the end of a stream
+        started = time.monotonic()
+        with pytest.raises(TimedOut):
+            await resp.read()
+        assert time.monotonic() - started < 2
+        resp.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_pooled_connection_the_worker_closed_is_not_reused():
+    """The worker closes its side of an idle keep-alive connection: the pool notices and never writes to it."""
+    async def main():
+        late: list[bytes] = []
+        conns = []
+
+        async def on_conn(reader, writer):
+            conns.append(writer)
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write_eof()  # the idle connection is closed (for sending) by the worker
+            late.append(await reader.read(1000))  # what the client still sent on it, if anything
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = Pool()
+        for _ in range(2):
+            resp = await pool.request("POST", base, "/x", b"{}")
+            assert await resp.read() == b"ok"
+            resp.close()
+            await asyncio.sleep(0.1)
+        await pool.aclose()
+        await asyncio.sleep(0.05)
+        assert len(conns) == 2 and late == [b"", b""]
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_large_request_body_is_written_as_the_worker_takes_it():
+    """A 16 MiB body to a worker reading slowly arrives whole, without piling up in the client's write buffer."""
+    body = hashlib.sha256(b"seed").digest() * (1 << 19)  # 16 MiB
+
+    async def main():
+        async def on_conn(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            digest, left = hashlib.sha256(), size
+            while left:
+                data = await reader.read(min(left, 1 << 16))
+                digest.update(data)
+                left -= len(data)
+                await asyncio.sleep(0.001)
+            answer = digest.hexdigest().encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = Pool()
+        most = {"buffered": 0}
+
+        async def watch():
+            while True:
+                for conn in pool._busy:
+                    most["buffered"] = max(most["buffered"], conn.transport.get_write_buffer_size())
+                await asyncio.sleep(0.002)
+        watcher = asyncio.create_task(watch())
+        resp = await pool.request("POST", base, "/x", body)
+        assert await resp.read() == hashlib.sha256(body).hexdigest().encode()
+        resp.close()
+        watcher.cancel()
+        assert 0 < most["buffered"] < 2 << 20
+        server.close()
+    asyncio.run(main())
+
+
+def test_an_early_answer_stops_the_request_body():
+    """A worker that refuses a large body without reading it: the answer comes back, the connection is not reused."""
+    async def main():
+        conns = []
+
+        async def on_conn(reader, writer):
+            conns.append(writer)
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig")
+            await writer.drain()
+            await asyncio.sleep(3)  # neither reads the body nor closes
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = Pool(read_timeout=2)
+        resp = await pool.request("POST", base, "/x", b"x" * (64 << 20))
+        assert resp.status == 413 and await resp.read() == b"big"
+        resp.close()
+        assert not pool._idle[pool.origin(base)]
+        server.close()
+    asyncio.run(main())
+
+
+def test_framings_interim_answers_and_bad_heads():
+    async def main():
+        pool = Pool(read_timeout=2)
+
+        async def to_eof(reader, writer):
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type:  text/plain \r\n\r\n")
+            for part in (b"no ", b"length, ", b"ends at EOF"):
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            return False
+        server, base, conns = await serve(to_eof)
+        resp = await pool.request("POST", base, "/x", b"{}")
+        assert resp.status == 200 and resp.header(b"content-type") == b"text/plain"
+        assert await resp.read() == b"no length, ends at EOF"
+        resp.close()
+        server.close()
+
+        async def answers_twice(reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+        server, base, conns = await serve(answers_twice)
+        for _ in range(2):
+            resp = await pool.request("POST", base, "/x", b"{}")
+            assert await resp.read() == b"ok"
+            resp.close()
+        assert len(conns) == 2  # a connection that carried an unasked-for answer is not reused
+        server.close()
+
+        async def huge_head(reader, writer):
+            filler = b"x-filler: %s\r\n" % (b"a" * 1000)
+            writer.write(b"HTTP/1.1 200 OK\r\n" + filler * 70 + b"content-length: 0\r\n\r\n")
+            await writer.drain()
+        server, base, _ = await serve(huge_head)
+        with pytest.raises(BrokenResponse, match="too large"):
+            await pool.request("POST", base, "/x", b"{}")
+        server.close()
+
+        async def garbage(reader, writer):
+            writer.write(b"SMTP ready\r\n\r\n")
+            await writer.drain()
+        server, base, _ = await serve(garbage)
+        with pytest.raises(BrokenResponse, match="malformed"):
+            await pool.request("POST", base, "/x", b"{}")
+        server.close()
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https(tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the pool's default context trusts the test's certificate
+
+    async def main():
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+
+        async def on_conn(reader, writer):
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(2)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked(BODY, 9))
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=ctx)
+        base = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        pool = Pool()
+        for _ in range(2):
+            resp = await pool.request("POST", base, "/x", b"{}")
+            assert await resp.read() == BODY
+            resp.close()
+        await pool.aclose()
+        server.close()
+    asyncio.run(main())
+
+
 def test_gate_queues_in_order_and_refuses_beyond():
     async def main():
         gate = Gate(max_inflight=1, max_queue=2)
@@ -200,11 +469,15 @@ def test_gateway_retries_a_dead_replica_once(tmp_path):
         router.set_ready("stub-model", [dead, live])
         ledger = Ledger()
         gw = Gateway(keys=keys, quotas=Quotas(), router=router, ledger=ledger, metrics=Metrics(),  # type: ignore[arg-type]
-                     models={"stub-model": ModelInfo("stub-model")}, client=Pool(), max_body_bytes=1 << 20,
-                     stream_usage=lambda t: True)
+                     models={"stub-model": ModelInfo("stub-model")}, client=Pool(), stream_usage=lambda t: True)
 
         async def main():
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://n") as c:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+            server = Server(gw.handle, max_body_bytes=1 << 20)
+            await server.start(sock)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
                 r = await c.post("/v1/chat/completions", json={"model": "stub-model", "messages": []},
                                  headers={"authorization": f"Bearer {secret}"})
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
@@ -212,6 +485,7 @@ def test_gateway_retries_a_dead_replica_once(tmp_path):
                 r = await c.post("/v1/chat/completions", json={"model": "stub-model", "messages": []},
                                  headers={"authorization": f"Bearer {secret}"})
                 assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+            await server.close()
         asyncio.run(main())
         assert [row.status for row in ledger.rows] == [200, 502]
         assert dead.inflight == 0 and live.inflight == 1
