@@ -208,7 +208,7 @@ _json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined
 _writer: LogWriter | None = None  # where access lines go once setup_logging ran (logging is process-wide)
 
 
-def access(request_id: str, model: str, key_id: str | None, status: int, latency_s: float, *,
+def access(request_id: str, model: str, key_id: str | None, status: int, latency_s: float,
            endpoint: str = "", ttft_s: float | None = None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
     """One line per finished /v1 request (the gateway's access log); cheap when disabled."""
     if not _access.isEnabledFor(logging.INFO):

@@ -198,7 +198,8 @@ def test_bad_bodies(stub_node):
     url = node.url + "/v1/chat/completions"
     r = httpx.post(url, headers=auth, content=b"x" * (5 * 1024 * 1024), timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    for content, param in ((b"{not json", None), (b"[1, 2]", None), (b'{"messages": []}', "model")):
+    for content, param in ((b"{not json", None), (b"[1, 2]", None), (b'{"messages": []}', "model"),
+                           ('{"model": "caf\u00e9"}'.encode("latin-1"), None)):  # not UTF-8
         r = httpx.post(url, headers=auth, content=content, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["param"] == param and r.headers["x-request-id"]
     assert httpx.get(url, headers=auth, timeout=10).status_code == 400
