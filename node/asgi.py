@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Awaitable, Callable
+from urllib.parse import unquote_to_bytes
 
 from node.errors import OperationFailed
-from node.httpd import Connection, Request, scope_for
+from node.httpd import Connection, Request
 
 log = logging.getLogger("infernode.asgi")
 
@@ -81,3 +82,13 @@ async def serve_asgi(app: App, req: Request, conn: Connection, *, server: tuple[
         conn.abort()  # the app stopped half way through its answer
     elif not finished and headers:
         conn.respond(status, headers)  # a start with no body message
+
+
+def scope_for(req: Request, conn: Connection, server: tuple[str, int] | None) -> dict[str, Any]:
+    """An ASGI HTTP scope for a request (for apps served through node/asgi.py)."""
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": req.http_version,
+        "method": req.method, "scheme": "http", "path": unquote_to_bytes(req.path).decode("utf-8", "replace"),
+        "raw_path": req.path, "query_string": req.query, "root_path": "", "headers": req.headers,
+        "client": conn.client, "server": server, "state": {},
+    }

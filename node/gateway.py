@@ -1,11 +1,11 @@
 """The OpenAI-compatible `/v1` gateway: auth, admission, backpressure, routing and a byte-faithful proxy.
 
 This is the hot path, answered straight from the node's HTTP server (node/httpd.py):
-no framework routing, no ASGI messages, no validation models, no disk or database I/O. Bodies go to the worker unchanged except
-for the model name (when the worker serves it under another name) and
-`stream_options` (when the node must ask for streamed usage); streamed bytes are
-passed on as whole SSE events as they arrive, and only events that mention usage are
-looked into (node/sse.py). Upstream HTTP is node/upstream.py's keep-alive pool.
+no framework routing, no ASGI messages, no validation models, no disk or database
+I/O. Bodies go to the worker unchanged except for the model name (when the worker
+serves it under another name) and `stream_options` (when the node must ask for
+streamed usage); streamed bytes are passed on as whole SSE events as they arrive, and
+only events that mention usage are looked into (node/sse.py). Upstream HTTP is node/upstream.py's keep-alive pool.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Exchange:
 
 
 class Gateway:
-    """The `/v1` ASGI app."""
+    """Answers `/v1` requests (node/api.py hands them over)."""
 
     def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
                  models: dict[str, ModelInfo], client: Pool,

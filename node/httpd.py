@@ -27,7 +27,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import httptools
 
@@ -409,13 +409,3 @@ class Server:
         self._server = None
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
-
-def scope_for(req: Request, conn: Connection, server: tuple[str, int] | None) -> dict[str, Any]:
-    """An ASGI HTTP scope for a request (for apps served through node/asgi.py)."""
-    from urllib.parse import unquote_to_bytes
-    return {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": req.http_version,
-        "method": req.method, "scheme": "http", "path": unquote_to_bytes(req.path).decode("utf-8", "replace"),
-        "raw_path": req.path, "query_string": req.query, "root_path": "", "headers": req.headers,
-        "client": conn.client, "server": server, "state": {},
-    }
