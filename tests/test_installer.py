@@ -265,8 +265,9 @@ def test_installer_refuses_bad_input_with_one_clear_line(tmp_path: Path) -> None
     assert p.returncode == 1 and "unknown option '--frobnicate'" in p.stderr
     if os.geteuid() == 0 and shutil.which("runuser"):
         # Without --user it needs root (it creates a system user and writes /opt, /etc, /var/lib).
-        p = subprocess.run(["runuser", "-u", "nobody", "--", *base[:2], "--prefix", str(tmp_path / "p")],
-                           capture_output=True, text=True, timeout=60)
+        # The script on stdin: `nobody` may not be able to read a checkout under a private directory.
+        p = subprocess.run(["runuser", "-u", "nobody", "--", "bash", "-s", "--", "--prefix", str(tmp_path / "p")],
+                           input=INSTALL.read_text(), capture_output=True, text=True, timeout=60, cwd="/")
         assert p.returncode == 1 and "run as root" in p.stderr and "--user" in p.stderr
     assert not (tmp_path / "p").exists()  # nothing written on refusal
     p = subprocess.run(["bash", str(UNINSTALL), "--user", "--prefix", str(tmp_path / "nothing")], capture_output=True, text=True)
