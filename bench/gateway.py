@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.upstream import Pool  # noqa: E402  (the load generator reuses the node's lean client)
+from node.gateway.upstream import Pool  # noqa: E402  (the load generator reuses the node's lean client)
 
 CHUNKS = 32
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -92,9 +92,9 @@ def time_curl(url: str, out: Path, fsync: bool = False) -> float:
 
 def time_pull(url: str, hexd: str, box: Path) -> float:
     from node.config import load_config
-    from node.lockfile import read_lock, write_lock
-    from node.pull import pull_entry
-    from node.resolve import build_lock
+    from node.supply.lockfile import read_lock, write_lock
+    from node.supply.pull import pull_entry
+    from node.supply.resolve import build_lock
 
     shutil.rmtree(box, ignore_errors=True)
     box.mkdir(parents=True)
@@ -103,7 +103,7 @@ def time_pull(url: str, hexd: str, box: Path) -> float:
     cfg = load_config(str(box / "appliance.toml"))
     write_lock(cfg.lock_path, build_lock(cfg))
     entry = read_lock(cfg.lock_path).entry("big")
-    from node.store import Store
+    from node.supply.store import Store
     store = Store(cfg.data_dir / "store")
     t = time.perf_counter()
     pull_entry(store, entry, cfg.model("big"), cfg)
@@ -138,8 +138,8 @@ def main() -> None:
             except OSError:
                 time.sleep(0.05)
         mb = args.size_mb * 1024 * 1024 / 1e6
-        import node.pull  # noqa: F401  (imports are not download time)
-        import node.remote  # noqa: F401
+        import node.supply.pull  # noqa: F401  (imports are not download time)
+        import node.supply.remote  # noqa: F401
         curl, synced, pull = [], [], []
         for i in range(args.rounds):
             curl.append(mb / time_curl(url, work / "curl.out"))

@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.gateway import free_port, rss_mb, wait_http  # noqa: E402
-from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret  # noqa: E402
-from node.quotas import Quotas  # noqa: E402
-from node.storage import open_storage  # noqa: E402
-from node.teams import TeamRecord  # noqa: E402
-from node.upstream import Pool  # noqa: E402
+from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret  # noqa: E402
+from node.accounts.quotas import Quotas  # noqa: E402
+from node.accounts.storage import open_storage  # noqa: E402
+from node.accounts.teams import TeamRecord  # noqa: E402
+from node.gateway.upstream import Pool  # noqa: E402
 
 N_KEYS = 10_000
 

@@ -17,29 +17,29 @@ from typing import Any
 
 import httpx
 
-from node.alerts import Alerter, budget_uses
+from node.ops.alerts import Alerter, budget_uses
 from node.config import Config, load_config
 from node.errors import OperationFailed
-from node.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
-from node.gateway import Gateway, ModelInfo
-from node.upstream import Pool
-from node.gpus import Inventory, discover
-from node.handles import claim_workers
-from node.keeper import owner_token
-from node.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
-from node.ledger import Ledger, rebuild_counters
-from node.lockfile import LockFile, read_lock
-from node.logs import ACCESS_LOGGER
-from node.metrics import Metrics
-from node.pull import pull_entry
-from node.quotas import Quotas
-from node.router import Router
-from node.sampler import Sampler
-from node.states import WorkerState
-from node.storage import Storage, StorageUnavailable, open_storage
-from node.store import Store
-from node.supervisor import Supervisor
-from node.worker import Replica
+from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
+from node.gateway.proxy import Gateway, ModelInfo
+from node.gateway.upstream import Pool
+from node.workers.gpus import Inventory, discover
+from node.workers.handles import claim_workers
+from node.workers.keeper import owner_token
+from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.accounts.ledger import Ledger, rebuild_counters
+from node.supply.lockfile import LockFile, read_lock
+from node.ops.logs import ACCESS_LOGGER
+from node.ops.metrics import Metrics
+from node.supply.pull import pull_entry
+from node.accounts.quotas import Quotas
+from node.workers.router import Router
+from node.ops.sampler import Sampler
+from node.workers.states import WorkerState
+from node.accounts.storage import Storage, StorageUnavailable, open_storage
+from node.supply.store import Store
+from node.workers.supervisor import Supervisor
+from node.workers.replica import Replica
 
 log = logging.getLogger("infernode.node")
 

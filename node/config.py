@@ -121,7 +121,7 @@ class ModelConfig(_Section):
     @field_validator("gpu_memory")
     @classmethod
     def _gpu_memory(cls, v: str | None) -> str | None:
-        from node.placement import parse_size  # placement imports this module
+        from node.workers.placement import parse_size  # placement imports this module
 
         if v is not None:
             parse_size(v)

@@ -17,12 +17,12 @@ import signal
 import socket
 from pathlib import Path
 
-from node.api import NodeApp
+from node.gateway.dispatch import NodeApp
 from node.app import Node
 from node.config import Config
 from node.errors import NodeError, OperationFailed
-from node.httpd import Server
-from node.sdnotify import Notifier
+from node.gateway.httpd import Server
+from node.ops.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
 

@@ -12,12 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-from node.alerts import Alerter, BudgetUse, budget_uses, period_start
+from node.ops.alerts import Alerter, BudgetUse, budget_uses, period_start
 from node.config import AlertsSection
-from node.gpus import discover
-from node.keys import KeyRecord
-from node.storage import UsageRow, open_storage
-from node.teams import TeamRecord
+from node.workers.gpus import discover
+from node.accounts.keys import KeyRecord
+from node.accounts.storage import UsageRow, open_storage
+from node.accounts.teams import TeamRecord
 from tests.conftest import free_port, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 

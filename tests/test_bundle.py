@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from node.bundle import export_bundle, read_bundle_lock
+from node.supply.bundle import export_bundle, read_bundle_lock
 from node.config import load_config
-from node.lockfile import read_lock
-from node.store import Store
+from node.supply.lockfile import read_lock
+from node.supply.store import Store
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub
 from tests.fakes.ollama_registry import FakeRegistry

@@ -11,11 +11,11 @@ from pathlib import Path
 from node.config import load_config
 import pytest
 
-from node.doctor import Level, check_database, check_fleet, check_gpus, check_store, run_checks
-from node.gpus import discover
-from node.lockfile import read_lock
-from node.storage import open_storage
-from node.store import Store
+from node.ops.doctor import Level, check_database, check_fleet, check_gpus, check_store, run_checks
+from node.workers.gpus import discover
+from node.supply.lockfile import read_lock
+from node.accounts.storage import open_storage
+from node.supply.store import Store
 from tests.conftest import TINY_MODEL, free_port, run_cli, wait_until, write_config
 from tests.fakes.nvml import FakeNvml, box
 

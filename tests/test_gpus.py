@@ -9,7 +9,7 @@ import sys
 import pynvml
 import pytest
 
-from node.gpus import NO_DRIVER, discover
+from node.workers.gpus import NO_DRIVER, discover
 from tests.fakes.nvml import GiB, FakeGpu, FakeNvml, box, mig_box
 
 

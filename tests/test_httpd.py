@@ -1,4 +1,4 @@
-"""The node's HTTP/1.1 server (node/httpd.py) and its ASGI bridge, over real loopback sockets."""
+"""The node's HTTP/1.1 server (node/gateway/httpd.py) and its ASGI bridge, over real loopback sockets."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from node import httpd
-from node.asgi import serve_asgi
-from node.httpd import Connection, Request, Server
+from node.gateway import httpd
+from node.gateway.asgi import serve_asgi
+from node.gateway.httpd import Connection, Request, Server
 
 
 def listening() -> socket.socket:

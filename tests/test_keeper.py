@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.keeper import owner_token, process_start_time, token_alive
+from node.workers.keeper import owner_token, process_start_time, token_alive
 from tests.conftest import wait_until
 
 CHATTY = ("import sys, time\n"
@@ -23,7 +23,7 @@ CHATTY = ("import sys, time\n"
 def keeper(tmp: Path, *cmd: str, owner: str | None = None, grace: float = 30, max_bytes: int = 1 << 20,
            backups: int = 3) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "node.keeper", "--state", str(tmp / "w.json"), "--owner", owner or owner_token(),
+        [sys.executable, "-m", "node.workers.keeper", "--state", str(tmp / "w.json"), "--owner", owner or owner_token(),
          "--owner-file", str(tmp / "owner"), "--grace", str(grace), "--stop-timeout", "2",
          "--log", str(tmp / "w.log"), "--log-max-bytes", str(max_bytes), "--log-backups", str(backups),
          "--info", json.dumps({"id": "w"}), "--", *cmd],

@@ -13,9 +13,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-import node.keys
+import node.accounts.keys
 from node.errors import AuthenticationError
-from node.keys import KeyRing, hash_secret
+from node.accounts.keys import KeyRing, hash_secret
 from tests.conftest import TINY_MODEL, run_cli, start_node, wait_until
 from tests.test_storage import PG_URL, _pg_exec, pg_schema_url
 
@@ -32,14 +32,14 @@ def healthy(n) -> bool:
 
 def test_secret_compared_in_constant_time(monkeypatch) -> None:
     calls = []
-    real = node.keys.hmac.compare_digest
+    real = node.accounts.keys.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(node.keys.hmac, "compare_digest", spy)
-    from node.keys import KeyRecord
+    monkeypatch.setattr(node.accounts.keys.hmac, "compare_digest", spy)
+    from node.accounts.keys import KeyRecord
     secret = "sk-" + secrets.token_urlsafe(16)
     ring = KeyRing([KeyRecord(id="k", name="n", secret_hash=hash_secret(secret), prefix=secret[:8])])
     assert ring.lookup(secret) is not None

@@ -18,8 +18,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from node.ledger import Ledger
-from node.storage import UsageRow, open_storage
+from node.accounts.ledger import Ledger
+from node.accounts.storage import UsageRow, open_storage
 from tests.conftest import free_port, wait_until
 
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

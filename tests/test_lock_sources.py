@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.download import RemoteError
-from node.lockfile import read_lock, write_lock
-from node.pull import pull_entry
-from node.manifest import check_manifest, rebuild_manifest
-from node.resolve import build_lock
-from node.store import Store
+from node.supply.download import RemoteError
+from node.supply.lockfile import read_lock, write_lock
+from node.supply.pull import pull_entry
+from node.supply.manifest import check_manifest, rebuild_manifest
+from node.supply.resolve import build_lock
+from node.supply.store import Store
 from node.errors import StoreError
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub

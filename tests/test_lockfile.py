@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.errors import ConfigError
-from node.lockfile import LockedFile, LockEntry, LockFile, read_lock, write_lock
+from node.supply.lockfile import LockedFile, LockEntry, LockFile, read_lock, write_lock
 from tests.conftest import run_cli, write_config
 
 F = LockedFile(path="a.gguf", size=3, sha256="a" * 64)

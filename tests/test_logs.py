@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from node.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter, access, redact, setup_logging
+from node.ops.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter, access, redact, setup_logging
 from tests.conftest import TINY_MODEL, start_node, write_config
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from node.config import parse_config
 from node.errors import ConfigError
-from node.gpus import Inventory, discover
-from node.lockfile import LockedFile, LockEntry, LockFile
-from node.placement import GiB, estimate_need, parse_size, place
+from node.workers.gpus import Inventory, discover
+from node.supply.lockfile import LockedFile, LockEntry, LockFile
+from node.workers.placement import GiB, estimate_need, parse_size, place
 from tests.fakes.nvml import FakeGpu, FakeNvml, box, mig_box
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.download import NetSettings, RemoteError
-from node.lockfile import read_lock, write_lock
-from node.progress import JsonProgress
-from node.pull import pull_entry
-from node.resolve import build_lock
-from node.store import DigestMismatch, DiskFull, SizeMismatch, Store
+from node.supply.download import NetSettings, RemoteError
+from node.supply.lockfile import read_lock, write_lock
+from node.supply.progress import JsonProgress
+from node.supply.pull import pull_entry
+from node.supply.resolve import build_lock
+from node.supply.store import DigestMismatch, DiskFull, SizeMismatch, Store
 from tests.conftest import INFERNODE, REPO, run_cli, wait_until
 from tests.fakes.hf_hub import FakeHub
 
@@ -51,8 +51,8 @@ def setup_box(tmp_path: Path, models: str):
 
 
 def pull(cfg, lock, store, name="m", settings=FAST, progress=None):
-    from node import remote
-    from node.resolve import source_of
+    from node.supply import remote
+    from node.supply.resolve import source_of
     model, entry = cfg.model(name), lock.entry(name)
     src = source_of(model, cfg)
     remote.pull(store, entry, src, settings=settings, progress=progress)

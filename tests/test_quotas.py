@@ -9,10 +9,10 @@ import calendar
 import pytest
 
 from node.errors import AuthenticationError, PermissionDenied, RateLimited
-from node.keys import KeyRecord
-from node.quotas import Quotas
-from node.storage import UsageRow
-from node.teams import TeamRecord
+from node.accounts.keys import KeyRecord
+from node.accounts.quotas import Quotas
+from node.accounts.storage import UsageRow
+from node.accounts.teams import TeamRecord
 
 T0 = float(calendar.timegm((2026, 3, 31, 23, 0, 0)))  # an hour before a new UTC day and month
 

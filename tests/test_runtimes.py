@@ -17,7 +17,7 @@ import ollama
 import pytest
 
 import runtimes
-from node.gpus import discover
+from node.workers.gpus import discover
 from runtimes import LaunchPlan, Probe, Warmup, WorkerSpec
 from runtimes import ollama as ollama_rt
 from runtimes import sglang as sglang_rt

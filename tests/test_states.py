@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from node.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
+from node.workers.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
 
 S = WorkerState
-WORKER_SRC = Path(__file__).resolve().parent.parent / "node" / "worker.py"
+WORKER_SRC = Path(__file__).resolve().parent.parent / "node" / "workers" / "replica.py"
 
 
 def reachable(start: WorkerState) -> set[WorkerState]:
@@ -71,7 +71,7 @@ def _targets_set_in_worker() -> set[WorkerState]:
 def test_worker_only_uses_states_the_table_can_enter():
     used = _targets_set_in_worker()
     enterable = set().union(*TRANSITIONS.values())
-    assert used, "no transitions found in node/worker.py"
+    assert used, "no transitions found in node/workers/replica.py"
     assert used <= enterable
     # The worker reaches every state but PENDING (where replicas begin) through _set.
     assert used == set(WorkerState) - {S.PENDING}

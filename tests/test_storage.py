@@ -15,10 +15,10 @@ from urllib.parse import quote
 
 import pytest
 
-from node.keys import KeyRecord, hash_secret
-from node.storage import StorageConflict, UsageRow, open_storage
-from node.storage.migrations import MIGRATIONS
-from node.teams import TeamRecord
+from node.accounts.keys import KeyRecord, hash_secret
+from node.accounts.storage import StorageConflict, UsageRow, open_storage
+from node.accounts.storage.migrations import MIGRATIONS
+from node.accounts.teams import TeamRecord
 
 PG_URL = os.environ.get("INFERNODE_TEST_POSTGRES_URL")
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from node.errors import StoreError
-from node.lockfile import LockedFile, LockEntry, read_lock
-from node.store import DigestMismatch, SizeMismatch, Store
+from node.supply.lockfile import LockedFile, LockEntry, read_lock
+from node.supply.store import DigestMismatch, SizeMismatch, Store
 from tests.conftest import TINY_MODEL, run_cli, wait_until, write_config
 
 DATA = os.urandom(2 * 1024 * 1024 + 3)

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from node.config import SupervisorSection
-from node.keeper import process_start_time
-from node.states import TRANSITIONS, WorkerState
-from node.worker import Replica
+from node.workers.keeper import process_start_time
+from node.workers.states import TRANSITIONS, WorkerState
+from node.workers.replica import Replica
 from runtimes import WorkerSpec
 from tests.conftest import REPO, TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from node.config import NodeSection, SupervisorSection
-from node.sdnotify import Notifier
+from node.ops.sdnotify import Notifier
 from tests.conftest import REPO, TINY_MODEL, descendants_of_keepers, start_node, wait_until, write_config
 
 INSTALL = REPO / "installer" / "install.sh"

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from node.keeper import process_start_time
+from node.workers.keeper import process_start_time
 from tests.conftest import REPO
 
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"

@@ -17,7 +17,7 @@ MARKS = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]fail[/
 def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON"),
            rehash: bool = typer.Option(False, "--rehash", help="also re-hash every model file in the store (slow)")) -> int:
     """Check driver, NVML, runtimes, port, disk, store, database, admin key and fleet; exit 1 on any fail."""
-    from node.doctor import Level, run_checks
+    from node.ops.doctor import Level, run_checks
 
     checks = run_checks(config_from(config), rehash=rehash)
     if as_json:

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from node.adminclient import AdminClient
+from node.admin.client import AdminClient
 from node.cli import ConfigOption, app, config_from, console
-from node.fleet import Deployment, model_list_yaml
+from node.ops.fleet import Deployment, model_list_yaml
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Join a LiteLLM proxy as an upstream (the fleet.litellm section of appliance.toml).")
 app.add_typer(fleet_app, name="fleet")

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from node.adminclient import AdminClient
+from node.admin.client import AdminClient
 from node.cli import ConfigOption, app, config_from, console
 from node.errors import InvalidRequest
 

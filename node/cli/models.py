@@ -10,8 +10,8 @@ import typer
 
 from node.cli import ConfigOption, app, config_from, console, err_console
 from node.errors import OperationFailed, StoreError
-from node.lockfile import LockFile, read_lock, write_lock
-from node.store import Problem, Store
+from node.supply.lockfile import LockFile, read_lock, write_lock
+from node.supply.store import Problem, Store
 
 STARTER = """\
 # Infernode appliance configuration. See README.md for every key.
@@ -39,7 +39,7 @@ def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appli
     """Write a starter appliance.toml (GPUs detected) and an empty models.lock."""
     import socket
 
-    from node.gpus import discover
+    from node.workers.gpus import discover
 
     dir.mkdir(parents=True, exist_ok=True)
     cfg = dir / "appliance.toml"
@@ -62,7 +62,7 @@ def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appli
 def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.lock is stale; write nothing"),
          config: Optional[str] = ConfigOption) -> None:
     """Resolve every model source to an immutable revision and per-file sha256; write models.lock."""
-    from node.resolve import build_lock, stale_models
+    from node.supply.resolve import build_lock, stale_models
 
     cfg = config_from(config)
     current = read_lock(cfg.lock_path)
@@ -92,9 +92,9 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
          json_: bool = typer.Option(False, "--json", help="progress as JSON lines on stdout"),
          config: Optional[str] = ConfigOption) -> None:
     """Download what models.lock pins into the store and verify every digest."""
-    from node.progress import JsonProgress, RichProgress
-    from node.pull import pull_entry
-    from node.resolve import stale_models
+    from node.supply.progress import JsonProgress, RichProgress
+    from node.supply.pull import pull_entry
+    from node.supply.resolve import stale_models
 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
@@ -145,7 +145,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
 @app.command()
 def verify(config: Optional[str] = ConfigOption) -> None:
     """Re-hash the store against models.lock; exit 1 naming every bad file (moved aside for `pull`)."""
-    from node.manifest import check_manifest, is_ollama_entry
+    from node.supply.manifest import check_manifest, is_ollama_entry
 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
@@ -185,7 +185,7 @@ app.add_typer(bundle_app, name="bundle")
 def bundle_export(out: Path = typer.Argument(..., help="the archive to write (an uncompressed tar)"),
                   config: Optional[str] = ConfigOption) -> None:
     """Write one archive with models.lock and every blob it pins; import with `pull --from OUT`."""
-    from node.bundle import export_bundle
+    from node.supply.bundle import export_bundle
 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)

@@ -10,14 +10,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from node.adminclient import AdminClient
+from node.admin.client import AdminClient
 from node.cli import ConfigOption, app, config_from, console
 
 
 @app.command()
 def up(config: Optional[str] = ConfigOption) -> None:
     """Run the node in the foreground (what systemd runs)."""
-    from node.logs import setup_logging
+    from node.ops.logs import setup_logging
     from node.server import serve
 
     cfg = config_from(config)
@@ -98,7 +98,7 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
 @app.command()
 def gpus(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The NVML inventory of this box (no driver or no GPU is a normal state, exit 0)."""
-    from node.gpus import discover
+    from node.workers.gpus import discover
 
     inv = discover()
     if as_json:

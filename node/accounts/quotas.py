@@ -1,0 +1,338 @@
+"""Admission on the hot path: key validity, allowed models and limits, all in memory.
+
+`Quotas.admit` runs before a request is proxied and either raises (401/403/429) or
+returns an `Admission` whose `finish` charges what the worker reported.
+
+Semantics (see docs/keys-and-quotas.md):
+- requests per minute are exact, by a sliding-window log: a request is admitted when
+  fewer than `rpm` requests were admitted in the 60 seconds before it. Every admitted
+  request counts, whatever its outcome.
+- tokens per minute and budgets are checked before (is anything left?) and charged
+  after, from the worker's reported usage, when the request ends. A request admitted
+  with one token left runs to completion, so a limit can be overshot by what the
+  requests in flight at that moment produce; the next request is refused.
+- budgets count prompt + completion tokens in the current UTC day or month.
+- scopes: the key; its team (the team's limits are shared by all its keys); and, when
+  the key sets user_rpm/user_tpm, each end user (the request's `user` field) under it.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
+from node.accounts.keys import KeyRecord
+from node.accounts.teams import TeamRecord
+
+WINDOW = 60.0
+WHO = {"key": "this key", "team": "this key's team", "user": "this end user"}
+
+
+class Counter:
+    """One scope's counters: the admissions and token charges of the last minute, budgets, in flight.
+
+    Admissions are an exact log of timestamps; token charges are merged per whole
+    second ([second, tokens]), so a scope holds at most 61 of them, and a second's
+    tokens leave the window when all of that second has.
+    """
+
+    __slots__ = ("hits", "tokens", "token_sum", "day", "day_used", "month", "month_used", "parallel")
+
+    def __init__(self) -> None:
+        self.hits: deque[float] = deque()
+        self.tokens: deque[list[int]] = deque()
+        self.token_sum = 0
+        self.day = self.month = -1
+        self.day_used = self.month_used = 0
+        self.parallel = 0
+
+    def prune(self, now: float) -> None:
+        edge = now - WINDOW
+        hits = self.hits
+        while hits and hits[0] <= edge:
+            hits.popleft()
+        toks = self.tokens
+        while toks and toks[0][0] + 1 <= edge:
+            self.token_sum -= toks.popleft()[1]
+
+    def roll(self, day: int, month: int) -> None:
+        if self.day != day:
+            self.day, self.day_used = day, 0
+        if self.month != month:
+            self.month, self.month_used = month, 0
+
+    def used(self, period: str) -> int:
+        return self.month_used if period == "month" else self.day_used
+
+    def charge(self, ts: float, tokens: int, budget: bool) -> None:
+        if tokens <= 0:
+            return
+        self.add_tokens(ts, tokens)
+        if budget:
+            self.day_used += tokens
+            self.month_used += tokens
+
+    def add_tokens(self, ts: float, tokens: int) -> None:
+        sec = int(ts)
+        toks = self.tokens
+        if toks and toks[-1][0] == sec:
+            toks[-1][1] += tokens
+        else:
+            toks.append([sec, tokens])
+        self.token_sum += tokens
+
+    def tokens_free_in(self, limit: int, now: float) -> float:
+        """Seconds until the last minute's tokens drop below `limit`."""
+        excess = self.token_sum - limit
+        for ts, n in self.tokens:
+            excess -= n
+            if excess < 0:
+                return ts + 1 + WINDOW - now
+        return 0.0
+
+    def idle(self) -> bool:
+        return not self.hits and not self.tokens and self.parallel == 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one scope for one request."""
+
+    label: str                    # key | team | user: named in messages and metrics
+    rpm: int | None
+    tpm: int | None
+    max_parallel: int | None
+    budget_tokens: int | None
+    budget_period: str
+    budget: bool                  # charge budget counters in this scope
+
+
+class UsageLike(Protocol):
+    """What a ledger row gives the rebuild."""
+
+    ts: float
+    key_id: str | None
+    team: str | None
+    end_user: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float | None
+
+
+def day_id(now: float) -> int:
+    return int(now // 86400)
+
+
+def month_start(now: float) -> float:
+    t = time.gmtime(now)
+    return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)))
+
+
+def next_month_start(now: float) -> float:
+    t = time.gmtime(now)
+    y, m = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((y, m, 1, 0, 0, 0)))
+
+
+@dataclass(slots=True)
+class Admission:
+    """One admitted request; `finish` must be called exactly once."""
+
+    quotas: "Quotas"
+    key: KeyRecord
+    model: str
+    wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent
+    scopes: list[tuple[Counter, Limits]] = field(default_factory=list)
+    _done: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.wire_headers}
+
+    def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None) -> None:
+        """Charge the worker's reported usage and release the parallel slot."""
+        if self._done:
+            return
+        self._done = True
+        now = time.time() if now is None else now
+        self.quotas._finish(self, max(0, prompt_tokens) + max(0, completion_tokens), now)
+
+
+class Quotas:
+    """Per-key, per-team and per-end-user limits held in memory (event loop only, no locks)."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, ...], Counter] = {}
+        self._teams: dict[str, TeamRecord] = {}
+        # key id -> (the record it was built for, its key and team scopes): records are
+        # immutable, so an identity check tells when a key changed.
+        self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]]]] = {}
+        self._day = -1
+        self._month = -1
+
+    # -- configuration -----------------------------------------------------------
+    def set_teams(self, teams: Iterable[TeamRecord]) -> None:
+        self._teams = {t.name: t for t in teams}
+        self._plans = {}
+
+    def team(self, name: str) -> TeamRecord | None:
+        return self._teams.get(name)
+
+    def counter(self, *scope: str) -> Counter:
+        c = self._counters.get(scope)
+        if c is None:
+            c = self._counters[scope] = Counter()
+        return c
+
+    def _periods(self, now: float) -> tuple[int, int]:
+        day = day_id(now)
+        if day != self._day:
+            t = time.gmtime(now)
+            self._day, self._month = day, t.tm_year * 12 + t.tm_mon
+        return self._day, self._month
+
+    # -- the hot path ------------------------------------------------------------
+    def admit(self, key: KeyRecord, model: str, user: str | None = None, now: float | None = None) -> Admission:
+        """Admit one request or raise AuthenticationError, PermissionDenied or RateLimited."""
+        now = time.time() if now is None else now
+        if key.revoked:
+            raise AuthenticationError("this API key has been revoked", code="key_revoked")
+        if key.expired(now):
+            raise AuthenticationError("this API key has expired", code="key_expired")
+        if not key.allows(model):
+            raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
+        cached = self._plans.get(key.id)
+        plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key))
+        if user and (key.user_rpm is not None or key.user_tpm is not None):
+            plan.append((self.counter("user", key.id, user), Limits("user", key.user_rpm, key.user_tpm, None, None,
+                                                                    "day", False)))
+        day, month = self._periods(now)
+        for c, lim in plan:
+            c.prune(now)
+            c.roll(day, month)
+            self._check(c, lim, now, plan)
+        for c, _ in plan:
+            c.hits.append(now)
+            c.parallel += 1
+        return Admission(self, key, model, _headers(plan, now), plan)
+
+    def _key_plan(self, key: KeyRecord) -> list[tuple[Counter, Limits]]:
+        plan = [(self.counter("key", key.id), Limits("key", key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
+                                                      key.budget_period, True))]
+        team = self._teams.get(key.team) if key.team else None
+        if team is not None:
+            plan.append((self.counter("team", team.name), Limits("team", team.rpm, team.tpm, team.max_parallel,
+                                                                 team.budget_tokens, team.budget_period, True)))
+        self._plans[key.id] = (key, plan)
+        return plan
+
+    def _check(self, c: Counter, lim: Limits, now: float, plan: list[tuple[Counter, Limits]]) -> None:
+        who = WHO[lim.label]
+        if lim.rpm is not None and len(c.hits) >= lim.rpm:
+            wait = c.hits[0] + WINDOW - now if c.hits else WINDOW
+            raise RateLimited(f"{who} reached its limit of {lim.rpm} requests per minute", retry_after=wait,
+                              reason=f"{lim.label}_rpm", headers=_header_dict(plan, now))
+        if lim.tpm is not None and c.token_sum >= lim.tpm:
+            raise RateLimited(f"{who} reached its limit of {lim.tpm} tokens per minute",
+                              retry_after=c.tokens_free_in(lim.tpm, now) if lim.tpm else WINDOW,
+                              reason=f"{lim.label}_tpm", headers=_header_dict(plan, now))
+        if lim.max_parallel is not None and c.parallel >= lim.max_parallel:
+            raise RateLimited(f"{who} already has {lim.max_parallel} requests in flight", retry_after=1,
+                              reason=f"{lim.label}_parallel")
+        if lim.budget_tokens is not None and c.used(lim.budget_period) >= lim.budget_tokens:
+            reset = next_month_start(now) if lim.budget_period == "month" else (day_id(now) + 1) * 86400.0
+            raise RateLimited(f"{who} has used its budget of {lim.budget_tokens} tokens for this "
+                              f"{lim.budget_period} (UTC)", retry_after=reset - now, reason=f"{lim.label}_budget",
+                              code="budget_exceeded", headers={"x-ratelimit-reset-budget": f"{int(reset - now)}s"})
+
+    def _finish(self, adm: Admission, tokens: int, now: float) -> None:
+        day, month = self._periods(now)
+        for c, lim in adm.scopes:
+            c.parallel = max(0, c.parallel - 1)
+            c.roll(day, month)
+            c.charge(now, tokens, lim.budget)
+
+    # -- state -------------------------------------------------------------------
+    def rebuild(self, window: Iterable[UsageLike], day_totals: dict[str, dict[str, int]],
+                month_totals: dict[str, dict[str, int]], now: float | None = None) -> None:
+        """Restore counters from the ledger: the last minute's rows, and token totals for
+        the current UTC day and month by scope ("key" -> {key_id: n}, "team" -> {team: n})."""
+        now = time.time() if now is None else now
+        day, month = self._periods(now)
+        for scope in ("key", "team"):
+            for name, n in day_totals.get(scope, {}).items():
+                c = self.counter(scope, name)
+                c.roll(day, month)
+                c.day_used = n
+            for name, n in month_totals.get(scope, {}).items():
+                c = self.counter(scope, name)
+                c.roll(day, month)
+                c.month_used = n
+        for row in sorted(window, key=lambda r: r.ts):  # token buckets must be appended in order
+            started = row.ts - (row.latency_ms or 0) / 1000
+            tokens = row.prompt_tokens + row.completion_tokens
+            scopes = []
+            if row.key_id:
+                scopes.append(self.counter("key", row.key_id))
+                if row.end_user:
+                    scopes.append(self.counter("user", row.key_id, row.end_user))
+            if row.team:
+                scopes.append(self.counter("team", row.team))
+            for c in scopes:
+                c.hits.append(started)
+                if tokens > 0:
+                    c.add_tokens(row.ts, tokens)
+        for c in self._counters.values():
+            # Sort: rows end in a different order than they started.
+            if c.hits and any(a > b for a, b in zip(c.hits, list(c.hits)[1:])):
+                c.hits = deque(sorted(c.hits))
+            c.prune(now)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget idle end-user counters (they carry no budget); returns how many."""
+        now = time.time() if now is None else now
+        gone = []
+        for scope, c in self._counters.items():
+            c.prune(now)
+            if scope[0] == "user" and c.idle():
+                gone.append(scope)
+        for scope in gone:
+            del self._counters[scope]
+        return len(gone)
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+
+def _headers(plan: list[tuple[Counter, Limits]], now: float) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* for the tightest request and token limits among the scopes (every request: kept cheap)."""
+    h: list[tuple[bytes, bytes]] = []
+    best_req = best_tok = None
+    for c, lim in plan:
+        if lim.rpm is not None:
+            left = lim.rpm - len(c.hits)
+            if best_req is None or left < best_req[1]:
+                best_req = (lim.rpm, left, c)
+        if lim.tpm is not None:
+            left = lim.tpm - c.token_sum
+            if best_tok is None or left < best_tok[1]:
+                best_tok = (lim.tpm, left, c)
+    if best_req is not None:
+        limit, left, c = best_req
+        reset = c.hits[0] + WINDOW - now if c.hits else 0.0
+        h += ((b"x-ratelimit-limit-requests", b"%d" % limit), (b"x-ratelimit-remaining-requests", b"%d" % max(0, left)),
+              (b"x-ratelimit-reset-requests", b"%ds" % round(max(0.0, reset))))
+    if best_tok is not None:
+        limit, left, c = best_tok
+        reset = c.tokens[0][0] + 1 + WINDOW - now if c.tokens else 0.0
+        h += ((b"x-ratelimit-limit-tokens", b"%d" % limit), (b"x-ratelimit-remaining-tokens", b"%d" % max(0, left)),
+              (b"x-ratelimit-reset-tokens", b"%ds" % round(max(0.0, reset))))
+    return h
+
+
+def _header_dict(plan: list[tuple[Counter, Limits]], now: float) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in _headers(plan, now)}

@@ -1,0 +1,292 @@
+"""The storage interface and its one SQL implementation, shared by both backends."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+import operator
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Protocol, Sequence
+
+from node.accounts.keys import KeyRecord
+from node.accounts.storage.migrations import MIGRATIONS
+from node.accounts.teams import TeamRecord
+
+KEY_COLUMNS = [f.name for f in fields(KeyRecord)]
+TEAM_COLUMNS = [f.name for f in fields(TeamRecord)]
+
+
+class StorageUnavailable(Exception):
+    """The database cannot be reached or used right now."""
+
+
+class StorageConflict(Exception):
+    """A write collided with a row that already exists (a duplicate name or id)."""
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs the request path ~2 µs per row
+class UsageRow:
+    """One ledger row: a finished request."""
+
+    request_id: str
+    ts: float
+    key_id: str | None
+    team: str | None
+    model: str
+    endpoint: str
+    end_user: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    latency_ms: float | None
+    ttft_ms: float | None
+    cost: float
+
+
+USAGE_COLUMNS = [f.name for f in fields(UsageRow)]
+# dataclasses.astuple deep-copies every field; this is a plain read, in column order.
+_usage_values = operator.attrgetter(*USAGE_COLUMNS)
+
+
+class Backend(Protocol):
+    placeholder: str
+    name: str
+
+    def transaction(self) -> Any: ...
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+    def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None: ...
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+    def table_exists(self, name: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    backend: Backend
+
+    def migrate(self) -> list[str]: ...
+    def applied_migrations(self) -> list[str]: ...
+    def insert_key(self, record: KeyRecord) -> None: ...
+    def save_key(self, record: KeyRecord) -> None: ...
+    def get_key(self, key_id: str) -> KeyRecord | None: ...
+    def list_keys(self) -> list[KeyRecord]: ...
+    def keys_version(self) -> int: ...
+    def insert_team(self, record: TeamRecord) -> None: ...
+    def save_team(self, record: TeamRecord) -> None: ...
+    def delete_team(self, name: str) -> bool: ...
+    def list_teams(self) -> list[TeamRecord]: ...
+    def insert_usage(self, rows: list[UsageRow]) -> None: ...
+    def usage_since(self, since: float) -> list[UsageRow]: ...
+    def usage_totals(self, since: float, column: str) -> dict[str, int]: ...
+    def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
+                     key_id: str | None = None, team: str | None = None,
+                     model: str | None = None) -> list[dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+def _row_to_key(row: dict[str, Any]) -> KeyRecord:
+    row = dict(row)
+    row["models"] = tuple(json.loads(row["models"])) if row["models"] is not None else None
+    row["metadata"] = json.loads(row["metadata"] or "{}")
+    row["revoked"] = bool(row["revoked"])
+    return KeyRecord(**row)
+
+
+def _row_to_team(row: dict[str, Any]) -> TeamRecord:
+    row = dict(row)
+    row["metadata"] = json.loads(row["metadata"] or "{}")
+    return TeamRecord(**row)
+
+
+def _key_params(record: KeyRecord | TeamRecord, columns: list[str] = KEY_COLUMNS) -> list[Any]:
+    values = []
+    for name in columns:
+        v = getattr(record, name)
+        if name == "models":
+            v = json.dumps(list(v)) if v is not None else None
+        elif name == "metadata":
+            v = json.dumps(v)
+        elif name == "revoked":
+            v = int(v)
+        values.append(v)
+    return values
+
+
+USAGE_GROUPS = {"key": "key_id", "team": "team", "model": "model", "user": "end_user", "day": None}
+
+
+class SqlStorage:
+    """Keys, teams and ledger on a SQL backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.p = backend.placeholder
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Map driver errors: duplicates to StorageConflict, the rest to StorageUnavailable."""
+        try:
+            yield
+        except Exception as exc:
+            if any(c.__name__ == "IntegrityError" for c in type(exc).__mro__):
+                raise StorageConflict(str(exc).splitlines()[0]) from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StorageUnavailable(f"sqlite: {exc}") from exc
+            if type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
+                raise StorageUnavailable(f"postgresql: {exc}") from exc
+            raise
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self.p) if self.p != "?" else sql
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded; return their names."""
+        applied_now = []
+        with self._guard():
+            self.backend.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for name, statements in MIGRATIONS:
+                with self.backend.transaction() as tx:
+                    # Row lock via insert: two nodes migrating at once apply each step once.
+                    rows = tx.query(self._sql("SELECT name FROM schema_migrations WHERE name = ?"), (name,))
+                    if rows:
+                        continue
+                    for stmt in statements:
+                        tx.execute(stmt)
+                    tx.execute(self._sql("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)"), (name, time.time()))
+                    applied_now.append(name)
+        return applied_now
+
+    def applied_migrations(self) -> list[str]:
+        with self._guard():
+            if not self.backend.table_exists("schema_migrations"):
+                return []
+            return [r["name"] for r in self.backend.query("SELECT name FROM schema_migrations ORDER BY name")]
+
+    # -- keys and teams ----------------------------------------------------------
+    def _write_setting(self, sql: str, params: list[Any]) -> int:
+        """One key/team write plus the version bump other nodes poll, in one transaction."""
+        with self._guard():
+            with self.backend.transaction() as tx:
+                n = tx.execute(self._sql(sql), params)
+                tx.execute("UPDATE settings_version SET version = version + 1 WHERE id = 1")
+        return n
+
+    def insert_key(self, record: KeyRecord) -> None:
+        cols = ", ".join(KEY_COLUMNS)
+        marks = ", ".join("?" for _ in KEY_COLUMNS)
+        self._write_setting(f"INSERT INTO keys ({cols}) VALUES ({marks})", _key_params(record))
+
+    def save_key(self, record: KeyRecord) -> None:
+        sets = ", ".join(f"{c} = ?" for c in KEY_COLUMNS if c != "id")
+        params = _key_params(record)
+        self._write_setting(f"UPDATE keys SET {sets} WHERE id = ?", params[1:] + [record.id])
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._guard():
+            rows = self.backend.query(self._sql("SELECT * FROM keys WHERE id = ?"), (key_id,))
+        return _row_to_key(rows[0]) if rows else None
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._guard():
+            return [_row_to_key(r) for r in self.backend.query("SELECT * FROM keys ORDER BY created_at")]
+
+    def keys_version(self) -> int:
+        """A counter bumped by every key or team write, on any node sharing this database."""
+        with self._guard():
+            return int(self.backend.query("SELECT version FROM settings_version WHERE id = 1")[0]["version"])
+
+    def insert_team(self, record: TeamRecord) -> None:
+        cols = ", ".join(TEAM_COLUMNS)
+        marks = ", ".join("?" for _ in TEAM_COLUMNS)
+        self._write_setting(f"INSERT INTO teams ({cols}) VALUES ({marks})", _key_params(record, TEAM_COLUMNS))
+
+    def save_team(self, record: TeamRecord) -> None:
+        sets = ", ".join(f"{c} = ?" for c in TEAM_COLUMNS if c != "name")
+        params = _key_params(record, TEAM_COLUMNS)
+        self._write_setting(f"UPDATE teams SET {sets} WHERE name = ?", params[1:] + [record.name])
+
+    def delete_team(self, name: str) -> bool:
+        return self._write_setting("DELETE FROM teams WHERE name = ?", [name]) > 0
+
+    def list_teams(self) -> list[TeamRecord]:
+        with self._guard():
+            return [_row_to_team(r) for r in self.backend.query("SELECT * FROM teams ORDER BY name")]
+
+    # -- ledger ----------------------------------------------------------------
+    def insert_usage(self, rows: list[UsageRow]) -> None:
+        """Insert ledger rows; a row already present (a replayed spill) is skipped."""
+        if not rows:
+            return
+        cols = ", ".join(USAGE_COLUMNS)
+        marks = ", ".join("?" for _ in USAGE_COLUMNS)
+        sql = self._sql(f"INSERT INTO usage ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING")
+        with self._guard():
+            with self.backend.transaction() as tx:
+                tx.executemany(sql, [_usage_values(r) for r in rows])
+
+    def usage_since(self, since: float) -> list[UsageRow]:
+        cols = ", ".join(USAGE_COLUMNS)
+        with self._guard():
+            rows = self.backend.query(self._sql(f"SELECT {cols} FROM usage WHERE ts >= ? ORDER BY ts"), (since,))
+        return [UsageRow(**r) for r in rows]
+
+    def usage_totals(self, since: float, column: str) -> dict[str, int]:
+        """Tokens (prompt + completion) since a time, summed by key_id or team."""
+        if column not in ("key_id", "team"):
+            raise ValueError(f"cannot total by {column!r}")
+        sql = (f"SELECT {column} AS k, SUM(prompt_tokens + completion_tokens) AS n FROM usage "
+               f"WHERE ts >= ? AND {column} IS NOT NULL GROUP BY {column}")
+        with self._guard():
+            rows = self.backend.query(self._sql(sql), (since,))
+        return {r["k"]: int(r["n"] or 0) for r in rows}
+
+    def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
+                     key_id: str | None = None, team: str | None = None,
+                     model: str | None = None) -> list[dict[str, Any]]:
+        """Totals grouped by any of key, team, model, user, day (UTC)."""
+        select, group = [], []
+        for g in group_by:
+            if g not in USAGE_GROUPS:
+                raise ValueError(f"cannot group by {g!r}; use {', '.join(USAGE_GROUPS)}")
+            if g == "day":
+                expr = ("to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if self.backend.name == "postgresql"
+                        else "strftime('%Y-%m-%d', ts, 'unixepoch')")
+            else:
+                expr = USAGE_GROUPS[g]
+            select.append(f"{expr} AS {g}")
+            group.append(expr)
+        where, params = [], []
+        if since is not None:
+            where.append("ts >= ?"); params.append(since)
+        if until is not None:
+            where.append("ts < ?"); params.append(until)
+        if key_id is not None:
+            where.append("key_id = ?"); params.append(key_id)
+        if team is not None:
+            where.append("team = ?"); params.append(team)
+        if model is not None:
+            where.append("model = ?"); params.append(model)
+        sql = "SELECT " + ", ".join(select + [
+            "COUNT(*) AS requests",
+            "SUM(prompt_tokens) AS prompt_tokens",
+            "SUM(completion_tokens) AS completion_tokens",
+            "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors",
+            "SUM(cost) AS cost",
+        ]) + " FROM usage"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if group:
+            sql += " GROUP BY " + ", ".join(group) + " ORDER BY " + ", ".join(group)
+        with self._guard():
+            rows = self.backend.query(self._sql(sql), params)
+        for r in rows:
+            for k in ("requests", "prompt_tokens", "completion_tokens", "errors"):
+                r[k] = int(r[k] or 0)
+            r["cost"] = float(r["cost"] or 0)
+        return rows
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,397 @@
+"""The OpenAI-compatible `/v1` gateway: auth, admission, backpressure, routing and a byte-faithful proxy.
+
+This is the hot path, answered straight from the node's HTTP server (node/gateway/httpd.py):
+no framework routing, no ASGI messages, no validation models, no disk or database
+I/O. Bodies go to the worker unchanged except for the model name (when the worker
+serves it under another name) and `stream_options` (when the node must ask for
+streamed usage); streamed bytes are passed on as whole SSE events as they arrive, and
+only events that mention usage are looked into (node/gateway/sse.py). Upstream HTTP is node/gateway/upstream.py's keep-alive pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from node.gateway import context
+from node.gateway.bodies import usage_of, worker_error
+from node.errors import (
+    AuthenticationError, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
+    RateLimited, UpstreamError, UpstreamTimeout,
+)
+from node.gateway.httpd import Connection, Request
+from node.accounts.keys import KeyRing
+from node.accounts.ledger import Ledger
+from node.ops.logs import access as access_log
+from node.ops.metrics import Metrics, ModelSeries
+from node.accounts.quotas import Admission, Quotas
+from node.workers.router import Gate, QueueFull, Router
+from node.gateway.sse import SseRelay
+from node.accounts.storage import UsageRow
+from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
+
+log = logging.getLogger("infernode.gateway")
+
+PROXIED = {
+    b"/v1/chat/completions": "chat",
+    b"/v1/completions": "completions",
+    b"/v1/embeddings": "embeddings",
+    b"/v1/rerank": "rerank",
+    b"/v1/score": "score",
+}
+JSON_CT = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+QUEUE_WAIT_S = 30.0
+
+
+def error_headers(err: NodeError, rid: bytes) -> list[tuple[bytes, bytes]]:
+    return JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway knows about a configured model."""
+
+    name: str
+    max_model_len: int | None = None
+    price_input: float = 0.0      # per million tokens
+    price_output: float = 0.0
+    max_inflight: int = 64
+    max_queue: int = 256
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One proxied request's bookkeeping."""
+
+    rid: str
+    model: str
+    endpoint: str
+    key_id: str | None
+    team: str | None
+    user: str | None
+    started: float
+    stream: bool = False
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+
+class Gateway:
+    """Answers `/v1` requests (node/gateway/dispatch.py hands them over)."""
+
+    def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
+                 models: dict[str, ModelInfo], client: Pool,
+                 stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
+                 uuid_request_ids: Callable[[Any], bool] = lambda t: False,
+                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
+        self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
+        self.models = models
+        self.client = client
+        self.stream_usage = stream_usage
+        self.upstream_model = upstream_model
+        self.uuid_request_ids = uuid_request_ids
+        self.queue_wait_s = queue_wait_s
+        self.log_prompts = log_prompts
+        self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
+        self.draining = False
+        self.inflight = 0
+        self._series: dict[str, ModelSeries] = {}
+        # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID
+        # (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
+        self._rid_prefix = os.urandom(10).hex()
+        self._rid_seq = itertools.count(1)
+
+    def set_models(self, models: dict[str, ModelInfo]) -> None:
+        """New model settings (config reload); a model's gate is kept, with its new limits, while it stays."""
+        gates = {}
+        for name, m in models.items():
+            gate = self.gates.get(name) or Gate(m.max_inflight, m.max_queue)
+            gate.max_inflight, gate.max_queue = m.max_inflight, m.max_queue
+            gates[name] = gate
+        self.models, self.gates = models, gates
+
+    async def handle(self, req: Request, conn: Connection) -> None:
+        """Answer one `/v1` request."""
+        rid_in = req.header(b"x-request-id")
+        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
+        ridb = rid.encode("latin-1")
+        try:
+            path = req.path
+            key = self._authenticate(req)
+            if path == b"/v1/models" and req.method == "GET":
+                return self._list_models(key, ridb, conn)
+            endpoint = PROXIED.get(path)
+            if endpoint is None:
+                raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
+            if req.method != "POST":
+                raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
+            await self._proxy(endpoint, path, key, req.body, rid, ridb, conn)
+        except NodeError as err:
+            if isinstance(err, RateLimited):
+                self.metrics.quota_rejections.labels(err.reason).inc()
+            log.info("request %s refused: %d %s", rid, err.status, err.message)
+            conn.respond(err.status, error_headers(err, ridb), err.body())
+
+    # -- request checks ----------------------------------------------------------
+    def _authenticate(self, req: Request):
+        auth = req.header(b"authorization")
+        if not auth or not auth[:7].lower() == b"bearer ":
+            raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
+        record = self.keys.lookup(auth[7:].strip().decode("latin-1"))
+        if record is None:
+            raise AuthenticationError("invalid API key")
+        return record
+
+    def _list_models(self, key, ridb: bytes, conn: Connection) -> None:
+        data = [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
+             "max_model_len": self.context_len(m)}
+            for m in self.models.values() if key.allows(m.name)
+        ]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        conn.respond(200, JSON_CT + [(b"x-request-id", ridb)], body)
+
+    def _worker_rid(self, rid: str, target: Any) -> str:
+        """The request id for the worker: the client's, unless the runtime insists on a UUID and it is not one."""
+        if not self.uuid_request_ids(target):
+            return rid
+        try:
+            return str(uuid.UUID(rid))
+        except ValueError:
+            # llama-cpp-python answers 400 to a non-UUID x-request-id; send a stable UUID derived from it.
+            wid = str(uuid.uuid5(uuid.NAMESPACE_URL, rid))
+            log.info("request %s is %s at the worker", rid, wid)
+            return wid
+
+    def _metrics_for(self, model: str) -> ModelSeries:
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = ModelSeries(self.metrics, model)
+        return series
+
+    def context_len(self, info: ModelInfo) -> int | None:
+        """The model's context: configured, else what its launch plan says."""
+        return info.max_model_len or self.router.context.get(info.name)
+
+    # -- the proxy ---------------------------------------------------------------
+    async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
+                     conn: Connection) -> None:
+        try:
+            # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
+            req = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequest("request body is not UTF-8 JSON") from None
+        except ValueError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(req, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required", param="model")
+        info = self.models.get(model)
+        if info is None:
+            raise ModelNotFound(f"the model '{model}' does not exist on this node", param="model")
+        if self.draining:
+            raise NoReadyReplica("the node is shutting down", retry_after=5)
+        stream = req.get("stream") is True
+        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
+            prompt = req.get("messages", req.get("prompt", req.get("input")))
+            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
+                                                      "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
+        if endpoint in ("chat", "completions"):
+            context.check(req, endpoint, self.context_len(info))
+        if not self.router.ready(model):
+            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
+        user = req.get("user") if isinstance(req.get("user"), str) else None
+        adm = self.quotas.admit(key, model, user)
+        gate = self.gates[model]
+        ex = Exchange(rid, model, endpoint, key.id, key.team, user, time.perf_counter(), stream)
+        entered = False
+        self.inflight += 1
+        # From here on a client that goes away cancels this task (node/gateway/httpd.py): in the
+        # queue, while the worker computes a non-streamed answer, or mid-stream.
+        try:
+            try:
+                await gate.enter(self.queue_wait_s)
+            except QueueFull as full:
+                raise RateLimited(
+                    f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
+                    retry_after=full.retry_after, reason="model_capacity", code="model_overloaded", headers={
+                        "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
+            entered = True
+            await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
+        except asyncio.CancelledError:
+            if not conn.gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            ex.status = 499
+            log.info("request %s: client disconnected", rid)
+        except NodeError as err:
+            ex.status = err.status
+            raise
+        finally:
+            self.inflight -= 1
+            if entered:
+                gate.leave(time.perf_counter() - ex.started)
+            self._account(ex, adm, info)
+
+    async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
+                     ridb: bytes, conn: Connection) -> None:
+        target = self.router.pick(ex.model)
+        if target is None:
+            raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
+        client_wants_usage = bool(isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage"))
+        worker_usage = self.stream_usage(target)
+        changed = False
+        if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
+            req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
+            changed = True
+        upstream_name = self.upstream_model(target)
+        if upstream_name and upstream_name != ex.model:
+            req["model"] = upstream_name
+            changed = True
+        if changed:
+            body = json.dumps(req).encode()
+        relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
+        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
+        subpath = path.decode()[3:]
+        for attempt in (0, 1):
+            target.inflight += 1  # counted from the request's start, for least-outstanding routing
+            try:
+                resp = await self.client.request("POST", target.openai_base, subpath, body, headers)
+            except ConnectFailed as exc:
+                target.inflight -= 1
+                # Nothing reached the client yet: retry once on another replica.
+                log.warning("request %s: worker %s unreachable (%s)", ex.rid, target.id, exc)
+                other = self.router.pick(ex.model, exclude=target) if attempt == 0 else None
+                if other is None:
+                    raise UpstreamError(f"the worker for '{ex.model}' is unreachable: {exc}") from None
+                target = other
+                continue
+            except BaseException as exc:
+                target.inflight -= 1
+                if isinstance(exc, TimedOut):
+                    raise UpstreamTimeout(f"the worker for '{ex.model}' did not answer in time") from None
+                if isinstance(exc, UpstreamFailure):
+                    raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}") from None
+                raise
+            break
+        gauge = self._metrics_for(ex.model).inflight
+        gauge.inc()
+        try:
+            await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, conn)
+        finally:
+            resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
+            target.inflight -= 1
+            gauge.dec()
+
+    async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
+                       client_wants_usage: bool, ridb: bytes, conn: Connection) -> None:
+        out_headers = [(b"x-request-id", ridb)]
+        if adm.wire_headers:
+            out_headers += adm.wire_headers
+        ctype = resp.header(b"content-type") or b"application/json"
+        if resp.status >= 400:
+            raw = await _read_or_fail(resp, ex)
+            ex.status = resp.status
+            status = resp.status if resp.status < 500 else 502
+            log.info("request %s: worker answered %d", ex.rid, resp.status)
+            conn.respond(status, JSON_CT + out_headers, worker_error(raw, resp.status))
+            return
+        if relay is None or not ctype.startswith(b"text/event-stream"):
+            raw = await _read_or_fail(resp, ex)
+            ex.first_token_at = time.perf_counter()
+            usage = usage_of(raw)
+            if usage:
+                ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+            conn.respond(resp.status, [(b"content-type", ctype)] + out_headers, raw)
+            return
+        conn.start(200, SSE_HEADERS + out_headers)
+        synth = relay.count_content and client_wants_usage
+        finished = False  # the client's stream ended with [DONE]; what follows upstream is only drained
+        try:
+            async for chunk in resp.chunks():
+                out = relay.feed(chunk)
+                if out and not finished:
+                    if ex.first_token_at is None and relay.first_content:
+                        ex.first_token_at = time.perf_counter()
+                    done = relay.saw_done and not relay.buf
+                    if synth and relay.saw_done:
+                        out = relay.synth_usage(out, model=ex.model, chat=ex.endpoint == "chat",
+                                                prompt_tokens=ex.prompt_tokens)
+                    finished = done
+                    if finished:
+                        resp.drain_timeout(5.0)  # only the end of the framing should follow
+                        # Charge quotas before the client sees [DONE], so its next request already counts them.
+                        _stream_tokens(relay, ex)
+                        adm.finish(ex.prompt_tokens, ex.completion_tokens)
+                    if finished:
+                        conn.end(out)  # the last event and the end of the body in one write
+                    else:
+                        await conn.write(out)
+        except UpstreamFailure as exc:
+            if not finished:
+                ex.status = 502
+                log.warning("request %s: the worker for %s failed mid-stream: %s", ex.rid, ex.model, exc)
+                err = UpstreamError(f"the worker for '{ex.model}' failed mid-stream: {exc}", source="worker")
+                await conn.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+        finally:
+            _stream_tokens(relay, ex)
+        if not finished:
+            conn.end(relay.buf)
+
+    def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
+        latency = time.perf_counter() - ex.started
+        adm.finish(ex.prompt_tokens, ex.completion_tokens)
+        m = self._metrics_for(ex.model)
+        m.requests(ex.status).inc()
+        m.duration.observe(latency)
+        ttft = None
+        if ex.first_token_at is not None:
+            ttft = ex.first_token_at - ex.started
+            if ex.stream:
+                m.ttft.observe(ttft)
+        if ex.prompt_tokens:
+            m.prompt.inc(ex.prompt_tokens)
+        if ex.completion_tokens:
+            m.completion.inc(ex.completion_tokens)
+        cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
+        # Positional (UsageRow's field order): keyword calls cost the request path a few µs.
+        self.ledger.record(UsageRow(ex.rid, time.time(), ex.key_id, ex.team, ex.model, ex.endpoint, ex.user,
+                                    ex.prompt_tokens, ex.completion_tokens, ex.status, latency * 1000,
+                                    ttft * 1000 if ttft is not None else None, cost))
+        access_log(ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft, ex.prompt_tokens,
+                   ex.completion_tokens)
+
+
+async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
+    """A whole (non-streamed) answer; a worker failing half way is a 502/504 from the worker."""
+    try:
+        return await resp.read()
+    except TimedOut:
+        raise UpstreamTimeout(f"the worker for '{ex.model}' stopped answering", source="worker") from None
+    except BrokenResponse as exc:
+        log.warning("request %s: the worker for %s failed: %s", ex.rid, ex.model, exc)
+        raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}", source="worker") from None
+
+
+def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
+    """Token counts of a stream: the worker's usage chunk, else one per content event."""
+    if relay.usage:
+        ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
+        ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
+    elif relay.count_content:
+        ex.completion_tokens = relay.content_events

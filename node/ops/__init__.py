@@ -1,0 +1,1 @@
+"""Operations: metrics, logs, alerts, fleet membership, doctor, sd_notify."""

@@ -1,0 +1,1 @@
+"""Where a model's bytes come from: sources, the lock file, registries, download, the store, bundles, pull."""

@@ -1,0 +1,347 @@
+"""The content-addressed model store under `data_dir/store`.
+
+    blobs/sha256/<hex>            verified bytes, read-only, named by their digest
+    partial/<hex>                 a blob being written (hashed as it is written)
+    models/<name>/<digest12>/     a per-model view: the locked file tree, links to blobs
+
+A blob becomes visible only by an atomic rename after its digest matched, so a crash,
+a dropped connection or a full disk never leaves a half blob where a reader looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from node.errors import StoreError
+from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
+
+CHUNK = 1024 * 1024
+
+
+class DigestMismatch(StoreError):
+    def __init__(self, name: str, expected: str, actual: str, size: int | None = None) -> None:
+        self.expected, self.actual = expected, actual
+        extra = f" ({size} bytes)" if size is not None else ""
+        super().__init__(f"{name}: digest mismatch: expected sha256:{expected}, got sha256:{actual}{extra}; the bad copy was deleted")
+
+
+class SizeMismatch(StoreError):
+    pass
+
+
+class DiskFull(StoreError):
+    pass
+
+
+def check_hex(hexd: str) -> str:
+    """Only `<64 lowercase hex>` names a blob; anything else is refused (no path tricks)."""
+    if not SHA256_RE.match(hexd):
+        raise StoreError(f"not a sha256 digest: {hexd!r}")
+    return hexd
+
+
+class BlobWriter:
+    """Writes one blob: appends to its partial file, hashing as it goes, then commits.
+
+    Holds an exclusive lock on the partial file, so two pulls of the same blob never
+    write it at once; the second waits and then finds the blob present.
+    """
+
+    def __init__(self, store: "Store", locked: LockedFile) -> None:
+        self.store, self.locked = store, locked
+        self.hexd = check_hex(locked.sha256)
+        self.path = store.partial_dir / self.hexd
+        self._hash = hashlib.sha256()
+        self._f: BinaryIO | None = None
+        self.offset = 0
+        # True when the blob was already in the store once we held the lock.
+        self.present = False
+
+    def __enter__(self) -> "BlobWriter":
+        self.store.partial_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(self.path, "a+b", buffering=0)  # each write reaches the OS: a kill loses nothing
+            fcntl.flock(f, fcntl.LOCK_EX)
+            # The holder before us may have renamed this partial into place (or deleted
+            # it) while we waited: our lock is then on a file no one else will open.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        self._f = f
+        if self.store.has(self.locked):
+            # Finished by a concurrent pull: leave our (empty) partial nowhere.
+            self.present = True
+            if os.fstat(f.fileno()).st_size == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+            return self
+        # Resume: the bytes already on disk are hashed once, then appended to.
+        f.seek(0)
+        size = 0
+        while chunk := f.read(CHUNK):
+            self._hash.update(chunk)
+            size += len(chunk)
+        if size > self.locked.size:
+            f.truncate(0)
+            self._hash, size = hashlib.sha256(), 0
+        self.offset = size
+        return self
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Append and hash; the partial file is unbuffered, so short writes are retried here."""
+        assert self._f is not None
+        if self.offset + len(data) > self.locked.size:
+            self._discard()
+            raise SizeMismatch(f"{self.locked.path}: more bytes than the {self.locked.size} locked; the source changed")
+        try:
+            view = memoryview(data)
+            while view:
+                n = self._f.write(view)
+                view = view[n or 0:]
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._discard()
+                raise DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again") from None
+            raise
+        self._hash.update(data)
+        self.offset += len(data)
+
+    def sync(self) -> None:
+        """Start writing back what is written so far (a later commit's fsync is then short)."""
+        f = self._f
+        if f is not None:
+            with contextlib.suppress(OSError, ValueError):  # closed or failing: commit reports it
+                os.fdatasync(f.fileno())
+
+    def commit(self) -> Path:
+        """Check size and digest, then rename into place; a mismatch deletes the partial."""
+        assert self._f is not None
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._discard()
+                raise DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again") from None
+            raise
+        if self.present:
+            return self.store.blob_path(self.hexd)
+        if self.offset != self.locked.size:
+            raise SizeMismatch(f"{self.locked.path}: got {self.offset} bytes, locked size is {self.locked.size}")
+        actual = self._hash.hexdigest()
+        if actual != self.hexd:
+            self._discard()
+            raise DigestMismatch(self.locked.path, self.hexd, actual, self.offset)
+        final = self.store.blob_path(self.hexd)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o444)
+        os.replace(self.path, final)
+        return final
+
+    def reset(self) -> None:
+        """Throw away what was written (the server ignored a Range request)."""
+        assert self._f is not None
+        self._f.truncate(0)
+        self._f.seek(0)
+        self._hash, self.offset = hashlib.sha256(), 0
+
+    def discard(self) -> None:
+        """Delete the partial file: its bytes can never become the locked blob."""
+        self._discard()
+
+    def _discard(self) -> None:
+        self._hash, self.offset = hashlib.sha256(), 0
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._f is not None:
+            self._f.truncate(0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+class Store:
+    """The content-addressed store rooted at `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs" / "sha256"
+        self.partial_dir = root / "partial"
+        self.models_dir = root / "models"
+
+    def blob_path(self, hexd: str) -> Path:
+        return self.blob_dir / check_hex(hexd)
+
+    def has(self, locked: LockedFile) -> bool:
+        """Present with the locked size (bytes were verified when written)."""
+        try:
+            return self.blob_path(locked.sha256).stat().st_size == locked.size
+        except FileNotFoundError:
+            return False
+
+    def missing(self, entry: LockEntry) -> list[LockedFile]:
+        seen: set[str] = set()
+        out = []
+        for f in entry.files:
+            if f.sha256 not in seen and not self.has(f):
+                out.append(f)
+            seen.add(f.sha256)
+        return out
+
+    def writer(self, locked: LockedFile) -> BlobWriter:
+        return BlobWriter(self, locked)
+
+    def import_file(self, src: Path, locked: LockedFile) -> Path:
+        """Copy a local file into the store, hashing while copying."""
+        if self.has(locked):
+            return self.blob_path(locked.sha256)
+        with self.writer(locked) as w, src.open("rb") as f:
+            if self.has(locked):  # another pull finished it while we waited for the lock
+                return self.blob_path(locked.sha256)
+            w.reset()
+            while chunk := f.read(CHUNK):
+                w.write(chunk)
+            return w.commit()
+
+    def rehash(self, locked: LockedFile) -> Problem | None:
+        """Re-read one blob and compare with the lock; None when it is good."""
+        path = self.blob_path(locked.sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return Problem(locked.path, "missing from the store; run `infernode pull`")
+        if size != locked.size:
+            return Problem(locked.path, f"size {size}, locked {locked.size}; run `infernode pull` to fetch it again")
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        if h.hexdigest() != locked.sha256:
+            return Problem(locked.path, f"digest mismatch: expected sha256:{locked.sha256}, got sha256:{h.hexdigest()}")
+        return None
+
+    def quarantine(self, locked: LockedFile) -> None:
+        """Move a corrupt blob out of the way so the next pull fetches it again."""
+        path = self.blob_path(locked.sha256)
+        bad = self.root / "quarantine"
+        bad.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, bad / locked.sha256)
+
+    def verify(self, entry: LockEntry, *, rehash: bool = True) -> list[Problem]:
+        """What is wrong with one model's bytes in the store (empty when all is well)."""
+        problems: list[Problem] = []
+        for f in entry.files:
+            if rehash:
+                p = self.rehash(f)
+            else:
+                p = None if self.has(f) else Problem(f.path, "missing from the store; run `infernode pull`")
+            if p:
+                problems.append(p)
+        return problems
+
+    def view(self, entry: LockEntry) -> Path:
+        """The model's file tree (links to blobs), built on first use."""
+        digest = entry.digest.removeprefix("sha256:")[:12] or "unsealed"
+        root = self.models_dir / entry.name / digest
+        if root.is_dir():
+            return root
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for f in entry.files:
+            target = tmp / f.path
+            if not target.resolve().is_relative_to(tmp.resolve()):
+                raise StoreError(f"{entry.name}: file path {f.path!r} escapes the model folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(self.blob_path(f.sha256))
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # built concurrently by someone else
+            shutil.rmtree(tmp, ignore_errors=True)
+        return root
+
+    def model_path(self, entry: LockEntry, runtime: str) -> Path:
+        """What a runtime is pointed at: a GGUF file, an HF folder, or the Ollama tree."""
+        root = self.view(entry)
+        if runtime == "llamacpp":
+            ggufs = sorted(f.path for f in entry.files if f.path.endswith(".gguf"))
+            if not ggufs:
+                raise StoreError(f"{entry.name}: no .gguf file among the locked files; select one with #GLOB in the source")
+            return root / ggufs[0]
+        if runtime == "ollama":
+            return self.ollama_root(entry)
+        configs = sorted((f.path for f in entry.files if f.path.rsplit("/", 1)[-1] == "config.json"), key=lambda p: p.count("/"))
+        return (root / configs[0]).parent if configs else root
+
+    def ollama_root(self, entry: LockEntry) -> Path:
+        """The OLLAMA_MODELS tree shared by ollama: models, with this model linked in.
+
+        An ollama: lock entry's paths already are that layout (`manifests/<host>/<ns>/
+        <name>/<tag>` and `blobs/sha256-<hex>`), so each is a hard link to its store blob
+        (a symlink across filesystems); `ollama serve` then needs no network.
+        """
+        root = self.root / "ollama"
+        for f in entry.files:
+            if not f.path.startswith(("manifests/", "blobs/sha256-")):
+                raise StoreError(f"{entry.name}: {f.path!r} is not part of an Ollama model; is the source ollama:?")
+            target = root / f.path
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise StoreError(f"{entry.name}: file path {f.path!r} escapes the Ollama tree")
+            blob = self.blob_path(f.sha256)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samefile(target, blob):
+                    continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            try:
+                os.link(blob, tmp)
+            except OSError:
+                tmp.symlink_to(blob)
+            os.replace(tmp, target)  # a re-locked tag swaps its manifest atomically
+        return root
+
+    def check_space(self, needed: int) -> None:
+        """Refuse to start a pull that cannot fit (what partial files hold counts as had)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if needed > free:
+            raise DiskFull(f"{self.root}: needs {needed / 1e6:.1f} MB free for this pull, "
+                           f"{free / 1e6:.1f} MB available; free space and pull again")
+
+    def partial_size(self, locked: LockedFile) -> int:
+        """Bytes already downloaded for a blob (resumed, not fetched again)."""
+        try:
+            return (self.partial_dir / check_hex(locked.sha256)).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def blobs(self) -> Iterator[Path]:
+        if self.blob_dir.is_dir():
+            yield from self.blob_dir.iterdir()

@@ -1,0 +1,1 @@
+"""How a model runs: states, GPUs (NVML), placement, the supervisor, replicas, keepers, probes, the router."""

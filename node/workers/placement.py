@@ -1,0 +1,242 @@
+"""Placement: a pure function of (config, lock, GPU inventory) -> desired replicas.
+
+Each replica needs `gpus` devices (a count, or explicit indices/UUIDs) with `need`
+bytes on each. `need` is `gpu_memory` when set, else estimated from the pinned weights:
+
+    need = weights / n_gpus * (1 + KV_RESERVE_FRACTION) + CUDA_OVERHEAD
+
+i.e. the weights' share of each GPU, a quarter on top for KV cache and activations,
+and 1 GiB for the CUDA context, rounded up to 256 MiB.
+
+A device's capacity is its total memory times MAX_UTILIZATION, not NVML's live free
+figure: our own workers' memory must not count against them, or a reload or a node
+restart that adopts running workers would place them differently. A GPU in MIG mode
+is not placed on whole; its MIG instances are (one per replica, as CUDA allows).
+Replicas with explicit `gpus` are placed first, then the rest in config order, so that
+adding a model never moves the ones already running. `binpack` (default) picks the
+fullest device that still fits, `spread` the one with the fewest replicas (then the
+most room). A replica alone on its devices gets the runtime's default memory use;
+replicas sharing a device each get `gpu_memory_fraction` = the memory charged for it /
+the device's total.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from node.config import Config, ModelConfig
+from node.workers.gpus import Inventory
+from node.supply.lockfile import LockFile
+
+GiB = 1024 ** 3
+KV_RESERVE_FRACTION = 0.25
+CUDA_OVERHEAD = 1 * GiB
+MAX_UTILIZATION = 0.95
+_ROUND = 256 * 1024 ** 2
+_UNITS = {"": None, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
+          "gi": GiB, "gib": GiB, "ti": 1024 ** 4, "tib": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Placed:
+    model: ModelConfig
+    replica: int
+    gpu_uuids: tuple[str, ...] = ()
+    gpu_memory_fraction: float | None = None
+    need_bytes: int = 0               # memory charged per GPU (0 on CPU)
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    model: ModelConfig
+    replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    placed: tuple[Placed, ...]
+    unplaced: tuple[Unplaced, ...]
+
+
+@dataclass
+class _Device:
+    """A unit replicas are placed on: a whole GPU, or one MIG instance."""
+
+    uuid: str
+    label: str            # "GPU 1" or "GPU 0 MIG 2"
+    index: int
+    total: int
+    mig: bool
+    charged: int = 0
+    tenants: list[int] = field(default_factory=list)   # indices into the placed list
+
+    @property
+    def room(self) -> int:
+        return int(self.total * MAX_UTILIZATION) - self.charged
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "20GiB", "20 GB", "512MiB" (GiB/MiB are powers of 2, GB/MB of 10)."""
+    m = _SIZE_RE.match(text)
+    unit = _UNITS.get(m.group(2).lower(), None) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"'{text}' is not a memory size; write e.g. \"20GiB\" or \"512MiB\"")
+    return int(float(m.group(1)) * unit)
+
+
+def gib(n: int) -> str:
+    """Bytes as a short GiB figure ("23 GiB", "19.5 GiB")."""
+    return f"{n / GiB:.1f}".removesuffix(".0") + " GiB"
+
+
+def estimate_need(weights: int, n_gpus: int) -> int:
+    """Memory per GPU for weights split over n GPUs plus the KV reserve (see module doc)."""
+    raw = weights / max(n_gpus, 1) * (1 + KV_RESERVE_FRACTION) + CUDA_OVERHEAD
+    return math.ceil(raw / _ROUND) * _ROUND
+
+
+def need_per_gpu(m: ModelConfig, lock: LockFile) -> int:
+    """What one replica of m needs on each of its GPUs."""
+    if m.gpu_memory:
+        return parse_size(m.gpu_memory)
+    entry = lock.entry(m.name)
+    return estimate_need(entry.total_size if entry else 0, m.gpu_count)
+
+
+def _devices(inventory: Inventory) -> list[_Device]:
+    out: list[_Device] = []
+    for g in inventory.gpus:
+        if g.mig_mode:
+            out += [_Device(d.uuid, f"GPU {g.index} MIG {d.index}", g.index, d.memory_total, True) for d in g.mig_devices]
+        else:
+            out.append(_Device(g.uuid, f"GPU {g.index}", g.index, g.memory_total, False))
+    return out
+
+
+def _select(selector: int | str, devices: list[_Device]) -> _Device | str:
+    """The device an explicit `gpus` entry names, or why none."""
+    for d in devices:
+        if isinstance(selector, int) or (isinstance(selector, str) and selector.isdigit()):
+            if not d.mig and d.index == int(selector):
+                return d
+        elif d.uuid == selector:
+            return d
+    if isinstance(selector, int) or selector.isdigit():
+        mig = any(d.mig and d.index == int(selector) for d in devices)
+        if mig:
+            return f"GPU {selector} is in MIG mode; name one of its MIG instances by UUID"
+        return f"no GPU with index {selector} (this box has {_index_range(devices)})"
+    return f"no GPU or MIG instance with UUID {selector}"
+
+
+def _index_range(devices: list[_Device]) -> str:
+    idx = sorted({d.index for d in devices})
+    return f"GPUs {idx[0]}-{idx[-1]}" if idx else "no GPU"
+
+
+def _charges(need: int, chosen: list[_Device]) -> list[int]:
+    """Bytes charged on each chosen device: a fraction of the smallest applies to all ranks."""
+    smallest = min(d.total for d in chosen)
+    return [math.ceil(need * d.total / smallest) for d in chosen]
+
+
+def _fits(need: int, chosen: list[_Device]) -> bool:
+    return all(d.room >= c for d, c in zip(chosen, _charges(need, chosen)))
+
+
+def _choose(need: int, n: int, devices: list[_Device], mode: str) -> list[_Device] | None:
+    pool = [d for d in devices if not (n > 1 and d.mig)]
+    fitting = [d for d in pool if d.room >= need]
+    key = (lambda d: (d.room, d.index, d.uuid)) if mode == "binpack" else (lambda d: (len(d.tenants), -d.room, d.index, d.uuid))
+    fitting.sort(key=key)
+    if n > 1:  # tensor parallel: prefer GPUs of one size so one memory fraction suits every rank
+        by_size: dict[int, list[_Device]] = {}
+        for d in fitting:
+            by_size.setdefault(d.total, []).append(d)
+        for group in by_size.values():
+            if len(group) >= n and _fits(need, group[:n]):
+                return group[:n]
+    chosen = fitting[:n]
+    return chosen if len(chosen) == n and _fits(need, chosen) else None
+
+
+def _why_not(need: int, n: int, devices: list[_Device]) -> str:
+    whole = [d for d in devices if not d.mig]
+    if n > 1 and len(whole) < n:
+        mig_note = " (MIG instances cannot be combined)" if len(whole) < len(devices) else ""
+        return f"needs {n} GPUs; this box has {len(whole)} whole GPU(s){mig_note}"
+    best = max(devices, key=lambda d: d.room)
+    if n == 1:
+        return f"needs {gib(need)}; the largest free GPU has {gib(max(best.room, 0))} ({best.label})"
+    enough = sum(1 for d in whole if d.room >= need)
+    return (f"needs {gib(need)} on each of {n} GPUs; {enough} GPU(s) have that much free "
+            f"(largest free: {gib(max(best.room, 0))})")
+
+
+def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
+    """Where each replica runs; replicas that cannot run are listed with the reason."""
+    devices = _devices(inventory)
+    placed: list[Placed] = []
+    unplaced: list[Unplaced] = []
+    gpu_models = [m for m in config.models if m.runtime != "external" and m.gpu_count > 0]
+    order = [m for m in gpu_models if not isinstance(m.gpus, int)] + [m for m in gpu_models if isinstance(m.gpus, int)]
+    for m in config.models:
+        if m not in gpu_models:
+            placed += [Placed(m, r) for r in range(m.replicas)]
+    for m in order:
+        try:
+            need = need_per_gpu(m, lock)
+        except ValueError as exc:
+            unplaced += [Unplaced(m, r, f"gpu_memory: {exc}") for r in range(m.replicas)]
+            continue
+        n = m.gpu_count
+        for r in range(m.replicas):
+            if not devices:
+                why = ("every GPU is in MIG mode without MIG instances" if inventory.gpus
+                       else inventory.error or "no NVIDIA GPU found")
+                unplaced.append(Unplaced(m, r, f"needs {n} GPU(s); {why}"))
+                continue
+            if isinstance(m.gpus, list):
+                picked = [_select(s, devices) for s in m.gpus]
+                problem = next((p for p in picked if isinstance(p, str)), None)
+                chosen = [p for p in picked if isinstance(p, _Device)]
+                if problem is None and len({d.uuid for d in chosen}) < len(chosen):
+                    problem = "the same GPU is listed twice"
+                if problem is None and len(chosen) > 1 and any(d.mig for d in chosen):
+                    problem = "a MIG instance cannot be combined with other devices (CUDA uses only the first)"
+                if problem is None and not _fits(need, chosen):
+                    short = next(d for d, c in zip(chosen, _charges(need, chosen)) if d.room < c)
+                    problem = f"needs {gib(need)}; {short.label} has {gib(max(short.room, 0))} free"
+                if problem is not None:
+                    unplaced.append(Unplaced(m, r, f"gpus = {m.gpus}: {problem}"))
+                    continue
+            else:
+                got = _choose(need, n, devices, m.placement)
+                if got is None:
+                    unplaced.append(Unplaced(m, r, _why_not(need, n, devices)))
+                    continue
+                chosen = got
+            for d, c in zip(chosen, _charges(need, chosen)):
+                d.charged += c
+                d.tenants.append(len(placed))
+            placed.append(Placed(m, r, tuple(d.uuid for d in chosen), None, need))
+    return Placement(tuple(_with_fractions(placed, devices)), tuple(unplaced))
+
+
+def _with_fractions(placed: list[Placed], devices: list[_Device]) -> list[Placed]:
+    """Replicas sharing a device get their share; a replica alone keeps the runtime default."""
+    shared = {i for d in devices if len(d.tenants) > 1 for i in d.tenants}
+    out: list[Placed] = []
+    for i, p in enumerate(placed):
+        if i in shared:
+            smallest = min(d.total for d in devices if d.uuid in p.gpu_uuids)
+            fraction = math.floor(p.need_bytes / smallest * 1000) / 1000
+            # Floor keeps the sum of shares within the device; a share never rounds to zero.
+            p = Placed(p.model, p.replica, p.gpu_uuids, max(fraction, 0.001), p.need_bytes)
+        out.append(p)
+    return out

@@ -1,0 +1,279 @@
+"""The supervisor: reconciles the replicas that run with the ones placement wants.
+
+It turns placed replicas into worker specs (checking the lock, the store and the
+runtime first), adopts workers a previous node left running, starts and stops
+replicas, and keeps the router's view of ready replicas current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+import runtimes
+from node.config import Config, ModelConfig
+from node.workers.gpus import Inventory
+from node.workers.keeper import owner_token, process_start_time
+from node.supply.lockfile import LockFile
+from node.workers.placement import Placed, place
+from node.supply.resolve import stale_models
+from node.workers.router import Router
+from node.supply.sources import OllamaSource, parse_source, registry_host
+from node.workers.states import WorkerState
+from node.supply.store import Store
+from node.workers.handles import claim_workers, find_adoptable
+from node.workers.replica import Replica
+from runtimes import WorkerSpec
+
+log = logging.getLogger("infernode.supervisor")
+S = WorkerState
+
+
+@dataclass
+class RuntimeCheck:
+    ok: bool
+    detail: str   # the version, or why it is not usable
+
+
+class Supervisor:
+    def __init__(self, config: Config, lock: LockFile, store: Store, inventory: Inventory, router: Router,
+                 probe_client: httpx.AsyncClient, *, on_change: Callable[[Replica], None] = lambda r: None) -> None:
+        self.config, self.lock, self.store, self.inventory = config, lock, store, inventory
+        self.router = router
+        self.probe_client = probe_client
+        self.on_change_hook = on_change
+        self.replicas: dict[str, Replica] = {}
+        self.run_dir = config.data_dir / "run" / "workers"
+        self.log_dir = config.data_dir / "logs"
+        self.runtime_checks: dict[str, RuntimeCheck] = {}
+        self._store_problems: dict[str, str] = {}
+
+    # -- building specs ----------------------------------------------------------
+    def _python(self, runtime: str) -> str:
+        rs = self.config.runtime_settings(runtime)
+        return str(rs.python) if rs.python else sys.executable
+
+    async def check_runtime(self, runtime: str, model: ModelConfig | None = None) -> RuntimeCheck:
+        """Is a runtime installed where the config says? (cached; runs its version command)."""
+        if runtime in self.runtime_checks:
+            return self.runtime_checks[runtime]
+        if runtime == "external":
+            return RuntimeCheck(True, "not launched by the node")
+        rs = self.config.runtime_settings(runtime)
+        spec = WorkerSpec(model="probe", replica=0, runtime=runtime, port=0, python=self._python(runtime),
+                          binary=str(rs.binary) if rs.binary else None)
+        argv = runtimes.get(runtime).version_argv(spec)
+        exe = argv[0] if argv else runtime
+        missing = not argv or (shutil.which(exe) is None if not Path(exe).is_absolute() else not os.access(exe, os.X_OK))
+        if missing:
+            check = RuntimeCheck(False, f"{runtime} is not installed: {exe} not found; "
+                                        f"install it or set [runtimes.{runtime}] python/binary in appliance.toml")
+        else:
+            try:
+                proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.STDOUT)
+                out, _ = await asyncio.wait_for(proc.communicate(), 60)
+                text = out.decode(errors="replace").strip().splitlines()
+                if proc.returncode == 0:
+                    check = RuntimeCheck(True, text[-1] if text else "installed")
+                else:
+                    check = RuntimeCheck(False, f"{runtime} is not installed in {argv[0]}: {text[-1] if text else proc.returncode}")
+            except (OSError, asyncio.TimeoutError) as exc:
+                check = RuntimeCheck(False, f"{runtime} is not usable: {exc}")
+        self.runtime_checks[runtime] = check
+        return check
+
+    async def _prepare(self, placed: Placed) -> WorkerSpec | str:
+        """The worker spec for a placed replica, or why it cannot start."""
+        m = placed.model
+        rs = self.config.runtime_settings(m.runtime)
+        model_path = None
+        if m.runtime != "external":
+            if m.name in self._store_problems:
+                return self._store_problems[m.name]
+            entry = self.lock.entry(m.name)
+            assert entry is not None  # stale models are held before this
+            model_path = self.store.model_path(entry, m.runtime)
+            check = await self.check_runtime(m.runtime, m)
+            if not check.ok:
+                return check.detail
+        spec = WorkerSpec(
+            model=m.name, replica=placed.replica, runtime=m.runtime, port=0,
+            model_path=model_path, source=self._runtime_source(m), gpu_uuids=placed.gpu_uuids,
+            gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
+            python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
+            max_model_len=m.max_model_len, url=m.url,
+            startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s,
+        )
+        try:  # an adapter refuses a spec it cannot launch (e.g. `args` for ollama): say so, don't crash
+            runtimes.get(m.runtime).plan(spec)
+        except ValueError as exc:
+            return f"{m.runtime} cannot launch {m.name}: {exc}"
+        return spec
+
+    @staticmethod
+    def _runtime_source(m: ModelConfig) -> str:
+        """The source as the runtime names the model (Ollama keeps a private registry's host)."""
+        if m.runtime == "ollama" and m.registry and m.source.startswith("ollama:"):
+            src = parse_source(m.source, registry=m.registry)
+            assert isinstance(src, OllamaSource)
+            return f"ollama:{registry_host(m.registry)}/{src.repository}:{src.tag}"
+        return m.source
+
+    async def verify_store(self) -> None:
+        """Re-hash every locked model before launch; a bad one is held, the others start."""
+        self._store_problems = {}
+        for m in self.config.models:
+            entry = self.lock.entry(m.name)
+            if m.runtime == "external" or entry is None:
+                continue
+            problems = await asyncio.to_thread(self.store.verify, entry)
+            if problems:
+                reason = "store does not match models.lock: " + "; ".join(map(str, problems[:3]))
+                self._store_problems[m.name] = reason
+                log.error("%s: %s", m.name, reason)
+
+    # -- reconciling -------------------------------------------------------------
+    def _new_replica(self, spec: WorkerSpec, adopt=None) -> Replica:
+        model = self.config.model(spec.model)
+        return Replica(spec=spec, settings=self.config.supervisor, run_dir=self.run_dir, log_dir=self.log_dir,
+                       probe_client=self.probe_client, on_change=self._changed, adopt=adopt,
+                       adopt_grace_s=self.config.node.adopt_grace_s,
+                       probe_inference=bool(model and model.probe_inference))
+
+    async def reload(self, config: Config, lock: LockFile) -> dict[str, list[str]]:
+        """Take a new config and lock; restart only the replicas whose spec changed."""
+        self.config, self.lock = config, lock
+        self.runtime_checks = {}  # a runtime may have been installed since
+        await self.verify_store()
+        return await self.reconcile()
+
+    def _held(self, model: ModelConfig, replica: int, state: WorkerState, reason: str) -> Replica:
+        spec = WorkerSpec(model=model.name, replica=replica, runtime=model.runtime, port=0)
+        r = self._new_replica(spec)
+        r.hold(state, reason)
+        return r
+
+    async def reconcile(self, *, adopt: bool = False) -> dict[str, list[str]]:
+        """Make the running replicas match the desired ones (only changed ones restart).
+
+        Returns the replica ids by what happened to them: started (new or changed),
+        stopped (no longer wanted), unchanged, held (pending/failed with a reason)."""
+        self.router.set_models(m.name for m in self.config.models)
+        stale = stale_models(self.config, self.lock)
+        placement = place(self.config, self.lock, self.inventory)
+        adoptable = find_adoptable(self.run_dir) if adopt else {}
+        if adopt:
+            self._claim_workers()
+        desired: dict[str, Replica] = {}
+        for p in placement.placed:
+            rid = f"{p.model.name}-{p.replica}"
+            if p.model.name in stale:
+                desired[rid] = self._held(p.model, p.replica, S.FAILED, stale[p.model.name])
+                continue
+            spec = await self._prepare(p)
+            if isinstance(spec, str):
+                desired[rid] = self._held(p.model, p.replica, S.FAILED, spec)
+                continue
+            current = self.replicas.get(rid)
+            if current is not None and current.hash == self._new_replica(spec).hash and current.state is not S.FAILED:
+                desired[rid] = current
+                continue
+            found = adoptable.pop(rid, None)
+            replica = self._new_replica(spec)
+            if found is not None and found.spec_hash == replica.hash:
+                replica.adopt = found
+                log.info("adopting %s (pid %s, port %s)", rid, found.keeper_pid, found.port)
+            elif found is not None:
+                log.info("not adopting %s: its spec changed since it was started; replacing it", rid)
+                await self._stop_orphan(found.keeper_pid)
+            desired[rid] = replica
+        for u in placement.unplaced:
+            desired[f"{u.model.name}-{u.replica}"] = self._held(u.model, u.replica, S.PENDING, u.reason)
+        for found in adoptable.values():  # left by an earlier node, no longer wanted
+            await self._stop_orphan(found.keeper_pid)
+        old = self.replicas
+        self.replicas = desired
+        stops = [r.stop() for rid, r in old.items() if desired.get(rid) is not r]
+        await asyncio.gather(*stops)
+        summary: dict[str, list[str]] = {"started": [], "stopped": [], "unchanged": [], "held": []}
+        for rid, r in desired.items():
+            if r.held:
+                summary["held"].append(rid)
+            elif r.started:
+                summary["unchanged"].append(rid)
+            else:
+                r.start()
+                summary["started"].append(rid)
+        summary["stopped"] = sorted(rid for rid in old if rid not in desired)
+        self._refresh_router()
+        return summary
+
+    def _claim_workers(self) -> None:
+        """Tell every keeper left by an earlier node that this node owns it now."""
+        claim_workers(self.run_dir, owner_token())
+
+    async def _stop_orphan(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.supervisor.stop_timeout_s + 5
+        while process_start_time(pid) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    def _changed(self, replica: Replica) -> None:
+        if self.replicas.get(replica.id) is replica:
+            self._refresh_router(replica.spec.model)
+        self.on_change_hook(replica)
+
+    def _refresh_router(self, model: str | None = None) -> None:
+        models = [model] if model else [m.name for m in self.config.models]
+        for name in models:
+            ready = [r for r in self.replicas.values() if r.spec.model == name and r.state is S.READY]
+            self.router.set_ready(name, ready)
+            for r in ready:
+                if r.plan is not None and r.spec.runtime == "llamacpp":
+                    self.router.context[name] = runtimes.get("llamacpp").n_ctx(r.plan)  # type: ignore[attr-defined]
+
+    # -- queries and commands --------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(every configured model has a ready replica, reasons for those that do not)."""
+        reasons = []
+        for m in self.config.models:
+            if m.replicas == 0:
+                continue
+            reps = [r for r in self.replicas.values() if r.spec.model == m.name]
+            if any(r.state is S.READY for r in reps):
+                continue
+            detail = "; ".join(f"replica {r.spec.replica} {r.state.value}" + (f": {r.last_error.splitlines()[0]}" if r.last_error else "")
+                               for r in reps) or "no replica"
+            reasons.append(f"{m.name}: {detail}")
+        return not reasons, reasons
+
+    def restart_model(self, name: str) -> int:
+        n = 0
+        for r in self.replicas.values():
+            if r.spec.model == name:
+                if r.held:
+                    continue
+                r.restart()
+                n += 1
+        return n
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.replicas.values()))
+        self._refresh_router()
+
+    async def detach_all(self) -> None:
+        """Leave the workers running for a successor node to adopt."""
+        await asyncio.gather(*(r.detach() for r in self.replicas.values()))
