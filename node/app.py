@@ -26,7 +26,11 @@ from node.gateway.upstream import Pool
 from node.workers.gpus import Inventory, discover
 from node.workers.handles import claim_workers
 from node.workers.keeper import owner_token
+from node.accounts.audit import AuditRecord, scrub
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.accounts.plans import PlanRecord
+from node.accounts.roles import Principal
+from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
 from node.accounts.ledger import Ledger, rebuild_counters
 from node.supply.lockfile import LockFile, read_lock
 from node.ops.logs import ACCESS_LOGGER
@@ -79,6 +83,8 @@ class Node:
         self.nvml = nvml
         self.metrics = Metrics()
         self.keys = KeyRing()
+        self.tokens = TokenRing()
+        self._stored_plans: dict[str, PlanRecord] = {}
         self.quotas = Quotas()
         self.router = Router(m.name for m in config.models)
         self.store = Store(config.data_dir / "store")
@@ -123,6 +129,7 @@ class Node:
         """What must work before the API answers: admin key, database, keys."""
         logging.getLogger(ACCESS_LOGGER).disabled = not self.config.node.access_log
         self.admin_key, generated = ensure_admin_key(self.config)
+        self.tokens.set_bootstrap(self.admin_key)
         if generated:
             log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))
         self.storage = open_storage(self.config.database_url())
@@ -243,8 +250,12 @@ class Node:
         if force or version != self._keys_version:
             records = await asyncio.to_thread(self.storage.list_keys)
             teams = await asyncio.to_thread(self.storage.list_teams)
+            tokens = await asyncio.to_thread(self.storage.list_tokens)
+            plans = await asyncio.to_thread(self.storage.list_plans)
             self.keys.replace_all(records)
-            self.quotas.set_teams(teams)
+            self._stored_plans = {p.name: p for p in plans}
+            self.quotas.set_teams(teams, self.plans(), self.config.model_groups)
+            self.tokens.replace_all(tokens)
             self._keys_version = version
 
     async def _keys_loop(self) -> None:
@@ -280,6 +291,37 @@ class Node:
         assert self.storage is not None
         await asyncio.to_thread(self.storage.save_key, record)
         self.keys.put(record)
+
+    def plans(self) -> dict[str, PlanRecord]:
+        """Every plan: appliance.toml's [plans.*], overridden by the stored ones of the same name."""
+        plans = {name: PlanRecord(name=name, models=tuple(p.models) if p.models is not None else None, rpm=p.rpm,
+                                  tpm=p.tpm, max_parallel=p.max_parallel, budget_tokens=p.budget_tokens,
+                                  budget_usd=p.budget_usd, budget_period=p.budget_period, created_at=0, updated_at=0)
+                 for name, p in self.config.plans.items()}
+        return {**plans, **self._stored_plans}
+
+    async def create_token(self, name: str, role: str, team: str | None, created_by: str) -> tuple[TokenRecord, str]:
+        """A new admin token and its secret (returned once, stored as a hash)."""
+        assert self.storage is not None
+        secret = new_token_secret()
+        record = TokenRecord(id=new_token_id(), name=name, role=role, team=team, secret_hash=hash_secret(secret),
+                             prefix=secret[:11], created_by=created_by)
+        await asyncio.to_thread(self.storage.insert_token, record)
+        self.tokens.put(record)
+        return record, secret
+
+    async def save_token(self, record: TokenRecord) -> None:
+        assert self.storage is not None
+        await asyncio.to_thread(self.storage.save_token, record)
+        self.tokens.put(record)
+
+    async def audit(self, who: Principal, source: str, action: str, target: str, changes: dict[str, Any],
+                    request_id: str) -> AuditRecord:
+        """Append one record to the hash-chained audit log (secrets scrubbed from `changes`)."""
+        assert self.storage is not None
+        record = AuditRecord(seq=0, ts=time.time(), actor_id=who.id, actor_role=who.role.label, source=source,
+                             action=action, target=target, changes=scrub(changes), request_id=request_id)
+        return await asyncio.to_thread(self.storage.append_audit, record)
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -101,6 +101,8 @@ class ModelConfig(_Section):
     order: int | None = None
     tags: list[str] = []
     probe_inference: bool = False
+    # Models that take a request this one cannot (overloaded, not ready, worker failed), in order.
+    fallbacks: list[str] = []
 
     @field_validator("runtime")
     @classmethod
@@ -161,6 +163,18 @@ class QuotaSettings(_Section):
     user_tpm: Annotated[int, Field(ge=0)] | None = None
 
 
+class PlanSettings(_Section):
+    """`[plans.NAME]`: models (names or group:NAME), limits and budgets that keys and teams take by name."""
+
+    models: list[str] | None = None
+    rpm: Annotated[int, Field(ge=0)] | None = None
+    tpm: Annotated[int, Field(ge=0)] | None = None
+    max_parallel: Annotated[int, Field(ge=0)] | None = None
+    budget_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_usd: Annotated[float, Field(ge=0)] | None = None
+    budget_period: Literal["day", "month"] = "day"
+
+
 class LiteLLMFleet(_Section):
     url: str
     master_key_env: str = "LITELLM_MASTER_KEY"
@@ -215,6 +229,8 @@ class Config(_Section):
     models: list[ModelConfig] = []
     runtimes: dict[str, RuntimeSettings] = {}
     quotas: dict[str, QuotaSettings] = {}
+    plans: dict[str, PlanSettings] = {}
+    model_groups: dict[str, list[str]] = {}
     fleet: FleetSection = FleetSection()
     alerts: AlertsSection = AlertsSection()
     # Set by load_config, not read from the file.
@@ -235,6 +251,19 @@ class Config(_Section):
             if m.name in seen:
                 raise ValueError(f"@models[{i}].name: duplicate model name '{m.name}'; give each [[models]] a unique name")
             seen.add(m.name)
+        for i, m in enumerate(self.models):
+            for f in m.fallbacks:
+                if f not in seen or f == m.name:
+                    raise ValueError(f"@models[{i}].fallbacks: '{f}' is not another model of this file; "
+                                     "list other [[models]] names")
+        for g, members in self.model_groups.items():
+            for member in members:
+                if member not in seen:
+                    raise ValueError(f"@model_groups.{g}: no model named '{member}'; list [[models]] names")
+        for name, plan in self.plans.items():
+            for m in plan.models or ():
+                if m.startswith("group:") and m[6:] not in self.model_groups:
+                    raise ValueError(f"@plans.{name}.models: no group '{m[6:]}'; add it to [model_groups]")
         return self
 
     @property

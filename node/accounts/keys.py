@@ -53,11 +53,16 @@ class KeyRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    plan: str | None = None
+    budget_usd: float | None = None
+    old_secret_hash: str | None = None      # the secret before the last rotation...
+    old_valid_until: float | None = None    # ...accepted until then
 
     def public(self) -> dict[str, Any]:
-        """The record as the admin API shows it (never the hash)."""
+        """The record as the admin API shows it (never a hash)."""
         d = asdict(self)
         d.pop("secret_hash")
+        d.pop("old_secret_hash")
         d["models"] = list(self.models) if self.models is not None else None
         return d
 
@@ -83,6 +88,8 @@ class KeyRing:
         by_hash, by_id = {}, {}
         for r in records:
             by_hash[r.secret_hash] = r
+            if r.old_secret_hash:
+                by_hash[r.old_secret_hash] = r
             by_id[r.id] = r
         # Swapping whole dicts keeps readers on the event loop consistent without locks.
         self._by_hash, self._by_id = by_hash, by_id
@@ -92,7 +99,11 @@ class KeyRing:
         old = self._by_id.get(record.id)
         if old is not None:
             by_hash.pop(old.secret_hash, None)
+            if old.old_secret_hash:
+                by_hash.pop(old.old_secret_hash, None)
         by_hash[record.secret_hash] = record
+        if record.old_secret_hash:
+            by_hash[record.old_secret_hash] = record
         self._by_hash = by_hash
         self._by_id = {**self._by_id, record.id: record}
 
@@ -104,11 +115,19 @@ class KeyRing:
         """
         digest = hash_secret(secret)
         record = self._by_hash.get(digest)
-        if record is None or not hmac.compare_digest(record.secret_hash, digest):
+        if record is None:
             return None
+        now = time.time() if now is None else now
+        if not hmac.compare_digest(record.secret_hash, digest):
+            # The secret before a rotation: valid only within its grace period.
+            is_old = hmac.compare_digest(record.old_secret_hash or "", digest)
+            if not (is_old and record.old_valid_until is not None and now < record.old_valid_until):
+                if is_old:
+                    raise AuthenticationError("this API key was rotated; use its new secret", code="key_rotated")
+                return None
         if record.revoked:
             raise AuthenticationError("this API key has been revoked", code="key_revoked")
-        if record.expired(time.time() if now is None else now):
+        if record.expired(now):
             raise AuthenticationError("this API key has expired", code="key_expired")
         return record
 

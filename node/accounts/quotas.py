@@ -22,10 +22,11 @@ import calendar
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping, Protocol
 
 from node.errors import AuthenticationError, PermissionDenied, RateLimited
 from node.accounts.keys import KeyRecord
+from node.accounts.plans import PlanRecord
 from node.accounts.teams import TeamRecord
 
 WINDOW = 60.0
@@ -168,6 +169,8 @@ class Quotas:
     def __init__(self) -> None:
         self._counters: dict[tuple[str, ...], Counter] = {}
         self._teams: dict[str, TeamRecord] = {}
+        self._plan_records: dict[str, PlanRecord] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}
         # key id -> (the record it was built for, its key and team scopes): records are
         # immutable, so an identity check tells when a key changed.
         self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]]]] = {}
@@ -175,8 +178,14 @@ class Quotas:
         self._month = -1
 
     # -- configuration -----------------------------------------------------------
-    def set_teams(self, teams: Iterable[TeamRecord]) -> None:
+    def set_teams(self, teams: Iterable[TeamRecord], plans: Mapping[str, PlanRecord] | None = None,
+                  groups: Mapping[str, Iterable[str]] | None = None) -> None:
+        """Teams, plans and model groups changed: limits are rebuilt at each key's next request."""
         self._teams = {t.name: t for t in teams}
+        if plans is not None:
+            self._plan_records = dict(plans)
+        if groups is not None:
+            self._groups = {g: tuple(m) for g, m in groups.items()}
         self._plans = {}
 
     def team(self, name: str) -> TeamRecord | None:

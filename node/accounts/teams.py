@@ -20,6 +20,8 @@ class TeamRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    plan: str | None = None
+    budget_usd: float | None = None
 
     def public(self) -> dict[str, Any]:
         """The record as the admin API shows it."""

@@ -139,6 +139,15 @@ def revoke(key_id: str, config: Optional[str] = ConfigOption) -> None:
     console.print(f"revoked {data['id']} ({data['name']})", highlight=False)
 
 
+@keys_app.command("rotate")
+def rotate(key_id: str, grace: int = typer.Option(0, "--grace", help="seconds the old secret stays valid"),
+           config: Optional[str] = ConfigOption) -> None:
+    """Give a key a new secret (printed once); the old one works for --grace seconds more."""
+    data = AdminClient(config_from(config)).post(f"/admin/v1/keys/{key_id}/rotate", json={"grace_s": grace})
+    console.print(f"rotated {data['id']} ({data['name']}); new secret (shown once):", highlight=False)
+    print(data["key"])
+
+
 def _team_fields(rpm, tpm, max_parallel, budget, period, meta) -> dict[str, Any]:
     body = _fields(None, None, rpm, tpm, max_parallel, budget, period, None, None, None, meta)
     return body

@@ -26,6 +26,8 @@ async def serve_asgi(app: App, req: Request, conn: Connection, *, server: tuple[
                      extra_headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
     """Run one request through an ASGI app, answering on conn."""
     scope = scope_for(req, conn, server)
+    # The id the answer carries (the client's or one made for it), for the app's records (audit).
+    scope["state"]["request_id"] = dict(extra_headers).get(b"x-request-id", b"").decode("latin-1")
     body_given = False
     status = 500
     headers: list[tuple[bytes, bytes]] = []

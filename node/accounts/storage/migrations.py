@@ -56,6 +56,51 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "INSERT INTO settings_version (id, version) VALUES (1, 0)",
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
     ]),
+    # Admin tokens with roles, the hash-chained audit log, plans, money budgets and
+    # key rotation (the previous secret's hash stays valid until old_valid_until).
+    ("003_roles_plans_audit", [
+        """CREATE TABLE admin_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            team TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            created_by TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE audit (
+            seq BIGINT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            actor_id TEXT NOT NULL,
+            actor_role TEXT NOT NULL,
+            source TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            changes TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_ts ON audit (ts)",
+        """CREATE TABLE plans (
+            name TEXT PRIMARY KEY,
+            models TEXT,
+            rpm BIGINT, tpm BIGINT, max_parallel BIGINT,
+            budget_tokens BIGINT, budget_usd DOUBLE PRECISION, budget_period TEXT NOT NULL DEFAULT 'day',
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "ALTER TABLE keys ADD COLUMN plan TEXT",
+        "ALTER TABLE keys ADD COLUMN budget_usd DOUBLE PRECISION",
+        "ALTER TABLE keys ADD COLUMN old_secret_hash TEXT",
+        "ALTER TABLE keys ADD COLUMN old_valid_until DOUBLE PRECISION",
+        "ALTER TABLE teams ADD COLUMN plan TEXT",
+        "ALTER TABLE teams ADD COLUMN budget_usd DOUBLE PRECISION",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,57 @@
+"""Admin routes that read records: usage totals and the audit log (and its verification)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Query
+
+from node.accounts.audit import verify
+from node.accounts.roles import Principal
+from node.admin.access import need, own_team
+from node.app import Node
+from node.errors import InvalidRequest
+
+
+def add_report_routes(r: FastAPI, node: Node) -> None:
+    """Add these routes to the admin app."""
+
+    @r.get("/admin/v1/usage")
+    async def usage(group_by: str = Query("key,model", max_length=200), since: float | None = None,
+                    until: float | None = None, key: str | None = Query(None, max_length=200),
+                    team: str | None = Query(None, max_length=200), model: str | None = Query(None, max_length=400),
+                    who: Principal = need(node, "usage.read")) -> dict[str, Any]:
+        """Totals grouped by any of key, team, model, user, day, month (UTC) over [since, until)."""
+        assert node.storage is not None
+        if who.team is not None:
+            # A team token sees only its team's usage, whatever it asks for.
+            own_team(who, team if team is not None else who.team, f"team '{team}'")
+            team = who.team
+        groups = [g for g in group_by.split(",") if g]
+        if node.ledger is not None:
+            await asyncio.to_thread(node.ledger.flush)
+        try:
+            rows = await asyncio.to_thread(node.storage.usage_report, groups, since, until, key, team, model)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="group_by") from None
+        return {"object": "list", "group_by": groups, "since": since, "until": until, "data": rows}
+
+    @r.get("/admin/v1/audit")
+    async def audit(since: float | None = None, until: float | None = None,
+                    actor: str | None = Query(None, max_length=200), action: str | None = Query(None, max_length=200),
+                    limit: int = Query(1000, ge=1, le=10000),
+                    _: Principal = need(node, "audit.read")) -> dict[str, Any]:
+        """Audit records in order, filtered by time [since, until), actor (token id) and action."""
+        assert node.storage is not None
+        rows = await asyncio.to_thread(node.storage.list_audit, since, until, actor, action, limit)
+        return {"object": "list", "data": [x.public() for x in rows]}
+
+    @r.get("/admin/v1/audit/verify")
+    async def audit_verify(_: Principal = need(node, "audit.read")) -> dict[str, Any]:
+        """Walk the whole chain: ok, the number of records, the head hash, and the first bad record."""
+        assert node.storage is not None
+        storage = node.storage
+        verdict = await asyncio.to_thread(lambda: verify(storage.iter_audit()))
+        return verdict.public()
+
