@@ -28,7 +28,7 @@ from node.workers.handles import claim_workers
 from node.workers.keeper import owner_token
 from node.accounts.audit import AuditRecord, scrub
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
-from node.accounts.plans import PlanRecord
+from node.accounts.plans import PlanRecord, effective
 from node.accounts.roles import Principal
 from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
 from node.accounts.ledger import Ledger, rebuild_counters
@@ -114,6 +114,9 @@ class Node:
                                   price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue)
                 for m in self.config.models}
 
+    def prices(self) -> dict[str, tuple[float, float]]:
+        return {m.name: (m.price_input, m.price_output) for m in self.config.models}
+
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
@@ -132,6 +135,7 @@ class Node:
         self.tokens.set_bootstrap(self.admin_key)
         if generated:
             log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))
+        self.quotas.set_prices(self.prices())
         self.storage = open_storage(self.config.database_url())
         await asyncio.to_thread(self.storage.migrate)
         await self.refresh_keys(force=True)
@@ -147,7 +151,8 @@ class Node:
         if self.alerts.enabled:
             storage = self.storage
             self._tasks.append(asyncio.create_task(self.alerts.watch_budgets(
-                lambda: budget_uses(storage, self.keys.all()), self.config.alerts.budget_check_s), name="budget-alerts"))
+                lambda: budget_uses(storage, self.keys.all(), budgets=self._budgets_of),
+                self.config.alerts.budget_check_s), name="budget-alerts"))
 
     async def start_workers(self) -> None:
         """Check and pull the store, place and launch (or adopt) workers."""
@@ -234,6 +239,8 @@ class Node:
                 # Per-model rpm/tpm/order/tags may have changed; the proxy URL and key stay until restart.
                 self.fleet.config = config.model_copy(update={"fleet": self.fleet.config.fleet})
                 self.fleet.poke()
+            self.quotas.set_prices(self.prices())
+            self.quotas.set_teams(self.quotas.teams(), self.plans(), config.model_groups)
             if self.gateway is not None:
                 self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:
@@ -275,12 +282,13 @@ class Node:
     async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
         """A new key and its secret (returned once, stored as a hash)."""
         assert self.storage is not None
-        q = self.config.default_quota
-        defaults = {"rpm": q.rpm, "tpm": q.tpm, "max_parallel": q.max_parallel, "budget_tokens": q.budget_tokens,
-                    "budget_period": q.budget_period, "user_rpm": q.user_rpm, "user_tpm": q.user_tpm}
-        for k, v in defaults.items():
-            if fields.get(k) is None:
-                fields[k] = v
+        if fields.get("plan") is None:  # [quotas.default] is for keys without a plan
+            q = self.config.default_quota
+            defaults = {"rpm": q.rpm, "tpm": q.tpm, "max_parallel": q.max_parallel, "budget_tokens": q.budget_tokens,
+                        "budget_period": q.budget_period, "user_rpm": q.user_rpm, "user_tpm": q.user_tpm}
+            for k, v in defaults.items():
+                if fields.get(k) is None:
+                    fields[k] = v
         secret = new_secret()
         record = KeyRecord(id=new_key_id(), secret_hash=hash_secret(secret), prefix=secret[:8], **fields)
         await asyncio.to_thread(self.storage.insert_key, record)
@@ -291,6 +299,11 @@ class Node:
         assert self.storage is not None
         await asyncio.to_thread(self.storage.save_key, record)
         self.keys.put(record)
+
+    def _budgets_of(self, scope: str, record: Any) -> tuple[int | None, float | None, str]:
+        """A key's or team's budgets with its plan folded in (for budget alerts)."""
+        e = effective(record, self.plans().get(record.plan) if record.plan else None, {})
+        return e.budget_tokens, e.budget_usd, e.budget_period
 
     def plans(self) -> dict[str, PlanRecord]:
         """Every plan: appliance.toml's [plans.*], overridden by the stored ones of the same name."""

@@ -116,8 +116,10 @@ class RateLimited(NodeError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, reason: str, **kw) -> None:
-        self.retry_after = max(1, min(60, int(retry_after + 0.999)))
+    def __init__(self, message: str, *, retry_after: float, reason: str, cap: float | None = 60, **kw) -> None:
+        # Rate windows end within a minute; a budget's period may end in weeks (cap=None).
+        wait = int(retry_after + 0.999)
+        self.retry_after = max(1, wait if cap is None else min(int(cap), wait))
         self.reason = reason
         headers = dict(kw.pop("headers", None) or {})
         headers["retry-after"] = str(self.retry_after)

@@ -218,3 +218,30 @@ budget_check_s = 0.3
         assert budget[0]["used"] == 850 and budget[0]["budget"] == 1000
     finally:
         rx.close()
+
+
+def test_money_budgets_use_the_same_thresholds(tmp_path: Path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    storage.migrate()
+    now = time.time()
+    k = KeyRecord(id="key_m", name="m", secret_hash="h1", prefix="sk-m", budget_usd=10.0, budget_tokens=1000)
+    onplan = KeyRecord(id="key_p", name="p", secret_hash="h2", prefix="sk-p", plan="gold")
+    storage.insert_usage([UsageRow(request_id=f"r{i}", ts=now, key_id=kid, team=None, model="m", endpoint="chat",
+                                   end_user=None, prompt_tokens=10, completion_tokens=0, status=200, latency_ms=1.0,
+                                   ttft_ms=None, cost=cost) for i, (kid, cost) in enumerate([("key_m", 8.5),
+                                                                                            ("key_p", 3.0)])])
+    plans = {"gold": (None, 4.0, "month")}
+    uses = budget_uses(storage, [k, onplan], now,
+                       budgets=lambda scope, r: plans[r.plan] if r.plan else (r.budget_tokens, r.budget_usd,
+                                                                              r.budget_period))
+    storage.close()
+    by = {(u.id, u.unit): u for u in uses}
+    assert set(by) == {("key_m", "tokens"), ("key_m", "usd"), ("key_p", "usd")}
+    assert by[("key_m", "usd")].used == 8.5 and by[("key_p", "usd")].period == "month"
+    a = Alerter(AlertsSection(webhook_urls=["http://127.0.0.1:9/x"]), "box-1", secret=SECRET)
+    a.check_budgets(uses)
+    fired = []
+    while not a.queue.empty():
+        fired.append(a.queue.get_nowait())
+    [e] = fired                                  # $8.50 of $10: 85 %; $3 of $4: 75 %; 10 of 1000 tokens: 1 %
+    assert e["unit"] == "usd" and e["threshold"] == 0.8 and "$8.50 of $10" in e["summary"]

@@ -92,7 +92,14 @@ def test_budget_per_day_and_month_utc() -> None:
     q.admit(month, "m", now=T0 + 3601)
     mid_month = float(calendar.timegm((2026, 4, 10, 12, 0, 0)))
     q.admit(month, "m", now=mid_month).finish(100, 0, now=mid_month)
-    assert refused(q, month, mid_month + 86400 * 2).retry_after == 60   # clamped; resets on May 1st
+    # Retry-After: the seconds to the period's end (May 1st), not a minute.
+    err = refused(q, month, mid_month + 86400 * 2)
+    may1 = float(calendar.timegm((2026, 5, 1, 0, 0, 0)))
+    assert err.retry_after == int(may1 - (mid_month + 86400 * 2))
+    assert err.headers["retry-after"] == str(err.retry_after)
+    assert err.headers["x-ratelimit-reset-budget"] == f"{err.retry_after}s"
+    assert err.headers["x-ratelimit-limit-budget-tokens"] == "100"
+    assert err.headers["x-ratelimit-remaining-budget-tokens"] == "0"
     q.admit(day, "m", now=mid_month).finish(100, 0, now=mid_month)
     q.admit(day, "m", now=mid_month + 86400)
 

@@ -172,5 +172,7 @@ def rebuild_counters(storage: Storage, quotas: Quotas, now: float) -> int:
     window = storage.usage_since(now - WINDOW)
     day = {"key": storage.usage_totals(day0, "key_id"), "team": storage.usage_totals(day0, "team")}
     month = {"key": storage.usage_totals(month0, "key_id"), "team": storage.usage_totals(month0, "team")}
-    quotas.rebuild(window, day, month, now)
+    day_usd = {"key": storage.cost_totals(day0, "key_id"), "team": storage.cost_totals(day0, "team")}
+    month_usd = {"key": storage.cost_totals(month0, "key_id"), "team": storage.cost_totals(month0, "team")}
+    quotas.rebuild(window, day, month, now, day_usd, month_usd)
     return len(window)

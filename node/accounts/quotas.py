@@ -11,7 +11,12 @@ Semantics (see docs/keys-and-quotas.md):
   after, from the worker's reported usage, when the request ends. A request admitted
   with one token left runs to completion, so a limit can be overshot by what the
   requests in flight at that moment produce; the next request is refused.
-- budgets count prompt + completion tokens in the current UTC day or month.
+- budgets count prompt + completion tokens (budget_tokens) or money (budget_usd, from
+  the model's price_input/price_output per million tokens) in the current UTC day or
+  month; the same rule holds: admitted while anything is left, charged at the end, so
+  the request that crosses a budget completes and the next one is refused.
+- plans: a key or team with a plan takes the plan's value for every limit it does not
+  set itself, and the plan's models (with `group:NAME` expanded) unless it lists its own.
 - scopes: the key; its team (the team's limits are shared by all its keys); and, when
   the key sets user_rpm/user_tpm, each end user (the request's `user` field) under it.
 """
@@ -25,78 +30,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol
 
 from node.errors import AuthenticationError, PermissionDenied, RateLimited
+from node.accounts.counters import WINDOW, Counter
 from node.accounts.keys import KeyRecord
-from node.accounts.plans import PlanRecord
+from node.accounts.plans import PlanRecord, effective
 from node.accounts.teams import TeamRecord
 
-WINDOW = 60.0
 WHO = {"key": "this key", "team": "this key's team", "user": "this end user"}
-
-
-class Counter:
-    """One scope's counters: the admissions and token charges of the last minute, budgets, in flight.
-
-    Admissions are an exact log of timestamps; token charges are merged per whole
-    second ([second, tokens]), so a scope holds at most 61 of them, and a second's
-    tokens leave the window when all of that second has.
-    """
-
-    __slots__ = ("hits", "tokens", "token_sum", "day", "day_used", "month", "month_used", "parallel")
-
-    def __init__(self) -> None:
-        self.hits: deque[float] = deque()
-        self.tokens: deque[list[int]] = deque()
-        self.token_sum = 0
-        self.day = self.month = -1
-        self.day_used = self.month_used = 0
-        self.parallel = 0
-
-    def prune(self, now: float) -> None:
-        edge = now - WINDOW
-        hits = self.hits
-        while hits and hits[0] <= edge:
-            hits.popleft()
-        toks = self.tokens
-        while toks and toks[0][0] + 1 <= edge:
-            self.token_sum -= toks.popleft()[1]
-
-    def roll(self, day: int, month: int) -> None:
-        if self.day != day:
-            self.day, self.day_used = day, 0
-        if self.month != month:
-            self.month, self.month_used = month, 0
-
-    def used(self, period: str) -> int:
-        return self.month_used if period == "month" else self.day_used
-
-    def charge(self, ts: float, tokens: int, budget: bool) -> None:
-        if tokens <= 0:
-            return
-        self.add_tokens(ts, tokens)
-        if budget:
-            self.day_used += tokens
-            self.month_used += tokens
-
-    def add_tokens(self, ts: float, tokens: int) -> None:
-        sec = int(ts)
-        toks = self.tokens
-        if toks and toks[-1][0] == sec:
-            toks[-1][1] += tokens
-        else:
-            toks.append([sec, tokens])
-        self.token_sum += tokens
-
-    def tokens_free_in(self, limit: int, now: float) -> float:
-        """Seconds until the last minute's tokens drop below `limit`."""
-        excess = self.token_sum - limit
-        for ts, n in self.tokens:
-            excess -= n
-            if excess < 0:
-                return ts + 1 + WINDOW - now
-        return 0.0
-
-    def idle(self) -> bool:
-        return not self.hits and not self.tokens and self.parallel == 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +49,7 @@ class Limits:
     budget_tokens: int | None
     budget_period: str
     budget: bool                  # charge budget counters in this scope
+    budget_usd: float | None = None
 
 
 class UsageLike(Protocol):
@@ -145,7 +85,7 @@ class Admission:
 
     quotas: "Quotas"
     key: KeyRecord
-    model: str
+    model: str                    # the model charged: set to the one that served it (fallbacks)
     wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent
     scopes: list[tuple[Counter, Limits]] = field(default_factory=list)
     _done: bool = False
@@ -160,7 +100,10 @@ class Admission:
             return
         self._done = True
         now = time.time() if now is None else now
-        self.quotas._finish(self, max(0, prompt_tokens) + max(0, completion_tokens), now)
+        prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
+        price = self.quotas.prices.get(self.model)
+        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 if price else 0.0
+        self.quotas._finish(self, prompt_tokens + completion_tokens, cost, now)
 
 
 class Quotas:
@@ -168,12 +111,14 @@ class Quotas:
 
     def __init__(self) -> None:
         self._counters: dict[tuple[str, ...], Counter] = {}
+        self.prices: dict[str, tuple[float, float]] = {}   # model -> USD per million (input, output)
         self._teams: dict[str, TeamRecord] = {}
         self._plan_records: dict[str, PlanRecord] = {}
         self._groups: dict[str, tuple[str, ...]] = {}
-        # key id -> (the record it was built for, its key and team scopes): records are
-        # immutable, so an identity check tells when a key changed.
-        self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]]]] = {}
+        # key id -> (the record it was built for, its key and team scopes, the models it may
+        # use): records are immutable, so an identity check tells when a key changed; a
+        # team or plan change clears it all.
+        self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]], frozenset[str] | None]] = {}
         self._day = -1
         self._month = -1
 
@@ -187,6 +132,13 @@ class Quotas:
         if groups is not None:
             self._groups = {g: tuple(m) for g, m in groups.items()}
         self._plans = {}
+
+    def teams(self) -> list[TeamRecord]:
+        return list(self._teams.values())
+
+    def set_prices(self, prices: Mapping[str, tuple[float, float]]) -> None:
+        """Model prices (USD per million input and output tokens) that money budgets charge."""
+        self.prices = dict(prices)
 
     def team(self, name: str) -> TeamRecord | None:
         return self._teams.get(name)
@@ -212,10 +164,12 @@ class Quotas:
             raise AuthenticationError("this API key has been revoked", code="key_revoked")
         if key.expired(now):
             raise AuthenticationError("this API key has expired", code="key_expired")
-        if not key.allows(model):
-            raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
         cached = self._plans.get(key.id)
-        plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key))
+        if cached is None or cached[0] is not key:
+            cached = self._key_plan(key)
+        if cached[2] is not None and model not in cached[2]:
+            raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
+        plan = list(cached[1])
         if user and (key.user_rpm is not None or key.user_tpm is not None):
             plan.append((self.counter("user", key.id, user), Limits("user", key.user_rpm, key.user_tpm, None, None,
                                                                     "day", False)))
@@ -229,15 +183,43 @@ class Quotas:
             c.parallel += 1
         return Admission(self, key, model, _headers(plan, now), plan)
 
-    def _key_plan(self, key: KeyRecord) -> list[tuple[Counter, Limits]]:
-        plan = [(self.counter("key", key.id), Limits("key", key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
-                                                      key.budget_period, True))]
+    def allows(self, key: KeyRecord, model: str) -> bool:
+        """Whether the key (its own models, else its plan's, within its team's plan) may use `model`."""
+        cached = self._plans.get(key.id)
+        if cached is None or cached[0] is not key:
+            cached = self._key_plan(key)
+        return cached[2] is None or model in cached[2]
+
+    def limits_of(self, key: KeyRecord) -> list[Limits]:
+        """The key's effective limits (key scope first, then its team's), plans folded in."""
+        cached = self._plans.get(key.id)
+        if cached is None or cached[0] is not key:
+            cached = self._key_plan(key)
+        return [lim for _, lim in cached[1]]
+
+    def used(self, label: str, name: str, period: str, now: float | None = None) -> tuple[int, float]:
+        """Tokens and money a key or team scope has used this period."""
+        now = time.time() if now is None else now
+        c = self.counter(label, name)
+        c.roll(*self._periods(now))
+        return c.used(period), c.spent(period)
+
+    def _key_plan(self, key: KeyRecord) -> tuple[KeyRecord, list[tuple[Counter, Limits]], frozenset[str] | None]:
+        eff = effective(key, self._plan_records.get(key.plan) if key.plan else None, self._groups)
+        plan = [(self.counter("key", key.id), Limits("key", eff.rpm, eff.tpm, eff.max_parallel, eff.budget_tokens,
+                                                      eff.budget_period, True, eff.budget_usd))]
+        models = eff.models
         team = self._teams.get(key.team) if key.team else None
         if team is not None:
-            plan.append((self.counter("team", team.name), Limits("team", team.rpm, team.tpm, team.max_parallel,
-                                                                 team.budget_tokens, team.budget_period, True)))
-        self._plans[key.id] = (key, plan)
-        return plan
+            teff = effective(team, self._plan_records.get(team.plan) if team.plan else None, self._groups)
+            plan.append((self.counter("team", team.name), Limits("team", teff.rpm, teff.tpm, teff.max_parallel,
+                                                                 teff.budget_tokens, teff.budget_period, True,
+                                                                 teff.budget_usd)))
+            if teff.models is not None:
+                models = teff.models if models is None else models & teff.models
+        cached = (key, plan, models)
+        self._plans[key.id] = cached
+        return cached
 
     def _check(self, c: Counter, lim: Limits, now: float, plan: list[tuple[Counter, Limits]]) -> None:
         who = WHO[lim.label]
@@ -251,28 +233,51 @@ class Quotas:
                               reason=f"{lim.label}_tpm", headers=_header_dict(plan, now))
         if lim.max_parallel is not None and c.parallel >= lim.max_parallel:
             raise RateLimited(f"{who} already has {lim.max_parallel} requests in flight", retry_after=1,
-                              reason=f"{lim.label}_parallel")
+                              reason=f"{lim.label}_parallel", headers={
+                                  **_header_dict(plan, now), "x-ratelimit-limit-parallel": str(lim.max_parallel),
+                                  "x-ratelimit-remaining-parallel": "0", "x-ratelimit-reset-parallel": "1s"})
         if lim.budget_tokens is not None and c.used(lim.budget_period) >= lim.budget_tokens:
-            reset = next_month_start(now) if lim.budget_period == "month" else (day_id(now) + 1) * 86400.0
+            reset = _period_end(lim.budget_period, now)
             raise RateLimited(f"{who} has used its budget of {lim.budget_tokens} tokens for this "
                               f"{lim.budget_period} (UTC)", retry_after=reset - now, reason=f"{lim.label}_budget",
-                              code="budget_exceeded", headers={"x-ratelimit-reset-budget": f"{int(reset - now)}s"})
+                              code="budget_exceeded", cap=None, headers={
+                                  **_header_dict(plan, now), "x-ratelimit-limit-budget-tokens": str(lim.budget_tokens),
+                                  "x-ratelimit-remaining-budget-tokens": "0",
+                                  "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})
+        if lim.budget_usd is not None and c.spent(lim.budget_period) >= lim.budget_usd:
+            reset = _period_end(lim.budget_period, now)
+            raise RateLimited(f"{who} has spent its budget of ${lim.budget_usd:g} for this {lim.budget_period} "
+                              f"(UTC)", retry_after=reset - now, reason=f"{lim.label}_budget_usd",
+                              code="budget_exceeded", cap=None, headers={
+                                  **_header_dict(plan, now), "x-ratelimit-limit-budget-usd": f"{lim.budget_usd:g}",
+                                  "x-ratelimit-remaining-budget-usd": "0",
+                                  "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})
 
-    def _finish(self, adm: Admission, tokens: int, now: float) -> None:
+    def _finish(self, adm: Admission, tokens: int, cost: float, now: float) -> None:
         day, month = self._periods(now)
         for c, lim in adm.scopes:
             c.parallel = max(0, c.parallel - 1)
             c.roll(day, month)
-            c.charge(now, tokens, lim.budget)
+            c.charge(now, tokens, lim.budget, cost)
 
     # -- state -------------------------------------------------------------------
     def rebuild(self, window: Iterable[UsageLike], day_totals: dict[str, dict[str, int]],
-                month_totals: dict[str, dict[str, int]], now: float | None = None) -> None:
-        """Restore counters from the ledger: the last minute's rows, and token totals for
-        the current UTC day and month by scope ("key" -> {key_id: n}, "team" -> {team: n})."""
+                month_totals: dict[str, dict[str, int]], now: float | None = None,
+                day_costs: dict[str, dict[str, float]] | None = None,
+                month_costs: dict[str, dict[str, float]] | None = None) -> None:
+        """Restore counters from the ledger: the last minute's rows, and token (and money) totals
+        for the current UTC day and month by scope ("key" -> {key_id: n}, "team" -> {team: n})."""
         now = time.time() if now is None else now
         day, month = self._periods(now)
         for scope in ("key", "team"):
+            for name, usd in (day_costs or {}).get(scope, {}).items():
+                c = self.counter(scope, name)
+                c.roll(day, month)
+                c.day_usd = usd
+            for name, usd in (month_costs or {}).get(scope, {}).items():
+                c = self.counter(scope, name)
+                c.roll(day, month)
+                c.month_usd = usd
             for name, n in day_totals.get(scope, {}).items():
                 c = self.counter(scope, name)
                 c.roll(day, month)
@@ -341,6 +346,10 @@ def _headers(plan: list[tuple[Counter, Limits]], now: float) -> list[tuple[bytes
         h += ((b"x-ratelimit-limit-tokens", b"%d" % limit), (b"x-ratelimit-remaining-tokens", b"%d" % max(0, left)),
               (b"x-ratelimit-reset-tokens", b"%ds" % round(max(0.0, reset))))
     return h
+
+
+def _period_end(period: str, now: float) -> float:
+    return next_month_start(now) if period == "month" else (day_id(now) + 1) * 86400.0
 
 
 def _header_dict(plan: list[tuple[Counter, Limits]], now: float) -> dict[str, str]:

@@ -34,6 +34,7 @@ from node.ops.metrics import Metrics, ModelSeries
 from node.accounts.quotas import Admission, Quotas
 from node.workers.router import Gate, QueueFull, Router
 from node.gateway.sse import SseRelay
+from node.gateway.me import self_service
 from node.accounts.storage import UsageRow
 from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 
@@ -130,6 +131,8 @@ class Gateway:
             key = self._authenticate(req)
             if path == b"/v1/models" and req.method == "GET":
                 return self._list_models(key, ridb, conn)
+            if path in (b"/v1/me", b"/v1/me/usage") and req.method == "GET":
+                return await self_service(self, key, req, ridb, conn)
             endpoint = PROXIED.get(path)
             if endpoint is None:
                 raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
@@ -156,7 +159,7 @@ class Gateway:
         data = [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
              "max_model_len": self.context_len(m)}
-            for m in self.models.values() if key.allows(m.name)
+            for m in self.models.values() if self.quotas.allows(key, m.name)
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
         conn.respond(200, JSON_CT + [(b"x-request-id", ridb)], body)

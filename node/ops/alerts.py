@@ -57,15 +57,16 @@ def verify(body: bytes, secret: str, header: str) -> bool:
 
 @dataclass(frozen=True)
 class BudgetUse:
-    """Tokens a key or team has used of its budget in the current period."""
+    """Tokens (or money) a key or team has used of its budget in the current period."""
 
     scope: str            # "key" | "team"
     id: str
     name: str
-    used: int
-    budget: int
+    used: float
+    budget: float
     period: str           # "day" | "month"
     period_start: float
+    unit: str = "tokens"  # "tokens" | "usd"
 
 
 def period_start(period: str, now: float) -> float:
@@ -77,21 +78,35 @@ def period_start(period: str, now: float) -> float:
     return start.timestamp()
 
 
-def budget_uses(storage: Any, keys: Iterable[Any], now: float | None = None) -> list[BudgetUse]:
-    """Each budgeted key's and team's tokens this period, from the ledger (blocking: run in a thread)."""
+def _own_budgets(scope: str, rec: Any) -> tuple[int | None, float | None, str]:
+    return rec.budget_tokens, getattr(rec, "budget_usd", None), rec.budget_period
+
+
+def budget_uses(storage: Any, keys: Iterable[Any], now: float | None = None,
+                budgets: Callable[[str, Any], tuple[int | None, float | None, str]] = _own_budgets) -> list[BudgetUse]:
+    """Each budgeted key's and team's tokens and money this period, from the ledger (blocking: run in a thread).
+
+    `budgets(scope, record)` gives a record's (budget_tokens, budget_usd, period) with its plan folded in.
+    """
     now = time.time() if now is None else now
-    teams = storage.list_teams()
-    owners = [("key", k.id, k.name, k) for k in keys if k.budget_tokens and not k.revoked]
-    owners += [("team", t.name, t.name, t) for t in teams if t.budget_tokens]
-    totals: dict[tuple[str, float], dict[str, int]] = {}
+    owners = [("key", k.id, k.name, k) for k in keys if not k.revoked]
+    owners += [("team", t.name, t.name, t) for t in storage.list_teams()]
+    totals: dict[tuple[str, float], dict[str, tuple[int, float]]] = {}
     uses = []
     for scope, ident, name, rec in owners:
-        start = period_start(rec.budget_period, now)
+        tokens, usd, period = budgets(scope, rec)
+        if not tokens and not usd:
+            continue
+        start = period_start(period, now)
         if (scope, start) not in totals:
             rows = storage.usage_report([scope], start, None, None)
-            totals[(scope, start)] = {r[scope]: r["prompt_tokens"] + r["completion_tokens"] for r in rows if r[scope]}
-        uses.append(BudgetUse(scope, ident, name, totals[(scope, start)].get(ident, 0), int(rec.budget_tokens),
-                              rec.budget_period, start))
+            totals[(scope, start)] = {r[scope]: (r["prompt_tokens"] + r["completion_tokens"], r["cost"])
+                                      for r in rows if r[scope]}
+        used_tokens, used_usd = totals[(scope, start)].get(ident, (0, 0.0))
+        if tokens:
+            uses.append(BudgetUse(scope, ident, name, used_tokens, int(tokens), period, start))
+        if usd:
+            uses.append(BudgetUse(scope, ident, name, used_usd, float(usd), period, start, "usd"))
     return uses
 
 
@@ -147,15 +162,16 @@ class Alerter:
             share = u.used / u.budget
             passed = [t for t in sorted(self.settings.budget_thresholds) if share >= t]
             for t in passed:
-                mark = (u.scope, u.id, u.period_start, t)
+                mark = (u.scope, u.id, u.period_start, t, u.unit)
                 if mark in self._budget_fired:
                     continue
                 self._budget_fired.add(mark)
                 if t != passed[-1]:
                     continue  # jumped past several at once: say only the highest
+                amount = f"${u.used:.2f} of ${u.budget:g}" if u.unit == "usd" else f"{u.used} of {u.budget} tokens"
                 self.emit("budget", f"{u.scope} {u.name} has used {share:.0%} of its {u.period}ly budget "
-                          f"({u.used} of {u.budget} tokens)", scope=u.scope, scope_id=u.id, name=u.name, used=u.used,
-                          budget=u.budget, threshold=t, period=u.period,
+                          f"({amount})", scope=u.scope, scope_id=u.id, name=u.name, used=u.used,
+                          budget=u.budget, unit=u.unit, threshold=t, period=u.period,
                           severity="critical" if t >= 1.0 else "warning")
         # Forget marks of past periods so the set stays small.
         current = {u.period_start for u in uses}

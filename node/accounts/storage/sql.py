@@ -94,6 +94,7 @@ class Storage(Protocol):
     def insert_usage(self, rows: list[UsageRow]) -> None: ...
     def usage_since(self, since: float) -> list[UsageRow]: ...
     def usage_totals(self, since: float, column: str) -> dict[str, int]: ...
+    def cost_totals(self, since: float, column: str) -> dict[str, float]: ...
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]: ...
@@ -257,6 +258,16 @@ class SqlStorage(GovernanceTables):
         with self._guard():
             rows = self.backend.query(self._sql(sql), (since,))
         return {r["k"]: int(r["n"] or 0) for r in rows}
+
+    def cost_totals(self, since: float, column: str) -> dict[str, float]:
+        """Money (the ledger's cost) since a time, summed by key_id or team."""
+        if column not in ("key_id", "team"):
+            raise ValueError(f"cannot total by {column!r}")
+        sql = (f"SELECT {column} AS k, SUM(cost) AS n FROM usage "
+               f"WHERE ts >= ? AND {column} IS NOT NULL GROUP BY {column}")
+        with self._guard():
+            rows = self.backend.query(self._sql(sql), (since,))
+        return {r["k"]: float(r["n"] or 0) for r in rows}
 
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
                      key_id: str | None = None, team: str | None = None,
