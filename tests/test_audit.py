@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import pytest
 
 from node.accounts.audit import GENESIS, AuditRecord, chain_hash, scrub, verify
 from node.accounts.storage import open_storage
@@ -54,7 +53,7 @@ def test_scrub_drops_secrets() -> None:
     assert scrub({"key": "sk-x", "token": "t", "secret_hash": "h", "rpm": 1}) == {"rpm": 1}
 
 
-def test_appends_from_many_threads_and_two_connections_keep_one_chain(storage, db_url: str) -> None:
+def test_appends_from_many_threads_and_two_connections_keep_one_chain(storage, db_url: str) -> None:  # noqa: F811
     other = open_storage(db_url)  # a second node on the same database
     try:
         def work(s, base: int) -> None:

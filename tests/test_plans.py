@@ -7,12 +7,11 @@ import calendar
 
 import pytest
 
-from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord, effective, expand_models
 from node.accounts.quotas import Quotas
 from node.accounts.storage import UsageRow
 from node.accounts.teams import TeamRecord
-from node.errors import PermissionDenied, RateLimited
+from node.errors import PermissionDenied
 from tests.test_quotas import T0, key, refused
 
 GROUPS = {"small": ("a", "b")}
