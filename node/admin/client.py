@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -43,6 +43,25 @@ class AdminClient:
             err.status = r.status_code
             raise err
         return r.json()
+
+    def stream(self, path: str, **kw: Any) -> Iterator[bytes]:
+        """A GET whose answer is copied through as it arrives (for exports too big to hold)."""
+        try:
+            with self._http.stream("GET", path, **kw) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        msg = r.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        msg = r.text[:300]
+                    err = NodeError(f"the node answered {r.status_code}: {msg}")
+                    err.status = r.status_code
+                    raise err
+                yield from r.iter_bytes()
+        except httpx.ConnectError:
+            raise OperationFailed(f"no node is answering at {self.base}; start it with `infernode up` (or systemctl start infernode)") from None
+        except httpx.HTTPError as exc:
+            raise OperationFailed(f"talking to the node at {self.base} failed: {exc}") from None
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)

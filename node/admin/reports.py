@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import csv
+import io
+import json
+from dataclasses import asdict
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Query
+from fastapi.responses import StreamingResponse
 
 from node.accounts.audit import verify
+from node.accounts.storage.sql import USAGE_COLUMNS
 from node.accounts.roles import Principal
 from node.admin.access import need, own_team
 from node.app import Node
@@ -37,6 +43,37 @@ def add_report_routes(r: FastAPI, node: Node) -> None:
             raise InvalidRequest(str(exc), param="group_by") from None
         return {"object": "list", "group_by": groups, "since": since, "until": until, "data": rows}
 
+    @r.get("/admin/v1/usage/requests")
+    async def usage_requests(since: float | None = None, until: float | None = None,
+                             key: str | None = Query(None, max_length=200),
+                             team: str | None = Query(None, max_length=200),
+                             model: str | None = Query(None, max_length=400),
+                             format: Literal["jsonl", "csv"] = "jsonl",
+                             who: Principal = need(node, "usage.read")) -> StreamingResponse:
+        """Every ledger row in [since, until), oldest first, streamed a page at a time (JSON lines or CSV)."""
+        assert node.storage is not None
+        storage = node.storage
+        if who.team is not None:
+            own_team(who, team if team is not None else who.team, f"team '{team}'")
+            team = who.team
+        if node.ledger is not None:
+            await asyncio.to_thread(node.ledger.flush)
+
+        async def rows() -> AsyncIterator[bytes]:
+            if format == "csv":
+                yield (",".join(USAGE_COLUMNS) + "\r\n").encode()
+            after = None
+            while True:
+                page = await asyncio.to_thread(storage.usage_rows, since, until, key, team, model, after, PAGE)
+                if not page:
+                    return
+                yield _render(page, format)
+                if len(page) < PAGE:
+                    return
+                after = (page[-1].ts, page[-1].request_id)
+        media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
+        return StreamingResponse(rows(), media_type=media)
+
     @r.get("/admin/v1/audit")
     async def audit(since: float | None = None, until: float | None = None,
                     actor: str | None = Query(None, max_length=200), action: str | None = Query(None, max_length=200),
@@ -55,3 +92,17 @@ def add_report_routes(r: FastAPI, node: Node) -> None:
         verdict = await asyncio.to_thread(lambda: verify(storage.iter_audit()))
         return verdict.public()
 
+
+
+PAGE = 1000
+
+
+def _render(page: list[Any], format: str) -> bytes:
+    """One page of ledger rows as JSON lines or CSV (no header)."""
+    if format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        for row in page:
+            w.writerow(["" if v is None else v for v in (getattr(row, c) for c in USAGE_COLUMNS)])
+        return buf.getvalue().encode()
+    return b"".join(json.dumps(asdict(row)).encode() + b"\n" for row in page)

@@ -211,10 +211,11 @@ def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key i
           model: Optional[str] = typer.Option(None, "--model", help="only this model"),
           since: Optional[str] = typer.Option(None, "--since", help="ISO date/time (UTC) or unix seconds"),
           until: Optional[str] = typer.Option(None, "--until"),
-          group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,day"),
+          group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,day,month"),
           fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+          requests: bool = typer.Option(False, "--requests", help="every request, not totals (csv, or JSON lines)"),
           config: Optional[str] = ConfigOption) -> None:
-    """Usage grouped by key, team, model, user or day (tokens, requests, errors, cost)."""
+    """Usage grouped by key, team, model, user, day or month (tokens, requests, errors, cost)."""
     if fmt not in ("table", "csv", "json"):
         raise InvalidRequest(f"--format {fmt!r}: use table, csv or json")
     params: dict[str, Any] = {"group_by": group_by}
@@ -222,6 +223,13 @@ def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key i
                  ("team", team), ("model", model)):
         if v is not None:
             params[k] = v
+    if requests:
+        params.pop("group_by")
+        params["format"] = "csv" if fmt == "csv" else "jsonl"
+        for chunk in AdminClient(config_from(config)).stream("/admin/v1/usage/requests", params=params):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        return
     data = AdminClient(config_from(config)).get("/admin/v1/usage", params=params)
     rows = data["data"]
     if fmt == "json":

@@ -98,6 +98,9 @@ class Storage(Protocol):
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]: ...
+    def usage_rows(self, since: float | None = None, until: float | None = None, key_id: str | None = None,
+                   team: str | None = None, model: str | None = None, after: tuple[float, str] | None = None,
+                   limit: int = 1000) -> list[UsageRow]: ...
     def close(self) -> None: ...
 
 
@@ -129,7 +132,14 @@ def _key_params(record: KeyRecord | TeamRecord, columns: list[str] = KEY_COLUMNS
     return values
 
 
-USAGE_GROUPS = {"key": "key_id", "team": "team", "model": "model", "user": "end_user", "day": None}
+USAGE_GROUPS = {"key": "key_id", "team": "team", "model": "model", "user": "end_user", "day": None, "month": None}
+# Calendar buckets (UTC) per backend.
+_BUCKETS = {
+    ("day", "postgresql"): "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    ("day", "sqlite"): "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    ("month", "postgresql"): "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM')",
+    ("month", "sqlite"): "strftime('%Y-%m', ts, 'unixepoch')",
+}
 
 
 class SqlStorage(GovernanceTables):
@@ -272,29 +282,15 @@ class SqlStorage(GovernanceTables):
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]:
-        """Totals grouped by any of key, team, model, user, day (UTC)."""
+        """Totals grouped by any of key, team, model, user, day, month (UTC)."""
         select, group = [], []
         for g in group_by:
             if g not in USAGE_GROUPS:
                 raise ValueError(f"cannot group by {g!r}; use {', '.join(USAGE_GROUPS)}")
-            if g == "day":
-                expr = ("to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if self.backend.name == "postgresql"
-                        else "strftime('%Y-%m-%d', ts, 'unixepoch')")
-            else:
-                expr = USAGE_GROUPS[g]
+            expr = USAGE_GROUPS[g] or _BUCKETS[(g, self.backend.name)]
             select.append(f"{expr} AS {g}")
             group.append(expr)
-        where, params = [], []
-        if since is not None:
-            where.append("ts >= ?"); params.append(since)
-        if until is not None:
-            where.append("ts < ?"); params.append(until)
-        if key_id is not None:
-            where.append("key_id = ?"); params.append(key_id)
-        if team is not None:
-            where.append("team = ?"); params.append(team)
-        if model is not None:
-            where.append("model = ?"); params.append(model)
+        where, params = _usage_filters(since, until, key_id, team, model)
         sql = "SELECT " + ", ".join(select + [
             "COUNT(*) AS requests",
             "SUM(prompt_tokens) AS prompt_tokens",
@@ -314,5 +310,33 @@ class SqlStorage(GovernanceTables):
             r["cost"] = float(r["cost"] or 0)
         return rows
 
+    def usage_rows(self, since: float | None = None, until: float | None = None, key_id: str | None = None,
+                   team: str | None = None, model: str | None = None, after: tuple[float, str] | None = None,
+                   limit: int = 1000) -> list[UsageRow]:
+        """One page of ledger rows in (ts, request_id) order, after the page that ended at `after`."""
+        where, params = _usage_filters(since, until, key_id, team, model)
+        if after is not None:
+            where.append("(ts > ? OR (ts = ? AND request_id > ?))")
+            params += [after[0], after[0], after[1]]
+        sql = f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts, request_id LIMIT ?"
+        params.append(limit)
+        with self._guard():
+            return [UsageRow(**r) for r in self.backend.query(self._sql(sql), params)]
+
     def close(self) -> None:
         self.backend.close()
+
+
+def _usage_filters(since: float | None, until: float | None, key_id: str | None, team: str | None,
+                   model: str | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for cond, value in (("ts >= ?", since), ("ts < ?", until), ("key_id = ?", key_id), ("team = ?", team),
+                        ("model = ?", model)):
+        if value is not None:
+            where.append(cond)
+            params.append(value)
+    return where, params
