@@ -111,7 +111,8 @@ class Node:
 
     def model_infos(self) -> dict[str, ModelInfo]:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue)
+                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
+                                  fallbacks=tuple(m.fallbacks))
                 for m in self.config.models}
 
     def prices(self) -> dict[str, tuple[float, float]]:

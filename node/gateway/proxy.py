@@ -52,6 +52,10 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
 QUEUE_WAIT_S = 30.0
 
 
+class WorkerUnreachable(UpstreamError):
+    """The worker failed before any byte reached the client: another model may take the request."""
+
+
 def error_headers(err: NodeError, rid: bytes) -> list[tuple[bytes, bytes]]:
     return JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
 
@@ -66,6 +70,7 @@ class ModelInfo:
     price_output: float = 0.0
     max_inflight: int = 64
     max_queue: int = 256
+    fallbacks: tuple[str, ...] = ()   # models that take what this one cannot, in order
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -213,28 +218,41 @@ class Gateway:
                                                       "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
-        if not self.router.ready(model):
+        chain = self._chain(info, key)
+        if not any(self.router.ready(m.name) for m in chain):
             raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
         user = req.get("user") if isinstance(req.get("user"), str) else None
         adm = self.quotas.admit(key, model, user)
-        gate = self.gates[model]
         ex = Exchange(rid, model, endpoint, key.id, key.team, user, time.perf_counter(), stream)
-        entered = False
+        gate = None
         self.inflight += 1
         # From here on a client that goes away cancels this task (node/gateway/httpd.py): in the
         # queue, while the worker computes a non-streamed answer, or mid-stream.
         try:
-            try:
-                await gate.enter(self.queue_wait_s)
-            except QueueFull as full:
-                raise RateLimited(
-                    f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
-                    retry_after=full.retry_after, reason="model_capacity", code="model_overloaded", headers={
-                        "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
-                        "x-ratelimit-remaining-requests": "0",
-                        "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
-            entered = True
-            await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
+            for i, cand in enumerate(chain):
+                last = i == len(chain) - 1
+                if not last and not self.router.ready(cand.name):
+                    continue  # not ready: the next fallback
+                # The model that serves it is the one the ledger, the metrics and prices name.
+                ex.model = adm.model = cand.name
+                info, g = cand, self.gates[cand.name]
+                try:
+                    await g.enter(self.queue_wait_s)
+                except QueueFull as full:
+                    if not last:
+                        continue  # overloaded: the next fallback
+                    raise _overloaded(cand.name, g, full.retry_after) from None
+                gate = g
+                try:
+                    await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
+                except (WorkerUnreachable, NoReadyReplica) as err:
+                    if last:
+                        raise
+                    log.warning("request %s: %s; trying the next fallback", rid, err.message)
+                    gate.leave(time.perf_counter() - ex.started)
+                    gate = None
+                    continue
+                break
         except asyncio.CancelledError:
             if not conn.gone:
                 raise
@@ -246,9 +264,16 @@ class Gateway:
             raise
         finally:
             self.inflight -= 1
-            if entered:
+            if gate is not None:
                 gate.leave(time.perf_counter() - ex.started)
             self._account(ex, adm, info)
+
+    def _chain(self, info: ModelInfo, key: Any) -> list[ModelInfo]:
+        """The model, then each fallback the key may use, in order."""
+        if not info.fallbacks:
+            return [info]
+        models, quotas = self.models, self.quotas
+        return [info] + [models[f] for f in info.fallbacks if f in models and quotas.allows(key, f)]
 
     async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
                      ridb: bytes, conn: Connection) -> None:
@@ -261,9 +286,9 @@ class Gateway:
         if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
             req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
             changed = True
-        upstream_name = self.upstream_model(target)
-        if upstream_name and upstream_name != ex.model:
-            req["model"] = upstream_name
+        name = self.upstream_model(target) or ex.model
+        if name != req.get("model"):  # the worker's own name, or the fallback's
+            req["model"] = name
             changed = True
         if changed:
             body = json.dumps(req).encode()
@@ -280,7 +305,7 @@ class Gateway:
                 log.warning("request %s: worker %s unreachable (%s)", ex.rid, target.id, exc)
                 other = self.router.pick(ex.model, exclude=target) if attempt == 0 else None
                 if other is None:
-                    raise UpstreamError(f"the worker for '{ex.model}' is unreachable: {exc}") from None
+                    raise WorkerUnreachable(f"the worker for '{ex.model}' is unreachable: {exc}") from None
                 target = other
                 continue
             except BaseException as exc:
@@ -288,7 +313,7 @@ class Gateway:
                 if isinstance(exc, TimedOut):
                     raise UpstreamTimeout(f"the worker for '{ex.model}' did not answer in time") from None
                 if isinstance(exc, UpstreamFailure):
-                    raise UpstreamError(f"the worker for '{ex.model}' failed: {exc}") from None
+                    raise WorkerUnreachable(f"the worker for '{ex.model}' failed: {exc}") from None
                 raise
             break
         gauge = self._metrics_for(ex.model).inflight
@@ -302,7 +327,7 @@ class Gateway:
 
     async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
                        client_wants_usage: bool, ridb: bytes, conn: Connection) -> None:
-        out_headers = [(b"x-request-id", ridb)]
+        out_headers = [(b"x-request-id", ridb), (b"x-infernode-model", ex.model.encode())]
         if adm.wire_headers:
             out_headers += adm.wire_headers
         ctype = resp.header(b"content-type") or b"application/json"
@@ -398,3 +423,13 @@ def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
         ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
     elif relay.count_content:
         ex.completion_tokens = relay.content_events
+
+
+def _overloaded(model: str, gate: Gate, retry_after: float) -> RateLimited:
+    """429 model_overloaded with the x-ratelimit-* headers of the model's capacity."""
+    return RateLimited(
+        f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
+        retry_after=retry_after, reason="model_capacity", code="model_overloaded", headers={
+            "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": f"{max(1, min(60, int(retry_after + 0.999)))}s"})

@@ -16,7 +16,8 @@ also proves the gateway passes unknown fields through:
 `status`/`message` answer that HTTP error; `delay_s` waits before answering;
 `chunks` sets the number of content chunks; `chunk_delay_s` paces them; `die_after`
 drops the connection after that many chunks; `exit_after` kills the whole process
-after that many chunks (a worker crash). Every request, and every client that went
+after that many chunks (a worker crash); `--drop-posts` makes every POST fail before any
+answer (a worker that is up but broken). Every request, and every client that went
 away before a stream ended, is recorded and served at `GET /stub/events`.
 
 Run: `python -m tests.fakes.openai_worker --port N [--model NAME] [--chunks 32]`.
@@ -42,6 +43,7 @@ class Stub:
         self.model, self.chunks, self.max_model_len = model, chunks, max_model_len
         self.events: list[dict[str, Any]] = []
         self.record = True
+        self.drop_posts = False
 
 
 class Conn(asyncio.Protocol):
@@ -116,6 +118,11 @@ class Conn(asyncio.Protocol):
             return self._send(200, json.dumps(stub.events).encode())
         if method == "GET" and path == "/health":
             return self._send(200, b"")
+        if method == "POST" and stub.drop_posts:
+            # A worker that is "healthy" but fails every request before a byte of answer.
+            assert self.transport is not None
+            self.transport.close()
+            return
         if method == "GET" and path == "/v1/models":
             return self._send(200, json.dumps({"object": "list", "data": [{
                 "id": stub.model, "object": "model", "created": 0, "owned_by": "stub",
@@ -218,9 +225,11 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--no-record", action="store_true", help="keep no event log (benchmark)")
+    p.add_argument("--drop-posts", action="store_true", help="close the connection on every POST, answering nothing")
     a = p.parse_args()
     stub = Stub(a.model, a.chunks, a.max_model_len)
     stub.record = not a.no_record
+    stub.drop_posts = a.drop_posts
     try:
         import uvloop
         uvloop.run(serve(a.host, a.port, stub))
