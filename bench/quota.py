@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gateway import free_port, rss_mb, wait_http  # noqa: E402
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret  # noqa: E402
+from node.accounts.plans import PlanRecord  # noqa: E402
 from node.accounts.quotas import Quotas  # noqa: E402
 from node.accounts.storage import open_storage  # noqa: E402
 from node.accounts.teams import TeamRecord  # noqa: E402
@@ -41,16 +42,33 @@ from node.gateway.upstream import Pool  # noqa: E402
 N_KEYS = 10_000
 
 
-def make_keys(n: int) -> tuple[list[KeyRecord], list[str], list[TeamRecord]]:
+PLANS = {f"plan{i}": PlanRecord(name=f"plan{i}", models=("group:all",), rpm=100_000, tpm=10**9, max_parallel=1000,
+                                 budget_tokens=10**11, budget_usd=10.0**9) for i in range(20)}
+GROUPS = {"all": ("m", "m2", "m3")}
+
+
+def make_keys(n: int, plans: bool = False) -> tuple[list[KeyRecord], list[str], list[TeamRecord]]:
+    """Keys with limits of their own, or (plans) every other key on one of 20 plans with a money budget."""
     teams = [TeamRecord(name=f"team{i}", rpm=1_000_000, tpm=10**10, budget_tokens=10**12) for i in range(n // 10)]
     records, secrets = [], []
     for i in range(n):
         s = new_secret()
         secrets.append(s)
+        if plans and i % 2:
+            own = {"plan": f"plan{i % len(PLANS)}"}
+        else:
+            own = {"rpm": 100_000, "tpm": 10**9, "max_parallel": 1000, "budget_tokens": 10**11}
         records.append(KeyRecord(id=new_key_id(), name=f"k{i}", secret_hash=hash_secret(s), prefix=s[:8],
-                                 team=f"team{i % len(teams)}", rpm=100_000, tpm=10**9, max_parallel=1000,
-                                 budget_tokens=10**11, user_rpm=1000 if i % 10 == 0 else None))
+                                 team=f"team{i % len(teams)}", user_rpm=1000 if i % 10 == 0 else None, **own))
     return records, secrets, teams
+
+
+def make_quotas(teams: list[TeamRecord], plans: bool) -> Quotas:
+    quotas = Quotas()
+    quotas.set_teams(teams, PLANS if plans else None, GROUPS if plans else None)
+    if plans:
+        quotas.set_prices({"m": (0.15, 0.6)})
+    return quotas
 
 
 def traffic(requests: int) -> tuple[list[int], list[str]]:
@@ -58,12 +76,11 @@ def traffic(requests: int) -> tuple[list[int], list[str]]:
     return [rng.randrange(N_KEYS) for _ in range(requests)], [f"user{rng.randrange(100)}" for _ in range(requests)]
 
 
-def in_process(requests: int) -> dict:
+def in_process(requests: int, plans: bool = False) -> dict:
     """Time auth + admit + finish per request; then, in a second pass under tracemalloc, memory."""
-    records, secrets, teams = make_keys(N_KEYS)
+    records, secrets, teams = make_keys(N_KEYS, plans)
     order, users = traffic(requests)
-    ring, quotas = KeyRing(records), Quotas()
-    quotas.set_teams(teams)
+    ring, quotas = KeyRing(records), make_quotas(teams, plans)
     perf = time.perf_counter_ns
     timings = []
     cpu0 = time.process_time()
@@ -81,10 +98,9 @@ def in_process(requests: int) -> dict:
     del ring, quotas, records, teams
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    records, secrets2, teams = make_keys(N_KEYS)   # the records themselves count too
+    records, secrets2, teams = make_keys(N_KEYS, plans)   # the records themselves count too
     secrets[:] = secrets2
-    ring, quotas = KeyRing(records), Quotas()
-    quotas.set_teams(teams)
+    ring, quotas = KeyRing(records), make_quotas(teams, plans)
     loaded = tracemalloc.get_traced_memory()[0]
     now = time.time()
     for n, (i, u) in enumerate(zip(order, users)):
@@ -178,10 +194,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--node-requests", type=int, default=20_000)
     ap.add_argument("--skip-node", action="store_true")
+    ap.add_argument("--plans", action="store_true", help="half the keys on plans (model groups, money budgets)")
     args = ap.parse_args()
-    r = in_process(args.requests)
+    r = in_process(args.requests, args.plans)
     print(f"load average {Path('/proc/loadavg').read_text().split()[0]} on {os.cpu_count()} cores")
-    print(f"in process, {r['keys']} keys, {r['requests']} requests on random keys (with teams and end users):")
+    print(f"in process, {r['keys']} keys, {r['requests']} requests on random keys (with teams and end users"
+          f"{', half on 20 plans with money budgets' if args.plans else ''}):")
     print(f"  auth + admit + finish: CPU {r['cpu_us']:.2f} us/request (robust to a busy machine); wall mean {r['mean_us']:.2f} us, p50 {r['p50_us']:.2f} us, p99 {r['p99_us']:.2f} us")
     print(f"  memory: 10,000 keys and 1,000 teams {r['ring_mb']:.1f} MiB; counters with all {r['requests']} requests inside the "
           f"one-minute window {r['counters_mb']:.1f} MiB ({r['counters']} scopes, "

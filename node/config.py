@@ -261,9 +261,9 @@ class Config(_Section):
                 if member not in seen:
                     raise ValueError(f"@model_groups.{g}: no model named '{member}'; list [[models]] names")
         for name, plan in self.plans.items():
-            for m in plan.models or ():
-                if m.startswith("group:") and m[6:] not in self.model_groups:
-                    raise ValueError(f"@plans.{name}.models: no group '{m[6:]}'; add it to [model_groups]")
+            for ref in plan.models or ():
+                if ref.startswith("group:") and ref[6:] not in self.model_groups:
+                    raise ValueError(f"@plans.{name}.models: no group '{ref[6:]}'; add it to [model_groups]")
         return self
 
     @property

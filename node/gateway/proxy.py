@@ -219,7 +219,7 @@ class Gateway:
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
         chain = self._chain(info, key)
-        if not any(self.router.ready(m.name) for m in chain):
+        if not (self.router.ready(model) if len(chain) == 1 else any(self.router.ready(m.name) for m in chain)):
             raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
         user = req.get("user") if isinstance(req.get("user"), str) else None
         adm = self.quotas.admit(key, model, user)

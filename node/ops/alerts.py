@@ -126,7 +126,7 @@ class Alerter:
         self.failed = 0
         self.dropped = 0
         self._hot: set[str] = set()                        # GPUs currently over temperature
-        self._budget_fired: set[tuple[str, str, float, float]] = set()
+        self._budget_fired: set[tuple[str, str, float, float, str]] = set()
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
 

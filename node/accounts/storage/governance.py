@@ -53,9 +53,10 @@ class GovernanceTables:
 
     backend: Any
 
-    def _sql(self, sql: str) -> str: ...                      # provided by SqlStorage
-    def _guard(self) -> Any: ...
-    def _write_setting(self, sql: str, params: list[Any]) -> int: ...
+    # Provided by SqlStorage, which mixes this class in.
+    _sql: Any
+    _guard: Any
+    _write_setting: Any
 
     # -- admin tokens --------------------------------------------------------------
     def insert_token(self, record: TokenRecord) -> None:
@@ -115,7 +116,8 @@ class GovernanceTables:
     def list_audit(self, since: float | None = None, until: float | None = None, actor: str | None = None,
                    action: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """Records in seq order, filtered; an `action` ending in '.' matches every action it starts."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if since is not None:
             where.append("ts >= ?"); params.append(since)
         if until is not None:
