@@ -216,6 +216,7 @@ class LiteLLMFleet(_Section):
 
 
 class FleetSection(_Section):
+    # The LiteLLM proxy this node registers its ready models with.
     litellm: LiteLLMFleet | None = None
 
 
@@ -266,13 +267,20 @@ class SupervisorSection(_Section):
 class Config(_Section):
     """The whole `appliance.toml`, plus where it came from."""
 
+    # The node itself: its port, data, admin key and logs.
     node: NodeSection = NodeSection()
     supervisor: SupervisorSection = SupervisorSection()
+    # Where keys, teams and the usage ledger are kept.
     database: DatabaseSection = DatabaseSection()
+    # One entry per model served; `infernode lock` pins each source in models.lock.
     models: list[ModelConfig] = []
+    # Settings per runtime, NAME being vllm, sglang, ollama or llamacpp.
     runtimes: dict[str, RuntimeSettings] = {}
+    # [quotas.default]: the limits a new key gets for any it leaves out (other names are not used).
     quotas: dict[str, QuotaSettings] = {}
+    # Registration with a LiteLLM proxy; absent: the node joins no fleet.
     fleet: FleetSection = FleetSection()
+    # Signed webhooks: a replica failed, a GPU is hot, a budget passed a threshold.
     alerts: AlertsSection = AlertsSection()
     # Set by load_config, not read from the file.
     path: Path = Field(default=Path("appliance.toml"), exclude=True)

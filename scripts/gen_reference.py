@@ -21,6 +21,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 import sys
 import textwrap
 import types
@@ -138,8 +139,16 @@ def _default(field: FieldInfo) -> str:
     return _toml(field.default)
 
 
+TABLE_NAME = re.compile(r"(?<![`\[])\[([a-z_]+(?:\.[A-Za-z_]+)*)\](?![`\](])")
+
+
+def _prose(text: str) -> str:
+    """A comment as Markdown: TOML table names such as [quotas.default] set as code."""
+    return TABLE_NAME.sub(r"`[\1]`", text)
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _prose(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _section(header: str, model: type[BaseModel], note: str, out: list[str], subsections: list) -> None:
@@ -165,7 +174,7 @@ def _section(header: str, model: type[BaseModel], note: str, out: list[str], sub
         out.append(f"## `{_title(header)}`\n")
         for para in (note, doc):
             if para:
-                out.append(para if para.endswith(".") else para + ".")
+                out.append(_prose(para if para.endswith(".") else para + "."))
                 out.append("")
         if rows:
             out += ["| key | type | default | description |", "| --- | --- | --- | --- |", *rows, ""]
