@@ -29,6 +29,7 @@ ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("GET", "/admin/v1/gpus", None, V, True),
     ("GET", "/admin/v1/openapi.json", None, V, True),
     ("GET", "/admin/v1/usage", None, V, True),
+    ("GET", "/admin/v1/usage/requests", None, V, True),
     ("GET", "/admin/v1/keys", None, V, True),
     ("GET", "/admin/v1/keys/{red_key}", None, V, True),
     ("GET", "/admin/v1/teams", None, V, True),
