@@ -66,6 +66,9 @@ class LaunchPlan:
     # False when streams carry no usage chunk even with stream_options.include_usage.
     stream_usage: bool = True
     upstream_model: str | None = None  # the model name the worker expects, when it differs
+    # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
+    # ("responses": POST /v1/responses); the node passes those through untranslated.
+    native_apis: tuple[str, ...] = ()
 
 
 class Runtime(Protocol):

@@ -190,3 +190,38 @@ def wait_until(fn, timeout: float = 30, interval: float = 0.2):
             return v
         time.sleep(interval)
     return fn()
+
+
+# -- the client-API tests (tests/test_api_*.py) ---------------------------------------
+API_STUB_CONTEXT = 4096
+
+
+@pytest.fixture(scope="module")
+def api_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str, str]]:
+    """A node with `stub-model` (the stand-in worker, external) and `tiny-chat` (real llama.cpp).
+
+    Yields (node, stub url, key); the key is made once, as a key made a moment ago may
+    not be known to the node yet when a keys refresh races its creation.
+    """
+    d: Path = tmp_path_factory.mktemp("apis")
+    from tests.fakes import openai_worker
+
+    port = free_port()
+    stub = openai_worker.start(port)
+    models = TINY_MODEL + f"""
+[[models]]
+name = "stub-model"
+runtime = "external"
+url = "http://127.0.0.1:{port}/v1"
+max_model_len = {API_STUB_CONTEXT}
+"""
+    node = start_node(write_config(d, models))
+    try:
+        node.wait_ready(timeout=180)
+        key = node.create_key()
+        time.sleep(1.0)
+        yield node, f"http://127.0.0.1:{port}", key
+    finally:
+        node.stop()
+        stub.kill()
+        stub.wait()
