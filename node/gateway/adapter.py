@@ -23,6 +23,7 @@ class Call:
     rid: str          # the node's request id
     created: int      # unix seconds
     req: dict[str, Any]  # the client's request, as sent
+    started: float = 0.0  # time.perf_counter() when the request arrived (for APIs that report durations)
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,7 +232,7 @@ class Gateway:
                 req["model"] = model
                 route = None
             else:
-                call = Call(model, rid, int(time.time()), req)
+                call = Call(model, rid, int(time.time()), req, time.perf_counter())
                 endpoint, req = route.to_openai(req)  # type: ignore[misc]
                 req["model"] = model
         stream = req.get("stream") is True
