@@ -198,7 +198,8 @@ API_STUB_CONTEXT = 4096
 
 @pytest.fixture(scope="module")
 def api_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str, str]]:
-    """A node with `stub-model` (the stand-in worker, external) and `tiny-chat` (real llama.cpp).
+    """A node with `stub-model` (the stand-in worker, external), `tiny-chat` (real llama.cpp) and
+    `tiny-vllm` (vLLM's stand-in, which serves the Responses API itself).
 
     Yields (node, stub url, key); the key is made once, as a key made a moment ago may
     not be known to the node yet when a keys refresh races its creation.
@@ -214,6 +215,14 @@ name = "stub-model"
 runtime = "external"
 url = "http://127.0.0.1:{port}/v1"
 max_model_len = {API_STUB_CONTEXT}
+
+[[models]]
+name = "tiny-vllm"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+
+[runtimes.vllm]
+python = "{REPO / 'tests' / 'fakes' / 'bin' / 'python'}"
 """
     node = start_node(write_config(d, models))
     try:

@@ -15,14 +15,14 @@ import uuid
 
 from node.admin.routes import build_admin
 from node.app import Node
-from node.gateway import anthropic, ollama
+from node.gateway import anthropic, ollama, responses
 from node.gateway.adapter import Route
 from node.gateway.asgi import serve_asgi
 from node.errors import NodeError, NotFound, NoReadyReplica
 from node.gateway.proxy import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Request
 
-API_ROUTES: dict[bytes, Route] = {**anthropic.ROUTES, **ollama.ROUTES}
+API_ROUTES: dict[bytes, Route] = {**anthropic.ROUTES, **responses.ROUTES, **ollama.ROUTES}
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
 
