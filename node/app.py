@@ -116,6 +116,7 @@ class Node:
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
             serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
+            cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             runtime_of=lambda name: self.config.model(name).runtime if self.config.model(name) else "",
             log_prompts=self.config.node.log_prompts,
         )

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import ollama
+import openai
 import pytest
 
 MSGS = [{"role": "user", "content": "Say hello."}]
@@ -122,3 +123,14 @@ def test_wrong_method(api_node):
     node, _, key = api_node
     r = httpx.post(node.url + "/api/tags", headers={"authorization": f"Bearer {key}"}, timeout=10)
     assert r.status_code == 400 and "GET" in r.json()["error"]
+
+
+def test_embeddings_on_a_model_that_cannot_embed_is_400(api_node):
+    node, _, key = api_node
+    with pytest.raises(ollama.ResponseError) as e:
+        client(node, key).embed(model="tiny-chat", input="x")
+    assert e.value.status_code == 400 and "--embedding" in e.value.error
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as oe:
+        c.embeddings.create(model="tiny-chat", input="x")
+    assert oe.value.body["code"] == "unsupported_endpoint" and "cannot serve embeddings" in oe.value.body["message"]

@@ -97,6 +97,7 @@ class Gateway:
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
+                 cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  runtime_of: Callable[[str], str] = lambda model: "",
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
@@ -106,6 +107,7 @@ class Gateway:
         self.upstream_model = upstream_model
         self.uuid_request_ids = uuid_request_ids
         self.serves_api = serves_api    # (target, api name): the runtime serves that API itself
+        self.cannot = cannot            # (target, endpoint): why its runtime cannot serve that endpoint, or None
         self.runtime_of = runtime_of
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
@@ -236,6 +238,11 @@ class Gateway:
                 endpoint, req = route.to_openai(req)  # type: ignore[misc]
                 req["model"] = model
         stream = req.get("stream") is True
+        ready = self.router.ready(model)
+        why = self.cannot(ready[0], endpoint) if ready else None
+        if why:
+            raise InvalidRequest(f"the model '{model}' cannot serve {endpoint}: {why}", param="model",
+                                 code="unsupported_endpoint")
         if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
             prompt = req.get("messages", req.get("prompt", req.get("input")))
             log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
