@@ -21,7 +21,7 @@ from typing import Any, Iterator
 def patch() -> None:
     """Wrap Llama.generate, Llama._create_completion and the server's stream publisher."""
     import llama_cpp
-    import llama_cpp.server.app as app
+    from llama_cpp.server import app
     from llama_cpp.llama import Llama
 
     generate, create, publish = Llama.generate, Llama._create_completion, app.get_event_publisher
@@ -71,8 +71,8 @@ def patch() -> None:
         kwargs["llama_call"] = with_usage
         return await publish(*args, **kwargs)
 
-    Llama.generate = counted_generate  # type: ignore[method-assign]
-    Llama._create_completion = counted_create  # type: ignore[method-assign]
+    Llama.generate = counted_generate  # type: ignore[method-assign,assignment]
+    Llama._create_completion = counted_create  # type: ignore[method-assign,assignment]
     app.get_event_publisher = publisher
 
 

@@ -25,7 +25,7 @@ OPTIONS: dict[str, tuple[str, Any]] = {
     "top_k": ("top_k", int), "min_p": ("min_p", (int, float)), "seed": ("seed", int),
     "presence_penalty": ("presence_penalty", (int, float)), "frequency_penalty": ("frequency_penalty", (int, float)),
 }
-IGNORED_CHECKED = {"num_ctx": int, "repeat_penalty": (int, float), "repeat_last_n": int, "num_keep": int}
+IGNORED_CHECKED: dict[str, Any] = {"num_ctx": int, "repeat_penalty": (int, float), "repeat_last_n": int, "num_keep": int}
 IMAGE_MAGIC = (("iVBOR", "image/png"), ("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"), ("UklGR", "image/webp"))
 
 
