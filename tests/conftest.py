@@ -201,8 +201,7 @@ def api_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str, str]]:
     """A node with `stub-model` (the stand-in worker, external), `tiny-chat` (real llama.cpp) and
     `tiny-vllm` (vLLM's stand-in, which serves the Responses API itself).
 
-    Yields (node, stub url, key); the key is made once, as a key made a moment ago may
-    not be known to the node yet when a keys refresh races its creation.
+    Yields (node, stub url, key).
     """
     d: Path = tmp_path_factory.mktemp("apis")
     from tests.fakes import openai_worker
@@ -228,7 +227,6 @@ python = "{REPO / 'tests' / 'fakes' / 'bin' / 'python'}"
     try:
         node.wait_ready(timeout=180)
         key = node.create_key()
-        time.sleep(1.0)
         yield node, f"http://127.0.0.1:{port}", key
     finally:
         node.stop()

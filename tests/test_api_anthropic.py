@@ -102,7 +102,6 @@ def test_errors_in_anthropic_shape(api_node):
         client(node, key).messages.create(model="tiny-chat", max_tokens=3000, messages=MSGS)
     assert e.value.body["error"]["type"] == "invalid_request_error" and "context" in e.value.body["error"]["message"]
     limited = client(node, node.create_key(rpm=1))
-    time.sleep(1.0)  # a key made a moment ago may not be known yet (see the api_node fixture)
     limited.messages.create(model="stub-model", max_tokens=2, messages=MSGS)
     with pytest.raises(anthropic.RateLimitError) as e:
         limited.messages.create(model="stub-model", max_tokens=2, messages=MSGS)

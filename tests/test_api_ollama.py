@@ -99,7 +99,6 @@ def test_errors_in_ollama_shape(api_node):
         client(node, key).chat(model="tiny-chat", messages=MSGS, options={"num_predict": 3000})
     assert e.value.status_code == 400 and "context" in e.value.error
     limited = client(node, node.create_key(rpm=1))
-    time.sleep(1.0)  # a key made a moment ago may not be known yet (see the api_node fixture)
     limited.chat(model="stub-model", messages=MSGS)
     with pytest.raises(ollama.ResponseError) as e:
         limited.chat(model="stub-model", messages=MSGS)
