@@ -56,9 +56,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "INSERT INTO settings_version (id, version) VALUES (1, 0)",
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
     ]),
+    # Which client API a request came through (OpenAI's, Anthropic's Messages, Responses, Ollama's).
+    ("003_usage_api", [
+        "ALTER TABLE usage ADD COLUMN api TEXT NOT NULL DEFAULT 'openai'",
+    ]),
     # Admin tokens with roles, the hash-chained audit log, plans, money budgets and
     # key rotation (the previous secret's hash stays valid until old_valid_until).
-    ("003_roles_plans_audit", [
+    ("004_roles_plans_audit", [
         """CREATE TABLE admin_tokens (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
