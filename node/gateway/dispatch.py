@@ -1,24 +1,74 @@
-"""The node's one HTTP port: what each path is answered by.
+"""The node's one HTTP port: what each path is answered by, and who may send it a body.
 
 `/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
 ASGI bridge. Every response carries an `x-request-id` (the client's if it sent one).
+
+`check_head` runs when a request's head is complete, before its body is read
+(node/gateway/httpd.py): API routes authenticate their key there, so a client without
+one is refused (401, connection closed) without the node buffering its body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import os
 import uuid
+from dataclasses import dataclass
+from typing import Callable
 
 from node.admin.routes import build_admin
 from node.app import Node
+from node.errors import AuthenticationError, NodeError, NotFound, NoReadyReplica
 from node.gateway.asgi import serve_asgi
-from node.errors import NodeError, NotFound, NoReadyReplica
+from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
-from node.gateway.httpd import Connection, Request
+
+log = logging.getLogger("infernode.dispatch")
 
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+ADMIN_BODY_BYTES = 1 << 20   # admin bodies are small JSON documents
+
+
+def openai_error(err: NodeError) -> bytes:
+    return err.body()
+
+
+def anthropic_error(err: NodeError) -> bytes:
+    """Anthropic's error shape, for clients of its Messages API."""
+    kind = {401: "authentication_error", 403: "permission_error"}.get(err.status, "invalid_request_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": err.message}}).encode()
+
+
+@dataclass(frozen=True)
+class ApiDoor:
+    """How one API's routes present a key: headers read besides `Authorization: Bearer`, and its error shape."""
+
+    prefix: bytes
+    key_headers: tuple[bytes, ...] = ()
+    error_body: Callable[[NodeError], bytes] = openai_error
+
+
+# Longest prefix first. A new API surface (e.g. Ollama's /api/) adds its door here.
+DOORS = (
+    ApiDoor(b"/v1/messages", (b"x-api-key",), anthropic_error),
+    ApiDoor(b"/v1/"),
+)
+
+
+def presented_key(req: Request, key_headers: tuple[bytes, ...] = ()) -> str | None:
+    """The secret a request presents: `Authorization: Bearer`, else the first of key_headers it has."""
+    auth = req.header(b"authorization")
+    if auth and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1")
+    for name in key_headers:
+        value = req.header(name)
+        if value:
+            return value.strip().decode("latin-1")
+    return None
 
 
 class NodeApp:
@@ -28,6 +78,49 @@ class NodeApp:
         self.node = node
         self.admin = build_admin(node)
         self.server_addr = server_addr
+        self.scheme = node.config.node.scheme
+        env = node.config.node.metrics_token_env
+        self.metrics_token: bytes | None = None
+        if env:
+            # Named but unset fails closed: /metrics then refuses everyone.
+            self.metrics_token = os.environ.get(env, "").strip().encode()
+            if not self.metrics_token:
+                log.error("[node] metrics_token_env names %s, which is unset or empty: /metrics refuses every "
+                          "request until it is set", env)
+
+    def check_head(self, req: Request) -> Refusal | None:
+        """Before the body: authenticate API keys, guard /metrics, bound admin bodies."""
+        path = req.path
+        for door in DOORS:
+            if path.startswith(door.prefix):
+                return self._authenticate(req, door)
+        if path == b"/metrics" and self.metrics_token is not None:
+            presented = presented_key(req)
+            if not self.metrics_token or not hmac.compare_digest((presented or "").encode("latin-1"),
+                                                                 self.metrics_token):
+                err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
+                                          code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
+                return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        elif path.startswith(b"/admin/"):
+            req.body_limit = min(req.body_limit, ADMIN_BODY_BYTES)
+            if path.startswith(b"/admin/v1/") and req.header(b"authorization") is None:
+                err = AuthenticationError("admin key required: send Authorization: Bearer <admin key>")
+                return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        return None
+
+    def _authenticate(self, req: Request, door: ApiDoor) -> Refusal | None:
+        secret = presented_key(req, door.key_headers)
+        try:
+            if secret is None:
+                how = " or ".join(["Authorization: Bearer <key>"] + [f"{h.decode()}: <key>" for h in door.key_headers])
+                raise AuthenticationError(f"missing API key: send {how}")
+            record = self.node.keys.lookup(secret)
+            if record is None:
+                raise AuthenticationError("invalid API key")
+        except AuthenticationError as err:
+            return Refusal(err.status, error_headers(err, _request_id(req)), door.error_body(err))
+        req.auth = record
+        return None
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
@@ -49,7 +142,8 @@ class NodeApp:
             # Rendering a box's worth of worker families takes a while: keep it off the event loop.
             return conn.respond(200, METRICS_CT + ridh, await asyncio.to_thread(self.node.metrics.render))
         if path.startswith(b"/admin/"):
-            return await serve_asgi(self.admin, req, conn, server=self.server_addr, extra_headers=ridh)
+            return await serve_asgi(self.admin, req, conn, server=self.server_addr, extra_headers=ridh,
+                                    scheme=self.scheme)
         err = NotFound(f"no route {req.method} {path.decode('latin-1')}")
         conn.respond(404, JSON_CT + ridh, err.body())
 

@@ -144,6 +144,8 @@ class Gateway:
 
     # -- request checks ----------------------------------------------------------
     def _authenticate(self, req: Request):
+        if req.auth is not None:  # authenticated from the head, before the body was read (dispatch.py)
+            return req.auth
         auth = req.header(b"authorization")
         if not auth or not auth[:7].lower() == b"bearer ":
             raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
