@@ -67,7 +67,7 @@ class NodeSection(_Section):
         return v
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "NodeSection":
+    def _tls_pair(self) -> NodeSection:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("@node.tls_cert: tls_cert and tls_key go together; set both (PEM files) or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

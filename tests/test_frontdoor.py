@@ -117,7 +117,7 @@ class Watch:
         self.pid, self.url = node.proc.pid, node.url
         self.latencies: list[float] = []
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         self.rss0, self.cpu0 = _rss_mb(self.pid), _cpu_s(self.pid)
         host, port = self.url.split("//")[1].rsplit(":", 1)
         self._proc = subprocess.Popen([sys.executable, "-c", BYSTANDER, host, port], stdin=subprocess.DEVNULL,
@@ -166,7 +166,7 @@ def _pour(sock: socket.socket, data: bytes, seconds: float, limit: int) -> int:
     while sent < limit and time.monotonic() < deadline:
         try:
             sent += sock.send(data)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break

@@ -385,10 +385,10 @@ def test_pipelining_without_reading_holds_little():
             conn = next(iter(s.server.connections))
             assert len(conn._queue) <= httpd.MAX_PIPELINED
             assert conn.transport.get_write_buffer_size() < 1 << 20
-            assert len(conn._unfed) <= 1 << 20
-            parsed = conn._heads
+            assert len(conn.reader.unfed) <= 1 << 20
+            parsed = conn.reader.heads
             await asyncio.sleep(0.3)
-            assert conn._heads == parsed < sent // len(req) // 2  # it stopped reading what it cannot answer
+            assert conn.reader.heads == parsed < sent // len(req) // 2  # it stopped reading what it cannot answer
             sock.close()
     run(main())
 
@@ -458,8 +458,8 @@ def test_a_client_that_reads_nothing_is_dropped_and_its_handler_cancelled(monkey
 
 # -- framing fuzz (hypothesis, a fixed budget of examples) ---------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PIPELINE = (b"GET /a?x=1 HTTP/1.1\r\nhost: x\r\n\r\n"
             b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"

@@ -7,9 +7,9 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from node.cli import app, console
 from node.errors import OperationFailed
@@ -35,7 +35,7 @@ def selfsigned(names: list[str], days: int = DAYS) -> tuple[bytes, bytes]:
         except ValueError:
             sans.append(x509.DNSName(n))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -57,7 +57,7 @@ def selfsigned(names: list[str], days: int = DAYS) -> tuple[bytes, bytes]:
 
 @tls_app.command("selfsigned")
 def selfsigned_cmd(
-    name: Optional[list[str]] = typer.Option(None, "--name", help="a DNS name or IP address clients use (repeatable); "
+    name: list[str] | None = typer.Option(None, "--name", help="a DNS name or IP address clients use (repeatable); "
                                              "default: this host's name, localhost, 127.0.0.1, ::1"),
     out: Path = typer.Option(Path("."), "--out", help="folder to write node.crt and node.key into"),
     days: int = typer.Option(DAYS, "--days", min=1, max=3650, help="validity in days"),
@@ -77,7 +77,7 @@ def selfsigned_cmd(
         f.write(key_pem)
     cert_path.write_bytes(cert_pem)
     console.print(f"wrote {cert_path} and {key_path} for {', '.join(names)} (valid {days} days)", highlight=False)
-    console.print(f'in appliance.toml, \[node]: tls_cert = "{cert_path.resolve()}"  tls_key = "{key_path.resolve()}"',
+    console.print('in appliance.toml, ' + escape('[node]') + f': tls_cert = "{cert_path.resolve()}"  tls_key = "{key_path.resolve()}"',
                   highlight=False, soft_wrap=True)
     console.print(f"clients trust it with e.g. SSL_CERT_FILE={cert_path.resolve()} or curl --cacert", highlight=False,
                   soft_wrap=True)

@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from node.admin.routes import build_admin
 from node.app import Node
-from node.errors import AuthenticationError, NodeError, NotFound, NoReadyReplica
+from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway.asgi import serve_asgi
 from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers

@@ -33,79 +33,33 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any
 
-import httptools
-
-from node.errors import (BodyTooLarge, HeadersTooLarge, InvalidRequest, NodeError, NoReadyReplica, OperationFailed,
-                         RequestTimeout)
+from node.errors import NoReadyReplica, OperationFailed, RequestTimeout
 from node.gateway.limits import Admission, Limits, delivery
+from node.gateway.reader import MAX_HEAD_BYTES, RequestReader
+from node.gateway.request import JSON, Handler, HeadCheck, Refusal, Request
+
+__all__ = ["MAX_HEAD_BYTES", "Connection", "Handler", "HeadCheck", "Refusal", "Request", "Server"]
 
 log = logging.getLogger("infernode.httpd")
 
-MAX_HEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 8          # requests parsed ahead of the one being answered before parsing stops
 TICK_S = 1.0               # timeouts are checked, and the Date header renewed, once a second
 LINGER_S = 2.0             # after a refusal, how long the unread rest of a request is read and dropped
 LINGER_BYTES = 1 << 20
 STATUS_LINES = {v: {int(s): f"HTTP/{v} {int(s)} {s.phrase}\r\n".encode() for s in HTTPStatus} for v in ("1.1", "1.0")}
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-JSON = [(b"content-type", b"application/json")]
-
-
-class Refusal(NamedTuple):
-    """An answer the server gives instead of passing a request on."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    @classmethod
-    def of(cls, err: NodeError) -> "Refusal":
-        return cls(err.status, JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()], err.body())
-
-
-class Request:
-    """One parsed request: method, raw path and query, headers (lowercased names) and the whole body."""
-
-    __slots__ = ("method", "path", "query", "headers", "body", "http_version", "keep_alive", "refusal", "auth",
-                 "body_limit")
-
-    def __init__(self, method: str, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
-                 http_version: str, keep_alive: bool) -> None:
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.http_version, self.keep_alive = http_version, keep_alive
-        self.body = b""
-        self.refusal: Refusal | None = None  # set when the server answers this request itself
-        self.auth: Any = None                # what the head check established (e.g. the API key's record)
-        self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-
-Handler = Callable[[Request, "Connection"], Awaitable[None]]
-HeadCheck = Callable[[Request], "Refusal | None"]
-
-
-class _Refuse(Exception):
-    def __init__(self, refusal: Refusal, req: Request | None = None) -> None:
-        self.refusal, self.req = refusal, req
 
 
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, queues them, and is what handlers answer through."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.gone = False            # the client went away before the current answer ended
         self.deadline = 0.0          # server clock time by which something must happen; 0: none
-        self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +67,6 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
         self._paused_reading = False
-        self._unfed = b""            # received but not parsed while requests wait
         self._closed = False
         self._counted = False        # counted in the server's admission
         self._broken = False         # the parser gave up; nothing more is parsed
@@ -127,20 +80,10 @@ class Connection(asyncio.Protocol):
         self._version = "1.1"        # the HTTP version of the request being answered
         self._keep_alive = True
         self._done_waiters: list[asyncio.Future[None]] | None = None
+        self.reader = RequestReader(self)
         self._sock: Any = None
         self._acked = -1             # the client's acknowledged bytes when last looked
         self._stall_since = 0.0
-        # The request being parsed.
-        self._req: Request | None = None
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._in_head = True         # between requests or inside a head: bytes fed are head bytes
-        self._head_fed = 0
-        self._heads = 0              # heads completed on this connection
-        self._idle_fed = 0           # bytes fed after the head that brought no body (trailers, framing)
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._in_request = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,63 +144,11 @@ class Connection(asyncio.Protocol):
             return
         if self._broken or self._closed:
             return
-        if self._unfed:
-            data = self._unfed + data
-            self._unfed = b""
-        self._feed(data)
-
-    def _feed(self, data: bytes) -> None:
-        """Parse data, a piece at a time, while requests may be queued; keep the rest unparsed."""
-        pos, end_all = 0, len(data)
-        while pos < end_all and not self._broken:
-            if self._must_wait():
-                self._unfed = data[pos:]
-                self._pause_reading()
-                return
-            # A piece ends after a blank line: at most one head completes in it, so the
-            # queue is looked at between requests even within one read.
-            end = data.find(b"\r\n\r\n", pos)
-            end = end_all if end < 0 else end + 4
-            in_head = self._in_head
-            if in_head:
-                end = min(end, pos + MAX_HEAD_BYTES - self._head_fed)
-            body_before, heads_before = self._body_size, self._heads
-            piece = data if pos == 0 and end == end_all else data[pos:end]
-            try:
-                self._parser.feed_data(piece)
-            except httptools.HttpParserUpgrade:
-                # An Upgrade (h2c, websocket) the node does not speak, without a body: the
-                # request is answered over HTTP/1.1 and the connection closed, as RFC 9110 allows.
-                self._broken = True
-                self._keep_alive = False
-                return
-            except httptools.HttpParserCallbackError as exc:
-                err = exc.__context__
-                if isinstance(err, _Refuse):
-                    self._refuse(err.refusal, err.req)
-                else:
-                    self._refuse(Refusal.of(InvalidRequest("malformed HTTP request")))
-                return
-            except httptools.HttpParserError as exc:
-                self._refuse(Refusal.of(InvalidRequest(f"malformed HTTP request: {exc}")))
-                return
-            fed = end - pos
-            pos = end
-            if self._heads != heads_before:
-                self._idle_fed = 0  # a head completed in this piece: its bytes were the head's
-            elif self._in_head:
-                self._head_fed += fed
-                if self._head_fed >= MAX_HEAD_BYTES:
-                    self._refuse(Refusal.of(HeadersTooLarge(f"the request's head exceeds {MAX_HEAD_BYTES} bytes")),
-                                 self._req)
-            elif self._in_request and self._body_size == body_before:
-                # No body progress: chunk framing or trailers, which httptools also joins with +=.
-                self._idle_fed += fed
-                if self._idle_fed > MAX_HEAD_BYTES:
-                    self._refuse(Refusal.of(HeadersTooLarge(f"the request's trailers exceed {MAX_HEAD_BYTES} bytes")),
-                                 self._req)
-            elif self._body_size != body_before:
-                self._idle_fed = 0
+        reader = self.reader
+        if reader.unfed:
+            data = reader.unfed + data
+            reader.unfed = b""
+        reader.feed(data)
 
     def _must_wait(self) -> bool:
         return (len(self._queue) >= MAX_PIPELINED or self._queued_bytes > self.server.limits.max_body_bytes
@@ -274,79 +165,13 @@ class Connection(asyncio.Protocol):
         if len(self._queue) >= MAX_PIPELINED // 2:
             return
         self._paused_reading = False
-        if self._unfed:
-            data, self._unfed = self._unfed, b""
-            self._feed(data)
+        if self.reader.unfed:
+            data, self.reader.unfed = self.reader.unfed, b""
+            self.reader.feed(data)
         if not self._paused_reading and not self._broken:
             self.transport.resume_reading()  # type: ignore[union-attr]
         elif self._broken:
             self._paused_reading = True
-
-    # -- httptools callbacks ------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._url, self._headers, self._body, self._body_size = b"", [], [], 0
-        self._req = None
-        self._in_request = True
-        self.deadline = self.server.clock + self.server.limits.request_timeout_s
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a chunked body's trailer: never a request header
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self._in_head, self._head_fed, self._idle_fed = False, 0, 0
-        self._heads += 1
-        p = self._parser
-        path, _, query = self._url.partition(b"?")
-        req = self._req = Request(p.get_method().decode("ascii"), path, query, self._headers,
-                                  p.get_http_version(), p.should_keep_alive())
-        req.body_limit = self.server.limits.max_body_bytes
-        length = -1
-        expect_continue = has_body = upgrade = False
-        for k, v in self._headers:
-            if k == b"content-length":
-                length = int(v) if v.isdigit() else -1
-                has_body = has_body or length != 0
-            elif k == b"transfer-encoding":
-                has_body = True
-            elif k == b"expect" and v.lower() == b"100-continue":
-                expect_continue = True
-            elif k == b"upgrade":
-                upgrade = True
-        if upgrade and has_body:
-            raise _Refuse(Refusal.of(InvalidRequest("a request with Upgrade cannot carry a body; this server "
-                                                    "does not switch protocols")), req)
-        check = self.server.head_check
-        if check is not None:
-            refusal = check(req)
-            if refusal is not None:
-                raise _Refuse(refusal, req)
-        if length > req.body_limit:
-            raise _Refuse(Refusal.of(BodyTooLarge(f"request body is {length} bytes; the limit is {req.body_limit}")),
-                          req)
-        if expect_continue and self.transport is not None and not self._queue and not self._busy:
-            self.transport.write(CONTINUE)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
-        limit = self._req.body_limit if self._req is not None else self.server.limits.max_body_bytes
-        if self._body_size > limit:
-            raise _Refuse(Refusal.of(BodyTooLarge(f"request body exceeds the limit of {limit} bytes")), self._req)
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        req = self._req
-        assert req is not None
-        req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._body = []
-        self._in_request = False
-        self._in_head, self._head_fed = True, 0
-        self.deadline = 0.0
-        self._enqueue(req)
 
     # -- serving ------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
@@ -361,8 +186,8 @@ class Connection(asyncio.Protocol):
     def _refuse(self, refusal: Refusal, req: Request | None = None) -> None:
         """Answer a request the server will not pass on (in order, after any being answered), then close."""
         self._broken = True
-        self._in_request = False
-        self._unfed = b""
+        self.reader.in_request = False
+        self.reader.unfed = b""
         self._pause_reading()
         if req is None:
             req = Request("GET", b"", b"", [], "1.1", False)
@@ -520,10 +345,10 @@ class Connection(asyncio.Protocol):
     def expire(self) -> None:
         if self._lingering:
             self.abort()
-        elif self._in_request:
+        elif self.reader.in_request:
             timeout = self.server.limits.request_timeout_s
             log.info("closing a connection from %s: its request did not arrive within %.0f s", self.client, timeout)
-            self._refuse(Refusal.of(RequestTimeout(f"the request did not arrive within {timeout:.0f} s")), self._req)
+            self._refuse(Refusal.of(RequestTimeout(f"the request did not arrive within {timeout:.0f} s")), self.reader.req)
             self.deadline = 0.0
         elif not self._busy and not self._queue:
             self._close()
