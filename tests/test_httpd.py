@@ -302,6 +302,18 @@ def test_a_header_that_never_ends_is_refused_as_its_bytes_arrive():
     run(main())
 
 
+def test_big_bodies_do_not_count_as_the_next_head():
+    async def main():
+        async with Running() as s:
+            big = b"b" * 300_000
+            chunked = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in (big[:100_000], big[100_000:])) + b"0\r\n\r\n"
+            data = await s.raw(b"POST /1 HTTP/1.1\r\nhost: x\r\ncontent-length: 300000\r\n\r\n" + big +
+                               b"POST /2 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + chunked +
+                               b"GET /3 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            assert data.count(b"HTTP/1.1 200 OK") == 3 and data.count(b'"body": "bbbb') == 2
+    run(main())
+
+
 def test_trailers_never_become_headers():
     async def main():
         async with Running() as s:

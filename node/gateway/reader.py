@@ -41,6 +41,7 @@ class RequestReader:
         self.req: Request | None = None
         self.in_request = False
         self.heads = 0              # heads completed on this connection
+        self.done = 0               # requests completed on this connection
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True        # between requests or inside a head: bytes fed are head bytes
@@ -64,7 +65,7 @@ class RequestReader:
             in_head = self._in_head
             if in_head:
                 end = min(end, pos + MAX_HEAD_BYTES - self._head_fed)
-            body_before, heads_before = self._body_size, self.heads
+            body_before, heads_before, done_before = self._body_size, self.heads, self.done
             piece = data if pos == 0 and end == end_all else data[pos:end]
             try:
                 self.parser.feed_data(piece)
@@ -86,9 +87,9 @@ class RequestReader:
                 return
             fed = end - pos
             pos = end
-            if self.heads != heads_before:
-                self._idle_fed = 0  # a head completed in this piece: its bytes were the head's
-            elif self._in_head:
+            if self.heads != heads_before or self.done != done_before:
+                self._idle_fed = 0  # a head or a request completed in this piece: its bytes were theirs
+            elif in_head:
                 self._head_fed += fed
                 if self._head_fed >= MAX_HEAD_BYTES:
                     self.conn._refuse(Refusal.of(HeadersTooLarge(f"the request's head exceeds {MAX_HEAD_BYTES} bytes")),
@@ -165,5 +166,6 @@ class RequestReader:
         self._body = []
         self.in_request = False
         self._in_head, self._head_fed = True, 0
+        self.done += 1
         self.conn.deadline = 0.0
         self.conn._enqueue(req)
