@@ -305,7 +305,8 @@ def test_tls_selfsigned_install_serves_https(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{box.port}/healthz", timeout=3)  # plain HTTP is not served
         # The installed CLI talks TLS to its node, trusting the certificate the installer made.
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
-        s = subprocess.run([str(box.cli), "status", "--json"], capture_output=True, text=True, env=env, timeout=60)
+        s = subprocess.run([str(box.cli), "status", "--json"], capture_output=True, text=True, env=env, timeout=60,
+                           cwd=tmp_path)
         assert s.returncode == 0, s.stderr
     finally:
         assert stop(node) == 0
