@@ -48,7 +48,7 @@ class NodeSection(_Section):
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     # Open connections from one client address at most; past it a new one gets a 503 and is closed.
     max_connections_per_ip: Annotated[int, Field(ge=1, le=1_000_000)] = 256
-    # Seconds a request's head, then its body, have to arrive (408 after).
+    # Seconds a whole request (head and body) has to arrive in, from its first byte (408 after).
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Seconds an idle keep-alive connection stays open.
     keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 75.0

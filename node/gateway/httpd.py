@@ -1,24 +1,12 @@
-"""The node's HTTP/1.1 server: requests parsed by httptools, answered by one handler.
+"""The node's HTTP/1.1 server: one task per connection answers its requests in order.
 
-The `/v1` gateway must add well under a millisecond per request, so the node serves
-its port itself: llhttp (through httptools) parses, one task per connection answers
-its requests in order, and each answer is written with a single `write`. Everything
-that is not `/v1` (the admin API, FastAPI) goes through node/gateway/asgi.py.
-
-The port faces untrusted clients, so whatever one sends or fails to read costs
-bounded memory and CPU (limits in node/gateway/limits.py, defaults in docs/security.md):
-- heads are counted as their bytes arrive (431 past MAX_HEAD_BYTES), since httptools
-  joins a header's pieces with `bytes +=`; trailers never become headers and are
-  bounded the same way; the head must arrive within `request_timeout_s`, then the body
-  (408); bodies past `max_body_bytes` get 413;
-- a `head_check` (the dispatcher's authentication) runs when the head completes,
-  before any body is read: its refusal is answered, the body left unread, and the
-  connection closed; `100 Continue` is only sent after it passed;
-- at most MAX_PIPELINED parsed requests wait, and parsing stops (the rest of a read
-  is kept unparsed, reading paused) while they do or while the client is not reading
-  what it was sent; a client that reads nothing for `write_stall_s` is dropped, which
-  cancels the request it holds;
-- connections past `max_connections` or `max_connections_per_ip` get a 503 and close.
+The `/v1` gateway must add well under a millisecond per request, so the node serves its
+port itself: node/gateway/reader.py turns bytes into requests (llhttp via httptools),
+each answer is written with a single `write`, and everything that is not `/v1` goes
+through node/gateway/asgi.py. The port faces untrusted clients (docs/security.md):
+a `head_check` (authentication) runs before any body is read and its refusal closes
+the connection; answers wait while a client does not read them, and a client that
+reads nothing for `write_stall_s` is dropped; connections past the caps get a 503.
 A client that goes away before its answer ended cancels the task serving it, with
 `conn.gone` set so the handler can tell that from a shutdown.
 """
