@@ -390,3 +390,18 @@ def test_mtls_accepts_known_clients_and_refuses_others(stub, tmp_path):
                 _chat(node, key, _ctx(ca, who))
     finally:
         node.stop()
+
+
+def test_anthropic_door_reads_x_api_key_at_the_head(door):
+    node, key = door
+    body = {"model": "stub-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(node.url + "/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 401 and r.headers["connection"] == "close"
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(node.url + "/v1/messages", json=body, headers={"x-api-key": "sk-wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(node.url + "/v1/messages", json=body, headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert r.status_code != 401  # past the door: the route decides (until it lands, 404)
+    # An OpenAI route answers a missing key in OpenAI's shape.
+    r = httpx.post(node.url + "/v1/chat/completions", json=body, headers={"x-api-key": key})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
