@@ -92,14 +92,14 @@ class RequestReader:
             elif in_head:
                 self._head_fed += fed
                 if self._head_fed >= MAX_HEAD_BYTES:
-                    self.conn._refuse(Refusal.of(HeadersTooLarge(f"the request's head exceeds {MAX_HEAD_BYTES} bytes")),
-                                 self.req)
+                    too_large = HeadersTooLarge(f"the request's head exceeds {MAX_HEAD_BYTES} bytes")
+                    self.conn._refuse(Refusal.of(too_large), self.req)
             elif self.in_request and self._body_size == body_before:
                 # No body progress: chunk framing or trailers, which httptools also joins with +=.
                 self._idle_fed += fed
                 if self._idle_fed > MAX_HEAD_BYTES:
-                    self.conn._refuse(Refusal.of(HeadersTooLarge(f"the request's trailers exceed {MAX_HEAD_BYTES} bytes")),
-                                 self.req)
+                    too_large = HeadersTooLarge(f"the request's trailers exceed {MAX_HEAD_BYTES} bytes")
+                    self.conn._refuse(Refusal.of(too_large), self.req)
             elif self._body_size != body_before:
                 self._idle_fed = 0
 
@@ -124,7 +124,7 @@ class RequestReader:
         p = self.parser
         path, _, query = self._url.partition(b"?")
         req = self.req = Request(p.get_method().decode("ascii"), path, query, self._headers,
-                                  p.get_http_version(), p.should_keep_alive())
+                                 p.get_http_version(), p.should_keep_alive())
         req.body_limit = self.limits.max_body_bytes
         length = -1
         expect_continue = has_body = upgrade = False
