@@ -1,12 +1,15 @@
 """The node's one HTTP port: what each path is answered by, and who may send it a body.
 
-`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py); `/healthz`, `/readyz` and
+`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
+other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
+Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
 ASGI bridge. Every response carries an `x-request-id` (the client's if it sent one).
 
 `check_head` runs when a request's head is complete, before its body is read
-(node/gateway/httpd.py): API routes authenticate their key there, so a client without
-one is refused (401, connection closed) without the node buffering its body.
+(node/gateway/httpd.py): API routes authenticate their key there (each Route says where
+its key comes from and how its errors look), so a client without one is refused (401,
+connection closed) without the node buffering its body.
 """
 
 from __future__ import annotations
@@ -17,58 +20,21 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from node.admin.routes import build_admin
 from node.app import Node
 from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
+from node.gateway import anthropic, ollama, responses
+from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
 from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
 
 log = logging.getLogger("infernode.dispatch")
 
+API_ROUTES: dict[bytes, Route] = {**anthropic.ROUTES, **responses.ROUTES, **ollama.ROUTES}
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 ADMIN_BODY_BYTES = 1 << 20   # admin bodies are small JSON documents
-
-
-def openai_error(err: NodeError) -> bytes:
-    return err.body()
-
-
-def anthropic_error(err: NodeError) -> bytes:
-    """Anthropic's error shape, for clients of its Messages API."""
-    kind = {401: "authentication_error", 403: "permission_error"}.get(err.status, "invalid_request_error")
-    return json.dumps({"type": "error", "error": {"type": kind, "message": err.message}}).encode()
-
-
-@dataclass(frozen=True)
-class ApiDoor:
-    """How one API's routes present a key: headers read besides `Authorization: Bearer`, and its error shape."""
-
-    prefix: bytes
-    key_headers: tuple[bytes, ...] = ()
-    error_body: Callable[[NodeError], bytes] = openai_error
-
-
-# Longest prefix first. A new API surface (e.g. Ollama's /api/) adds its door here.
-DOORS = (
-    ApiDoor(b"/v1/messages", (b"x-api-key",), anthropic_error),
-    ApiDoor(b"/v1/"),
-)
-
-
-def presented_key(req: Request, key_headers: tuple[bytes, ...] = ()) -> str | None:
-    """The secret a request presents: `Authorization: Bearer`, else the first of key_headers it has."""
-    auth = req.header(b"authorization")
-    if auth and auth[:7].lower() == b"bearer ":
-        return auth[7:].strip().decode("latin-1")
-    for name in key_headers:
-        value = req.header(name)
-        if value:
-            return value.strip().decode("latin-1")
-    return None
 
 
 class NodeApp:
@@ -91,13 +57,12 @@ class NodeApp:
     def check_head(self, req: Request) -> Refusal | None:
         """Before the body: authenticate API keys, guard /metrics, bound admin bodies."""
         path = req.path
-        for door in DOORS:
-            if path.startswith(door.prefix):
-                return self._authenticate(req, door)
+        route = API_ROUTES.get(path)
+        if route is not None or path.startswith(b"/v1/"):
+            return self._authenticate(req, route)
         if path == b"/metrics" and self.metrics_token is not None:
-            presented = presented_key(req)
-            if not self.metrics_token or not hmac.compare_digest((presented or "").encode("latin-1"),
-                                                                 self.metrics_token):
+            presented = bearer(req) or b""
+            if not self.metrics_token or not hmac.compare_digest(presented, self.metrics_token):
                 err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
                                           code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
@@ -108,28 +73,30 @@ class NodeApp:
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
         return None
 
-    def _authenticate(self, req: Request, door: ApiDoor) -> Refusal | None:
-        secret = presented_key(req, door.key_headers)
+    def _authenticate(self, req: Request, route: Route | None) -> Refusal | None:
+        gateway = self.node.gateway
+        if gateway is None:
+            return None  # still starting: the handler answers 503
         try:
-            if secret is None:
-                how = " or ".join(["Authorization: Bearer <key>"] + [f"{h.decode()}: <key>" for h in door.key_headers])
-                raise AuthenticationError(f"missing API key: send {how}")
-            record = self.node.keys.lookup(secret)
-            if record is None:
-                raise AuthenticationError("invalid API key")
+            req.auth = gateway.authenticate(req, route)
         except AuthenticationError as err:
-            return Refusal(err.status, error_headers(err, _request_id(req)), door.error_body(err))
-        req.auth = record
+            rid = _request_id(req)
+            status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
+            return Refusal(status, error_headers(err, rid), body)
         return None
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
         gateway = self.node.gateway
-        if path.startswith(b"/v1/") and gateway is not None:
-            return await gateway.handle(req, conn)  # the hot path sets its own x-request-id
+        route = API_ROUTES.get(path)
+        if (route is not None or path.startswith(b"/v1/")) and gateway is not None:
+            return await gateway.handle(req, conn, route)  # the hot path sets its own x-request-id
         rid = _request_id(req)
-        if path.startswith(b"/v1/"):
+        if route is not None or path.startswith(b"/v1/"):
             err: NodeError = NoReadyReplica("the node is starting", retry_after=2)
+            if route is not None:
+                status, body = route.error(err, rid.decode("latin-1"))
+                return conn.respond(status, error_headers(err, rid), body)
             return conn.respond(err.status, error_headers(err, rid), err.body())
         ridh = [(b"x-request-id", rid)]
         if path == b"/healthz":
