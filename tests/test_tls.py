@@ -111,3 +111,14 @@ def test_tls_config_is_checked(tmp_path: Path):
                      ("keep_alive_s", "long")):
         with pytest.raises(ConfigError, match=key):
             parse_config({"node": {key: bad}}, tmp_path / "appliance.toml")
+
+
+def test_up_with_a_missing_certificate_says_so_and_exits_1(tmp_path: Path):
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path, "")
+    cfg.write_text(cfg.read_text().replace("drain_grace_s = 5\n", 'drain_grace_s = 5\ntls_cert = "no.crt"\n'
+                                                                  'tls_key = "no.key"\n', 1))
+    p = run_cli("up", config=cfg, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "tls_cert" in p.stderr and "no such file" in p.stderr and "Traceback" not in p.stderr
