@@ -23,7 +23,7 @@ from node.gateway.dispatch import NodeApp
 from node.app import Node
 from node.config import Config
 from node.errors import NodeError, OperationFailed
-from node.gateway.httpd import Server
+from node.gateway.listener import Server
 from node.gateway.tls import server_context
 from node.ops.sdnotify import Notifier
 

@@ -12,9 +12,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from node.gateway import httpd
+from node.gateway import httpd, listener
 from node.gateway.asgi import serve_asgi
-from node.gateway.httpd import Connection, Request, Server
+from node.gateway.httpd import Connection, Request
+from node.gateway.listener import Server
 
 
 def listening() -> socket.socket:
@@ -146,7 +147,7 @@ def test_http10_head_and_handler_errors():
 
 
 def test_slow_requests_get_408_and_idle_connections_close(monkeypatch):
-    monkeypatch.setattr(httpd, "TICK_S", 0.1)
+    monkeypatch.setattr(listener, "TICK_S", 0.1)
 
     async def main():
         async with Running(request_timeout_s=0.5, keep_alive_s=0.5) as s:
@@ -441,7 +442,7 @@ def test_a_head_check_refuses_before_the_body_is_read():
 
 
 def test_a_client_that_reads_nothing_is_dropped_and_its_handler_cancelled(monkeypatch):
-    monkeypatch.setattr(httpd, "TICK_S", 0.1)
+    monkeypatch.setattr(listener, "TICK_S", 0.1)
     seen: dict[str, object] = {}
 
     async def handler(req: Request, conn: Connection) -> None:
