@@ -60,6 +60,6 @@ def build_admin(node: Node) -> FastAPI:
 
     @app.get("/admin/v1/openapi.json", include_in_schema=False)
     async def openapi(_: Principal = need(node, "status.read")) -> dict[str, Any]:
-        return app.openapi()
+        return app.openapi()  # the API's own description is for admin tokens only
 
     return app
