@@ -38,6 +38,14 @@ def test_plans_from_the_file_and_the_api_and_v1_me(node_factory) -> None:
         assert on_plan["rpm"] is None and plain["rpm"] == 77        # [quotas.default] only without a plan
         assert c.post("/admin/v1/keys", json={"name": "x", "plan": "nope"}).json()["error"]["code"] == "plan_not_found"
         assert c.post("/admin/v1/plans", json={"name": "bad", "models": ["group:nope"]}).status_code == 400
+        for bad in ({"name": "a b"}, {"name": "x", "rpm": -1}, {"name": "x", "models": "all"},
+                    {"name": "x", "budget_usd": "lots"}, {"name": "x", "budget_period": "week"},
+                    {"name": "x" * 300}, {"name": "x", "colour": "red"}, [1]):
+            r = c.post("/admin/v1/plans", json=bad)
+            assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error", bad
+        assert c.patch("/admin/v1/plans/nope", json={"rpm": 1}).status_code == 404
+        assert c.patch(f"/admin/v1/keys/{plain['id']}", json={"plan": "nope"}).status_code == 400
+        assert c.post("/admin/v1/keys", json={"name": "x", "budget_usd": -1}).status_code == 422
         got = me(n, on_plan["key"]).json()
         assert got["id"] == on_plan["id"] and got["plan"] == "basic" and got["name"] == "p"
         lim = got["limits"]["key"]
