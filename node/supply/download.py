@@ -16,6 +16,7 @@ import os
 import random
 import re
 import select
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any, Callable
 import httpx
 
 from node.supply.bulkhttp import BulkClient, BulkResponse, ProxyRefused
+from node.supply.proxies import ProxyConfigError
 from node.errors import StoreError
 from node.supply.store import BlobWriter, SizeMismatch
 
@@ -122,6 +124,11 @@ def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSe
             _one_attempt(client, url, writer, settings, headers or {}, on_bytes, cancel)
         except ProxyRefused as exc:
             raise RemoteError(f"{writer.locked.path}: {exc}{PROXY_HINT if ' 407 ' in str(exc) else ''}") from None
+        except ProxyConfigError as exc:
+            raise RemoteError(str(exc)) from None
+        except ssl.SSLCertVerificationError as exc:  # no retry will make the certificate trusted
+            raise RemoteError(f"{writer.locked.path}: {url}: {exc.verify_message or exc}; for a private CA, "
+                              "point SSL_CERT_FILE at a bundle that includes it") from None
         except _Retry as exc:
             last = str(exc)
         except (OSError, http.client.HTTPException) as exc:  # reset, refused, stall (timeout), TLS, short body
