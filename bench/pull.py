@@ -115,7 +115,7 @@ def _served_path(url: str) -> Path:
     return _ROOT / url.rsplit("/", 1)[-1]
 
 
-def time_pull(box: Path, models: str, name: str, entry_of: "object") -> float:
+def time_pull(box: Path, models: str, name: str, entry_of: object) -> float:
     """Pull model `name` into a fresh store; re-hash every blob afterwards (not timed)."""
     from node.config import load_config
     from node.supply.pull import pull_entry
@@ -127,8 +127,10 @@ def time_pull(box: Path, models: str, name: str, entry_of: "object") -> float:
     cfg = load_config(str(box / "appliance.toml"))
     entry = entry_of(cfg)  # type: ignore[operator]
     store = Store(cfg.data_dir / "store")
+    model = cfg.model(name)
+    assert model is not None
     t = time.perf_counter()
-    pull_entry(store, entry, cfg.model(name), cfg)
+    pull_entry(store, entry, model, cfg)
     dt = time.perf_counter() - t
     problems = store.verify(entry)
     assert not problems and len(list(store.blobs())) == len({f.sha256 for f in entry.files}), problems
@@ -194,8 +196,8 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.05)
-        import node.supply.pull  # noqa: F401  (imports are not download time)
-        import node.supply.remote  # noqa: F401
+        import node.supply.pull
+        import node.supply.remote
         big_toml = f'[[models]]\nname = "big"\nsource = "{base}/blob.bin#sha256={hexd}"\nruntime = "llamacpp"\n'
         model_toml = '[[models]]\nname = "model"\nsource = "hf:bench/model"\nruntime = "vllm"\n'
         model_urls = [f"{base}/bench/model/resolve/{'0' * 40}/{name}" for name, _, _ in files]

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import httpx
 
+from node.errors import StoreError
 from node.supply.bulkhttp import BulkClient, BulkResponse, ProxyRefused
 from node.supply.proxies import ProxyConfigError
-from node.errors import StoreError
 from node.supply.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -95,7 +95,7 @@ class NetSettings:
         time.sleep(delay * (0.5 + random.random() / 2))
 
 
-def _env_number(name: str, kind: type[int] | type[float], default: float, low: float, high: float) -> Any:
+def _env_number(name: str, kind: type[int | float], default: float, low: float, high: float) -> Any:
     """A number from the environment, or a SettingsError naming the variable and what it takes."""
     raw = os.environ.get(name, "").strip()
     if not raw:

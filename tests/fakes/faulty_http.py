@@ -54,7 +54,7 @@ class FaultyServer(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         self.tls: ssl.SSLContext | None = None
 
-    def use_tls(self, context: ssl.SSLContext) -> "FaultyServer":
+    def use_tls(self, context: ssl.SSLContext) -> FaultyServer:
         """Serve https with this server-side context (the handshake runs on each request's thread)."""
         self.tls = context
         return self

@@ -54,7 +54,7 @@ class FakeProxy(socketserver.ThreadingTCPServer):
         with self._lock:
             self.seen.append(ProxySeen(method, target, authorized))
 
-    def start(self) -> "FakeProxy":
+    def start(self) -> FakeProxy:
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
