@@ -278,3 +278,42 @@ def test_bad_proxy_variable_is_a_clear_error(tmp_path, monkeypatch):
             pull(cfg, lock, store, settings=FAST)
     finally:
         hub.stop()
+
+
+# -- progress from many download threads -----------------------------------------------------------
+def test_progress_reporters_are_safe_from_many_threads():
+    import io
+
+    from rich.console import Console
+
+    from node.supply.progress import JsonProgress, RichProgress
+
+    names = [f"m/shard-{i}" for i in range(8)]
+    out = io.StringIO()
+    json_p = JsonProgress(out, interval_s=0)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with RichProgress(console, total_bytes=8 * 1000 * 4096) as rich_p:
+        def one(name: str) -> None:
+            for p in (json_p, rich_p):
+                p.start(name, 1000 * 4096, 0)
+            for _ in range(1000):
+                json_p.advance(name, 4096)
+                rich_p.advance(name, 4096)
+            for p in (json_p, rich_p):
+                p.finish(name, name != "m/shard-3", "boom" if name == "m/shard-3" else "")
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        tasks = {t.description: t for t in rich_p._bars.tasks}
+    assert tasks["total"].completed == 8 * 1000 * 4096
+    assert not tasks["m/shard-0"].visible and tasks["m/shard-3 FAILED"].visible
+    events = [json.loads(line) for line in out.getvalue().splitlines()]  # no line torn by another thread
+    assert len(events) == 8 * (1000 + 2)
+    for name in names:
+        mine = [e for e in events if e["file"] == name]
+        assert mine[0]["event"] == "start" and [e["done"] for e in mine[1:-1]] == [4096 * i for i in range(1, 1001)]
+        assert mine[-1] == ({"event": "error", "file": name, "total": 4096000, "done": 4096000, "error": "boom"}
+                            if name == "m/shard-3" else {"event": "done", "file": name, "total": 4096000, "done": 4096000})
