@@ -34,6 +34,7 @@ READ_SIZE = 4 * 1024 * 1024  # per TLS read: big, so per-call overhead is small
 PIPE_SIZE = 1024 * 1024  # per splice: the default /proc/sys/fs/pipe-max-size
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 POLL_SLICE_S = 0.25
+HASH_BATCH = 8 * 1024 * 1024  # the hasher waits for this much before mapping it
 SYNC_EVERY = 64 * 1024 * 1024
 
 
@@ -205,7 +206,8 @@ def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] |
             while not done.is_set():
                 landed.wait()
                 landed.clear()
-                writer.hash_through(writer.offset)
+                if writer.offset - writer.hashed >= HASH_BATCH:  # fewer, larger maps
+                    writer.hash_through(writer.offset)
             writer.hash_through(writer.offset)
         except BaseException as exc:  # handed to the receiving thread below
             failed.append(exc)
