@@ -224,12 +224,15 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
     progress = progress or NullProgress()
     missing = store.missing(entry)
     store.check_space(sum(f.size - store.partial_size(f) for f in missing))
-    jobs = downloads(entry, src, missing)
-    with settings.client() as client, ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
-        if isinstance(src, OllamaSource) and jobs:
+    # Largest first, so the last file to finish is a small one and all connections stay busy.
+    jobs = sorted(downloads(entry, src, missing), key=lambda d: store.partial_size(d.locked) - d.locked.size)
+    if isinstance(src, OllamaSource) and jobs:
+        # Only the registry needs httpx here (a client costs tens of ms to make: not for every pull).
+        with settings.client() as client:
             # httpx drops the token on the registry's cross-origin redirect to its storage.
             auth = registry_token(client, src, settings)
-            jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
+        jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
+    with ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
         cancel = threading.Event()
         bulk = settings.bulk_client()
         futures = [pool.submit(_fetch_one, store, bulk, d, settings, progress, entry.name, cancel) for d in jobs]
