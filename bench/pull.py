@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -92,25 +93,30 @@ def make_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def time_curl(urls: list[str], out: Path, fsync: bool = False) -> float:
-    """One curl process fetching `urls` one after another (`-o` each), then checks the sizes."""
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def time_curl(urls: list[str], out: Path, fsync: bool = False) -> tuple[float, float]:
+    """One curl process fetching `urls` one after another (`-o` each): (seconds, its CPU seconds)."""
     out.mkdir(parents=True, exist_ok=True)
     args = ["curl", "-sS", "--fail"]
     for i, url in enumerate(urls):
         args += ["-o", str(out / f"{i}.out"), url]
-    t = time.perf_counter()
+    c, t = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(args, check=True)
     if fsync:  # what the store does before its rename: the bytes on disk, not only in the page cache
         for i in range(len(urls)):
             fd = os.open(out / f"{i}.out", os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_CHILDREN) - c
     for i, url in enumerate(urls):
         served = _served_path(url)
         assert (out / f"{i}.out").stat().st_size == served.stat().st_size, f"curl: short {url}"
     shutil.rmtree(out)
-    return dt
+    return dt, cpu
 
 
 _ROOT = Path(".")
@@ -120,8 +126,8 @@ def _served_path(url: str) -> Path:
     return _ROOT / url.rsplit("/", 1)[-1]
 
 
-def time_pull(box: Path, models: str, name: str, entry_of: object) -> float:
-    """Pull model `name` into a fresh store; re-hash every blob afterwards (not timed)."""
+def time_pull(box: Path, models: str, name: str, entry_of: object) -> tuple[float, float]:
+    """Pull model `name` into a fresh store: (seconds, CPU seconds of every thread); then re-hash (not timed)."""
     from node.config import load_config
     from node.supply.pull import pull_entry
     from node.supply.store import Store
@@ -134,13 +140,13 @@ def time_pull(box: Path, models: str, name: str, entry_of: object) -> float:
     store = Store(cfg.data_dir / "store")
     model = cfg.model(name)
     assert model is not None
-    t = time.perf_counter()
+    c, t = _cpu(resource.RUSAGE_SELF), time.perf_counter()
     pull_entry(store, entry, model, cfg)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_SELF) - c
     problems = store.verify(entry)
     assert not problems and len(list(store.blobs())) == len({f.sha256 for f in entry.files}), problems
     shutil.rmtree(box)
-    return dt
+    return dt, cpu
 
 
 def big_file_entry(url: str):  # type: ignore[no-untyped-def]
@@ -202,30 +208,44 @@ def main() -> None:
             except OSError:
                 time.sleep(0.05)
         import node.supply.pull
-        import node.supply.remote
+        import node.supply.remote  # noqa: F401
         big_toml = f'[[models]]\nname = "big"\nsource = "{base}/blob.bin#sha256={hexd}"\nruntime = "llamacpp"\n'
         model_toml = '[[models]]\nname = "model"\nsource = "hf:bench/model"\nruntime = "vllm"\n'
         model_urls = [f"{base}/bench/model/resolve/{'0' * 40}/{name}" for name, _, _ in files]
         mb_big, mb_model = big / 1e6, sum(n for _, n, _ in files) / 1e6
-        curl1, synced, pull1, curln, pulln = [], [], [], [], []
+        runs: dict[str, list[tuple[float, float]]] = {}  # name -> [(MB/s, CPU seconds per GB)]
+
+        def note(name: str, mb: float, timed: tuple[float, float]) -> str:
+            runs.setdefault(name, []).append((mb / timed[0], timed[1] / mb * 1000))
+            return f"{name} {runs[name][-1][0]:6.1f} MB/s"
+
+        big_url = [f"{base}/blob.bin"]
         print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
         for i in range(args.rounds):
-            curl1.append(mb_big / time_curl([f"{base}/blob.bin"], work / "curl"))
-            pull1.append(mb_big / time_pull(work / "box", big_toml, "big", big_file_entry(f"{base}/blob.bin")))
-            synced.append(mb_big / time_curl([f"{base}/blob.bin"], work / "curl", fsync=True))
-            curln.append(mb_model / time_curl(model_urls, work / "curl"))
-            pulln.append(mb_model / time_pull(work / "box", model_toml, "model", model_entry(files)))
-            print(f"round {i + 1}: 1 file: curl -o {curl1[-1]:7.1f} MB/s, infernode pull {pull1[-1]:7.1f} MB/s, "
-                  f"curl -o + fsync {synced[-1]:7.1f} MB/s | "
-                  f"{args.files} files: curl one after another {curln[-1]:7.1f} MB/s, infernode pull {pulln[-1]:7.1f} MB/s",
-                  flush=True)
+            line = [note("1 file: curl -o", mb_big, time_curl(big_url, work / "curl")),
+                    note("infernode pull", mb_big, time_pull(work / "box", big_toml, "big", big_file_entry(big_url[0]))),
+                    note("curl -o + fsync", mb_big, time_curl(big_url, work / "curl", fsync=True)),
+                    note(f"{args.files} files: curl one after another", mb_model, time_curl(model_urls, work / "curl")),
+                    note("infernode pull ", mb_model, time_pull(work / "box", model_toml, "model", model_entry(files))),
+                    note("curl + fsync", mb_model, time_curl(model_urls, work / "curl", fsync=True))]
+            print(f"round {i + 1}: " + " | ".join(line[:3]) + "\n         " + " | ".join(line[3:]), flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-        print(f"best of {args.rounds}, over loopback, every pulled blob verified:")
-        print(f"  1 file of {mb_big:.0f} MB: curl -o {max(curl1):.1f} MB/s, infernode pull {max(pull1):.1f} MB/s, "
-              f"ratio {max(pull1) / max(curl1):.2f} (target >= 0.9); against curl -o + fsync {max(synced):.1f} MB/s: "
-              f"ratio {max(pull1) / max(synced):.2f}")
-        print(f"  {args.files} files, {mb_model:.0f} MB: curl one after another {max(curln):.1f} MB/s, infernode pull "
-              f"{max(pulln):.1f} MB/s, ratio {max(pulln) / max(curln):.2f} (target >= 1.5)")
+
+        def best(name: str) -> float:
+            return max(r[0] for r in runs[name])
+
+        def cpu(name: str) -> float:
+            return min(r[1] for r in runs[name])
+
+        print(f"best of {args.rounds} (MB/s), least CPU (s per GB; curl's own, or every thread of the pull), "
+              f"over loopback, every pulled blob re-hashed afterwards:")
+        for title, c, p, cs in ((f"1 file of {mb_big:.0f} MB", "1 file: curl -o", "infernode pull", "curl -o + fsync"),
+                                (f"{args.files} files, {mb_model:.0f} MB", f"{args.files} files: curl one after another",
+                                 "infernode pull ", "curl + fsync")):
+            target = "0.9" if c.startswith("1 file") else "1.5"
+            print(f"  {title}: curl {best(c):.1f} MB/s ({cpu(c):.2f} s/GB CPU), infernode pull {best(p):.1f} MB/s "
+                  f"({cpu(p):.2f} s/GB CPU): ratio {best(p) / best(c):.2f} (target >= {target}); "
+                  f"against curl + fsync {best(cs):.1f} MB/s: ratio {best(p) / best(cs):.2f}")
     finally:
         if server is not None:
             server.kill()
