@@ -1,6 +1,6 @@
 """Pull throughput: `infernode pull` (verified, into the store) against curl, same files, same run.
 
-    .venv/bin/python bench/pull.py [--size-mb 1024] [--model-mb 1024] [--files 16] [--rounds 3]
+    .venv/bin/python bench/pull.py [--size-mb 1024] [--model-mb 1024] [--files 16] [--rounds 3] [--conn-mbps N]
 
 Generates random files in a temporary folder and serves them from one loopback HTTP
 server in its own process (sendfile, Range supported). Two measurements, alternated
@@ -12,7 +12,9 @@ round by round:
   connection, reused) against a pull of an `hf:` source of those files from the same
   server (INFERNODE_PULL_CONCURRENCY at once, default 4).
 Every pulled blob is re-hashed against its digest afterwards (outside the timing), and
-every curl output checked for its size. Prints MB/s per round, the best of each, and
+every curl output checked for its size. `--conn-mbps` caps each connection's rate, as a
+CDN edge or a long link does, which is where fetching files in parallel pays most; by
+default loopback runs as fast as the CPUs let it. Prints MB/s per round, the best of each, and
 the ratios. Deletes everything.
 """
 
@@ -40,6 +42,7 @@ class _Files(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     root = Path(".")
+    rate = 0  # bytes/s per connection; 0: as fast as loopback goes
 
     def log_message(self, *args: object) -> None:
         pass
@@ -60,15 +63,18 @@ class _Files(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         with path.open("rb") as f:
-            offset = start
+            offset, t0 = start, time.monotonic()
+            step = size if not self.rate else max(64 * 1024, self.rate // 50)
             while offset < size:
-                offset += os.sendfile(self.connection.fileno(), f.fileno(), offset, size - offset)
+                offset += os.sendfile(self.connection.fileno(), f.fileno(), offset, min(step, size - offset))
+                if self.rate:  # a link that carries `rate` bytes/s per connection, as a CDN edge may
+                    time.sleep(max(0.0, t0 + (offset - start) / self.rate - time.monotonic()))
 
     do_HEAD = do_GET
 
 
-def serve(root: str, port: int) -> None:
-    _Files.root = Path(root)
+def serve(root: str, port: int, rate: int) -> None:
+    _Files.root, _Files.rate = Path(root), rate
     ThreadingHTTPServer(("127.0.0.1", port), _Files).serve_forever()
 
 
@@ -175,10 +181,12 @@ def main() -> None:
     ap.add_argument("--model-mb", type=int, default=1024, help="the model, MiB in all")
     ap.add_argument("--files", type=int, default=16, help="files in the model")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--serve", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--conn-mbps", type=float, default=0,
+                    help="cap each connection at this many MB/s (a CDN edge's per-connection rate); default: no cap")
+    ap.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "RATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]))
+        serve(args.serve[0], int(args.serve[1]), int(args.serve[2]))
         return
     if not shutil.which("curl"):
         sys.exit("curl is not installed")
@@ -197,7 +205,8 @@ def main() -> None:
             n = shard if i < args.files - 1 else args.model_mb * 1024 * 1024 - shard * (args.files - 1)
             files.append((name, n, make_file(_ROOT / name, n)))
         port = free_port()
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(_ROOT), str(port)])
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(_ROOT), str(port),
+                                   str(int(args.conn_mbps * 1e6))])
         base = f"http://127.0.0.1:{port}"
         os.environ["HF_ENDPOINT"] = base
         os.environ.pop("HF_TOKEN", None)
@@ -220,7 +229,8 @@ def main() -> None:
             return f"{name} {runs[name][-1][0]:6.1f} MB/s"
 
         big_url = [f"{base}/blob.bin"]
-        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        cap = f"each connection capped at {args.conn_mbps:g} MB/s" if args.conn_mbps else "no cap per connection"
+        print(f"load average before: {os.getloadavg()[0]:.2f}; {cap}", flush=True)
         for i in range(args.rounds):
             line = [note("1 file: curl -o", mb_big, time_curl(big_url, work / "curl")),
                     note("infernode pull", mb_big, time_pull(work / "box", big_toml, "big", big_file_entry(big_url[0]))),
