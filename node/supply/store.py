@@ -71,6 +71,7 @@ class BlobWriter:
         self._map_lock = threading.Lock()
         self.offset = 0  # bytes in the partial file
         self.hashed = 0  # of which the hash has seen this many
+        self._no_splice = self._no_mmap = False
         # True when the blob was already in the store once we held the lock.
         self.present = False
 
@@ -137,7 +138,7 @@ class BlobWriter:
         """Move `n` bytes from a pipe into the file in the kernel (no copy through Python)."""
         self._check_room(n)
         try:
-            while n:
+            while n and not self._no_splice:
                 moved = os.splice(pipe_r, self.fd, n, offset_dst=self.offset)
                 if not moved:
                     raise OSError(errno.EIO, "splice moved no bytes")
@@ -146,7 +147,15 @@ class BlobWriter:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._full() from None
-            raise
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            self._no_splice = True  # a filesystem that cannot take splice: copy through memory instead
+        while n:
+            data = os.read(pipe_r, n)
+            if not data:
+                raise OSError(errno.EIO, "the pipe ran dry")
+            self.append(data)
+            n -= len(data)
 
     def write(self, data: bytes | bytearray) -> None:
         """Append and hash at once (local copies, where nothing else runs alongside)."""
@@ -164,9 +173,19 @@ class BlobWriter:
                     return
                 start = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY
                 stop = min(end, start + HASH_WINDOW)
-                with mmap.mmap(self.fd, stop - start, prot=mmap.PROT_READ, offset=start) as m, memoryview(m) as v:
-                    self._hash.update(v[self.hashed - start:])  # releases the GIL on big buffers
-                self.hashed = stop
+                if not self._no_mmap:
+                    try:
+                        with mmap.mmap(self.fd, stop - start, prot=mmap.PROT_READ, offset=start) as m, memoryview(m) as v:
+                            self._hash.update(v[self.hashed - start:])  # releases the GIL on big buffers
+                        self.hashed = stop
+                        continue
+                    except (OSError, ValueError):
+                        self._no_mmap = True  # a filesystem without mmap: read instead
+                data = os.pread(self.fd, min(stop - self.hashed, CHUNK * 8), self.hashed)
+                if not data:
+                    raise OSError(errno.EIO, f"{self.path}: shorter than the {self.offset} bytes written")
+                self._hash.update(data)
+                self.hashed += len(data)
 
     def sync(self) -> None:
         """Start writing back what is written so far (a later commit's fsync is then short)."""
