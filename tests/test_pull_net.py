@@ -203,7 +203,7 @@ def test_https_through_an_authenticating_proxy_tunnel(tmp_path, monkeypatch, ca,
         monkeypatch.setenv("HTTPS_PROXY", proxy.url(password="nope"))
         seen = len(proxy.seen)
         other = type(store)(tmp_path / "other-store")
-        with pytest.raises(RemoteError, match=rf"refused to connect to 127.0.0.1: 407 .*USER:PASSWORD@HOST:PORT"):
+        with pytest.raises(RemoteError, match=r"refused to connect to 127.0.0.1: 407 .*USER:PASSWORD@HOST:PORT"):
             pull(cfg, lock, other, settings=NetSettings(retries=5, backoff_s=1.0))
         refused = [s for s in proxy.seen[seen:] if s.target.startswith("127.0.0.1:")]
         assert len(refused) == 2 and not any(s.authorized for s in refused)  # one CONNECT per file
