@@ -156,8 +156,8 @@ def test_idle_unload_and_admin_cli_load_unload(nodes):
     time.sleep(3)
     assert states(node)["b"] == "ready"
     assert metric(node, "infernode_model_loads_total", model="b", reason="admin") == 1
-    p = run_cli("status", config=node.config, check=True)
-    assert "unloaded" in p.stdout and "ready" in p.stdout
+    p = run_cli("status", config=node.config, check=True, env={"COLUMNS": "200"})
+    assert " unloaded " in p.stdout and " ready " in p.stdout
     p = run_cli("unload", "b", config=node.config, check=True)
     assert "b unloaded (1 replica(s) were up)" in p.stdout
     assert states(node)["b"] == "unloaded"
@@ -170,9 +170,11 @@ def test_idle_unload_and_admin_cli_load_unload(nodes):
         assert admin.post("/admin/v1/models/a/unload").json() == {"model": "a", "state": "unloaded", "unloaded": 1}
         assert admin.post("/admin/v1/models/a/unload").json()["unloaded"] == 0
         # Bad input: unknown names (odd, huge), the wrong method, no key.
-        for name in ("nope", "x" * 5000, "%00", "..%2F..%2Fetc"):
-            r = admin.post(f"/admin/v1/models/{name}/load")
-            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (name, r.text)
+        for name in ("nope", "x" * 5000, "%00", "a%20"):
+            for action in ("load", "unload"):
+                r = admin.post(f"/admin/v1/models/{name}/{action}")
+                assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (name, r.text)
+        assert admin.post("/admin/v1/models/..%2F..%2Fa/load").status_code == 404  # matches no route at all
         assert admin.get("/admin/v1/models/a/load").status_code == 405
     assert httpx.post(node.url + "/admin/v1/models/a/load").status_code == 401
     p = run_cli("load", "nope", config=node.config)

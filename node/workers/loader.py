@@ -103,11 +103,21 @@ class Loader:
             return
         futs = self._pending(reps)
         if not futs:
-            async with self._lock:
-                if any(r.state is S.READY for r in reps):
-                    return
-                futs = self._pending(reps) or await self._start_load(m, reps, reason)
+            # The decision and the load's start run in a task of their own: a client that gives
+            # up (its request task cancelled) must not cut an eviction or a load short.
+            decision = asyncio.ensure_future(self._decide(m, reps, reason))
+            decision.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved when orphaned
+            futs = await asyncio.shield(decision)
+            if not futs:
+                return
         await self._wait(m, futs)
+
+    async def _decide(self, m: ModelConfig, reps: list[OnDemandReplica], reason: str) -> list[asyncio.Future[str]]:
+        """Join the load under way or start one (decisions one at a time); [] when already ready."""
+        async with self._lock:
+            if any(r.state is S.READY for r in reps):
+                return []
+            return self._pending(reps) or await self._start_load(m, reps, reason)
 
     @staticmethod
     def _pending(reps: list[OnDemandReplica]) -> list[asyncio.Future[str]]:
