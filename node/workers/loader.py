@@ -168,12 +168,18 @@ class Loader:
     async def _make_room(self, m: ModelConfig, reps: list[OnDemandReplica]) -> tuple[Placed, ...]:
         """Evict least recently used idle on-demand models until m fits; NoReadyReplica if it cannot."""
         give_up = time.monotonic() + self.busy_wait_s
+        first = True
         while True:
             placed, why = await self._fit(m, reps)
             if placed is not None:
                 return placed
-            victims = [v for v in self._loaded_models() - {m.name} if self._model(v).on_demand
-                       and all(r.state is not S.LOADING for r in self._replicas(v))]
+            evictable = {v for v in self._loaded_models() - {m.name} if self._model(v).on_demand}
+            if first and (await self._fit(m, reps, ignore=evictable))[0] is None:
+                # Not even with every on-demand model unloaded: refuse without unloading any.
+                raise NoReadyReplica(f"cannot load '{m.name}': {why}, even with every other on-demand model "
+                                     "unloaded", retry_after=RETRY_NO_ROOM_S)
+            first = False
+            victims = [v for v in evictable if all(r.state is not S.LOADING for r in self._replicas(v))]
             idle = [v for v in victims if not self._in_use(v)]
             if idle:
                 victim = min(idle, key=self._last_used)
@@ -190,15 +196,16 @@ class Loader:
             raise NoReadyReplica(f"cannot load '{m.name}': {why}, and no on-demand model can be unloaded "
                                  "to make room", retry_after=RETRY_NO_ROOM_S)
 
-    async def _fit(self, m: ModelConfig, reps: list[OnDemandReplica]) -> tuple[tuple[Placed, ...] | None, str]:
-        """Where m would run now, or why it does not fit."""
-        loaded = self._loaded_models() - {m.name}
+    async def _fit(self, m: ModelConfig, reps: list[OnDemandReplica],
+                   ignore: frozenset[str] | set[str] = frozenset()) -> tuple[tuple[Placed, ...] | None, str]:
+        """Where m would run now (as if the models in `ignore` were unloaded), or why it does not fit."""
+        loaded = self._loaded_models() - {m.name} - ignore
         limit = self.sup.config.node.max_loaded_models
         if limit is not None and len(loaded) >= limit:
             return None, f"max_loaded_models = {limit} and {', '.join(sorted(loaded))} loaded"
         if m.gpu_count == 0:
             return tuple(Placed(m, r.spec.replica) for r in reps), ""
-        residents: list[Resident] = []
+        residents: list[tuple[Resident, str]] = []
         leaders: set[int] = set()
         for r in self.sup.replicas.values():
             if r.worker_pid:
@@ -207,18 +214,19 @@ class Loader:
                 continue
             if isinstance(r, OnDemandReplica):
                 if r.resident:
-                    residents.append(Resident(r.spec.gpu_uuids, r.need_bytes))
+                    residents.append((Resident(r.spec.gpu_uuids, r.need_bytes), r.spec.model))
                 elif r.sleeping:  # weights in CPU memory; the CUDA context stays
-                    residents.append(Resident(r.spec.gpu_uuids, CUDA_OVERHEAD))
+                    residents.append((Resident(r.spec.gpu_uuids, CUDA_OVERHEAD), r.spec.model))
             elif r.state is not S.STOPPED:
-                residents.append(Resident(r.spec.gpu_uuids, r.need_bytes))
+                residents.append((Resident(r.spec.gpu_uuids, r.need_bytes), r.spec.model))
         inventory = await asyncio.to_thread(self.read_gpus)
         own = await asyncio.to_thread(session_pids, leaders)
-        foreign = foreign_use(inventory, own, residents)
+        foreign = foreign_use(inventory, own, [res for res, _ in residents])
         target = m
         if all(r.sleeping for r in reps) and reps[0].spec.gpu_uuids:  # it wakes on the GPUs it sleeps on
             target = m.model_copy(update={"gpus": list(reps[0].spec.gpu_uuids)})
-        placed = place_on_demand(target, self.sup.lock, inventory, residents, foreign)
+        staying = [res for res, model in residents if model not in ignore]
+        placed = place_on_demand(target, self.sup.lock, inventory, staying, foreign)
         if isinstance(placed, str):
             return None, f"GPU memory: {placed}"
         return placed, ""
