@@ -238,3 +238,66 @@ def test_loaded_on_demand_model_is_adopted_across_restart_and_keeps_its_idle_tim
         node.stop()
         if successor is not None:
             successor.stop()
+
+
+FAKE_PYTHON = Path(__file__).resolve().parent / "fakes" / "bin" / "python"
+
+
+def test_vllm_sleep_mode_idles_asleep_and_wakes_the_same_process(nodes):
+    """The vLLM stand-in (sleep routes as vLLM 0.32 serves them): idle -> /sleep?level=1, request -> /wake_up."""
+    vllm = f"""
+[[models]]
+name = "v"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+load = "on_demand"
+sleep = true
+idle_unload_s = 2
+
+[runtimes.vllm]
+python = "{FAKE_PYTHON}"
+"""
+    node = nodes(vllm)
+    key = node.create_key()
+    assert chat(node, key, "v").status_code == 200
+    [w] = node.workers()
+    assert w["state"] == "ready" and w["pid"]
+    assert wait_until(lambda: node.workers()[0]["state"] == "unloaded", timeout=30)
+    [asleep] = node.workers()
+    assert asleep["sleeping"] is True and asleep["pid"] == w["pid"] and process_start_time(w["pid"]) is not None
+    log = node.data_dir / "logs" / "v-0.log"
+    assert "--enable-sleep-mode" in log.read_text() and "POST /sleep?level=1" in log.read_text()
+    # A request wakes it: the same process, no second start.
+    r = chat(node, key, "v", stream=True)
+    assert r.status_code == 200 and "data: [DONE]" in r.text
+    [awake] = node.workers()
+    assert awake["state"] == "ready" and awake["sleeping"] is False and awake["pid"] == w["pid"]
+    text = log.read_text()
+    assert text.count("[keeper] starting") == 1 and "POST /wake_up" in text
+    assert metric(node, "infernode_model_loads_total", model="v", reason="request") == 2
+    # An operator's unload puts it to sleep too; stopping the node stops the sleeper.
+    with node.admin() as admin:
+        assert admin.post("/admin/v1/models/v/unload").json()["unloaded"] == 1
+    assert node.workers()[0]["sleeping"] is True
+    assert node.stop() == 0
+    assert process_start_time(w["pid"]) is None
+
+
+def test_sleep_mode_refused_on_cpu_is_a_failed_load_with_the_reason(nodes):
+    vllm = f"""
+[[models]]
+name = "v"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+load = "on_demand"
+sleep = true
+env = {{ FAKE_VLLM_PLATFORM = "cpu" }}
+
+[runtimes.vllm]
+python = "{FAKE_PYTHON}"
+"""
+    node = nodes(vllm)
+    key = node.create_key()
+    r = chat(node, key, "v")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    assert "Sleep mode is not supported on current platform" in r.json()["error"]["message"]
