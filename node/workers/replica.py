@@ -35,8 +35,8 @@ from runtimes import LaunchPlan, WorkerSpec
 S = WorkerState
 # Readiness polling: fast at first (a small model is up in well under a second), then
 # backing off; the cap bounds what polling adds to a load (bench/swap.py measures it).
-READY_POLL_FIRST_S = 0.05
-READY_POLL_MAX_S = 0.25
+READY_POLL_FIRST_S = 0.02
+READY_POLL_MAX_S = 0.1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
