@@ -164,7 +164,8 @@ idle_unload_s = 0
                     done = threading.Event()
                     result: list[float | None] = []
                     with node.admin() as admin:
-                        watcher = threading.Thread(target=lambda: result.append(watch_worker(admin, other, done)))
+                        watcher = threading.Thread(target=lambda a=admin, m=other, d=done, out=result:
+                                                   out.append(watch_worker(a, m, d)))
                         watcher.start()
                         try:
                             swap.append(ask(other))

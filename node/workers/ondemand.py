@@ -17,7 +17,6 @@ with `sleeping` set. Failed loads go back to `unloaded` with the reason; after
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import replace
 from typing import Callable
@@ -264,8 +263,3 @@ class OnDemandReplica(Replica):
         for fut in waiting:
             if not fut.done():
                 fut.set_result(None)
-
-    async def stop(self) -> None:
-        await super().stop()
-        with contextlib.suppress(Exception):
-            self._resolve_load("the node is stopping")

@@ -206,7 +206,10 @@ class Supervisor:
                 continue
             current = self.replicas.get(rid)
             fresh = self._new_replica(spec)
-            if current is not None and self._base_hash(current) == self._base_hash(fresh) and current.state is not S.FAILED:
+            if (current is not None and type(current) is type(fresh) and current.state is not S.FAILED
+                    and self._base_hash(current) == self._base_hash(fresh)):
+                if isinstance(current, OnDemandReplica) and isinstance(fresh, OnDemandReplica):
+                    current.idle_unload_s, current.load_timeout_s = fresh.idle_unload_s, fresh.load_timeout_s
                 desired[rid] = current
                 continue
             found = adoptable.pop(rid, None)
