@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ S = WorkerState
 # backing off; the cap bounds what polling adds to a load (bench/swap.py measures it).
 READY_POLL_FIRST_S = 0.02
 READY_POLL_MAX_S = 0.1
+_ERROR_LINE = re.compile(r"Error\b|(?i:\berror\b)|\bfatal\b")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -330,8 +332,12 @@ class Replica:
             code = self.keeper.popen.returncode
         what = f"worker exited with code {code}" if code is not None and code >= 0 else (
             f"worker killed by signal {-code}" if code is not None else "worker exited")
-        last = tail_lines(self.log_path, 3)
-        return what + (f": {last[-1]}" if last else "")
+        last = tail_lines(self.log_path, 8)
+        # The line that names the error, when a traceback's footer follows it (pydantic's "For further
+        # information visit ..."); else the last line.
+        named = [ln for ln in last if _ERROR_LINE.search(ln)]
+        line = (named or last or [""])[-1].strip()
+        return what + (f": {line}" if line else "")
 
     async def _probe(self, probe: runtimes.Probe) -> str:
         """'' when the probe passes, else why not."""
