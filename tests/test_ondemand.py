@@ -301,3 +301,15 @@ python = "{FAKE_PYTHON}"
     r = chat(node, key, "v")
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
     assert "Sleep mode is not supported on current platform" in r.json()["error"]["message"]
+    # Each request retries the load; after crash_loop_limit (4 here) failures in a row the model is
+    # failed: requests are refused at once, /readyz says so, and an operator's `load` retries it.
+    for _ in range(3):
+        assert chat(node, key, "v").status_code == 503
+    assert wait_until(lambda: node.workers()[0]["state"] == "failed", timeout=30)
+    r = chat(node, key, "v")
+    assert r.status_code == 503 and "infernode load v" in r.json()["error"]["message"]
+    ready = httpx.get(node.url + "/readyz")
+    assert ready.status_code == 503 and "v: replica 0 failed: 4 loads failed in a row" in ready.text
+    with node.admin() as admin:
+        r = admin.post("/admin/v1/models/v/load")
+    assert r.status_code == 503 and "Sleep mode is not supported" in r.json()["error"]["message"]
