@@ -59,6 +59,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         metrics_path="/metrics",
         stream_usage=True,
         sleep=SLEEP if spec.sleep else None,
+        native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
     )
 
 
