@@ -41,6 +41,8 @@ ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("GET", "/admin/v1/fleet", None, V, False),
     ("POST", "/admin/v1/reload", None, O, False),
     ("POST", "/admin/v1/models/nope/restart", None, O, False),
+    ("POST", "/admin/v1/models/nope/load", None, O, False),
+    ("POST", "/admin/v1/models/nope/unload", None, O, False),
     ("POST", "/admin/v1/fleet/register", None, O, False),
     ("POST", "/admin/v1/fleet/deregister", None, O, False),
     ("GET", "/admin/v1/fleet/config", None, O, False),

@@ -12,7 +12,7 @@ from node import __version__
 from node.accounts.roles import Principal
 from node.admin.access import audited, need
 from node.app import Node
-from node.errors import InvalidRequest, NotFound, UpstreamError
+from node.errors import InvalidRequest, NoReadyReplica, NotFound, UpstreamError
 from node.ops.fleet import ProxyError, desired_deployments
 
 
@@ -58,6 +58,28 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
         n = node.supervisor.restart_model(name) if node.supervisor else 0
         await audited(node, request, "models.restart", name, {"replicas": n})
         return {"model": name, "restarting": n}
+
+    @r.post("/admin/v1/models/{name}/load")
+    async def load_model(name: str, request: Request, _: Principal = need(node, "models.operate")) -> dict[str, Any]:
+        """Load an on-demand model now (evicting idle ones if it must); answers once it is ready."""
+        if node.config.model(name) is None:
+            raise NotFound(f"no model named '{name}'", code="model_not_found")
+        if node.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        seconds = await node.loader.load(name)
+        await audited(node, request, "models.load", name, {"seconds": round(seconds, 3)})
+        return {"model": name, "state": "ready", "seconds": round(seconds, 3)}
+
+    @r.post("/admin/v1/models/{name}/unload")
+    async def unload_model(name: str, request: Request, _: Principal = need(node, "models.operate")) -> dict[str, Any]:
+        """Unload (or put to sleep) an on-demand model now; answers once it is unloaded."""
+        if node.config.model(name) is None:
+            raise NotFound(f"no model named '{name}'", code="model_not_found")
+        if node.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        n = await node.loader.unload(name)
+        await audited(node, request, "models.unload", name, {"unloaded": n})
+        return {"model": name, "state": "unloaded", "unloaded": n}
 
     @r.get("/admin/v1/fleet")
     async def fleet_status(_: Principal = need(node, "fleet.read")) -> dict[str, Any]:

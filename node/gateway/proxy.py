@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from node.gateway import context, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
@@ -73,6 +73,7 @@ class ModelInfo:
     max_inflight: int = 64
     max_queue: int = 256
     fallbacks: tuple[str, ...] = ()   # models that take what this one cannot, in order
+    on_demand: bool = False       # loaded by requests: a request waits for its load
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -105,7 +106,8 @@ class Gateway:
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  runtime_of: Callable[[str], str] = lambda model: "",
-                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
+                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
+                 ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
@@ -117,6 +119,8 @@ class Gateway:
         self.runtime_of = runtime_of
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
+        # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
+        self.ensure_loaded = ensure_loaded
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
@@ -261,7 +265,11 @@ class Gateway:
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
         chain = self._chain(info, key)
-        if not (self.router.ready(model) if len(chain) == 1 else any(self.router.ready(m.name) for m in chain)):
+        loadable = self.ensure_loaded is not None
+        if len(chain) == 1:
+            if not (info.on_demand and loadable) and not self.router.ready(model):
+                raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
+        elif not any((m.on_demand and loadable) or self.router.ready(m.name) for m in chain):
             raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
         user = req.get("user") if isinstance(req.get("user"), str) else None
         adm = self.quotas.admit(key, model, user)
@@ -274,7 +282,8 @@ class Gateway:
         try:
             for i, cand in enumerate(chain):
                 last = i == len(chain) - 1
-                if not last and not self.router.ready(cand.name):
+                on_demand = cand.on_demand and loadable
+                if not last and not on_demand and not self.router.ready(cand.name):
                     continue  # not ready: the next fallback
                 # The model that serves it is the one the ledger, the metrics and prices name.
                 ex.model = adm.model = cand.name
@@ -287,6 +296,9 @@ class Gateway:
                     raise _overloaded(cand.name, g, full.retry_after) from None
                 gate = g
                 try:
+                    if on_demand and not self.router.ready(cand.name):
+                        # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
+                        await self.ensure_loaded(cand.name)  # type: ignore[misc]
                     await self._route(req, body, endpoint, path, ex, adm, ridb, conn, route, call)
                 except (WorkerUnreachable, NoReadyReplica) as err:
                     if last:
