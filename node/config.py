@@ -10,6 +10,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,6 +102,12 @@ class ModelConfig(_Section):
     order: int | None = None
     tags: list[str] = []
     probe_inference: bool = False
+    # How long the worker may stay silent (no answer's head, or no more of its body) before the
+    # request fails with 504; how long connecting to it may take.
+    read_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # external: the environment variable holding the server's API key, sent as `Authorization: Bearer`.
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
 
     @field_validator("runtime")
     @classmethod
@@ -129,9 +136,15 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _external_needs_url(self) -> "ModelConfig":
+        if self.api_key_env and self.runtime != "external":
+            raise ValueError("api_key_env: only runtime 'external' takes an API key; remove it")
         if self.runtime == "external":
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
+            userinfo = urlsplit(self.url).netloc.rpartition("@")[0]
+            if userinfo and self.api_key_env:
+                raise ValueError("url: give the server's credentials either in the url (sent as Basic auth) "
+                                 "or as api_key_env (sent as a bearer token), not both")
         elif not self.source:
             raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
         return self

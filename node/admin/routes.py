@@ -181,6 +181,7 @@ def build_admin(node: Node) -> FastAPI:
             "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),
+            "ledger": node.ledger.stats() if node.ledger is not None else None,
         }
 
     @app.post("/admin/v1/reload", dependencies=guard)

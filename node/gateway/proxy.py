@@ -30,7 +30,7 @@ from node.gateway.httpd import Connection, Request
 from node.accounts.keys import KeyRing
 from node.accounts.ledger import Ledger
 from node.ops.logs import access as access_log
-from node.ops.metrics import Metrics, ModelSeries
+from node.ops.metrics import Metrics, ModelSeries, refusal_reason
 from node.accounts.quotas import Admission, Quotas
 from node.workers.router import Gate, QueueFull, Router
 from node.gateway.sse import SseRelay
@@ -65,6 +65,8 @@ class ModelInfo:
     price_output: float = 0.0
     max_inflight: int = 64
     max_queue: int = 256
+    read_timeout_s: float = 600.0   # the worker's silence before a request fails (504)
+    connect_timeout_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -84,6 +86,7 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    client_rid: str | None = None
 
 
 class Gateway:
@@ -93,6 +96,7 @@ class Gateway:
                  models: dict[str, ModelInfo], client: Pool,
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
+                 upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
@@ -100,15 +104,16 @@ class Gateway:
         self.stream_usage = stream_usage
         self.upstream_model = upstream_model
         self.uuid_request_ids = uuid_request_ids
+        self.upstream_headers = upstream_headers  # e.g. an external model's Authorization (api_key_env)
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
         self._series: dict[str, ModelSeries] = {}
-        # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID
-        # (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
-        self._rid_prefix = os.urandom(10).hex()
+        # Request ids (new_id): time, a random per-process prefix and a counter, 32 hex digits like
+        # a UUID (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
+        self._rid_prefix = os.urandom(5).hex()
         self._rid_seq = itertools.count(1)
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
@@ -120,11 +125,23 @@ class Gateway:
             gates[name] = gate
         self.models, self.gates = models, gates
 
+    def new_id(self) -> str:
+        """A node-made request id: 32 hex digits, the time in ms, this process's random prefix and a counter.
+
+        Unique per request (the ledger's primary key), ordered by time, and never chosen by a client.
+        """
+        return f"{time.time_ns() // 1_000_000:012x}{self._rid_prefix}{next(self._rid_seq) & 0xFFFFFFFFFF:010x}"
+
     async def handle(self, req: Request, conn: Connection) -> None:
-        """Answer one `/v1` request."""
+        """Answer one `/v1` request: authenticate, admit (rpm counts it), then read and check the body, then route."""
+        nid = self.new_id()
         rid_in = req.header(b"x-request-id")
-        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
+        client_rid = rid_in.decode("latin-1")[:128] if rid_in else None
+        rid = client_rid or nid
         ridb = rid.encode("latin-1")
+        ex: Exchange | None = None
+        adm: Admission | None = None
+        info: ModelInfo | None = None
         try:
             path = req.path
             key = self._authenticate(req)
@@ -135,12 +152,75 @@ class Gateway:
                 raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
             if req.method != "POST":
                 raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
-            await self._proxy(endpoint, path, key, req.body, rid, ridb, conn)
+            # Rate admission before the body is decoded or checked: invalid requests count too.
+            adm = self.quotas.admit(key)
+            ex = Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(), client_rid=client_rid)
+            body = self._decode(req.body)
+            info = self._admit_body(body, key, adm, ex, rid)
+            await self._proxy(body, path, req.body, info, adm, ex, ridb, conn)
         except NodeError as err:
+            if ex is not None:
+                ex.status = err.status
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
+            self.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
             log.info("request %s refused: %d %s", rid, err.status, err.message)
             conn.respond(err.status, error_headers(err, ridb), err.body())
+        except BaseException as exc:
+            if ex is not None:  # the server answers 500; a cancelled request was answered nothing
+                ex.status = 499 if isinstance(exc, asyncio.CancelledError) else 500
+            raise
+        finally:
+            if ex is not None and adm is not None:
+                self._account(ex, adm, info)
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        """The request body as a JSON object; any other shape is a 400."""
+        try:
+            # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequest("request body is not UTF-8 JSON") from None
+        except RecursionError:
+            raise InvalidRequest("request body is nested too deeply") from None
+        except ValueError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        return body
+
+    def _admit_body(self, body: dict[str, Any], key, adm: Admission, ex: Exchange, rid: str) -> ModelInfo:
+        """Check what the node itself reads of a body (model, stream_options, the prompt's size); the rest is the worker's."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required", param="model")
+        info = self.models.get(model)
+        if info is None:
+            raise ModelNotFound(f"the model '{model[:256]}' does not exist on this node", param="model")
+        ex.model = model
+        self.quotas.check_model(key, model)
+        user = body.get("user")
+        if isinstance(user, str) and user:
+            ex.user = user
+            self.quotas.admit_user(adm, user)
+        if self.draining:
+            raise NoReadyReplica("the node is shutting down", retry_after=5)
+        ex.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
+            prompt = body.get("messages", body.get("prompt", body.get("input")))
+            try:
+                shown = json.dumps(prompt)[:8192]
+            except (RecursionError, ValueError):
+                shown = "(not loggable)"
+            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model, "prompt": shown})
+        if ex.endpoint in ("chat", "completions"):
+            context.check(body, ex.endpoint, self.context_len(info))
+        if not self.router.ready(model):
+            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
+        return info
 
     # -- request checks ----------------------------------------------------------
     def _authenticate(self, req: Request):
@@ -184,38 +264,9 @@ class Gateway:
         return info.max_model_len or self.router.context.get(info.name)
 
     # -- the proxy ---------------------------------------------------------------
-    async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
-                     conn: Connection) -> None:
-        try:
-            # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
-            req = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidRequest("request body is not UTF-8 JSON") from None
-        except ValueError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(req, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required", param="model")
-        info = self.models.get(model)
-        if info is None:
-            raise ModelNotFound(f"the model '{model}' does not exist on this node", param="model")
-        if self.draining:
-            raise NoReadyReplica("the node is shutting down", retry_after=5)
-        stream = req.get("stream") is True
-        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
-            prompt = req.get("messages", req.get("prompt", req.get("input")))
-            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
-                                                      "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
-        if endpoint in ("chat", "completions"):
-            context.check(req, endpoint, self.context_len(info))
-        if not self.router.ready(model):
-            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
-        user = req.get("user") if isinstance(req.get("user"), str) else None
-        adm = self.quotas.admit(key, model, user)
-        gate = self.gates[model]
-        ex = Exchange(rid, model, endpoint, key.id, key.team, user, time.perf_counter(), stream)
+    async def _proxy(self, req: dict, path: bytes, body: bytes, info: ModelInfo, adm: Admission, ex: Exchange,
+                     ridb: bytes, conn: Connection) -> None:
+        gate = self.gates[ex.model]
         entered = False
         self.inflight += 1
         # From here on a client that goes away cancels this task (node/gateway/httpd.py): in the
@@ -225,34 +276,31 @@ class Gateway:
                 await gate.enter(self.queue_wait_s)
             except QueueFull as full:
                 raise RateLimited(
-                    f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
+                    f"model '{ex.model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
                     retry_after=full.retry_after, reason="model_capacity", code="model_overloaded", headers={
                         "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
-            await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
+            await self._route(req, body, info, path, ex, adm, ridb, conn)
         except asyncio.CancelledError:
             if not conn.gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             ex.status = 499
-            log.info("request %s: client disconnected", rid)
-        except NodeError as err:
-            ex.status = err.status
-            raise
+            log.info("request %s: client disconnected", ex.rid)
         finally:
             self.inflight -= 1
             if entered:
                 gate.leave(time.perf_counter() - ex.started)
-            self._account(ex, adm, info)
 
-    async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
+    async def _route(self, req: dict, body: bytes, info: ModelInfo, path: bytes, ex: Exchange, adm: Admission,
                      ridb: bytes, conn: Connection) -> None:
+        endpoint = ex.endpoint
         target = self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
-        client_wants_usage = bool(isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage"))
+        client_wants_usage = bool(req.get("stream_options") and req["stream_options"].get("include_usage"))
         worker_usage = self.stream_usage(target)
         changed = False
         if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
@@ -263,14 +311,21 @@ class Gateway:
             req["model"] = upstream_name
             changed = True
         if changed:
-            body = json.dumps(req).encode()
+            try:
+                body = json.dumps(req).encode()
+            except RecursionError:
+                raise InvalidRequest("request body is nested too deeply") from None
         relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
-        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
+        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.client_rid or ex.rid, target)))
+        extra = self.upstream_headers(target)
+        if extra:
+            headers += extra
         subpath = path.decode()[3:]
         for attempt in (0, 1):
             target.inflight += 1  # counted from the request's start, for least-outstanding routing
             try:
-                resp = await self.client.request("POST", target.openai_base, subpath, body, headers)
+                resp = await self.client.request("POST", target.openai_base, subpath, body, headers,
+                                                 read_timeout=info.read_timeout_s, connect_timeout=info.connect_timeout_s)
             except ConnectFailed as exc:
                 target.inflight -= 1
                 # Nothing reached the client yet: retry once on another replica.
@@ -307,6 +362,7 @@ class Gateway:
             raw = await _read_or_fail(resp, ex)
             ex.status = resp.status
             status = resp.status if resp.status < 500 else 502
+            ex.status = status  # what the client got: a worker's 5xx is the node's 502
             log.info("request %s: worker answered %d", ex.rid, resp.status)
             conn.respond(status, JSON_CT + out_headers, worker_error(raw, resp.status))
             return
@@ -353,28 +409,29 @@ class Gateway:
         if not finished:
             conn.end(relay.buf)
 
-    def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
+    def _account(self, ex: Exchange, adm: Admission, info: ModelInfo | None) -> None:
+        """Charge quotas, count metrics, queue the ledger row and write the access log line of an admitted request."""
         latency = time.perf_counter() - ex.started
         adm.finish(ex.prompt_tokens, ex.completion_tokens)
-        m = self._metrics_for(ex.model)
-        m.requests(ex.status).inc()
-        m.duration.observe(latency)
-        ttft = None
-        if ex.first_token_at is not None:
-            ttft = ex.first_token_at - ex.started
-            if ex.stream:
+        ttft = ex.first_token_at - ex.started if ex.first_token_at is not None else None
+        cost = 0.0
+        if info is not None:  # a configured model: its series (never a label a client made up)
+            m = self._metrics_for(ex.model)
+            m.requests(ex.status).inc()
+            m.duration.observe(latency)
+            if ttft is not None and ex.stream:
                 m.ttft.observe(ttft)
-        if ex.prompt_tokens:
-            m.prompt.inc(ex.prompt_tokens)
-        if ex.completion_tokens:
-            m.completion.inc(ex.completion_tokens)
-        cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
+            if ex.prompt_tokens:
+                m.prompt.inc(ex.prompt_tokens)
+            if ex.completion_tokens:
+                m.completion.inc(ex.completion_tokens)
+            cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
         # Positional (UsageRow's field order): keyword calls cost the request path a few µs.
         self.ledger.record(UsageRow(ex.rid, time.time(), ex.key_id, ex.team, ex.model, ex.endpoint, ex.user,
                                     ex.prompt_tokens, ex.completion_tokens, ex.status, latency * 1000,
-                                    ttft * 1000 if ttft is not None else None, cost))
-        access_log(ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft, ex.prompt_tokens,
-                   ex.completion_tokens)
+                                    ttft * 1000 if ttft is not None else None, cost, ex.client_rid))
+        access_log(ex.client_rid or ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft,
+                   ex.prompt_tokens, ex.completion_tokens)
 
 
 async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
