@@ -137,7 +137,8 @@ class Conn(asyncio.Protocol):
         ctl = req.get("stub") or {}
         if stub.record:
             stub.events.append({"event": "request", "path": path, "body": req,
-                                "request_id": headers.get("x-request-id")})
+                                "request_id": headers.get("x-request-id"), "host": headers.get("host"),
+                                "authorization": headers.get("authorization")})
         if ctl.get("delay_s"):  # "thinking": a client that goes away meanwhile is noticed and recorded
             try:
                 await asyncio.wait_for(self.lost.wait(), ctl["delay_s"])
