@@ -316,7 +316,8 @@ class Gateway:
             except RecursionError:
                 raise InvalidRequest("request body is nested too deeply") from None
         relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
-        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.client_rid or ex.rid, target)))
+        headers: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.client_rid or ex.rid, target)))
         extra = self.upstream_headers(target)
         if extra:
             headers += extra
