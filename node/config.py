@@ -99,7 +99,7 @@ class ModelConfig(_Section):
     args: list[str] = []
     # Extra environment variables for the worker.
     env: dict[str, str] = {}
-    # The OpenAI-compatible base URL of an external model, e.g. http://127.0.0.1:11434/v1.
+    # The OpenAI-compatible base URL of an external model, e.g. http://127.0.0.1:11434/v1 (user:password@ in it is sent as Basic auth).
     url: str | None = None
     # Memory each replica needs per GPU, e.g. "20GiB"; estimated from the weights when unset.
     gpu_memory: str | None = None
@@ -129,11 +129,11 @@ class ModelConfig(_Section):
     tags: list[str] = []
     # Also probe with a real one-token completion every [supervisor] inference_probe_every probes.
     probe_inference: bool = False
-    # How long the worker may stay silent (no answer's head, or no more of its body) before the
-    # request fails with 504; how long connecting to it may take.
+    # Seconds the worker may stay silent (before its answer's head, or between pieces of its body) before the request fails with 504.
     read_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    # Seconds opening a connection to the worker may take (TLS handshake included).
     connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
-    # external: the environment variable holding the server's API key, sent as `Authorization: Bearer`.
+    # external only: environment variable holding the server's API key, sent as `Authorization: Bearer`.
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
 
     @field_validator("runtime")
