@@ -163,7 +163,8 @@ class Gateway:
                 ex.status = err.status
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
-            self.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
+            if err.status < 500 or err.status == 503:  # the node said no (a worker's failure is not a refusal)
+                self.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
             log.info("request %s refused: %d %s", rid, err.status, err.message)
             conn.respond(err.status, error_headers(err, ridb), err.body())
         except BaseException as exc:
@@ -212,7 +213,8 @@ class Gateway:
         if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
             prompt = body.get("messages", body.get("prompt", body.get("input")))
             try:
-                shown = json.dumps(prompt)[:8192]
+                # Readable text; a lone surrogate (valid JSON) becomes a visible escape rather than breaking the log.
+                shown = json.dumps(prompt, ensure_ascii=False)[:8192].encode("utf-8", "backslashreplace").decode()
             except (RecursionError, ValueError):
                 shown = "(not loggable)"
             log.info("request %s prompt", rid, extra={"request_id": rid, "model": model, "prompt": shown})

@@ -150,7 +150,7 @@ class Metrics:
 
 # infernode_requests_refused_total{reason}: a fixed set, never a client's words.
 REFUSAL_REASONS = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                   408: "timeout", 413: "too_large", 429: "rate_limited", 431: "too_large"}
+                   408: "timeout", 413: "too_large", 429: "rate_limited", 431: "too_large", 503: "not_ready"}
 
 
 def refusal_reason(status: int, code: str | None) -> str:
