@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 schemathesis = pytest.importorskip("schemathesis")
-from schemathesis.generation.modes import GenerationMode  # noqa: E402
+from schemathesis.generation.modes import GenerationMode
 
 NO_MODELS = ""
 EXAMPLES = 40

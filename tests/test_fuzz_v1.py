@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.conftest import free_port, start_node, write_config  # noqa: E402
-from tests.fakes import openai_worker  # noqa: E402
+from tests.conftest import free_port, start_node, write_config
+from tests.fakes import openai_worker
 
 MODEL = "fuzz-model"
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/score"]

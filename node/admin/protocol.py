@@ -24,7 +24,7 @@ MAX_METADATA_DEPTH = 8
 MAX_MODELS = 1000
 
 
-def _text(v: str) -> str:
+def check_text(v: str) -> str:
     """A string both databases store as given: valid Unicode (no lone surrogates), no NUL."""
     if "\x00" in v:
         raise ValueError("must not contain NUL characters")
@@ -45,13 +45,13 @@ def _metadata(v: dict[str, Any] | None) -> dict[str, Any] | None:
             raise ValueError(f"is nested deeper than {MAX_METADATA_DEPTH} levels")
         if isinstance(x, dict):
             for k, item in x.items():
-                _text(k)
+                check_text(k)
                 walk(item, depth + 1)
         elif isinstance(x, list):
             for item in x:
                 walk(item, depth + 1)
         elif isinstance(x, str):
-            _text(x)
+            check_text(x)
         elif isinstance(x, float) and not math.isfinite(x):
             raise ValueError("numbers must be finite")
         elif isinstance(x, int) and not isinstance(x, bool) and abs(x) > INT64_MAX:
@@ -63,8 +63,7 @@ def _metadata(v: dict[str, Any] | None) -> dict[str, Any] | None:
     return v
 
 
-Text = Annotated[str, AfterValidator(_text)]
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
 Rpm = Annotated[int, Field(ge=0, le=MAX_RATE)]
 Tpm = Annotated[int, Field(ge=0, le=MAX_TOKENS_RATE)]
 Parallel = Annotated[int, Field(ge=0, le=MAX_PARALLEL)]

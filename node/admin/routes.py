@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from node import __version__
 from node.app import Node
@@ -19,12 +20,11 @@ from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound
 from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
-from node.admin.protocol import MAX_TIME, KeyCreate, KeyUpdate, TeamCreate, TeamUpdate, _text
-from pydantic import AfterValidator
+from node.admin.protocol import MAX_TIME, KeyCreate, KeyUpdate, TeamCreate, TeamUpdate, check_text
 
 
 def _opt_text(v: str | None) -> str | None:
-    return None if v is None else _text(v)
+    return None if v is None else check_text(v)
 
 
 def build_admin(node: Node) -> FastAPI:
