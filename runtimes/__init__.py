@@ -69,6 +69,12 @@ class LaunchPlan:
     upstream_model: str | None = None  # the model name the worker expects, when it differs
     # Sent with every request to the worker (probes and traffic), e.g. an external server's key.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
+    # ("responses": POST /v1/responses); the node passes those through untranslated.
+    native_apis: tuple[str, ...] = ()
+    # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
+    # the node answers those with a 400 instead of passing the worker's internal error on.
+    cannot: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runtime(Protocol):
