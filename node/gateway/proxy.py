@@ -157,7 +157,7 @@ class Gateway:
         info: ModelInfo | None = None
         try:
             path = req.path
-            key = self._authenticate(req, route)
+            key = self.authenticate(req, route)
             if route is not None:
                 if req.method != route.method:
                     raise InvalidRequest(f"use {route.method} for {path.decode('latin-1')}", code="method_not_allowed")
@@ -258,7 +258,10 @@ class Gateway:
         return info, req, path, route, call
 
     # -- request checks ----------------------------------------------------------
-    def _authenticate(self, req: Request, route: Route | None = None):
+    def authenticate(self, req: Request, route: Route | None = None):
+        """The key's record for a request; AuthenticationError when it has none or a bad one."""
+        if req.auth is not None:  # authenticated from the head, before the body was read (dispatch.py)
+            return req.auth
         secret = route.credential(req) if route is not None else bearer(req)
         if not secret:
             hint = "x-api-key or Authorization: Bearer" if route is not None and route.api == "anthropic" else \
