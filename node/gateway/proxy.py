@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from node.gateway import context, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
@@ -69,6 +69,7 @@ class ModelInfo:
     max_queue: int = 256
     read_timeout_s: float = 600.0   # the worker's silence before a request fails (504)
     connect_timeout_s: float = 5.0
+    on_demand: bool = False       # loaded by requests: a request waits for its load
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -103,7 +104,8 @@ class Gateway:
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  runtime_of: Callable[[str], str] = lambda model: "",
                  upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
-                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
+                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
+                 ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
@@ -116,6 +118,8 @@ class Gateway:
         self.upstream_headers = upstream_headers  # e.g. an external model's Authorization (api_key_env)
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
+        # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
+        self.ensure_loaded = ensure_loaded
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
@@ -253,7 +257,7 @@ class Gateway:
             log.info("request %s prompt", rid, extra={"request_id": rid, "model": model, "prompt": shown})
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
-        if not ready:
+        if not ready and not (info.on_demand and self.ensure_loaded is not None):
             raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
         return info, req, path, route, call
 
@@ -329,6 +333,9 @@ class Gateway:
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
+            if info.on_demand and self.ensure_loaded is not None and not self.router.ready(ex.model):
+                # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
+                await self.ensure_loaded(ex.model)
             await self._route(req, body, info, path, ex, adm, ridb, conn, route, call)
         except asyncio.CancelledError:
             if not conn.gone:
