@@ -76,7 +76,7 @@ def add_account_routes(r: FastAPI, node: Node) -> None:
         check_plan(changes.get("plan"))
         if "models" in changes and changes["models"] is not None:
             changes["models"] = tuple(changes["models"])
-        for name in ("metadata", "budget_period", "revoked"):
+        for name in ("metadata", "budget_period", "name", "revoked"):  # null for a field that cannot be: unchanged
             if name in changes and changes[name] is None:
                 changes.pop(name)
         record = record.updated(**changes)

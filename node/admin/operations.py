@@ -42,6 +42,7 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
             "workers": [dataclasses.asdict(x.status()) for x in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),
+            "ledger": node.ledger.stats() if node.ledger is not None else None,
         }
 
     @r.post("/admin/v1/reload")

@@ -7,26 +7,36 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator
 
 from node.accounts.audit import verify
 from node.accounts.storage.sql import USAGE_COLUMNS
 from node.accounts.roles import Principal
 from node.admin.access import need, own_team
+from node.admin.protocol import MAX_TIME, check_text
 from node.app import Node
 from node.errors import InvalidRequest
+
+
+def _opt_text(v: str | None) -> str | None:
+    return None if v is None else check_text(v)
+
+
+# Query parameters bounded to what the databases hold (422, never 500).
+Time = Annotated[float | None, Query(ge=0, le=MAX_TIME, allow_inf_nan=False)]
+Text = Annotated[str | None, Query(max_length=200), AfterValidator(_opt_text)]
 
 
 def add_report_routes(r: FastAPI, node: Node) -> None:
     """Add these routes to the admin app."""
 
     @r.get("/admin/v1/usage")
-    async def usage(group_by: str = Query("key,model", max_length=200), since: float | None = None,
-                    until: float | None = None, key: str | None = Query(None, max_length=200),
-                    team: str | None = Query(None, max_length=200), model: str | None = Query(None, max_length=400),
+    async def usage(group_by: Annotated[str, Query(max_length=200)] = "key,model",
+                    since: Time = None, until: Time = None, key: Text = None, team: Text = None, model: Text = None,
                     who: Principal = need(node, "usage.read")) -> dict[str, Any]:
         """Totals grouped by any of key, team, model, user, day, month (UTC) over [since, until)."""
         assert node.storage is not None
@@ -44,11 +54,8 @@ def add_report_routes(r: FastAPI, node: Node) -> None:
         return {"object": "list", "group_by": groups, "since": since, "until": until, "data": rows}
 
     @r.get("/admin/v1/usage/requests")
-    async def usage_requests(since: float | None = None, until: float | None = None,
-                             key: str | None = Query(None, max_length=200),
-                             team: str | None = Query(None, max_length=200),
-                             model: str | None = Query(None, max_length=400),
-                             format: Literal["jsonl", "csv"] = "jsonl",
+    async def usage_requests(since: Time = None, until: Time = None, key: Text = None, team: Text = None,
+                             model: Text = None, format: Literal["jsonl", "csv"] = "jsonl",
                              who: Principal = need(node, "usage.read")) -> StreamingResponse:
         """Every ledger row in [since, until), oldest first, streamed a page at a time (JSON lines or CSV)."""
         assert node.storage is not None
@@ -75,8 +82,7 @@ def add_report_routes(r: FastAPI, node: Node) -> None:
         return StreamingResponse(rows(), media_type=media)
 
     @r.get("/admin/v1/audit")
-    async def audit(since: float | None = None, until: float | None = None,
-                    actor: str | None = Query(None, max_length=200), action: str | None = Query(None, max_length=200),
+    async def audit(since: Time = None, until: Time = None, actor: Text = None, action: Text = None,
                     limit: int = Query(1000, ge=1, le=10000),
                     _: Principal = need(node, "audit.read")) -> dict[str, Any]:
         """Audit records in order, filtered by time [since, until), actor (token id) and action."""
