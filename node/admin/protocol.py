@@ -87,7 +87,7 @@ class KeyFields(BaseModel):
     user_tpm: Tpm | None = None
     expires_at: UnixTime | None = Field(default=None, description="unix time")
     metadata: Metadata = Field(default=None, description=f"a JSON object of at most {MAX_METADATA_BYTES} bytes")
-    plan: str | None = Field(default=None, max_length=200, description="a plan's name; fields set here override it")
+    plan: Name | None = Field(default=None, description="a plan's name; fields set here override it")
     budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False,
                                      description="money budget per period (USD)")
 
@@ -110,7 +110,7 @@ class TeamFields(BaseModel):
     budget_tokens: Tokens | None = None
     budget_period: Literal["day", "month"] | None = None
     metadata: Metadata = Field(default=None, description=f"a JSON object of at most {MAX_METADATA_BYTES} bytes")
-    plan: str | None = Field(default=None, max_length=200)
+    plan: Name | None = None
     budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
 
 
@@ -134,7 +134,7 @@ class KeyRotate(BaseModel):
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     role: Literal["admin", "operator", "viewer"]
     team: str | None = Field(default=None, min_length=1, max_length=200, pattern=NAME_PATTERN)
 
@@ -142,15 +142,15 @@ class TokenCreate(BaseModel):
 class PlanFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    models: list[str] | None = Field(default=None, max_length=1000,
-                                     description="model names or group:NAME; null = all")
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    max_parallel: int | None = Field(default=None, ge=0)
-    budget_tokens: int | None = Field(default=None, ge=0)
-    budget_usd: float | None = Field(default=None, ge=0, le=1e12)
+    models: list[Name] | None = Field(default=None, max_length=1000,
+                                      description="model names or group:NAME; null = all")
+    rpm: Rpm | None = None
+    tpm: Tpm | None = None
+    max_parallel: Parallel | None = None
+    budget_tokens: Tokens | None = None
+    budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
     budget_period: Literal["day", "month"] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = Field(default=None, description=f"a JSON object of at most {MAX_METADATA_BYTES} bytes")
 
 
 class PlanCreate(PlanFields):
