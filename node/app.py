@@ -7,12 +7,10 @@ and pulls the store, places and launches workers; `shutdown` drains and stops th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,27 +42,12 @@ from node.workers.replica import Replica
 log = logging.getLogger("infernode.node")
 
 
-def admin_key_path(config: Config) -> Path:
-    return config.node.admin_key_file or (config.data_dir / "admin.key")
-
-
-def read_admin_key(config: Config) -> str | None:
-    """The admin key: from the environment variable named in the config, else its file."""
-    value = os.environ.get(config.node.admin_key_env)
-    if value:
-        return value.strip()
-    path = admin_key_path(config)
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        return path.read_text().strip() or None
-    return None
-
-
 def ensure_admin_key(config: Config) -> tuple[str, bool]:
     """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
-    key = read_admin_key(config)
+    key = config.admin_key()
     if key:
         return key, False
-    path = admin_key_path(config)
+    path = config.admin_key_path
     path.parent.mkdir(parents=True, exist_ok=True)
     key = "sk-admin-" + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -98,7 +81,8 @@ class Node:
         self.fleet: FleetReconciler | None = None
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=30.0)
         self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
-        self.alerts = Alerter(config.alerts, config.node.name)
+        self.alerts = Alerter(config.alerts, config.node.name,
+                              read_secret=lambda: config.secret(config.alerts.secret_env, config.alerts.secret_file))
         self.sampler = Sampler(self.metrics, read_gpus=lambda: discover(self.nvml), client=self.probe_client,
                                replicas=lambda: self.supervisor.replicas.values() if self.supervisor else (),
                                on_gpus=self.alerts.check_gpus)
@@ -124,7 +108,7 @@ class Node:
         logging.getLogger(ACCESS_LOGGER).disabled = not self.config.node.access_log
         self.admin_key, generated = ensure_admin_key(self.config)
         if generated:
-            log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))
+            log.warning("no admin key was set; generated one in %s", self.config.admin_key_path)
         self.storage = open_storage(self.config.database_url())
         await asyncio.to_thread(self.storage.migrate)
         await self.refresh_keys(force=True)

@@ -6,7 +6,9 @@ Relative paths inside the file resolve against the file's folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -14,11 +16,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtimes import NAMES as RUNTIMES
 from node.errors import ConfigError
 
-RUNTIMES = ("vllm", "sglang", "ollama", "llamacpp", "external")
 CONFIG_ENV = "INFERNODE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/infernode/appliance.toml")
+GiB = 1024 ** 3
+_UNITS = {"": None, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
+          "gi": GiB, "gib": GiB, "ti": 1024 ** 4, "tib": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "20GiB", "20 GB", "512MiB" (GiB/MiB are powers of 2, GB/MB of 10)."""
+    m = _SIZE_RE.match(text)
+    unit = _UNITS.get(m.group(2).lower(), None) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"'{text}' is not a memory size; write e.g. \"20GiB\" or \"512MiB\"")
+    return int(float(m.group(1)) * unit)
 
 
 class _Section(BaseModel):
@@ -121,8 +137,6 @@ class ModelConfig(_Section):
     @field_validator("gpu_memory")
     @classmethod
     def _gpu_memory(cls, v: str | None) -> str | None:
-        from node.workers.placement import parse_size  # placement imports this module
-
         if v is not None:
             parse_size(v)
         return v
@@ -139,6 +153,11 @@ class ModelConfig(_Section):
     @property
     def gpu_count(self) -> int:
         return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        """`gpu_memory` in bytes, when set."""
+        return parse_size(self.gpu_memory) if self.gpu_memory else None
 
 
 class RuntimeSettings(_Section):
@@ -261,6 +280,29 @@ class Config(_Section):
 
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'infernode.db'}"
+
+    def resolve(self, p: Path) -> Path:
+        """A path from the file: relative ones are relative to the file's folder."""
+        return _resolve(self.base_dir, p)
+
+    def secret(self, env: str, file: Path | None) -> str | None:
+        """A secret from the environment variable `env`, else from `file` (relative to this file's folder)."""
+        value = os.environ.get(env)
+        if value:
+            return value.strip()
+        if file is not None:
+            with contextlib.suppress(OSError):
+                return self.resolve(file).read_text().strip() or None
+        return None
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where the admin key is kept when its variable is unset: admin_key_file, else data_dir/admin.key."""
+        return self.node.admin_key_file or self.data_dir / "admin.key"
+
+    def admin_key(self) -> str | None:
+        """The admin key: from the variable named by admin_key_env, else its file."""
+        return self.secret(self.node.admin_key_env, self.admin_key_path)
 
 
 def find_config(explicit: str | os.PathLike | None = None) -> Path:

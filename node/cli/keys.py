@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 from node.errors import InvalidRequest
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list, update and revoke API keys.")

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from node.cli import ConfigOption, app, config_from, console, err_console
+from node.cli.root import ConfigOption, app, config_from, console, err_console
 from node.errors import OperationFailed, StoreError
 from node.supply.lockfile import LockFile, read_lock, write_lock
 from node.supply.store import Problem, Store

@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import sys
 import time
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 
 
 @app.command()
 def up(config: Optional[str] = ConfigOption) -> None:
     """Run the node in the foreground (what systemd runs)."""
-    from node.ops.logs import setup_logging
-    from node.server import serve
-
-    cfg = config_from(config)
-    writer = setup_logging(cfg.node.log_format)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # uvloop is optional
-        runner = asyncio.run
-    try:
-        runner(serve(cfg))
-    finally:
-        writer.stop()
+    cfg = config_from(config)  # a bad config is reported here, as by every other command
+    # The server is its own program: this process becomes it (same pid for systemd), so
+    # the CLI never loads the server's modules. -P: the working directory never shadows `node`.
+    argv = [sys.executable, "-P", "-m", "node.server", str(cfg.path)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _ago(ts: float) -> str:
@@ -49,8 +44,6 @@ def _bar(frac: float, width: int = 20) -> str:
 @app.command()
 def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The node at a glance: readiness, traffic of the last minute, replicas and GPUs."""
-    from rich.markup import escape
-
     data = AdminClient(config_from(config)).get("/admin/v1/status")
     if as_json:
         print(json.dumps(data, indent=2))

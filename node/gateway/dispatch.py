@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
-from node.app import Node
 from node.gateway.asgi import serve_asgi
 from node.errors import NodeError, NotFound, NoReadyReplica
 from node.gateway.proxy import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Request
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,17 +31,6 @@ log = logging.getLogger("infernode.alerts")
 SIGNATURE_HEADER = "X-Infernode-Signature"
 # A GPU alert re-arms only after the temperature falls this far below the threshold.
 TEMPERATURE_HYSTERESIS_C = 5.0
-
-
-def read_secret(settings: AlertsSection) -> str | None:
-    """The signing secret: from the environment variable named in [alerts], else its file."""
-    value = os.environ.get(settings.secret_env)
-    if value:
-        return value.strip()
-    if settings.secret_file is not None:
-        with contextlib.suppress(OSError):
-            return settings.secret_file.read_text().strip() or None
-    return None
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -99,11 +87,13 @@ class Alerter:
     """Queues alerts and delivers them; also decides when a condition deserves one."""
 
     def __init__(self, settings: AlertsSection, node_name: str, *, secret: str | None = None,
+                 read_secret: Callable[[], str | None] | None = None,
                  client: httpx.AsyncClient | None = None, attempts: int = 6, backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, timeout_s: float = 10.0, queue_size: int = 1000) -> None:
         self.settings = settings
         self.node_name = node_name
         self.secret = secret
+        self._read_secret = read_secret
         self.client = client
         self.attempts, self.backoff_s, self.max_backoff_s, self.timeout_s = attempts, backoff_s, max_backoff_s, timeout_s
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
@@ -179,8 +169,8 @@ class Alerter:
     def start(self) -> None:
         """Start delivering (reads the signing secret now: construction does no I/O)."""
         if self._task is None and self.enabled:
-            if self.secret is None:
-                self.secret = read_secret(self.settings)
+            if self.secret is None and self._read_secret is not None:
+                self.secret = self._read_secret()
             if not self.secret:
                 log.warning("[alerts] has webhook_urls but no secret ($%s or secret_file): alerts go unsigned",
                             self.settings.secret_env)

@@ -20,9 +20,9 @@ from typing import Any, Iterator
 
 import httpx
 
-from node.app import read_admin_key
 from node.config import Config
 from node.errors import ConfigError
+from node.ops.fleet import read_master_key
 from node.workers.gpus import Inventory, discover
 from node.supply.lockfile import LockFile, read_lock
 from node.workers.placement import place
@@ -155,7 +155,7 @@ def check_port(config: Config, timeout_s: float) -> Check:
 
 def _our_node(config: Config, host: str, port: int, timeout_s: float) -> bool:
     """Does the node on the port accept this config's admin key (so it is ours, not a stranger)?"""
-    key = read_admin_key(config)
+    key = config.admin_key()
     if not key:
         return True  # nothing to tell them apart with; /healthz answered as a node does
     r = httpx.get(f"http://{host}:{port}/admin/v1/status", headers={"authorization": f"Bearer {key}"}, timeout=timeout_s)
@@ -167,7 +167,7 @@ def check_data_dir(config: Config) -> Check:
     existing = next((p for p in (d, *d.parents) if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK):
         return fail("data_dir", f"{existing} is not writable by this user ({os.geteuid()})",
-                    f"chown the folder to the node's user or change [node].data_dir")
+                    "chown the folder to the node's user or change [node].data_dir")
     return ok("data_dir", f"{d} is writable" if d.exists() else f"{d} will be created (under {existing})")
 
 
@@ -259,16 +259,14 @@ def check_database(config: Config) -> Check:
 def check_admin_key(config: Config) -> Check:
     if os.environ.get(config.node.admin_key_env):
         return ok("admin key", f"set in ${config.node.admin_key_env}")
-    if read_admin_key(config):
-        return ok("admin key", f"set in {config.node.admin_key_file or config.data_dir / 'admin.key'}")
+    if config.admin_key():
+        return ok("admin key", f"set in {config.admin_key_path}")
     return warn("admin key", "not set; the node generates one into data_dir/admin.key on first start",
                 f"set ${config.node.admin_key_env} or [node].admin_key_file to choose it yourself")
 
 
 def check_fleet(config: Config, timeout_s: float) -> Check:
     """The LiteLLM proxy answers, and accepts the master key."""
-    from node.ops.fleet import read_master_key
-
     fleet = config.fleet.litellm
     if fleet is None:
         return ok("fleet", "not configured ([fleet.litellm] unset)")
@@ -308,12 +306,10 @@ def _auth_error(r: httpx.Response) -> bool:
 
 
 def check_alerts(config: Config) -> Check:
-    from node.ops.alerts import read_secret
-
     a = config.alerts
     if not a.webhook_urls:
         return ok("alerts", "no webhooks configured")
-    if not read_secret(a):
+    if not config.secret(a.secret_env, a.secret_file):
         return warn("alerts", f"{len(a.webhook_urls)} webhook(s) but no signing secret; alerts go unsigned",
                     f"set ${a.secret_env} or [alerts].secret_file")
     return ok("alerts", f"{len(a.webhook_urls)} webhook(s), signed")

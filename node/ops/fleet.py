@@ -111,16 +111,7 @@ def model_list_yaml(deployments: Iterable[Deployment]) -> str:
 def read_master_key(config: Config) -> str | None:
     """LiteLLM's master key: from the named environment variable, else master_key_file."""
     fleet = config.fleet.litellm
-    if fleet is None:
-        return None
-    value = os.environ.get(fleet.master_key_env)
-    if value:
-        return value.strip()
-    if fleet.master_key_file:
-        path = fleet.master_key_file if fleet.master_key_file.is_absolute() else config.base_dir / fleet.master_key_file
-        with contextlib.suppress(OSError):
-            return path.read_text().strip() or None
-    return None
+    return config.secret(fleet.master_key_env, fleet.master_key_file) if fleet else None
 
 
 class ProxyError(Exception):

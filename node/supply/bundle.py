@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node.errors import StoreError
+from node.supply.ingest import copy_in, copy_stream
 from node.supply.lockfile import LockedFile, LockEntry, LockFile, write_lock
 from node.supply.progress import PullProgress
 from node.supply.store import DigestMismatch, Store
@@ -106,8 +107,6 @@ def _candidates(root: Path, entry: LockEntry, f: LockedFile) -> list[Path]:
 
 
 def _import_from_dir(store: Store, entry: LockEntry, root: Path, progress: PullProgress) -> None:
-    from node.supply.pull import copy_in
-
     missing = store.missing(entry)
     store.check_space(sum(f.size for f in missing))
     for f in missing:
@@ -118,8 +117,6 @@ def _import_from_dir(store: Store, entry: LockEntry, root: Path, progress: PullP
 
 
 def _import_from_bundle(store: Store, entry: LockEntry, path: Path, progress: PullProgress) -> None:
-    from node.supply.pull import copy_stream
-
     missing = store.missing(entry)
     store.check_space(sum(f.size for f in missing))
     try:
