@@ -98,7 +98,7 @@ class Node:
             models=self.model_infos(), client=self.upstream,
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
-            uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
+            uuid_request_ids=lambda target: bool(target.plan and target.plan.uuid_request_ids),
             log_prompts=self.config.node.log_prompts,
         )
 
@@ -174,7 +174,7 @@ class Node:
     async def _pull_missing(self) -> None:
         for m in self.config.models:
             entry = self.lock.entry(m.name)
-            if entry is None or m.runtime == "external" or entry.source != m.source:
+            if entry is None or not m.launched or entry.source != m.source:
                 continue
             if self.store.missing(entry):
                 log.info("pulling %s (%d bytes)", m.name, entry.total_size)

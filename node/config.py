@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtimes import NAMES as RUNTIMES
+from runtimes import launched
 from node.errors import ConfigError
 
 CONFIG_ENV = "INFERNODE_CONFIG"
@@ -142,13 +143,18 @@ class ModelConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _external_needs_url(self) -> "ModelConfig":
-        if self.runtime == "external":
+    def _url_or_source(self) -> "ModelConfig":
+        if not self.launched:
             if not self.url or not self.url.startswith(("http://", "https://")):
-                raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
+                raise ValueError(f"runtime '{self.runtime}' needs url = \"http://host:port/v1\"")
         elif not self.source:
             raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
         return self
+
+    @property
+    def launched(self) -> bool:
+        """Whether the node launches this model's workers (an external server it only routes to)."""
+        return launched(self.runtime)
 
     @property
     def gpu_count(self) -> int:

@@ -6,9 +6,10 @@ quotas and metrics as its own workers.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec
 
 NAME = "external"
+LAYOUT: ModelLayout | None = None  # the node launches nothing and pins no model
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:

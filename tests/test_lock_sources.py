@@ -17,6 +17,7 @@ from node.supply.manifest import check_manifest, rebuild_manifest
 from node.supply.resolve import build_lock
 from node.supply.store import Store
 from node.errors import StoreError
+from runtimes import ModelLayout
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub
 from tests.fakes.ollama_registry import FakeRegistry
@@ -88,7 +89,7 @@ def test_hf_pull_is_by_commit_even_after_the_branch_moves(tmp_path, hub):
     hub.commit("org/tiny", {"tiny.gguf": b"new weights " * 200})  # main moves on
     store = Store(cfg.data_dir / "store")
     pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
-    assert store.model_path(lock.entry("m"), "llamacpp").read_bytes() == GGUF
+    assert store.model_path(lock.entry("m"), ModelLayout.GGUF_FILE).read_bytes() == GGUF
 
 
 def test_hf_errors_are_one_clear_line(tmp_path, hub):
@@ -184,7 +185,7 @@ def test_ollama_pull_lays_out_an_ollama_models_tree(tmp_path, registry):
     # Fetched by digest, never by the (moved) tag.
     paths = [s.path for s in registry.seen]
     assert f"/v2/library/tiny/manifests/{e.revision}" in paths
-    root = store.model_path(e, "ollama")
+    root = store.model_path(e, ModelLayout.OLLAMA_TREE)
     assert root == store.root / "ollama"
     # What Ollama reads: manifests/<host>/<namespace>/<model>/<tag>, then blobs/sha256-<hex> per digest.
     host = registry.url.removeprefix("http://")

@@ -386,5 +386,5 @@ def test_ollama_warmup_failure_is_reported(tmp_path):
     r = ollama_replica(tmp_path, rec, with_blob=False)
     drive(r, lambda: rec.prev is S.FAILED, timeout=30)
     [failed] = [e for e in rec.events if e[0] is S.FAILED]
-    assert "warm-up ollama_load tiny:latest" in failed[2] and "has no model blob" in failed[2]
+    assert "warm-up /api/generate: HTTP" in failed[2] and "has no model blob" in failed[2]
     assert S.READY not in rec.states()

@@ -99,7 +99,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
     store = Store(cfg.data_dir / "store")
-    wanted = names or [m.name for m in cfg.models if m.runtime != "external"]
+    wanted = names or [m.name for m in cfg.models if m.launched]
     stale = stale_models(cfg, lk)
     if from_ is not None and not from_.exists():
         raise OperationFailed(f"--from {from_}: no such bundle or folder")
@@ -108,8 +108,8 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
         model = cfg.model(name)
         if model is None:
             raise OperationFailed(f"{cfg.path}: no model named '{name}'")
-        if model.runtime == "external":
-            raise OperationFailed(f"{cfg.path}: model '{name}' is external (url = ...); there is nothing to pull")
+        if not model.launched:
+            raise OperationFailed(f"{cfg.path}: model '{name}' is served by {model.runtime} at its url; there is nothing to pull")
         jobs.append((model, lk.entry(name)))
     failed = 0
     total = sum(sum(f.size for f in store.missing(e)) for m, e in jobs if e is not None and m.name not in stale)

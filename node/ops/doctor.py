@@ -98,7 +98,7 @@ def _lock(config: Config) -> tuple[LockFile, Check | None]:
 
 def check_gpus(config: Config, inventory: Inventory) -> Check:
     """Driver and NVML: a GPU model needs them; a CPU-only box only warns."""
-    wants_gpu = [m.name for m in config.models if m.runtime != "external" and m.gpu_count > 0]
+    wants_gpu = [m.name for m in config.models if m.launched and m.gpu_count > 0]
     if inventory.gpus:
         names = ", ".join(sorted({g.name for g in inventory.gpus}))
         return ok("driver", f"NVIDIA driver {inventory.driver}, NVML sees {len(inventory.gpus)} GPU(s): {names}")
@@ -111,7 +111,7 @@ def check_gpus(config: Config, inventory: Inventory) -> Check:
 
 def check_runtimes(config: Config, lock: LockFile) -> Iterator[Check]:
     """Each configured runtime: installed where the config says, and its version."""
-    used = sorted({m.runtime for m in config.models if m.runtime != "external"})
+    used = sorted({m.runtime for m in config.models if m.launched})
     if not used:
         yield ok("runtimes", "no model needs a local runtime")
         return
@@ -176,7 +176,7 @@ def check_store(config: Config, lock: LockFile, *, rehash: bool = False) -> Iter
     stale = stale_models(config, lock)
     store = Store(config.data_dir / "store")
     for m in config.models:
-        if m.runtime == "external":
+        if not m.launched:
             continue
         if m.name in stale:
             yield fail(f"model {m.name}", stale[m.name])
@@ -206,7 +206,7 @@ def check_disk(config: Config, lock: LockFile) -> Check:
     need = 0
     for m in config.models:
         entry = lock.entry(m.name)
-        if entry is not None and m.runtime != "external" and entry.source == m.source:
+        if entry is not None and m.launched and entry.source == m.source:
             need += sum(f.size for f in store.missing(entry))
     left = usage.free - need
     detail = f"{_size(usage.free)} free on {d}" + (f", {_size(need)} still to pull" if need else "")

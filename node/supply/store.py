@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from node.errors import StoreError
+from runtimes import ModelLayout
 from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
 
 CHUNK = 1024 * 1024
@@ -285,15 +286,15 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
         return root
 
-    def model_path(self, entry: LockEntry, runtime: str) -> Path:
-        """What a runtime is pointed at: a GGUF file, an HF folder, or the Ollama tree."""
+    def model_path(self, entry: LockEntry, layout: ModelLayout | None) -> Path:
+        """What a runtime is pointed at (its adapter's layout): a GGUF file, an HF folder, or the Ollama tree."""
         root = self.view(entry)
-        if runtime == "llamacpp":
+        if layout is ModelLayout.GGUF_FILE:
             ggufs = sorted(f.path for f in entry.files if f.path.endswith(".gguf"))
             if not ggufs:
                 raise StoreError(f"{entry.name}: no .gguf file among the locked files; select one with #GLOB in the source")
             return root / ggufs[0]
-        if runtime == "ollama":
+        if layout is ModelLayout.OLLAMA_TREE:
             return self.ollama_root(entry)
         configs = sorted((f.path for f in entry.files if f.path.rsplit("/", 1)[-1] == "config.json"), key=lambda p: p.count("/"))
         return (root / configs[0]).parent if configs else root

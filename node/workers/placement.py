@@ -168,7 +168,7 @@ def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
     devices = _devices(inventory)
     placed: list[Placed] = []
     unplaced: list[Unplaced] = []
-    gpu_models = [m for m in config.models if m.runtime != "external" and m.gpu_count > 0]
+    gpu_models = [m for m in config.models if m.launched and m.gpu_count > 0]
     order = [m for m in gpu_models if not isinstance(m.gpus, int)] + [m for m in gpu_models if isinstance(m.gpus, int)]
     for m in config.models:
         if m not in gpu_models:

@@ -242,7 +242,7 @@ class Replica:
             self.adopted = True
             self._read_worker_pid()
         else:
-            if self.spec.runtime != "external":
+            if runtimes.launched(self.spec.runtime):
                 self.spec = replace(self.spec, port=free_port())
             self.plan = runtimes.get(self.spec.runtime).plan(self.spec)
             self.adopted = False
@@ -264,7 +264,7 @@ class Replica:
         """Run the plan's warm-up steps (health has passed; not yet READY); '' when done."""
         assert self.plan is not None
         for step in self.plan.warmup:
-            why = await probes.warm(self.plan, step, self.plan.startup_timeout_s)
+            why = await probes.warm(self.probe_client, self.plan, step, self.plan.startup_timeout_s)
             if why:
                 return why
         return ""
