@@ -15,29 +15,29 @@ from typing import Any
 
 import httpx
 
-from node.ops.alerts import Alerter, budget_uses
+from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.accounts.ledger import Ledger, rebuild_counters
+from node.accounts.quotas import Quotas
+from node.accounts.storage import Storage, StorageUnavailable, open_storage
 from node.config import Config, load_config
 from node.errors import OperationFailed
-from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
+from node.ops.alerts import Alerter, budget_uses
+from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
+from node.ops.logs import ACCESS_LOGGER
+from node.ops.metrics import Metrics
+from node.ops.sampler import Sampler
+from node.supply.lockfile import LockFile, read_lock
+from node.supply.pull import pull_entry
+from node.supply.store import Store
 from node.workers.gpus import Inventory, discover
 from node.workers.handles import claim_workers
 from node.workers.keeper import owner_token
-from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
-from node.accounts.ledger import Ledger, rebuild_counters
-from node.supply.lockfile import LockFile, read_lock
-from node.ops.logs import ACCESS_LOGGER
-from node.ops.metrics import Metrics
-from node.supply.pull import pull_entry
-from node.accounts.quotas import Quotas
-from node.workers.router import Router
-from node.ops.sampler import Sampler
-from node.workers.states import WorkerState
-from node.accounts.storage import Storage, StorageUnavailable, open_storage
-from node.supply.store import Store
-from node.workers.supervisor import Supervisor
 from node.workers.replica import Replica
+from node.workers.router import Router
+from node.workers.states import WorkerState
+from node.workers.supervisor import Supervisor
 
 log = logging.getLogger("infernode.node")
 

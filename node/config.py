@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
+from node.errors import ConfigError
 from runtimes import NAMES as RUNTIMES
 from runtimes import launched
-from node.errors import ConfigError
 
 CONFIG_ENV = "INFERNODE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/infernode/appliance.toml")
@@ -143,7 +144,7 @@ class ModelConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _url_or_source(self) -> "ModelConfig":
+    def _url_or_source(self) -> ModelConfig:
         if not self.launched:
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"runtime '{self.runtime}' needs url = \"http://host:port/v1\"")
@@ -254,7 +255,7 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Config":
+    def _unique_names(self) -> Config:
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in seen:
@@ -325,7 +326,7 @@ def find_config(explicit: str | os.PathLike | None = None) -> Path:
 
 def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     parts: list[str] = []
-    for i, item in enumerate(loc):
+    for item in loc:
         if isinstance(item, int):
             parts[-1] = f"{parts[-1]}[{item}]"
         elif item in ("function-after", "int", "list[union[int,str]]") or "[" in str(item):
@@ -335,7 +336,7 @@ def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def _fix_for(err: dict[str, Any]) -> str:
+def _fix_for(err: ErrorDetails) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "remove it or check its spelling"

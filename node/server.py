@@ -20,10 +20,10 @@ from pathlib import Path
 
 import uvloop
 
-from node.gateway.dispatch import NodeApp
 from node.app import Node
 from node.config import Config, load_config
 from node.errors import ConfigError, NodeError, OperationFailed
+from node.gateway.dispatch import NodeApp
 from node.gateway.httpd import Server
 from node.ops.logs import setup_logging
 from node.ops.sdnotify import Notifier

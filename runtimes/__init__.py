@@ -10,11 +10,12 @@ node never compares a runtime's name.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 
 class ModelLayout(str, Enum):
@@ -100,7 +101,7 @@ def get(name: str) -> Runtime:
     if name not in NAMES:
         raise KeyError(name)
     module: ModuleType = importlib.import_module(f"runtimes.{name}")
-    return module  # type: ignore[return-value]
+    return module
 
 
 def launched(name: str) -> bool:

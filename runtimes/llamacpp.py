@@ -15,8 +15,7 @@ never looks like a dead worker.
 
 from __future__ import annotations
 
-from runtimes import (LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan,
-                      python_module_version_argv)
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
 
 NAME = "llamacpp"
 LAYOUT = ModelLayout.GGUF_FILE

@@ -10,8 +10,7 @@ a worker counts as ready only after it really generated.
 
 from __future__ import annotations
 
-from runtimes import (LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan,
-                      python_module_version_argv)
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
 
 NAME = "sglang"
 LAYOUT = ModelLayout.HF_FOLDER

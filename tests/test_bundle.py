@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from node.supply.bundle import export_bundle, read_bundle_lock
 from node.config import load_config
+from node.supply.bundle import export_bundle, read_bundle_lock
 from node.supply.lockfile import read_lock
 from node.supply.store import Store
 from runtimes import ModelLayout

@@ -13,10 +13,18 @@ import httpx
 import pytest
 import yaml
 
-from node.config import parse_config
-from node.ops.fleet import (FleetReconciler, LiteLLMAdmin, deployment_id, desired_deployments, ensure_fleet_key,
-                        id_prefix, model_list_yaml, read_master_key)
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.config import parse_config
+from node.ops.fleet import (
+    FleetReconciler,
+    LiteLLMAdmin,
+    deployment_id,
+    desired_deployments,
+    ensure_fleet_key,
+    id_prefix,
+    model_list_yaml,
+    read_master_key,
+)
 from tests.conftest import TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 from tests.fakes.litellm_admin import LiteLLMAdminFake
 

@@ -10,7 +10,7 @@ import pynvml
 import pytest
 
 from node.workers.gpus import NO_DRIVER, discover
-from tests.fakes.nvml import GiB, FakeGpu, FakeNvml, box, mig_box
+from tests.fakes.nvml import FakeGpu, FakeNvml, GiB, box, mig_box
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])

@@ -8,14 +8,14 @@ import json
 import secrets
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 import node.accounts.keys
-from node.errors import AuthenticationError
 from node.accounts.keys import KeyRing, hash_secret
+from node.errors import AuthenticationError
 from tests.conftest import TINY_MODEL, run_cli, start_node, wait_until
 from tests.test_storage import PG_URL, _pg_exec, pg_schema_url
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
+from node.errors import StoreError
 from node.supply.download import RemoteError
 from node.supply.lockfile import read_lock, write_lock
-from node.supply.pull import pull_entry
 from node.supply.manifest import check_manifest, rebuild_manifest
+from node.supply.pull import pull_entry
 from node.supply.resolve import build_lock
 from node.supply.store import Store
-from node.errors import StoreError
 from runtimes import ModelLayout
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 
 from node.config import SupervisorSection
 from node.workers.keeper import process_start_time
-from node.workers.states import TRANSITIONS, WorkerState
 from node.workers.replica import Replica
+from node.workers.states import TRANSITIONS, WorkerState
 from runtimes import WorkerSpec
 from tests.conftest import REPO, TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 

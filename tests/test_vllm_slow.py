@@ -3,7 +3,6 @@ model in HF format through a real node: chat completion, and a stream with usage
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 

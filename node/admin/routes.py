@@ -14,11 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from node import __version__
-from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound, UpstreamError
-from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
 from node.admin.protocol import KeyCreate, KeyUpdate, TeamCreate, TeamUpdate
+from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound, UpstreamError
+from node.ops.fleet import ProxyError, desired_deployments
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -87,7 +87,7 @@ def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.loc
 
 
 @app.command()
-def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull (default: all)"),
+def pull(names: Optional[list[str]] = typer.Argument(None, help="models to pull (default: all)"),
          from_: Optional[Path] = typer.Option(None, "--from", help="import from a folder or bundle (air-gapped)"),
          json_: bool = typer.Option(False, "--json", help="progress as JSON lines on stdout"),
          config: Optional[str] = ConfigOption) -> None:
@@ -168,8 +168,8 @@ def verify(config: Optional[str] = ConfigOption) -> None:
                 check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
             except StoreError as exc:
                 problems.append(exc.message)
-        for p in problems:
-            err_console.print(f"{entry.name}: {p}", highlight=False, soft_wrap=True)
+        for msg in problems:
+            err_console.print(f"{entry.name}: {msg}", highlight=False, soft_wrap=True)
         bad += len(problems)
         if not problems:
             console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False, soft_wrap=True)

@@ -13,10 +13,10 @@ import uuid
 from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
+from node.errors import NodeError, NoReadyReplica, NotFound
 from node.gateway.asgi import serve_asgi
-from node.errors import NodeError, NotFound, NoReadyReplica
-from node.gateway.proxy import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Request
+from node.gateway.proxy import JSON_CT, error_headers
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node

@@ -25,9 +25,9 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Awaitable, Callable
 
 import httptools
 
@@ -72,7 +72,7 @@ class _Refuse(Exception):
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, queues them, and is what handlers answer through."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None

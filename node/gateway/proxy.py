@@ -17,25 +17,33 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from node.gateway import context
-from node.gateway.bodies import usage_of, worker_error
-from node.errors import (
-    AuthenticationError, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
-    RateLimited, UpstreamError, UpstreamTimeout,
-)
-from node.gateway.httpd import Connection, Request
 from node.accounts.keys import KeyRing
 from node.accounts.ledger import Ledger
+from node.accounts.quotas import Admission, Quotas
+from node.accounts.storage import UsageRow
+from node.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    ModelNotFound,
+    NodeError,
+    NoReadyReplica,
+    NotFound,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from node.gateway import context
+from node.gateway.bodies import usage_of, worker_error
+from node.gateway.httpd import Connection, Request
+from node.gateway.sse import SseRelay
+from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 from node.ops.logs import access as access_log
 from node.ops.metrics import Metrics, ModelSeries
-from node.accounts.quotas import Admission, Quotas
 from node.workers.router import Gate, QueueFull, Router
-from node.gateway.sse import SseRelay
-from node.accounts.storage import UsageRow
-from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 
 log = logging.getLogger("infernode.gateway")
 

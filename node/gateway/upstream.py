@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
@@ -58,7 +58,7 @@ class Origin:
     host_header: bytes
 
     @classmethod
-    def parse(cls, base_url: str) -> "Origin":
+    def parse(cls, base_url: str) -> Origin:
         u = urlsplit(base_url)
         tls = u.scheme == "https"
         port = u.port or (443 if tls else 80)
@@ -272,7 +272,7 @@ class Response:
 
     __slots__ = ("status", "headers", "_pool", "_idle", "_conn", "_timeout")
 
-    def __init__(self, pool: "Pool", idle: list[_Conn], conn: _Conn) -> None:
+    def __init__(self, pool: Pool, idle: list[_Conn], conn: _Conn) -> None:
         self._pool, self._idle, self._conn = pool, idle, conn
         self.status = conn.status
         self.headers = conn.headers

@@ -17,8 +17,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import httpx
 
@@ -58,7 +59,7 @@ class BudgetUse:
 
 def period_start(period: str, now: float) -> float:
     """Start (UTC) of the budget period containing now."""
-    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
     start = t.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "month":
         start = start.replace(day=1)
@@ -158,7 +159,7 @@ class Alerter:
         if not self.enabled:
             return
         alert = {"id": uuid.uuid4().hex, "event": event, "node": self.node_name,
-                 "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
                  "summary": summary, **details}
         if self.queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):

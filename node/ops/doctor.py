@@ -13,24 +13,25 @@ import errno
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
+from node.accounts.storage import open_storage
+from node.accounts.storage.migrations import MIGRATIONS
 from node.config import Config
 from node.errors import ConfigError
 from node.ops.fleet import read_master_key
-from node.workers.gpus import Inventory, discover
 from node.supply.lockfile import LockFile, read_lock
-from node.workers.placement import place
 from node.supply.resolve import stale_models
-from node.workers.router import Router
-from node.accounts.storage import open_storage
-from node.accounts.storage.migrations import MIGRATIONS
 from node.supply.store import Store
+from node.workers.gpus import Inventory, discover
+from node.workers.placement import place
+from node.workers.router import Router
 from node.workers.supervisor import Supervisor
 
 # Free space below this share of the disk (after the missing blobs are pulled) is a warning.

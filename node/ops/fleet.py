@@ -19,15 +19,16 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from node.config import Config, LiteLLMFleet, ModelConfig
 from node.accounts.keys import hash_secret
+from node.config import Config, LiteLLMFleet, ModelConfig
 
 log = logging.getLogger("infernode.fleet")
 
@@ -262,7 +263,7 @@ class FleetReconciler:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.resync_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await asyncio.sleep(0.2)  # several replicas often change at once: sync once for all
@@ -290,7 +291,7 @@ class FleetReconciler:
             return 0
         try:
             return await asyncio.wait_for(self._deregister(), timeout)
-        except (ProxyError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProxyError) as exc:
             self.status.last_error = f"deregistration failed: {exc or 'timed out'}"
             log.warning("fleet: %s", self.status.last_error)
             return 0

@@ -64,7 +64,7 @@ class BulkClient:
             return http.client.HTTPConnection(host, port or 80, timeout=self.timeout_s), False
         raise http.client.InvalidURL(f"unsupported URL scheme in {u.geturl()}")
 
-    def get(self, url: str, headers: dict[str, str]) -> "BulkResponse":
+    def get(self, url: str, headers: dict[str, str]) -> BulkResponse:
         """GET `url`, following redirects; the caller reads the body and closes it."""
         origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
@@ -111,7 +111,7 @@ class BulkResponse:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "BulkResponse":
+    def __enter__(self) -> BulkResponse:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,13 +15,13 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 
-from node.supply.bulkhttp import BulkClient, BulkResponse
 from node.errors import StoreError
+from node.supply.bulkhttp import BulkClient, BulkResponse
 from node.supply.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -53,7 +53,7 @@ class NetSettings:
     connect_timeout_s: float = 15.0
 
     @classmethod
-    def from_env(cls) -> "NetSettings":
+    def from_env(cls) -> NetSettings:
         """Defaults, overridden by INFERNODE_PULL_{PARALLEL,RETRIES,BACKOFF_S,STALL_S}."""
         env = os.environ
         return cls(

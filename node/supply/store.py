@@ -16,13 +16,14 @@ import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from node.errors import StoreError
-from runtimes import ModelLayout
 from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
+from runtimes import ModelLayout
 
 CHUNK = 1024 * 1024
 
@@ -56,7 +57,7 @@ class BlobWriter:
     write it at once; the second waits and then finds the blob present.
     """
 
-    def __init__(self, store: "Store", locked: LockedFile) -> None:
+    def __init__(self, store: Store, locked: LockedFile) -> None:
         self.store, self.locked = store, locked
         self.hexd = check_hex(locked.sha256)
         self.path = store.partial_dir / self.hexd
@@ -66,7 +67,7 @@ class BlobWriter:
         # True when the blob was already in the store once we held the lock.
         self.present = False
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
         while True:
             f = open(self.path, "a+b", buffering=0)  # each write reaches the OS: a kill loses nothing

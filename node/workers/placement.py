@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from node.config import GiB, Config, ModelConfig
-from node.workers.gpus import Inventory
+from node.config import Config, GiB, ModelConfig
 from node.supply.lockfile import LockFile
+from node.workers.gpus import Inventory
 
 KV_RESERVE_FRACTION = 0.25
 CUDA_OVERHEAD = 1 * GiB

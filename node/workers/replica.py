@@ -18,15 +18,16 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import httpx
 
 import runtimes
-from node.workers import probes
 from node.config import SupervisorSection
+from node.workers import probes
 from node.workers.handles import Adoptable, KeeperHandle
 from node.workers.keeper import owner_token
 from node.workers.states import WorkerState, check_transition
@@ -89,7 +90,7 @@ class Replica:
     run_dir: Path
     log_dir: Path
     probe_client: httpx.AsyncClient
-    on_change: Callable[["Replica"], None] = lambda r: None
+    on_change: Callable[[Replica], None] = lambda r: None
     adopt: Adoptable | None = None
     adopt_grace_s: float = 30.0
     probe_inference: bool = False   # also send a real one-token completion every few probes
@@ -342,7 +343,7 @@ class Replica:
         return f"not ready within {self.plan.startup_timeout_s:.0f}s ({why})"
 
     async def _sleep_or_exit(self, seconds: float) -> None:
-        waits = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._restart.wait())]
+        waits: list[asyncio.Task[Any]] = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._restart.wait())]
         if self.keeper is not None:
             waits.append(asyncio.create_task(self.keeper.wait()))
         try:
@@ -391,7 +392,7 @@ class Replica:
             keeper.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(keeper.wait(), self.settings.stop_timeout_s + 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 keeper.signal(signal.SIGKILL)  # the worker dies with it (PDEATHSIG)
                 await keeper.wait()
         else:

@@ -15,24 +15,24 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
 import runtimes
 from node.config import Config, ModelConfig
-from node.workers.gpus import Inventory
-from node.workers.keeper import owner_token, process_start_time
 from node.supply.lockfile import LockFile
-from node.workers.placement import Placed, place
 from node.supply.resolve import stale_models
+from node.supply.store import Store
+from node.workers.gpus import Inventory
+from node.workers.handles import claim_workers, find_adoptable
+from node.workers.keeper import owner_token, process_start_time
+from node.workers.placement import Placed, place
+from node.workers.replica import Replica
 from node.workers.router import Router
 from node.workers.states import WorkerState
-from node.supply.store import Store
-from node.workers.handles import claim_workers, find_adoptable
-from node.workers.replica import Replica
 from runtimes import WorkerSpec
 
 log = logging.getLogger("infernode.supervisor")
@@ -88,7 +88,7 @@ class Supervisor:
                     check = RuntimeCheck(True, text[-1] if text else "installed")
                 else:
                     check = RuntimeCheck(False, f"{runtime} is not installed in {argv[0]}: {text[-1] if text else proc.returncode}")
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 check = RuntimeCheck(False, f"{runtime} is not usable: {exc}")
         self.runtime_checks[runtime] = check
         return check

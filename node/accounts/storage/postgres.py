@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -30,7 +31,7 @@ class PostgresBackend:
         return self._pool
 
     @contextmanager
-    def transaction(self) -> Iterator["PostgresBackend"]:
+    def transaction(self) -> Iterator[PostgresBackend]:
         with self._pool_open().connection() as conn:
             with conn.transaction():
                 self._local.conn = conn

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import sqlite_utils
 
@@ -32,7 +33,7 @@ class SqliteBackend:
         return self._conn
 
     @contextmanager
-    def transaction(self) -> Iterator["SqliteBackend"]:
+    def transaction(self) -> Iterator[SqliteBackend]:
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
