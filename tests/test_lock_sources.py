@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from node.config import load_config
 from node.errors import StoreError
@@ -38,10 +39,11 @@ def model(source: str, name: str = "m", runtime: str = "llamacpp", extra: str = 
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, tmp_path):
     h = FakeHub().start()
     monkeypatch.setenv("HF_ENDPOINT", h.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))  # not this user's login
     yield h
     h.stop()
 
@@ -110,6 +112,7 @@ def test_hf_token_is_sent_to_the_hub(tmp_path, monkeypatch):
         h.commit("org/private", {"tiny.gguf": GGUF})
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
         with pytest.raises(RemoteError, match="HF_TOKEN"):
             lock_of(write_box(tmp_path, model("hf:org/private")))
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
@@ -118,6 +121,24 @@ def test_hf_token_is_sent_to_the_hub(tmp_path, monkeypatch):
         pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
         assert store.verify(lock.entry("m")) == []
         assert any(s.authorization == "Bearer hf_secret" and "/resolve/" in s.path for s in h.seen)
+    finally:
+        h.stop()
+
+
+def test_hf_token_saved_by_login_is_used(tmp_path):
+    """`hf auth login` (or `huggingface-cli login`) saves the token under $HF_HOME: lock and pull use it."""
+    h = FakeHub(token="hf_saved").start()
+    try:
+        h.commit("org/private", {"tiny.gguf": GGUF})
+        home = tmp_path / "hf-home"
+        home.mkdir()
+        (home / "token").write_text("hf_saved\n")
+        cfg_path = write_box(tmp_path, model("hf:org/private"))
+        env = {"HF_ENDPOINT": h.url, "HF_HOME": str(home), "HF_TOKEN": ""}  # no token in the environment
+        run_cli("lock", config=cfg_path, env=env, check=True)
+        run_cli("pull", config=cfg_path, env=env, check=True)
+        assert any(s.authorization == "Bearer hf_saved" and "/api/models/" in s.path for s in h.seen)
+        assert any(s.authorization == "Bearer hf_saved" and "/resolve/" in s.path for s in h.seen)
     finally:
         h.stop()
 

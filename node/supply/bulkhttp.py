@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
+import certifi
+
 REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 10
 USER_AGENT = "infernode-pull"
@@ -40,8 +42,7 @@ class BulkClient:
         with self._lock:
             if self._ssl is None:
                 cafile = os.environ.get("SSL_CERT_FILE")
-                if not cafile:
-                    import certifi  # httpx's own CA bundle, so both paths trust the same roots
+                if not cafile:  # httpx's own CA bundle (certifi), so both paths trust the same roots
                     cafile = certifi.where()
                 self._ssl = ssl.create_default_context(cafile=cafile)
             return self._ssl

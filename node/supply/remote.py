@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 import httpx
+from huggingface_hub import get_token
 
 from node.config import ModelConfig
 from node.errors import StoreError
@@ -47,7 +48,7 @@ def hf_endpoint() -> str:
 
 
 def hf_headers() -> dict[str, str]:
-    token = os.environ.get("HF_TOKEN")
+    token = get_token()  # $HF_TOKEN, else what `hf auth login` saved under $HF_HOME
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
@@ -60,7 +61,7 @@ def resolve_hf(model: ModelConfig, src: HfSource, settings: NetSettings) -> Lock
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    api = HfApi(endpoint=hf_endpoint(), token=os.environ.get("HF_TOKEN") or False)
+    api = HfApi(endpoint=hf_endpoint(), token=get_token() or False)
     where = f"{model.name}: hf:{src.repo}@{src.revision}"
     try:
         info = api.model_info(src.repo, revision=src.revision, files_metadata=True)

@@ -7,7 +7,7 @@ import operator
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -56,6 +56,7 @@ class Backend(Protocol):
     name: str
 
     def transaction(self) -> Any: ...
+    def migration_lock(self) -> AbstractContextManager[None]: ...
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None: ...
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
@@ -144,13 +145,12 @@ class SqlStorage:
     def migrate(self) -> list[str]:
         """Apply the migrations not yet recorded; return their names."""
         applied_now = []
-        with self._guard():
+        with self._guard(), self.backend.migration_lock():
             self.backend.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
             )
             for name, statements in MIGRATIONS:
                 with self.backend.transaction() as tx:
-                    # Row lock via insert: two nodes migrating at once apply each step once.
                     rows = tx.query(self._sql("SELECT name FROM schema_migrations WHERE name = ?"), (name,))
                     if rows:
                         continue

@@ -1,4 +1,8 @@
-"""SQLite backend (WAL), through sqlite-utils."""
+"""SQLite backend (WAL), through the standard library's sqlite3.
+
+The SQL is the same as PostgreSQL's (node/accounts/storage/sql.py), so no table layer
+on top: WAL is one pragma.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import sqlite_utils
 
 
 class SqliteBackend:
@@ -25,8 +27,7 @@ class SqliteBackend:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-            db = sqlite_utils.Database(conn)
-            db.enable_wal()
+            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             self._conn = conn
@@ -57,6 +58,12 @@ class SqliteBackend:
             cur = self._connect().execute(sql, params)
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    @contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """One migrator at a time: this process's lock (one node owns a SQLite file: data_dir is locked)."""
+        with self._lock:
+            yield
 
     def table_exists(self, name: str) -> bool:
         return bool(self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)))
