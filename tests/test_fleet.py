@@ -138,7 +138,10 @@ def test_proxy_down_then_up_is_retried_with_backoff(tmp_path):
     async def scenario() -> None:
         r = _reconciler(cfg, f"http://127.0.0.1:{port}", {"chat-a"})
         r.start()
-        await asyncio.sleep(1.0)
+        for _ in range(200):  # two failed attempts, the second after a backoff
+            if r.status.failures >= 2:
+                break
+            await asyncio.sleep(0.05)
         assert r.status.failures >= 2 and "unreachable" in r.status.last_error
         proxy = LiteLLMAdminFake(port, MASTER).start()
         try:
