@@ -392,7 +392,7 @@ def _raise(path: Path, key: str, problem: str, fix: str = "") -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Read and validate `appliance.toml` (found as DESIGN.md says when path is None)."""
+    """Read and validate `appliance.toml` (when path is None: $INFERNODE_CONFIG, ./appliance.toml, then /etc/infernode)."""
     p = find_config(path)
     try:
         raw = tomllib.loads(p.read_text())

@@ -1,4 +1,4 @@
-"""Metrics: the families DESIGN.md names, promtool-valid, NVML and worker metrics sampled in the background."""
+"""Metrics: the families docs/ops/metrics.md lists, promtool-valid, NVML and worker metrics sampled in the background."""
 
 from __future__ import annotations
 

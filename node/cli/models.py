@@ -14,7 +14,7 @@ from node.supply.lockfile import LockFile, read_lock, write_lock
 from node.supply.store import Problem, Store
 
 STARTER = """\
-# Infernode appliance configuration. See README.md for every key.
+# Infernode appliance configuration. Every key: docs/reference/appliance-toml.md.
 [node]
 name = "{name}"
 listen = "0.0.0.0:8080"

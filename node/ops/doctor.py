@@ -127,7 +127,7 @@ def check_runtimes(config: Config, lock: LockFile) -> Iterator[Check]:
             yield ok(f"runtime {name}", f"installed, version {check.detail}")
         else:
             yield fail(f"runtime {name}", check.detail,
-                       f"install {name} (see RUNTIMES) or point [runtimes.{name}] at its python/binary")
+                       f"install {name} (docs/gpus-and-runtimes.md) or point [runtimes.{name}] at its python/binary")
 
 
 def check_port(config: Config, timeout_s: float) -> Check:
