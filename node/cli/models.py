@@ -1,8 +1,13 @@
-"""The model supply chain: init, lock, pull, verify, bundle export."""
+"""The model supply chain: init, lock, pull, verify, bundle export.
+
+Each command imports the supply modules it runs inside its body, so `infernode --help` and
+the other commands load none of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +42,6 @@ tpm = 1000000
 def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appliance.toml and models.lock"),
          data_dir: str = typer.Option("/var/lib/infernode", "--data-dir")) -> None:
     """Write a starter appliance.toml (GPUs detected) and an empty models.lock."""
-    import socket
-
     from node.workers.gpus import discover
 
     dir.mkdir(parents=True, exist_ok=True)
