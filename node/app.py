@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+import runtimes
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.accounts.ledger import Ledger, rebuild_counters
 from node.accounts.quotas import Quotas
@@ -77,6 +78,8 @@ class Node:
         self.starting = True
         self._tasks: list[asyncio.Task] = []
         self._keys_version: int | None = None
+        # A refresh reads the database then swaps the ring; a key written in between must not be lost.
+        self._keys_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=30.0)
@@ -92,6 +95,12 @@ class Node:
                                   price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue)
                 for m in self.config.models}
 
+    def _model_format(self, name: str) -> str:
+        """The weights' file format of a model, as its runtime's adapter lays it out ('' when it pins none)."""
+        m = self.config.model(name)
+        layout = runtimes.get(m.runtime).LAYOUT if m is not None else None
+        return layout.file_format if layout is not None else ""
+
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
@@ -99,6 +108,9 @@ class Node:
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: bool(target.plan and target.plan.uuid_request_ids),
+            serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
+            cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
+            format_of=self._model_format,
             log_prompts=self.config.node.log_prompts,
         )
 
@@ -223,13 +235,14 @@ class Node:
     async def refresh_keys(self, force: bool = False) -> None:
         """Reload keys and teams when the database says they changed (other nodes' changes too)."""
         assert self.storage is not None
-        version = await asyncio.to_thread(self.storage.keys_version)
-        if force or version != self._keys_version:
-            records = await asyncio.to_thread(self.storage.list_keys)
-            teams = await asyncio.to_thread(self.storage.list_teams)
-            self.keys.replace_all(records)
-            self.quotas.set_teams(teams)
-            self._keys_version = version
+        async with self._keys_lock:
+            version = await asyncio.to_thread(self.storage.keys_version)
+            if force or version != self._keys_version:
+                records = await asyncio.to_thread(self.storage.list_keys)
+                teams = await asyncio.to_thread(self.storage.list_teams)
+                self.keys.replace_all(records)
+                self.quotas.set_teams(teams)
+                self._keys_version = version
 
     async def _keys_loop(self) -> None:
         """Poll the settings version every 0.5 s, so a change on any node applies within a second."""
@@ -256,14 +269,16 @@ class Node:
                 fields[k] = v
         secret = new_secret()
         record = KeyRecord(id=new_key_id(), secret_hash=hash_secret(secret), prefix=secret[:8], **fields)
-        await asyncio.to_thread(self.storage.insert_key, record)
-        self.keys.put(record)
+        async with self._keys_lock:
+            await asyncio.to_thread(self.storage.insert_key, record)
+            self.keys.put(record)
         return record, secret
 
     async def save_key(self, record: KeyRecord) -> None:
         assert self.storage is not None
-        await asyncio.to_thread(self.storage.save_key, record)
-        self.keys.put(record)
+        async with self._keys_lock:
+            await asyncio.to_thread(self.storage.save_key, record)
+            self.keys.put(record)
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

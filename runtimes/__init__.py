@@ -25,6 +25,11 @@ class ModelLayout(str, Enum):
     HF_FOLDER = "hf_folder"       # the folder holding the model's config.json (else the model's root)
     OLLAMA_TREE = "ollama_tree"   # the store's OLLAMA_MODELS tree (manifests/ and blobs/)
 
+    @property
+    def file_format(self) -> str:
+        """The weights' file format in this layout (what Ollama's /api/show calls `format`)."""
+        return "safetensors" if self is ModelLayout.HF_FOLDER else "gguf"
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -82,6 +87,12 @@ class LaunchPlan:
     context_length: int | None = None  # the context the worker launches with, when the plan sets it
     # True when the worker rejects an x-request-id that is not a UUID (the node then sends one derived from it).
     uuid_request_ids: bool = False
+    # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
+    # ("responses": POST /v1/responses); the node passes those through untranslated.
+    native_apis: tuple[str, ...] = ()
+    # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
+    # the node answers those with a 400 instead of passing the worker's internal error on.
+    cannot: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runtime(Protocol):

@@ -47,6 +47,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         metrics_path="/metrics",
         stream_usage=True,
         context_length=int_or_none(flag_value(tuple(argv), "--max-model-len")),
+        native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
     )
 
 

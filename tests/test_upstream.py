@@ -18,7 +18,7 @@ from node.accounts.keys import KeyRecord, KeyRing, hash_secret
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest
 from node.gateway.context import check
-from node.gateway.httpd import Server
+from node.gateway.listener import Server
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut
 from node.ops.metrics import Metrics
