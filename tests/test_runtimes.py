@@ -54,7 +54,7 @@ def test_what_each_plan_tells_the_node() -> None:
 
     gguf = HF_MODEL.parent / "model.gguf"
     lc = llamacpp_rt.plan(spec("llamacpp", model_path=gguf))
-    assert lc.context_length == 2048 and lc.uuid_request_ids and not lc.stream_usage
+    assert lc.context_length == 2048 and lc.uuid_request_ids and lc.stream_usage  # usage through the shim
     assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("--n_ctx=512",))).context_length == 512
     assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, max_model_len=4096)).context_length == 4096
     v = vllm_rt.plan(spec("vllm", args=("--max-model-len", "1024")))
