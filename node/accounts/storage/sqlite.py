@@ -6,6 +6,7 @@ on top: WAL is one pragma.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -61,8 +62,9 @@ class SqliteBackend:
 
     @contextmanager
     def migration_lock(self) -> Iterator[None]:
-        """One migrator at a time: this process's lock (one node owns a SQLite file: data_dir is locked)."""
-        with self._lock:
+        """One migrator per database file, across processes: an flock on a file beside it."""
+        with open(f"{self.path}.migrate-lock", "a") as f, self._lock:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
             yield
 
     def table_exists(self, name: str) -> bool:
