@@ -52,6 +52,7 @@ class WorkerSpec:
     max_model_len: int | None = None
     url: str | None = None          # external runtime: the OpenAI base URL
     startup_timeout_s: float | None = None
+    api_key: str | None = field(default=None, repr=False)  # external runtime: sent as a bearer token
     sleep: bool = False             # idle through the runtime's sleep mode, where it has one
 
 
@@ -97,6 +98,8 @@ class LaunchPlan:
     context_length: int | None = None  # the context the worker launches with, when the plan sets it
     # True when the worker rejects an x-request-id that is not a UUID (the node then sends one derived from it).
     uuid_request_ids: bool = False
+    # Sent with every request to the worker (probes and traffic), e.g. an external server's key.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     sleep: SleepControl | None = None  # set when the spec asked for sleep and the runtime has it
     # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
     # ("responses": POST /v1/responses); the node passes those through untranslated.

@@ -29,6 +29,7 @@ from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
 from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
+from node.ops.metrics import refusal_reason
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node
@@ -83,6 +84,7 @@ class NodeApp:
         try:
             req.auth = gateway.authenticate(req, route)
         except AuthenticationError as err:
+            gateway.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
             rid = _request_id(req)
             status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
             return Refusal(status, error_headers(err, rid), body)
