@@ -26,14 +26,15 @@ from __future__ import annotations
 import calendar
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol
 
-from node.errors import AuthenticationError, PermissionDenied, RateLimited
 from node.accounts.counters import WINDOW, Counter
 from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord, effective
 from node.accounts.teams import TeamRecord
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
 
 WHO = {"key": "this key", "team": "this key's team", "user": "this end user"}
 
@@ -83,7 +84,7 @@ def next_month_start(now: float) -> float:
 class Admission:
     """One admitted request; `finish` must be called exactly once."""
 
-    quotas: "Quotas"
+    quotas: Quotas
     key: KeyRecord
     model: str                    # the model charged: set to the one that served it (fallbacks)
     wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent

@@ -8,13 +8,15 @@ checks that it has one.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request
 
 from node.accounts.roles import ACTIONS, Principal, may
-from node.app import Node
 from node.errors import AuthenticationError, PermissionDenied
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 def bearer(request: Request) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 
@@ -16,8 +16,10 @@ from node.accounts.tokens import TokenRecord
 from node.admin.access import audited, need, own_team
 from node.admin.protocol import (KeyCreate, KeyRotate, KeyUpdate, PlanCreate, PlanUpdate, TeamCreate, TeamUpdate,
                                  TokenCreate)
-from node.app import Node
 from node.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 class Conflict(InvalidRequest):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 
 from node import __version__
 from node.accounts.roles import Principal
 from node.admin.access import audited, need
-from node.app import Node
 from node.errors import InvalidRequest, NoReadyReplica, NotFound, UpstreamError
 from node.ops.fleet import ProxyError, desired_deployments
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 def add_operation_routes(r: FastAPI, node: Node) -> None:

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import StreamingResponse
@@ -18,8 +18,10 @@ from node.accounts.storage.sql import USAGE_COLUMNS
 from node.accounts.roles import Principal
 from node.admin.access import need, own_team
 from node.admin.protocol import MAX_TIME, check_text
-from node.app import Node
 from node.errors import InvalidRequest
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 def _opt_text(v: str | None) -> str | None:

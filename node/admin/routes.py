@@ -6,7 +6,7 @@ Every route checks the caller's role (node/admin/access.py, node/accounts/roles.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,8 +18,10 @@ from node.admin.access import bearer, need
 from node.admin.accounts import add_account_routes
 from node.admin.operations import add_operation_routes
 from node.admin.reports import add_report_routes
-from node.app import Node
 from node.errors import AuthenticationError, InvalidRequest, NodeError
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 def build_admin(node: Node) -> FastAPI:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 from node.cli.keys import _time
 from node.errors import InvalidRequest, OperationFailed
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import time
-from contextlib import contextmanager
-import operator
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from node.accounts.keys import KeyRecord
 from node.accounts.audit import AuditRecord
@@ -65,6 +66,7 @@ class Backend(Protocol):
     name: str
 
     def transaction(self) -> Any: ...
+    def migration_lock(self) -> AbstractContextManager[None]: ...
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None: ...
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
@@ -176,13 +178,12 @@ class SqlStorage(GovernanceTables):
     def migrate(self) -> list[str]:
         """Apply the migrations not yet recorded; return their names."""
         applied_now = []
-        with self._guard():
+        with self._guard(), self.backend.migration_lock():
             self.backend.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
             )
             for name, statements in MIGRATIONS:
                 with self.backend.transaction() as tx:
-                    # Row lock via insert: two nodes migrating at once apply each step once.
                     rows = tx.query(self._sql("SELECT name FROM schema_migrations WHERE name = ?"), (name,))
                     if rows:
                         continue
@@ -290,7 +291,8 @@ class SqlStorage(GovernanceTables):
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]:
         """Totals grouped by any of key, team, model, user, api, day, month (UTC)."""
-        select, group = [], []
+        select: list[str] = []
+        group: list[str] = []
         for g in group_by:
             if g not in USAGE_GROUPS:
                 raise ValueError(f"cannot group by {g!r}; use {', '.join(USAGE_GROUPS)}")
