@@ -11,7 +11,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -23,8 +23,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derando
                     suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module")
-def admin_node(tmp_path_factory):
+def _fresh_node(tmp_path_factory):
     from tests.conftest import start_node, wait_until, write_config
 
     node = start_node(write_config(tmp_path_factory.mktemp("adminfuzz"), NO_MODELS))
@@ -33,6 +32,17 @@ def admin_node(tmp_path_factory):
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_node(tmp_path_factory):
+    yield from _fresh_node(tmp_path_factory)
+
+
+@pytest.fixture
+def empty_node(tmp_path_factory):
+    """A node no other test has written to: the state machine's draws depend on what the server holds."""
+    yield from _fresh_node(tmp_path_factory)
 
 
 def _healthy(url: str) -> bool:
@@ -99,7 +109,8 @@ def test_huge_integers_are_422_not_500(admin_node) -> None:
         assert r.status_code == 422
 
 
-def test_admin_api_stateful_never_5xx(admin_node) -> None:
+def test_admin_api_stateful_never_5xx(empty_node) -> None:
+    admin_node = empty_node
     schema, auth = _schema(admin_node)
     base = schema.as_state_machine()
 
@@ -110,5 +121,8 @@ def test_admin_api_stateful_never_5xx(admin_node) -> None:
         def validate_response(self, response, case, **kwargs) -> None:
             _no_server_error(response, case)
 
+    # Generate only: a replay (shrinking) would meet a server that the first run already changed, which
+    # hypothesis reports as a flaky strategy; a 5xx still fails the run, with the request that caused it.
     AdminMachine.run(settings=settings(max_examples=15, stateful_step_count=6, deadline=None, database=None,
-                                       derandomize=True, suppress_health_check=list(HealthCheck)))
+                                       derandomize=True, phases=[Phase.generate],
+                                       suppress_health_check=list(HealthCheck)))
