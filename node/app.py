@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import secrets
@@ -19,7 +20,8 @@ import httpx
 
 from node.ops.alerts import Alerter, budget_uses
 from node.config import Config, load_config
-from node.errors import OperationFailed
+from node.console.sessions import Principal
+from node.errors import AuthenticationError, OperationFailed
 from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
@@ -260,6 +262,18 @@ class Node:
             except StorageUnavailable as exc:
                 if ticks % 20 == 1:
                     log.warning("key refresh failed (keys stay as they were): %s", exc)
+
+    def identify(self, secret: str) -> Principal | None:
+        """Who a console sign-in is: the admin key, or an API key in good standing (else None)."""
+        if self.admin_key and hmac.compare_digest(secret.encode(), self.admin_key.encode()):
+            return Principal("admin", "admin", "admin", "admin key", None, secret)
+        try:
+            record = self.keys.lookup(secret)
+        except AuthenticationError:
+            return None   # revoked or expired
+        if record is None:
+            return None
+        return Principal("key", "key", record.id, record.name, record.team, secret)
 
     async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
         """A new key and its secret (returned once, stored as a hash)."""

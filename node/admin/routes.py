@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -19,6 +19,7 @@ from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound
 from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
+from node.workers.replica import tail_lines
 from node.admin.protocol import KeyCreate, KeyUpdate, TeamCreate, TeamUpdate
 
 
@@ -164,6 +165,15 @@ def build_admin(node: Node) -> FastAPI:
         data = [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else []
         return {"object": "list", "data": data}
 
+    @app.get("/admin/v1/workers/{replica_id}/logs", dependencies=guard)
+    async def worker_logs(replica_id: str, lines: int = Query(50, ge=1, le=500)) -> dict[str, Any]:
+        """The last lines of one replica's log (what the runtime printed)."""
+        replica = node.supervisor.replicas.get(replica_id) if node.supervisor else None
+        if replica is None:
+            raise NotFound(f"no replica '{replica_id}'", code="replica_not_found")
+        text = await asyncio.to_thread(tail_lines, replica.log_path, lines, 65536)
+        return {"id": replica_id, "lines": text}
+
     @app.get("/admin/v1/gpus", dependencies=guard)
     async def gpus() -> dict[str, Any]:
         inv = node.inventory
@@ -178,6 +188,7 @@ def build_admin(node: Node) -> FastAPI:
             "node": {"name": node.config.node.name, "listen": node.config.node.listen, "version": __version__,
                      "uptime_s": round(time.time() - node.started_at, 1), "ready": ok, "reasons": reasons,
                      "keys": len(node.keys)},
+            "models": [{"name": m.name, "runtime": m.runtime} for m in node.config.models],
             "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),

@@ -2,7 +2,9 @@
 
 `/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
-ASGI bridge. Every response carries an `x-request-id` (the client's if it sent one).
+ASGI bridge; `/ui/*` is the web console, whose API calls come back here as `/v1` or
+`/admin` requests carrying the signed-in principal's secret. Every response carries an
+`x-request-id` (the client's if it sent one).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import uuid
 
 from node.admin.routes import build_admin
 from node.app import Node
+from node.console.web import Answer, Console
 from node.gateway.asgi import serve_asgi
 from node.errors import NodeError, NotFound, NoReadyReplica
 from node.gateway.proxy import JSON_CT, error_headers
@@ -28,9 +31,16 @@ class NodeApp:
         self.node = node
         self.admin = build_admin(node)
         self.server_addr = server_addr
+        self.console = Console(node.identify, secure=bool(getattr(node.config.node, "tls_cert", None)), node_name=node.config.node.name)
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
+        if path == b"/ui" or path.startswith(b"/ui/"):
+            ui = self.console.handle(req.method, path.decode("latin-1"), req.headers, req.body)
+            if isinstance(ui, Answer):
+                return conn.respond(ui.status, ui.headers + [(b"x-request-id", _request_id(req))], ui.body)
+            req.path, req.headers = ui.path, ui.headers
+            path = req.path
         gateway = self.node.gateway
         if path.startswith(b"/v1/") and gateway is not None:
             return await gateway.handle(req, conn)  # the hot path sets its own x-request-id
