@@ -24,8 +24,8 @@ async function staff(days) {
     el("div", { class: "cols" },
       section("By model", chart("Tokens by model", byModel, (r) => r.model)),
       section("By team", chart("Tokens by team", byTeam, (r) => r.team || "(no team)"))),
-    section("By key", chart("Tokens by key", byKey, (r) => r.key_name || r.key_id),
-      table([["Key", (r) => r.key_name || r.key_id], ["Requests", (r) => fmtNum(r.requests)],
+    section("By key", chart("Tokens by key", byKey, (r) => r.key || "(none)"),
+      table([["Key", (r) => r.key || "(none)"], ["Requests", (r) => fmtNum(r.requests)],
              ["Prompt", (r) => fmtNum(r.prompt_tokens)], ["Completion", (r) => fmtNum(r.completion_tokens)]],
             byKey.sort((a, b) => tokens(b) - tokens(a)).slice(0, 50))));
   setStatus(`Usage since ${new Date(since * 1000).toISOString().slice(0, 10)}`);
