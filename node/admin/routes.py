@@ -70,8 +70,16 @@ def build_admin(node: Node) -> FastAPI:
         return {**record.public(), "key": secret}
 
     @app.get("/admin/v1/keys", dependencies=guard)
-    async def list_keys() -> dict[str, Any]:
-        return {"object": "list", "data": [r.public() for r in sorted(node.keys.all(), key=lambda r: r.created_at)]}
+    async def list_keys(q: str | None = Query(None, max_length=200), limit: int | None = Query(None, ge=1, le=100_000),
+                        offset: int = Query(0, ge=0, le=10_000_000), newest_first: bool = False) -> dict[str, Any]:
+        """Keys oldest first (or newest first); `q` matches name, id, team or prefix; `total` counts all matches."""
+        records = sorted(node.keys.all(), key=lambda r: r.created_at, reverse=newest_first)
+        if q:
+            needle = q.lower()
+            records = [r for r in records
+                       if needle in r.name.lower() or needle in r.id or needle in (r.team or "").lower() or needle in r.prefix]
+        page = records[offset:offset + limit] if limit is not None else records[offset:]
+        return {"object": "list", "total": len(records), "data": [r.public() for r in page]}
 
     @app.get("/admin/v1/keys/{key_id}", dependencies=guard)
     async def get_key(key_id: str) -> dict[str, Any]:

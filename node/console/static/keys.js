@@ -3,12 +3,17 @@ import { action, api, can, content, el, fmtAge, fmtNum, section, setStatus, tabl
 
 const PAGE = 50;
 let keys = [];
+let total = 0;
 let query = "";
 let shown = PAGE;
 let secretBox = null;   // the one place a new secret appears, until the page is left
 const search = el("input", { type: "search", placeholder: "Search name, id, team", id: "key-search",
                              "aria-label": "Search keys" });
-search.addEventListener("input", () => { query = search.value; shown = PAGE; render(); });
+let typing = null;
+search.addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => { query = search.value; shown = PAGE; load().catch((e) => setStatus(e.message, true)); }, 200);
+});
 const listBox = el("div", {});
 
 const num = (v) => (v === "" || v === null || v === undefined ? undefined : Number(v));
@@ -51,6 +56,7 @@ function createForm() {
       const rec = await api("/admin/v1/keys", { method: "POST", body });
       secretBox = secretPanel(`Key “${rec.name}” created (${rec.id})`, rec);
       f.reset();
+      layout();
       await load();
     } catch (e) { setStatus(e.message, true); }
   });
@@ -83,6 +89,7 @@ function row_actions(k) {
     action("Rotate", async () => {
       const rec = await api(`/admin/v1/keys/${encodeURIComponent(k.id)}/rotate`, { method: "POST", body: {} });
       secretBox = secretPanel(`Key “${k.name}” rotated`, rec);
+      layout();
       await load();
     }, { confirmText: `Rotate ${k.name}? Its current secret stops working.` }),
     action("Revoke", async () => {
@@ -93,8 +100,6 @@ function row_actions(k) {
 }
 
 function render() {
-  const q = query.toLowerCase();
-  const matching = q ? keys.filter((k) => `${k.name} ${k.id} ${k.team || ""} ${k.prefix || ""}`.toLowerCase().includes(q)) : keys;
   const list = table([
     ["Name", (k) => k.name],
     ["Id", (k) => el("code", {}, k.id)],
@@ -105,14 +110,16 @@ function render() {
     ["rpm / tpm", (k) => `${fmtNum(k.rpm)} / ${fmtNum(k.tpm)}`],
     ["Created", (k) => fmtAge(k.created_at)],
     ["", (k) => row_actions(k)],
-  ], matching.slice(0, shown), { empty: "No keys match." });
-  const more = matching.length > shown
-    ? action(`Show more (${matching.length - shown} left)`, async () => { shown += PAGE; render(); }) : null;
-  listBox.replaceChildren(el("p", { class: "muted" }, `${matching.length} keys`), list, more || "");
+  ], keys, { empty: "No keys match." });
+  const more = total > keys.length
+    ? action(`Show more (${total - keys.length} left)`, async () => { shown += PAGE; await load(); }) : null;
+  listBox.replaceChildren(el("p", { class: "muted" }, `${total} keys${query ? " match" : ""}`), list, more || "");
 }
 
 let form = null;
+let laidOut = false;
 function layout() {
+  laidOut = true;
   form = form || (can.manage ? createForm() : null);
   content().replaceChildren(
     can.manage ? section("New key", form, secretBox) : "",
@@ -120,11 +127,15 @@ function layout() {
 }
 
 async function load() {
-  const r = await api("/admin/v1/keys");
-  keys = r.data.sort((a, b) => b.created_at - a.created_at);
-  layout();
+  // One page at a time from the node, newest first: a box may hold tens of thousands of keys.
+  const q = new URLSearchParams({ limit: String(shown), newest_first: "true" });
+  if (query) q.set("q", query);
+  const r = await api(`/admin/v1/keys?${q}`);
+  keys = r.data;
+  total = r.total;
+  if (!laidOut) layout();
   render();
-  setStatus(`${keys.length} keys`);
+  setStatus(`${total} keys${query ? ` match “${query}”` : ""}`);
 }
 
 load().catch((e) => setStatus(e.message, true));
