@@ -26,10 +26,15 @@ class _Section(BaseModel):
 
 
 class NodeSection(_Section):
+    # This node's name in logs, metrics, alerts and fleet registrations (default: the host name).
     name: str = Field(default_factory=socket.gethostname)
+    # HOST:PORT of the one port serving /v1, /admin, /metrics and the health routes.
     listen: str = "0.0.0.0:8080"
+    # The store, the SQLite database, worker logs and run state.
     data_dir: Path = Path("/var/lib/infernode")
+    # Environment variable holding the admin key.
     admin_key_env: str = "INFERNODE_ADMIN_KEY"
+    # File holding the admin key when the variable is unset (default: data_dir/admin.key, generated on first start).
     admin_key_file: Path | None = None
     # Pull what models.lock pins before launching, when the store lacks it.
     pull_on_start: bool = True
@@ -37,8 +42,11 @@ class NodeSection(_Section):
     drain_grace_s: float = 30.0
     # Seconds a worker outlives a vanished node, waiting to be adopted by its successor.
     adopt_grace_s: float = 30.0
+    # Largest request body accepted; larger ones get 413.
     max_body_bytes: int = 4 * 1024 * 1024
+    # Log lines as JSON, as short text, or auto: JSON unless stdout is a terminal.
     log_format: Literal["auto", "json", "text"] = "auto"
+    # Log each request's prompt (up to 8 KiB, secrets masked) for debugging; completions are never logged.
     log_prompts: bool = False
     # One JSON line per /v1 request (request id, model, key id, status, latency); never the body.
     access_log: bool = True
@@ -61,6 +69,7 @@ class NodeSection(_Section):
 
 
 class DatabaseSection(_Section):
+    # postgresql://USER@HOST/DB for keys, teams and the ledger (default: SQLite in data_dir/infernode.db).
     url: str | None = None
 
     @field_validator("url")
@@ -75,31 +84,49 @@ GpuSelector = int | list[int | str]
 
 
 class ModelConfig(_Section):
+    # The model name clients send in `model`.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+    # Where the bytes come from: hf:ORG/REPO[@REV][#GLOB], ollama:NAME[:TAG], https://...#sha256=HEX, file:PATH[#GLOB] or builtin:NAME[#GLOB]; not for external.
     source: str = ""
+    # vllm, sglang, ollama, llamacpp or external.
     runtime: str
+    # GPUs per replica: a count, or a list of GPU indices / GPU-... / MIG-... UUIDs; 0 runs on CPU.
     gpus: GpuSelector = 0
+    # Worker processes serving this model.
     replicas: Annotated[int, Field(ge=0)] = 1
+    # Extra command-line flags for the runtime; they win over the ones the node adds.
     args: list[str] = []
+    # Extra environment variables for the worker.
     env: dict[str, str] = {}
+    # The OpenAI-compatible base URL of an external model, e.g. http://127.0.0.1:11434/v1.
     url: str | None = None
     # Memory each replica needs per GPU, e.g. "20GiB"; estimated from the weights when unset.
     gpu_memory: str | None = None
+    # binpack fills the fullest GPU that fits; spread picks the GPU with the fewest replicas.
     placement: Literal["binpack", "spread"] = "binpack"
+    # The context length, reported in /v1/models and used by the context check (default: what the runtime was launched with).
     max_model_len: Annotated[int, Field(gt=0)] | None = None
+    # Seconds to become ready before the start counts as failed (default: [runtimes.NAME], else the runtime's own).
     startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # Requests running on this model at once, all replicas together.
     max_inflight: Annotated[int, Field(gt=0)] = 64
+    # Requests waiting for a slot; beyond this the answer is 429.
     max_queue: Annotated[int, Field(ge=0)] = 256
-    # Prices in your currency per million tokens, reported by usage.
+    # Price in your currency per million prompt tokens, reported by usage.
     price_input: Annotated[float, Field(ge=0)] = 0.0
+    # Price per million completion tokens.
     price_output: Annotated[float, Field(ge=0)] = 0.0
     # Registry for ollama: sources (default registry.ollama.ai).
     registry: str | None = None
-    # Fleet registration hints (LiteLLM).
+    # Requests per minute passed to LiteLLM for its routing (fleet registration).
     rpm: int | None = None
+    # Tokens per minute passed to LiteLLM for its routing.
     tpm: int | None = None
+    # LiteLLM deployment priority.
     order: int | None = None
+    # LiteLLM tags for tag-based routing.
     tags: list[str] = []
+    # Also probe with a real one-token completion every [supervisor] inference_probe_every probes.
     probe_inference: bool = False
 
     @field_validator("runtime")
@@ -144,42 +171,65 @@ class ModelConfig(_Section):
 class RuntimeSettings(_Section):
     """Where a runtime lives: its own venv's python, or a binary path (ollama)."""
 
+    # The python of the runtime's own virtual environment (vllm, sglang, llamacpp).
     python: Path | None = None
+    # The runtime's executable (ollama); a bare name is looked up on PATH.
     binary: Path | None = None
+    # Seconds to become ready, for every model on this runtime (default: 1200 for vLLM and SGLang, 600 for Ollama, 300 for llama.cpp).
     startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # Environment variables for every worker of this runtime.
     env: dict[str, str] = {}
 
 
 class QuotaSettings(_Section):
+    # Requests per minute (sliding window).
     rpm: Annotated[int, Field(ge=0)] | None = None
+    # Prompt + completion tokens per minute.
     tpm: Annotated[int, Field(ge=0)] | None = None
+    # Requests in flight at once.
     max_parallel: Annotated[int, Field(ge=0)] | None = None
+    # Tokens per budget period.
     budget_tokens: Annotated[int, Field(ge=0)] | None = None
+    # The budget's period, in UTC.
     budget_period: Literal["day", "month"] = "day"
-    # Optional per end-user (`user` field) limits under one key, e.g. for a fleet key.
+    # Requests per minute per end user (the request's `user` field) under one key, e.g. a fleet key.
     user_rpm: Annotated[int, Field(ge=0)] | None = None
+    # Tokens per minute per end user.
     user_tpm: Annotated[int, Field(ge=0)] | None = None
 
 
 class LiteLLMFleet(_Section):
+    # The LiteLLM proxy, e.g. http://router:4000.
     url: str
+    # Environment variable holding the proxy's master key.
     master_key_env: str = "LITELLM_MASTER_KEY"
+    # File holding the master key when the variable is unset (relative to appliance.toml).
     master_key_file: Path | None = None
+    # How the proxy reaches this node, e.g. http://gpu-box-01:8080 (/v1 is added).
     advertise_url: str
+    # Register the ready models on start; false: only on `infernode fleet register`.
     register_on_start: bool = True
+    # Requests per minute of the node key the proxy uses.
     key_rpm: int | None = None
+    # Tokens per minute of the node key the proxy uses.
     key_tpm: int | None = None
 
 
 class FleetSection(_Section):
+    # The LiteLLM proxy this node registers its ready models with.
     litellm: LiteLLMFleet | None = None
 
 
 class AlertsSection(_Section):
+    # URLs each alert is POSTed to.
     webhook_urls: list[str] = []
+    # Environment variable holding the HMAC signing secret.
     secret_env: str = "INFERNODE_ALERT_SECRET"
+    # File holding the signing secret when the variable is unset.
     secret_file: Path | None = None
+    # Alert when a GPU reaches this temperature (re-armed 5 °C below).
     gpu_temperature_c: float = 85.0
+    # Alert when a key or team passes these shares of its token budget.
     budget_thresholds: list[float] = [0.8, 1.0]
     # Seconds between budget checks against the ledger.
     budget_check_s: Annotated[float, Field(gt=0)] = 30.0
@@ -188,34 +238,49 @@ class AlertsSection(_Section):
 class SupervisorSection(_Section):
     """How workers are kept alive; the defaults suit real model loads."""
 
+    # Seconds before the first restart; doubled after each failure.
     backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    # The longest wait between restarts.
     backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
     # A replica ready this long has its backoff and crash count reset.
     stable_after_s: Annotated[float, Field(gt=0)] = 60.0
     # This many failed starts or crashes in a row end in `failed`.
     crash_loop_limit: Annotated[int, Field(ge=1)] = 5
+    # Seconds between liveness probes.
     probe_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # Seconds one probe may take.
     probe_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     # Consecutive failed liveness probes before `unhealthy`; twice this restarts the replica.
     probe_failures: Annotated[int, Field(ge=1)] = 3
+    # Seconds between SIGTERM and SIGKILL when stopping a worker.
     stop_timeout_s: Annotated[float, Field(gt=0)] = 15.0
     # Models with probe_inference = true get a real one-token completion every this many probes.
     inference_probe_every: Annotated[int, Field(ge=1)] = 6
+    # Seconds the inference probe may take.
     inference_probe_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Size at which a worker's log in data_dir/logs is rotated.
     log_max_bytes: Annotated[int, Field(gt=0)] = 20 * 1024 * 1024
+    # Rotated worker logs kept.
     log_backups: Annotated[int, Field(ge=0)] = 3
 
 
 class Config(_Section):
     """The whole `appliance.toml`, plus where it came from."""
 
+    # The node itself: its port, data, admin key and logs.
     node: NodeSection = NodeSection()
     supervisor: SupervisorSection = SupervisorSection()
+    # Where keys, teams and the usage ledger are kept.
     database: DatabaseSection = DatabaseSection()
+    # One entry per model served; `infernode lock` pins each source in models.lock.
     models: list[ModelConfig] = []
+    # Settings per runtime, NAME being vllm, sglang, ollama or llamacpp.
     runtimes: dict[str, RuntimeSettings] = {}
+    # [quotas.default]: the limits a new key gets for any it leaves out (other names are not used).
     quotas: dict[str, QuotaSettings] = {}
+    # Registration with a LiteLLM proxy; absent: the node joins no fleet.
     fleet: FleetSection = FleetSection()
+    # Signed webhooks: a replica failed, a GPU is hot, a budget passed a threshold.
     alerts: AlertsSection = AlertsSection()
     # Set by load_config, not read from the file.
     path: Path = Field(default=Path("appliance.toml"), exclude=True)
