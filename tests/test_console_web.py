@@ -21,8 +21,11 @@ class Clock:
         return self.t
 
 
+VALID = {"sk-admin-secret": ADMIN, "sk-user-secret": KEY}
+
+
 def identify(secret: str) -> Principal | None:
-    return {"sk-admin-secret": ADMIN, "sk-user-secret": KEY}.get(secret)
+    return VALID.get(secret)
 
 
 def console(secure: bool = False, **kw) -> Console:
@@ -175,3 +178,14 @@ def test_static_assets_have_their_types():
     for name, ct in (("console.css", b"text/css"), ("api.js", b"text/javascript")):
         a = c.handle("GET", f"/ui/static/{name}", [], b"")
         assert a.status == 200 and header(a, b"content-type")[0].startswith(ct) and a.body
+
+
+def test_a_session_ends_when_its_key_is_revoked(monkeypatch):
+    c = console()
+    _, cookie = sign_in(c, "sk-user-secret")
+    h = [(b"cookie", cookie.encode())]
+    assert c.handle("GET", "/ui/usage", h, b"").status == 200
+    monkeypatch.delitem(VALID, "sk-user-secret")           # revoked on the node
+    assert c.handle("GET", "/ui/api/v1/me", h, b"").status == 401
+    assert header(c.handle("GET", "/ui/usage", h, b""), b"location") == [b"/ui/login"]
+    assert len(c.sessions) == 0

@@ -114,6 +114,10 @@ class Console:
                 return self._sign_in(cookies, headers, body)
             return self._login_page("", 200)
         session = self.sessions.get(cookies.get(COOKIE))
+        if session is not None and self.identify(session.principal.secret) != session.principal:
+            # Revoked, expired or rotated away (or its role changed) since sign-in: the session ends with it.
+            self.sessions.close(cookies.get(COOKIE))
+            session = None
         if path.startswith("/ui/api/"):
             return self._api(method, path, headers, session)
         if path == "/ui/logout":
