@@ -68,12 +68,14 @@ function editForm(k) {
     el("label", {}, "rpm", el("input", { name: "rpm", type: "number", min: 1, value: k.rpm ?? "" })),
     el("label", {}, "tpm", el("input", { name: "tpm", type: "number", min: 1, value: k.tpm ?? "" })),
     el("label", {}, "parallel", el("input", { name: "max_parallel", type: "number", min: 1, value: k.max_parallel ?? "" })),
+    el("label", {}, "plan", el("input", { name: "plan", maxlength: 200, value: k.plan ?? "" })),
     el("button", { type: "submit" }, "Save"));
   f.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const d = Object.fromEntries(new FormData(f).entries());
     const body = {};
     for (const n of ["rpm", "tpm", "max_parallel"]) body[n] = d[n] === "" ? null : Number(d[n]);
+    if ((k.plan ?? "") !== d.plan) body.plan = d.plan === "" ? null : d.plan;
     try {
       await api(`/admin/v1/keys/${encodeURIComponent(k.id)}`, { method: "PATCH", body });
       setStatus(`Saved ${k.name}`);
