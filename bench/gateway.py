@@ -8,7 +8,13 @@ time to first data (streams), and the node's CPU time (utime+stime from /proc, r
 to a noisy machine) per request and per streamed chunk, and its RSS. "event loop" is
 the main thread's share; the rest is the ledger's batch writer and other threads.
 
-Run: `.venv/bin/python bench/gateway.py [--duration 10]`.
+Then, with `--apis` (the default), the translated client APIs against plain
+`/v1/chat/completions` on the same stub answers (32 chunks): Anthropic's `/v1/messages`,
+OpenAI's `/v1/responses` and Ollama's `/api/chat`, whole and streamed, at concurrency 16:
+the node's CPU per request, and the translation's added CPU per request and per
+streamed event (the difference with chat completions, over the 32 upstream events).
+
+Run: `.venv/bin/python bench/gateway.py [--duration 10] [--no-apis]`.
 """
 
 from __future__ import annotations
@@ -68,10 +74,23 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise SystemExit(f"{url} did not become ready")
 
 
-async def run_cell(base: str, key: str, stream: bool, concurrency: int, duration: float) -> dict:
+MSGS = [{"role": "user", "content": "Say something."}]
+# (name, path under the node's root, request body) for each client API.
+APIS = [
+    ("chat", "/v1/chat/completions", lambda s: {"model": "stub-model", "messages": MSGS, "max_tokens": CHUNKS, "stream": s}),
+    ("anthropic", "/v1/messages", lambda s: {"model": "stub-model", "messages": MSGS, "max_tokens": CHUNKS, "stream": s}),
+    ("responses", "/v1/responses", lambda s: {"model": "stub-model", "input": MSGS, "max_output_tokens": CHUNKS,
+                                              "stream": s}),
+    ("ollama", "/api/chat", lambda s: {"model": "stub-model", "messages": MSGS, "options": {"num_predict": CHUNKS},
+                                       "stream": s}),
+]
+
+
+async def run_cell(base: str, key: str, stream: bool, concurrency: int, duration: float,
+                   path: str = "/chat/completions", request: dict | None = None) -> dict:
     pool = Pool(read_timeout=60)
-    body = json.dumps({"model": "stub-model", "messages": [{"role": "user", "content": "Say something."}],
-                       "max_tokens": CHUNKS, "stream": stream}).encode()
+    body = json.dumps(request or {"model": "stub-model", "messages": MSGS, "max_tokens": CHUNKS,
+                                  "stream": stream}).encode()
     headers = (("content-type", "application/json"), ("authorization", f"Bearer {key}"))
     lat: list[float] = []
     ttfd: list[float] = []
@@ -83,7 +102,7 @@ async def run_cell(base: str, key: str, stream: bool, concurrency: int, duration
         nonlocal errors, chunks
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            resp = await pool.request("POST", base, "/chat/completions", body, headers)
+            resp = await pool.request("POST", base, path, body, headers)
             first = None
             try:
                 async for data in resp.chunks():
@@ -117,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--no-apis", dest="apis", action="store_false", help="skip the translated client APIs")
     args = ap.parse_args()
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="infernode-bench-"))
@@ -168,6 +188,8 @@ max_inflight = 256
                           f"p50 {res['p50']:.2f} ms", file=sys.stderr)
         rss, hwm = rss_mb(node.pid)
         report(rows, rss, hwm)
+        if args.apis:
+            report_apis(api_cells(node.pid, node_url, key, args.duration))
         metrics = httpx.get(node_url + "/metrics", timeout=10).text
         ok = [line for line in metrics.splitlines() if line.startswith('infernode_requests_total{')]
         print("node metrics:", "; ".join(ok))
@@ -198,6 +220,32 @@ def report(rows: list[dict], rss: float, hwm: float) -> None:
               f"added TTFD {ns['ttfd50'] - ds['ttfd50']:+.2f} ms; node CPU {n['node_cpu_ms']:.3f} ms/request, "
               f"{per_chunk:.4f} ms/streamed chunk")
     print(f"node RSS {rss:.0f} MB now, {hwm:.0f} MB peak")
+
+
+def api_cells(pid: int, node_url: str, key: str, duration: float, conc: int = 16) -> dict:
+    """Node CPU ms per request for each client API, whole and streamed."""
+    cpu = {}
+    for name, path, make in APIS:
+        for stream in (False, True):
+            asyncio.run(run_cell(node_url, key, stream, conc, 1.0, path, make(stream)))  # warm
+            c0 = cpu_seconds(pid)
+            res = asyncio.run(run_cell(node_url, key, stream, conc, duration, path, make(stream)))
+            if res["errors"]:
+                raise SystemExit(f"{name} stream={stream}: {res['errors']} errors")
+            cpu[(name, stream)] = (cpu_seconds(pid) - c0) * 1000 / max(res["n"], 1)
+            print(f"  {name:9} stream={stream!s:5} {res['rps']:8.0f} req/s  {cpu[(name, stream)]:.3f} ms CPU/req",
+                  file=sys.stderr)
+    return cpu
+
+
+def report_apis(cpu: dict) -> None:
+    print(f"\n{'API':11}{'CPU ms/req':>12}{'stream':>10}{'added ms/req':>14}{'added ms/event':>16}")
+    base, base_s = cpu[("chat", False)], cpu[("chat", True)]
+    for name, _, _ in APIS:
+        plain, streamed = cpu[(name, False)], cpu[(name, True)]
+        per_event = ((streamed - plain) - (base_s - base)) / CHUNKS
+        print(f"{name:11}{plain:>12.3f}{streamed:>10.3f}{plain - base:>+14.3f}{per_event:>+16.4f}")
+    print("(added: versus /v1/chat/completions on the same stub answers; targets +0.05 ms/request, +0.01 ms/event)")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class Node:
         self.starting = True
         self._tasks: list[asyncio.Task] = []
         self._keys_version: int | None = None
+        # A refresh reads the database then swaps the ring; a key written in between must not be lost.
+        self._keys_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=30.0)
@@ -117,6 +119,9 @@ class Node:
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
+            serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
+            cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
+            runtime_of=lambda name: self.config.model(name).runtime if self.config.model(name) else "",
             log_prompts=self.config.node.log_prompts,
         )
 
@@ -241,13 +246,14 @@ class Node:
     async def refresh_keys(self, force: bool = False) -> None:
         """Reload keys and teams when the database says they changed (other nodes' changes too)."""
         assert self.storage is not None
-        version = await asyncio.to_thread(self.storage.keys_version)
-        if force or version != self._keys_version:
-            records = await asyncio.to_thread(self.storage.list_keys)
-            teams = await asyncio.to_thread(self.storage.list_teams)
-            self.keys.replace_all(records)
-            self.quotas.set_teams(teams)
-            self._keys_version = version
+        async with self._keys_lock:
+            version = await asyncio.to_thread(self.storage.keys_version)
+            if force or version != self._keys_version:
+                records = await asyncio.to_thread(self.storage.list_keys)
+                teams = await asyncio.to_thread(self.storage.list_teams)
+                self.keys.replace_all(records)
+                self.quotas.set_teams(teams)
+                self._keys_version = version
 
     async def _keys_loop(self) -> None:
         """Poll the settings version every 0.5 s, so a change on any node applies within a second."""
@@ -286,14 +292,16 @@ class Node:
                 fields[k] = v
         secret = new_secret()
         record = KeyRecord(id=new_key_id(), secret_hash=hash_secret(secret), prefix=secret[:8], **fields)
-        await asyncio.to_thread(self.storage.insert_key, record)
-        self.keys.put(record)
+        async with self._keys_lock:
+            await asyncio.to_thread(self.storage.insert_key, record)
+            self.keys.put(record)
         return record, secret
 
     async def save_key(self, record: KeyRecord) -> None:
         assert self.storage is not None
-        await asyncio.to_thread(self.storage.save_key, record)
-        self.keys.put(record)
+        async with self._keys_lock:
+            await asyncio.to_thread(self.storage.save_key, record)
+            self.keys.put(record)
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -66,6 +66,12 @@ class LaunchPlan:
     # False when streams carry no usage chunk even with stream_options.include_usage.
     stream_usage: bool = True
     upstream_model: str | None = None  # the model name the worker expects, when it differs
+    # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
+    # ("responses": POST /v1/responses); the node passes those through untranslated.
+    native_apis: tuple[str, ...] = ()
+    # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
+    # the node answers those with a 400 instead of passing the worker's internal error on.
+    cannot: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runtime(Protocol):

@@ -2,8 +2,11 @@
 
 Flags follow llama-cpp-python's server settings (`--model`, `--model_alias`,
 `--host`, `--port`, `--n_ctx`, `--n_gpu_layers`, `--interrupt_requests`). Its
-`/health` is 404 in 0.3.x, so readiness is `/v1/models` listing the alias; its
-streams carry no usage chunk.
+`/health` is 404 in 0.3.x, so readiness is `/v1/models` listing the alias. Its
+streams carry no usage chunk, so the server is started through a small shim
+(runtimes/llamacpp_usage.py, run by the runtime's own interpreter) that adds the
+exact usage chunk at the end of every stream, counted inside the server as its
+non-streamed answers count.
 
 The server runs one generation at a time behind a lock that every model route takes
 (`/v1/models` included), and by default a request waiting for that lock interrupts
@@ -15,11 +18,14 @@ never looks like a dead worker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
 
 NAME = "llamacpp"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 DEFAULT_N_CTX = 2048
+USAGE_SHIM = str(Path(__file__).with_name("llamacpp_usage.py"))
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
@@ -27,7 +33,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     if spec.model_path is None:
         raise ValueError("llamacpp needs a GGUF file (model_path)")
     argv = [
-        spec.python, "-m", "llama_cpp.server",
+        spec.python, USAGE_SHIM, "-m", "llama_cpp.server",
         "--model", str(spec.model_path),
         "--model_alias", spec.model,
         "--host", spec.host,
@@ -45,7 +51,10 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         health=Probe("/docs"),
         ready=Probe("/v1/models", expect_model=spec.model),
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
-        stream_usage=False,
+        stream_usage=True,  # the shim's usage chunk
+        cannot={} if has_flag(spec.args, "--embedding") else {
+            "embeddings": "llama.cpp makes embeddings only when started with --embedding; add "
+                          "\"--embedding\" to this model's args (and use an embedding model)"},
     )
 
 

@@ -45,6 +45,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics",
         stream_usage=True,
+        native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
     )
 
 

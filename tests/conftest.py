@@ -190,3 +190,45 @@ def wait_until(fn, timeout: float = 30, interval: float = 0.2):
             return v
         time.sleep(interval)
     return fn()
+
+
+# -- the client-API tests (tests/test_api_*.py) ---------------------------------------
+API_STUB_CONTEXT = 4096
+
+
+@pytest.fixture(scope="module")
+def api_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str, str]]:
+    """A node with `stub-model` (the stand-in worker, external), `tiny-chat` (real llama.cpp) and
+    `tiny-vllm` (vLLM's stand-in, which serves the Responses API itself).
+
+    Yields (node, stub url, key).
+    """
+    d: Path = tmp_path_factory.mktemp("apis")
+    from tests.fakes import openai_worker
+
+    port = free_port()
+    stub = openai_worker.start(port)
+    models = TINY_MODEL + f"""
+[[models]]
+name = "stub-model"
+runtime = "external"
+url = "http://127.0.0.1:{port}/v1"
+max_model_len = {API_STUB_CONTEXT}
+
+[[models]]
+name = "tiny-vllm"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+
+[runtimes.vllm]
+python = "{REPO / 'tests' / 'fakes' / 'bin' / 'python'}"
+"""
+    node = start_node(write_config(d, models))
+    try:
+        node.wait_ready(timeout=180)
+        key = node.create_key()
+        yield node, f"http://127.0.0.1:{port}", key
+    finally:
+        node.stop()
+        stub.kill()
+        stub.wait()

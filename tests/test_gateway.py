@@ -250,10 +250,11 @@ def test_llamacpp_streams_usage_and_context(tiny_node):
     c = openai.OpenAI(base_url=tiny_node.url + "/v1", api_key=key, max_retries=0)
     msgs = [{"role": "user", "content": "hello"}]
     chunks = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, stream=True,
-                                            stream_options={"include_usage": True}))
-    content_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
-    # llama.cpp sends no usage chunk: the node counts one token per content event and adds the chunk.
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content_chunks)
+                                            stream_options={"include_usage": True}, extra_body={"top_k": 1}))
+    # llama-cpp-python's own streams have no usage; the node's launch shim adds the exact chunk.
+    whole = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, extra_body={"top_k": 1})
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 0
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
     plain = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, stream=True))
     assert all(ch.usage is None for ch in plain)
     comp = list(c.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=6, stream=True))

@@ -204,3 +204,42 @@ def test_two_nodes_on_one_postgres_see_a_revocation_within_a_second(node_factory
     assert wait_until(lambda: status(b) == 401, timeout=3, interval=0.02)
     took = time.monotonic() - t
     assert took < 1.0, f"node b took {took:.2f}s to see the revocation"
+
+
+def test_a_key_created_during_a_key_refresh_is_not_lost(tmp_path, monkeypatch):
+    """The refresh loop reads every key, then swaps the ring: a key written in between must survive it."""
+    import asyncio
+    import threading
+
+    from node.app import Node
+    from node.config import load_config
+    from tests.conftest import TINY_MODEL, write_config
+
+    node = Node(load_config(write_config(tmp_path, TINY_MODEL)))
+    from node.accounts.storage import open_storage
+
+    node.storage = open_storage(node.config.database_url())
+    node.storage.migrate()
+    listing, release = threading.Event(), threading.Event()
+    real_list = node.storage.list_keys
+
+    def slow_list():
+        rows = real_list()           # read before the new key is written...
+        listing.set()
+        release.wait(5)              # ...and swapped in after it
+        return rows
+
+    async def race() -> str:
+        monkeypatch.setattr(node.storage, "list_keys", slow_list)
+        refresh = asyncio.create_task(node.refresh_keys(force=True))
+        await asyncio.to_thread(listing.wait, 5)
+        create = asyncio.create_task(node.create_key(name="new"))
+        await asyncio.sleep(0.2)
+        release.set()
+        await refresh
+        record, secret = await create
+        return secret
+
+    secret = asyncio.run(race())
+    assert node.keys.lookup(secret) is not None
+    node.storage.close()

@@ -202,7 +202,7 @@ def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key i
           model: Optional[str] = typer.Option(None, "--model", help="only this model"),
           since: Optional[str] = typer.Option(None, "--since", help="ISO date/time (UTC) or unix seconds"),
           until: Optional[str] = typer.Option(None, "--until"),
-          group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,day"),
+          group_by: str = typer.Option("key,model", "--group-by", help="any of key,team,model,user,api,day"),
           fmt: str = typer.Option("table", "--format", help="table, csv or json"),
           config: Optional[str] = ConfigOption) -> None:
     """Usage grouped by key, team, model, user or day (tokens, requests, errors, cost)."""

@@ -1,6 +1,8 @@
 """The node's one HTTP port: what each path is answered by.
 
-`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py); `/healthz`, `/readyz` and
+`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
+other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
+Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
 ASGI bridge; `/ui/*` is the web console, whose API calls come back here as `/v1` or
 `/admin` requests carrying the signed-in principal's secret. Every response carries an
@@ -15,12 +17,18 @@ import uuid
 
 from node.admin.routes import build_admin
 from node.app import Node
+<<<<<<< HEAD
 from node.console.web import Answer, Console
+=======
+from node.gateway import anthropic, ollama, responses
+from node.gateway.adapter import Route
+>>>>>>> main
 from node.gateway.asgi import serve_asgi
 from node.errors import NodeError, NotFound, NoReadyReplica
 from node.gateway.proxy import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Request
 
+API_ROUTES: dict[bytes, Route] = {**anthropic.ROUTES, **responses.ROUTES, **ollama.ROUTES}
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
 
@@ -42,11 +50,15 @@ class NodeApp:
             req.path, req.headers = ui.path, ui.headers
             path = req.path
         gateway = self.node.gateway
-        if path.startswith(b"/v1/") and gateway is not None:
-            return await gateway.handle(req, conn)  # the hot path sets its own x-request-id
+        route = API_ROUTES.get(path)
+        if (route is not None or path.startswith(b"/v1/")) and gateway is not None:
+            return await gateway.handle(req, conn, route)  # the hot path sets its own x-request-id
         rid = _request_id(req)
-        if path.startswith(b"/v1/"):
+        if route is not None or path.startswith(b"/v1/"):
             err: NodeError = NoReadyReplica("the node is starting", retry_after=2)
+            if route is not None:
+                status, body = route.error(err, rid.decode("latin-1"))
+                return conn.respond(status, error_headers(err, rid), body)
             return conn.respond(err.status, error_headers(err, rid), err.body())
         ridh = [(b"x-request-id", rid)]
         if path == b"/healthz":

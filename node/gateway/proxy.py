@@ -20,7 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from node.gateway import context
+from node.gateway import context, translated
+from node.gateway.adapter import Call, ModelView, Route, bearer
 from node.gateway.bodies import usage_of, worker_error
 from node.errors import (
     AuthenticationError, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
@@ -46,6 +47,7 @@ PROXIED = {
     b"/v1/rerank": "rerank",
     b"/v1/score": "score",
 }
+OPENAI_ENDPOINTS = frozenset(PROXIED.values())
 JSON_CT = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 QUEUE_WAIT_S = 30.0
@@ -84,6 +86,7 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    api: str = "openai"
 
 
 class Gateway:
@@ -93,6 +96,9 @@ class Gateway:
                  models: dict[str, ModelInfo], client: Pool,
                  stream_usage: Callable[[Any], bool], upstream_model: Callable[[Any], str | None] = lambda t: None,
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
+                 serves_api: Callable[[Any, str], bool] = lambda t, api: False,
+                 cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
+                 runtime_of: Callable[[str], str] = lambda model: "",
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
@@ -100,6 +106,9 @@ class Gateway:
         self.stream_usage = stream_usage
         self.upstream_model = upstream_model
         self.uuid_request_ids = uuid_request_ids
+        self.serves_api = serves_api    # (target, api name): the runtime serves that API itself
+        self.cannot = cannot            # (target, endpoint): why its runtime cannot serve that endpoint, or None
+        self.runtime_of = runtime_of
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
@@ -120,14 +129,16 @@ class Gateway:
             gates[name] = gate
         self.models, self.gates = models, gates
 
-    async def handle(self, req: Request, conn: Connection) -> None:
-        """Answer one `/v1` request."""
+    async def handle(self, req: Request, conn: Connection, route: Route | None = None) -> None:
+        """Answer one `/v1` request, or one of another client API's (`route`: how to translate it)."""
         rid_in = req.header(b"x-request-id")
         rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
         ridb = rid.encode("latin-1")
         try:
             path = req.path
-            key = self._authenticate(req)
+            key = self._authenticate(req, route)
+            if route is not None:
+                return await self._translated(route, key, req, rid, ridb, conn)
             if path == b"/v1/models" and req.method == "GET":
                 return self._list_models(key, ridb, conn)
             endpoint = PROXIED.get(path)
@@ -140,14 +151,20 @@ class Gateway:
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
             log.info("request %s refused: %d %s", rid, err.status, err.message)
-            conn.respond(err.status, error_headers(err, ridb), err.body())
+            if route is None:
+                conn.respond(err.status, error_headers(err, ridb), err.body())
+            else:
+                status, body = route.error(err, rid)
+                conn.respond(status, error_headers(err, ridb), body)
 
     # -- request checks ----------------------------------------------------------
-    def _authenticate(self, req: Request):
-        auth = req.header(b"authorization")
-        if not auth or not auth[:7].lower() == b"bearer ":
-            raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
-        record = self.keys.lookup(auth[7:].strip().decode("latin-1"))
+    def _authenticate(self, req: Request, route: Route | None = None):
+        secret = route.credential(req) if route is not None else bearer(req)
+        if not secret:
+            hint = "x-api-key or Authorization: Bearer" if route is not None and route.api == "anthropic" else \
+                "Authorization: Bearer"
+            raise AuthenticationError(f"missing API key: send {hint} <key>")
+        record = self.keys.lookup(secret.decode("latin-1"))
         if record is None:
             raise AuthenticationError("invalid API key")
         return record
@@ -183,27 +200,49 @@ class Gateway:
         """The model's context: configured, else what its launch plan says."""
         return info.max_model_len or self.router.context.get(info.name)
 
+    async def _translated(self, route: Route, key, req: Request, rid: str, ridb: bytes, conn: Connection) -> None:
+        """A path of another client API: answered here (listings) or translated to the worker's OpenAI API."""
+        if req.method != route.method:
+            raise InvalidRequest(f"use {route.method} for {req.path.decode('latin-1')}", code="method_not_allowed")
+        if route.local is None:
+            return await self._proxy("", req.path, key, req.body, rid, ridb, conn, route)
+        parsed = _parse(req.body) if route.method == "POST" else None
+        views = [ModelView(m.name, m.created, self.context_len(m), bool(self.router.ready(m.name)),
+                           self.runtime_of(m.name)) for m in self.models.values() if key.allows(m.name)]
+        conn.respond(200, [(b"content-type", route.content_type), (b"x-request-id", ridb)], route.local(views, parsed))
+
     # -- the proxy ---------------------------------------------------------------
     async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
-                     conn: Connection) -> None:
-        try:
-            # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
-            req = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidRequest("request body is not UTF-8 JSON") from None
-        except ValueError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(req, dict):
-            raise InvalidRequest("request body must be a JSON object")
+                     conn: Connection, route: Route | None = None) -> None:
+        req = _parse(body)
         model = req.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required", param="model")
+        if route is not None and model not in self.models and model.endswith(":latest"):
+            model = model[:-7]  # Ollama's clients name the default tag
         info = self.models.get(model)
         if info is None:
             raise ModelNotFound(f"the model '{model}' does not exist on this node", param="model")
         if self.draining:
             raise NoReadyReplica("the node is shutting down", retry_after=5)
+        call = None
+        api = route.api if route is not None else "openai"
+        if route is not None:
+            targets = self.router.ready(model)
+            if route.native and targets and self.serves_api(targets[0], route.native):
+                endpoint, path = route.api, b"/v1" + route.native_path.encode()  # the runtime speaks it: pass through
+                req["model"] = model
+                route = None
+            else:
+                call = Call(model, rid, int(time.time()), req, time.perf_counter())
+                endpoint, req = route.to_openai(req)  # type: ignore[misc]
+                req["model"] = model
         stream = req.get("stream") is True
+        ready = self.router.ready(model)
+        why = self.cannot(ready[0], endpoint) if ready else None
+        if why:
+            raise InvalidRequest(f"the model '{model}' cannot serve {endpoint}: {why}", param="model",
+                                 code="unsupported_endpoint")
         if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
             prompt = req.get("messages", req.get("prompt", req.get("input")))
             log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
@@ -216,6 +255,7 @@ class Gateway:
         adm = self.quotas.admit(key, model, user)
         gate = self.gates[model]
         ex = Exchange(rid, model, endpoint, key.id, key.team, user, time.perf_counter(), stream)
+        ex.api = api
         entered = False
         self.inflight += 1
         # From here on a client that goes away cancels this task (node/gateway/httpd.py): in the
@@ -231,7 +271,7 @@ class Gateway:
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
-            await self._route(req, body, endpoint, path, ex, adm, ridb, conn)
+            await self._route(req, body, endpoint, path, ex, adm, ridb, conn, route, call)
         except asyncio.CancelledError:
             if not conn.gone:
                 raise
@@ -248,7 +288,7 @@ class Gateway:
             self._account(ex, adm, info)
 
     async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
-                     ridb: bytes, conn: Connection) -> None:
+                     ridb: bytes, conn: Connection, route: Route | None = None, call: Call | None = None) -> None:
         target = self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
@@ -262,11 +302,13 @@ class Gateway:
         if upstream_name and upstream_name != ex.model:
             req["model"] = upstream_name
             changed = True
-        if changed:
+        native = endpoint not in OPENAI_ENDPOINTS  # another API the runtime serves itself, passed through
+        if changed or call is not None or native:
             body = json.dumps(req).encode()
-        relay = SseRelay(drop_usage=not client_wants_usage, count_content=not worker_usage) if ex.stream else None
+        relay = SseRelay(drop_usage=not client_wants_usage and not native,
+                         count_content=not worker_usage) if ex.stream else None
         headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
-        subpath = path.decode()[3:]
+        subpath = path.decode()[3:] if call is None else translated.SUBPATHS[endpoint]
         for attempt in (0, 1):
             target.inflight += 1  # counted from the request's start, for least-outstanding routing
             try:
@@ -291,17 +333,25 @@ class Gateway:
         gauge = self._metrics_for(ex.model).inflight
         gauge.inc()
         try:
-            await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, conn)
+            if route is not None and call is not None:
+                await translated.answer(resp, ex, adm, relay, route, call, self._out_headers(adm, ridb), conn)
+            else:
+                await self._respond(resp, ex, adm, relay, client_wants_usage, ridb, conn)
         finally:
             resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
             target.inflight -= 1
             gauge.dec()
 
-    async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
-                       client_wants_usage: bool, ridb: bytes, conn: Connection) -> None:
+    @staticmethod
+    def _out_headers(adm: Admission, ridb: bytes) -> list[tuple[bytes, bytes]]:
         out_headers = [(b"x-request-id", ridb)]
         if adm.wire_headers:
             out_headers += adm.wire_headers
+        return out_headers
+
+    async def _respond(self, resp: Response, ex: Exchange, adm: Admission, relay: SseRelay | None,
+                       client_wants_usage: bool, ridb: bytes, conn: Connection) -> None:
+        out_headers = self._out_headers(adm, ridb)
         ctype = resp.header(b"content-type") or b"application/json"
         if resp.status >= 400:
             raw = await _read_or_fail(resp, ex)
@@ -314,9 +364,9 @@ class Gateway:
             raw = await _read_or_fail(resp, ex)
             ex.first_token_at = time.perf_counter()
             usage = usage_of(raw)
-            if usage:
-                ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+            if usage:  # OpenAI's chat/completions names, or the Responses API's
+                ex.prompt_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+                ex.completion_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
             conn.respond(resp.status, [(b"content-type", ctype)] + out_headers, raw)
             return
         conn.start(200, SSE_HEADERS + out_headers)
@@ -372,9 +422,25 @@ class Gateway:
         # Positional (UsageRow's field order): keyword calls cost the request path a few µs.
         self.ledger.record(UsageRow(ex.rid, time.time(), ex.key_id, ex.team, ex.model, ex.endpoint, ex.user,
                                     ex.prompt_tokens, ex.completion_tokens, ex.status, latency * 1000,
-                                    ttft * 1000 if ttft is not None else None, cost))
+                                    ttft * 1000 if ttft is not None else None, cost, ex.api))
         access_log(ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft, ex.prompt_tokens,
                    ex.completion_tokens)
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    """A request body: a JSON object, or a 400."""
+    try:
+        # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
+        req = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    if not isinstance(req, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return req
 
 
 async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
@@ -391,7 +457,7 @@ async def _read_or_fail(resp: Response, ex: Exchange) -> bytes:
 def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
     """Token counts of a stream: the worker's usage chunk, else one per content event."""
     if relay.usage:
-        ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or 0)
-        ex.completion_tokens = int(relay.usage.get("completion_tokens") or 0)
+        ex.prompt_tokens = int(relay.usage.get("prompt_tokens") or relay.usage.get("input_tokens") or 0)
+        ex.completion_tokens = int(relay.usage.get("completion_tokens") or relay.usage.get("output_tokens") or 0)
     elif relay.count_content:
         ex.completion_tokens = relay.content_events

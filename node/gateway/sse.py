@@ -71,15 +71,19 @@ class SseRelay:
         for event in out.split(b"\n\n"):
             if not event:
                 continue
-            if b'"usage"' in event and event.startswith(b"data:"):
+            at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1  # after an `event:` line
+            if b'"usage"' in event and at >= 0 and event.startswith(b"data:", at):
                 try:
-                    obj = json.loads(event[5:])
+                    obj = json.loads(event[at + 5:])
                 except ValueError:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                     self.usage = obj["usage"]
                     if self.drop_usage and not obj.get("choices"):
                         continue
+                elif isinstance(obj, dict) and isinstance(obj.get("response"), dict) and \
+                        isinstance(obj["response"].get("usage"), dict):  # a Responses API stream's last event
+                    self.usage = obj["response"]["usage"]
             kept.append(event)
         return b"".join(e + b"\n\n" for e in kept)
 

@@ -3,7 +3,7 @@
 
 Set as `[runtimes.llamacpp] python = ".../tests/fakes/llamacpp_python.py"`, it is run the
 way the node runs the real interpreter: `PY -c CODE` for the version check (handed to
-the real Python) and `PY -m llama_cpp.server --model F --model_alias A --host H --port P
+the real Python) and `PY SHIM -m llama_cpp.server --model F --model_alias A --host H --port P
 --n_ctx N ...` for a worker. It accepts exactly the flags of llama-cpp-python's server
 that the adapter uses (llama-cpp-python docs, "OpenAI Compatible Web Server": `--model`,
 `--model_alias`, `--host`, `--port`, `--n_ctx`, `--n_threads`, `--n_gpu_layers`,
@@ -96,6 +96,8 @@ def _crash(code: int) -> None:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["-c"]:  # the node's version check: the real interpreter answers it
         os.execv(sys.executable, [sys.executable, *argv])
+    if argv[:1] and argv[0].endswith("llamacpp_usage.py"):  # the node's usage shim, which runs the server
+        argv = argv[1:]
     if argv[:2] != ["-m", "llama_cpp.server"]:
         sys.exit(f"fake interpreter: unsupported invocation {argv!r}")
     args = _server_args(argv[2:])

@@ -19,6 +19,13 @@ drops the connection after that many chunks; `exit_after` kills the whole proces
 after that many chunks (a worker crash). Every request, and every client that went
 away before a stream ended, is recorded and served at `GET /stub/events`.
 
+Tools, as OpenAI's function calling guide and chat API reference describe them: a chat
+request with `tools` (and `tool_choice` not "none") whose last message is not a `tool`
+result is answered with one call of the first tool, arguments `{"city": "Paris"}`,
+`finish_reason: "tool_calls"`; streamed, the first chunk carries the call's index, id,
+type and name with empty arguments, the arguments follow in two pieces, and a last
+chunk has an empty delta and the finish_reason.
+
 Run: `python -m tests.fakes.openai_worker --port N [--model NAME] [--chunks 32]`.
 """
 
@@ -156,6 +163,8 @@ class Conn(asyncio.Protocol):
                 "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode())
         n = int(ctl.get("chunks", stub.chunks))
         created = int(time.time())
+        if kind == "chat" and _wants_tool(req):
+            return await self._tool_call(req, created)
         obj = "chat.completion" if kind == "chat" else "text_completion"
         usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
         if not req.get("stream"):
@@ -201,6 +210,37 @@ class Conn(asyncio.Protocol):
             tail += head + b'],"usage":' + json.dumps(usage, separators=(",", ":")).encode() + b"}\n\n"
         tail += b"data: [DONE]\n\n"
         t.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+
+
+    async def _tool_call(self, req: dict, created: int) -> None:
+        assert self.transport is not None
+        name = req["tools"][0]["function"]["name"]
+        args = json.dumps({"city": "Paris"})
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        base = {"id": "cmpl-stub", "object": "chat.completion", "created": created, "model": self.stub.model}
+        call = {"id": "call_stub_1", "type": "function", "function": {"name": name, "arguments": args}}
+        if not req.get("stream"):
+            return self._send(200, json.dumps({**base, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [call]}}], "usage": usage}).encode())
+        base["object"] = "chat.completion.chunk"
+        deltas = [{"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_stub_1", "type": "function", "function": {"name": name, "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": args[:5]}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": args[5:]}}]}]
+        events = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": usage})
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                             + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+
+def _wants_tool(req: dict) -> bool:
+    """A chat request the stand-in answers with a tool call (see the module's docstring)."""
+    messages = req.get("messages") or [{}]
+    return bool(req.get("tools")) and req.get("tool_choice") != "none" and \
+        isinstance(messages[-1], dict) and messages[-1].get("role") != "tool"
 
 
 async def serve(host: str, port: int, stub: Stub) -> None:

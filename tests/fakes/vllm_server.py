@@ -8,7 +8,11 @@ model folder when HF_HUB_OFFLINE=1 (no Hub here); `--tensor-parallel-size` may n
 exceed the GPUs in CUDA_VISIBLE_DEVICES; `--gpu-memory-utilization` must be in (0, 1].
 The port opens only once the engine is up (FAKE_RUNTIME_START_DELAY_S); then `GET
 /health` is 200 with an empty body, `/version`, `/metrics` (`vllm:*` families) and the
-OpenAI routes of runtime_http answer, `/v1/models` listing every served name.
+OpenAI routes of runtime_http answer, `/v1/models` listing every served name, and
+`POST /v1/responses` (vLLM's Responses API: a Response object with usage as
+input/output tokens, or its stream of `event:`/`data:` events ending in
+response.completed, no `[DONE]`); it echoes `previous_response_id`, which real vLLM
+resolves from its own store.
 Flags outside the subset below are rejected even where real vLLM knows them.
 
 Run it as vLLM runs: tests/fakes/bin/python -m vllm.entrypoints.openai.api_server ...
@@ -18,6 +22,7 @@ Run it as vLLM runs: tests/fakes/bin/python -m vllm.entrypoints.openai.api_serve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -98,7 +103,32 @@ def main(argv: list[str] | None = None) -> int:
         h.send_bytes(200, f'vllm:num_requests_running{{model_name="{served[0]}"}} 0.0\n'.encode(),
                      "text/plain; version=0.0.4")
 
-    routes = {("GET", "/health"): health, ("GET", "/version"): lambda h: h.send_json(200, {"version": VERSION}),
+    def responses(h: Handler) -> None:
+        body = h.body()
+        if body.get("model") not in served:
+            return not_found(h, str(body.get("model")))
+        n = int(body.get("max_output_tokens") or 4)
+        text = " ".join(["the", "quick", "brown", "fox"] * n)[: 4 * n]
+        usage = {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 5 + n}
+        item = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        resp = {"id": "resp_fake", "object": "response", "created_at": 0, "model": body["model"], "status": "completed",
+                "output": [item], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage,
+                "previous_response_id": body.get("previous_response_id")}
+        if not body.get("stream"):
+            return h.send_json(200, resp)
+        h.start_stream("text/event-stream; charset=utf-8")
+        events = [("response.created", {"response": {**resp, "status": "in_progress", "output": [], "usage": None}}),
+                  ("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                                  "delta": text}),
+                  ("response.completed", {"response": resp})]
+        for seq, (kind, payload) in enumerate(events):
+            data = json.dumps({"type": kind, **payload, "sequence_number": seq}).encode()
+            h.chunk(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+        h.end_stream()
+
+    routes = {("POST", "/v1/responses"): responses, ("GET", "/health"): health, ("GET", "/version"): lambda h: h.send_json(200, {"version": VERSION}),
               ("GET", "/metrics"): metrics}
     add_openai_routes(routes, not_found)
     return serve(rt, args.host or "0.0.0.0", args.port, routes, bind_after_load=True)

@@ -56,6 +56,10 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "INSERT INTO settings_version (id, version) VALUES (1, 0)",
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
     ]),
+    # Which client API a request came through (OpenAI's, Anthropic's Messages, Responses, Ollama's).
+    ("003_usage_api", [
+        "ALTER TABLE usage ADD COLUMN api TEXT NOT NULL DEFAULT 'openai'",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

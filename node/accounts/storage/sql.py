@@ -43,6 +43,7 @@ class UsageRow:
     latency_ms: float | None
     ttft_ms: float | None
     cost: float
+    api: str = "openai"              # the client API: openai, anthropic, responses, ollama
 
 
 USAGE_COLUMNS = [f.name for f in fields(UsageRow)]
@@ -113,7 +114,7 @@ def _key_params(record: KeyRecord | TeamRecord, columns: list[str] = KEY_COLUMNS
     return values
 
 
-USAGE_GROUPS = {"key": "key_id", "team": "team", "model": "model", "user": "end_user", "day": None}
+USAGE_GROUPS = {"key": "key_id", "team": "team", "model": "model", "user": "end_user", "api": "api", "day": None}
 
 
 class SqlStorage:
@@ -246,7 +247,7 @@ class SqlStorage:
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]:
-        """Totals grouped by any of key, team, model, user, day (UTC)."""
+        """Totals grouped by any of key, team, model, user, api, day (UTC)."""
         select, group = [], []
         for g in group_by:
             if g not in USAGE_GROUPS:
