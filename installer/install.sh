@@ -25,6 +25,7 @@ usage: install.sh [options]
   --source DIR     the Infernode source tree to install (default: the checkout this script is in)
   --python PATH    the Python (>= 3.11) to build the venvs with (default: newest python3.x found)
   --listen H:P     [node].listen for a newly written config (default 0.0.0.0:8080)
+  --tls-selfsigned serve HTTPS: write a self-signed certificate to ETC/tls (once) and set it in a new config
   --pip-arg ARG    extra argument for every pip install (repeatable), e.g. --pip-arg=--no-index
   --print-unit     print the systemd unit as it would be installed, and exit
 EOF
@@ -41,6 +42,7 @@ UNIT_TEMPLATE="$SCRIPT_DIR/../systemd/infernode.service"
 PREFIX_SET=0 PREFIX="" USER_MODE=0 NO_SYSTEMD=0 UPGRADE=0 CPU=0 PRINT_UNIT=0
 RUNTIMES="llamacpp" PYTHON="" LISTEN="0.0.0.0:8080" SERVICE_USER=infernode
 PIP_ARGS=()
+TLS_SELFSIGNED=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
         --pip-arg) PIP_ARGS+=("${2:?--pip-arg needs an argument}"); shift ;;
         --pip-arg=*) PIP_ARGS+=("${1#*=}") ;;
         --print-unit) PRINT_UNIT=1 ;;
+        --tls-selfsigned) TLS_SELFSIGNED=1 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -257,6 +260,11 @@ args = ["--n_threads", "2"]'
 runtime = \"vllm\"
 gpus = $([ "$CPU" = 1 ] && echo 0 || echo 1)"
     fi
+    TLS_LINES=""
+    if [ "$TLS_SELFSIGNED" = 1 ]; then
+        TLS_LINES="tls_cert = \"$ETC/tls/node.crt\"          # HTTPS (infernode tls selfsigned)
+tls_key = \"$ETC/tls/node.key\""
+    fi
     {
         cat <<EOF
 # Infernode appliance configuration, written by install.sh. See README.md for every key.
@@ -268,6 +276,7 @@ listen = "$LISTEN"
 data_dir = "$DATA"
 admin_key_env = "INFERNODE_ADMIN_KEY"     # if set, it wins over admin_key_file
 admin_key_file = "$ETC/admin.key"
+$TLS_LINES
 
 [[models]]
 name = "tiny-chat"
@@ -301,6 +310,28 @@ if [ ! -s "$ETC/admin.key" ]; then
     say "admin key: generated $ETC/admin.key (mode 0600)"
 else
     say "admin key: keeping $ETC/admin.key"
+fi
+
+# -- TLS: a self-signed certificate for the node's port (docs/security.md) ----------------
+SCHEME=http
+if [ "$TLS_SELFSIGNED" = 1 ]; then
+    SCHEME=https
+    if [ -s "$ETC/tls/node.crt" ] && [ -s "$ETC/tls/node.key" ]; then
+        say "TLS: keeping $ETC/tls/node.crt"
+    else
+        mkdir -p "$ETC/tls"
+        names=(--name "$(uname -n)" --name localhost --name 127.0.0.1 --name ::1)
+        host="${LISTEN%:*}"; host="${host#[}"; host="${host%]}"
+        case "$host" in 0.0.0.0|::|""|127.0.0.1|localhost|::1) ;; *) names+=(--name "$host") ;; esac
+        for ip in $(hostname -I 2>/dev/null || true); do names+=(--name "$ip"); done
+        "$OPT/current/bin/infernode" tls selfsigned --out "$ETC/tls" --force "${names[@]}" >/dev/null \
+            || die "infernode tls selfsigned failed; see above"
+        owner "$SERVICE_USER:$SERVICE_USER" "$ETC/tls/node.key"; chmod 0600 "$ETC/tls/node.key"
+        chmod 0644 "$ETC/tls/node.crt"
+        say "TLS: wrote a self-signed certificate $ETC/tls/node.crt (clients trust that file: curl --cacert)"
+    fi
+    grep -q '^tls_cert' "$ETC/appliance.toml" || \
+        warn "$ETC/appliance.toml has no tls_cert; add to [node]: tls_cert = \"$ETC/tls/node.crt\" and tls_key = \"$ETC/tls/node.key\""
 fi
 
 # -- the CLI on PATH: finds this install's config unless told otherwise -------------------
@@ -377,5 +408,5 @@ if [ "$NO_SYSTEMD" = 0 ]; then
 else
     echo "  3. INFERNODE_CONFIG=$ETC/appliance.toml $OPT/current/bin/infernode up"
 fi
-echo "  4. curl http://$( [ "${LISTEN%:*}" = 0.0.0.0 ] && echo 127.0.0.1 || echo "${LISTEN%:*}"):${LISTEN##*:}/readyz"
+echo "  4. curl $( [ "$SCHEME" = https ] && echo "--cacert $ETC/tls/node.crt ")$SCHEME://$( [ "${LISTEN%:*}" = 0.0.0.0 ] && echo 127.0.0.1 || echo "${LISTEN%:*}"):${LISTEN##*:}/readyz"
 echo "  5. INFERNODE_ADMIN_KEY=\$(cat $ETC/admin.key) $CLI keys create --name me"

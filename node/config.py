@@ -43,7 +43,25 @@ class NodeSection(_Section):
     # Seconds a worker outlives a vanished node, waiting to be adopted by its successor.
     adopt_grace_s: float = 30.0
     # Largest request body accepted; larger ones get 413.
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 4 * 1024 * 1024
+    # Open client connections at most; past it a new one gets a 503 and is closed.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    # Open connections from one client address at most; past it a new one gets a 503 and is closed.
+    max_connections_per_ip: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    # Seconds a whole request (head and body) has to arrive in, from its first byte (408 after).
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Seconds an idle keep-alive connection stays open.
+    keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    # Seconds a client may read nothing of its answer before it is dropped (its request cancelled).
+    write_stall_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # HTTPS on the node's port: the certificate chain, a PEM file (`infernode tls selfsigned` writes one).
+    tls_cert: Path | None = None
+    # The certificate's private key, an unencrypted PEM file (may be the same file as tls_cert).
+    tls_key: Path | None = None
+    # PEM CA certificates: clients must present a certificate one of them signed (mTLS).
+    tls_client_ca: Path | None = None
+    # Environment variable holding a token; when set, /metrics needs `Authorization: Bearer <token>`.
+    metrics_token_env: str | None = None
     # Log lines as JSON, as short text, or auto: JSON unless stdout is a terminal.
     log_format: Literal["auto", "json", "text"] = "auto"
     # Log each request's prompt (up to 8 KiB, secrets masked) for debugging; completions are never logged.
@@ -58,6 +76,18 @@ class NodeSection(_Section):
         if not sep or not port.isdigit() or not (0 < int(port) < 65536):
             raise ValueError(f"'{v}' is not HOST:PORT; write e.g. \"0.0.0.0:8080\"")
         return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NodeSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("@node.tls_cert: tls_cert and tls_key go together; set both (PEM files) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("@node.tls_client_ca: client certificates need TLS; set tls_cert and tls_key too")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     @property
     def host(self) -> str:
@@ -386,8 +416,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     base = path.parent
     node = cfg.node
     updates: dict[str, Any] = {"data_dir": _resolve(base, node.data_dir)}
-    if node.admin_key_file:
-        updates["admin_key_file"] = _resolve(base, node.admin_key_file)
+    for name in ("admin_key_file", "tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(node, name):
+            updates[name] = _resolve(base, getattr(node, name))
     runtimes = {
         name: rs.model_copy(update={
             "python": _resolve(base, rs.python) if rs.python else None,

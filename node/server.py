@@ -2,7 +2,8 @@
 
 Signals: SIGTERM/SIGINT drain and stop everything; SIGUSR2 drains and exits leaving
 the workers to their keepers, for a successor node to adopt (upgrades); SIGHUP
-re-reads the config and lock and restarts only what changed.
+re-reads the config and lock and restarts only what changed, and re-reads the TLS
+certificate, key and client CA (new connections use them; open ones keep theirs).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from pathlib import Path
 
 from node.gateway.dispatch import NodeApp
 from node.app import Node
 from node.config import Config
 from node.errors import NodeError, OperationFailed
-from node.gateway.httpd import Server
+from node.gateway.listener import Server
+from node.gateway.tls import server_context
 from node.ops.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
@@ -58,19 +61,41 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-async def _reload(node: Node) -> None:
-    """SIGHUP: reload, logging (not raising) a bad config so the node keeps running."""
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    n = config.node
+    if n.tls_cert is None or n.tls_key is None:
+        return None
+    return server_context(n.tls_cert, n.tls_key, n.tls_client_ca)
+
+
+async def _reload(node: Node, server: Server, config: Config) -> None:
+    """SIGHUP: reload, logging (not raising) a bad config or certificate so the node keeps running."""
+    if server.tls is not None:
+        try:
+            await server.set_tls(await asyncio.to_thread(_tls_context, config))
+            log.info("TLS certificate reloaded from %s", config.node.tls_cert)
+        except NodeError as exc:
+            log.error("TLS reload failed, keeping the running certificate: %s", exc)
     try:
         await node.reload()
     except NodeError as exc:
         log.error("reload failed, keeping the running config: %s", exc)
 
 
+def make_server(node: Node, config: Config, sock: socket.socket) -> Server:
+    """The HTTP server for the node's port, with the `[node]` limits."""
+    n = config.node
+    app = NodeApp(node, sock.getsockname()[:2])
+    return Server(app, max_body_bytes=n.max_body_bytes, request_timeout_s=n.request_timeout_s,
+                  keep_alive_s=n.keep_alive_s, write_stall_s=n.write_stall_s, max_connections=n.max_connections,
+                  max_connections_per_ip=n.max_connections_per_ip, head_check=app.check_head)
+
+
 def _status_line(node: Node, config: Config) -> str:
     """One line for `systemctl status`: where the node listens and whether it is ready."""
     ok, reasons = node.readiness()
     state = f"ready, serving {', '.join(node.ready_models())}" if ok else f"not ready: {reasons[0] if reasons else 'starting'}"
-    return f"listening on http://{config.node.listen}; {state}"
+    return f"listening on {config.node.scheme}://{config.node.listen}; {state}"
 
 
 async def serve(config: Config, node: Node | None = None, notifier: Notifier | None = None) -> None:
@@ -78,9 +103,10 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
     node = node or Node(config)
     notifier = notifier or Notifier.from_environ()
     lock_fd = _lock_data_dir(config.data_dir)
+    tls = _tls_context(config)  # a bad certificate stops the start, before the port is taken
     sock = _bind(config.node.host, config.node.port)
     await node.open()
-    server = Server(NodeApp(node, sock.getsockname()[:2]), max_body_bytes=config.node.max_body_bytes)
+    server = make_server(node, config, sock)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     mode = {"detach": False}
@@ -99,16 +125,17 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
 
     def reload() -> None:
         log.info("received SIGHUP: re-reading %s and models.lock", config.path)
-        task = asyncio.create_task(_reload(node))
+        task = asyncio.create_task(_reload(node, server, config))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
-    await server.start(sock)
-    log.info("listening on http://%s", config.node.listen)
+    await server.start(sock, tls)
+    where = f"{config.node.scheme}://{config.node.listen}"
+    log.info("listening on %s%s", where, " (client certificates required)" if config.node.tls_client_ca else "")
     # systemd (Type=notify): ready once the API answers; workers start behind /readyz.
-    notifier.ready(f"listening on http://{config.node.listen}")
+    notifier.ready(f"listening on {where}")
     watchdog = asyncio.create_task(notifier.run(lambda: _status_line(node, config)))
     starting = asyncio.create_task(node.start_workers())
     await stopping.wait()

@@ -189,3 +189,17 @@ def test_a_session_ends_when_its_key_is_revoked(monkeypatch):
     assert c.handle("GET", "/ui/api/v1/me", h, b"").status == 401
     assert header(c.handle("GET", "/ui/usage", h, b""), b"location") == [b"/ui/login"]
     assert len(c.sessions) == 0
+
+
+def test_the_head_check_refuses_api_calls_without_a_session_and_bounds_bodies():
+    c = console()
+    refused, _ = c.check_head("POST", "/ui/api/admin/v1/keys", [])
+    assert refused is not None and refused.status == 401
+    refused, limit = c.check_head("POST", "/ui/login", [])
+    assert refused is None and limit == 8192
+    _, cookie = sign_in(c, "sk-admin-secret")
+    h = [(b"cookie", cookie.encode())]
+    refused, limit = c.check_head("POST", "/ui/api/admin/v1/keys", h)
+    assert refused is None and limit == 0               # 0: the admin API's own bound applies
+    refused, limit = c.check_head("POST", "/ui/api/v1/chat/completions", h)
+    assert refused is None and limit > 1 << 30          # the node's max_body_bytes applies

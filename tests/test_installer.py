@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -122,17 +123,21 @@ def processes(needle: str) -> list[tuple[int, str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
-    root = tmp_path_factory.mktemp("installbox")
+def source_tree(root: Path) -> Path:
+    """The committed source, as a release would ship it (else the checkout itself)."""
     source = root / "src"
     source.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, timeout=60)
-    if archive.returncode == 0:
-        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True, timeout=60)
-    else:
-        source = REPO
-    yield Box(root, source, free_port())
+    if archive.returncode != 0:
+        return REPO
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True, timeout=60)
+    return source
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    root = tmp_path_factory.mktemp("installbox")
+    yield Box(root, source_tree(root), free_port())
     for cmd in processes_mentioning(str(root)):  # nothing may outlive the module
         raise AssertionError(f"left running: {cmd}")
 
@@ -272,3 +277,37 @@ def test_installer_refuses_bad_input_with_one_clear_line(tmp_path: Path) -> None
     assert not (tmp_path / "p").exists()  # nothing written on refusal
     p = subprocess.run(["bash", str(UNINSTALL), "--user", "--prefix", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert p.returncode == 1 and "no Infernode installed" in p.stderr
+
+
+@pytest.mark.timeout(900)
+def test_tls_selfsigned_install_serves_https(tmp_path: Path) -> None:
+    box = Box(tmp_path, source_tree(tmp_path), free_port())
+    p = box.install("--runtime", "none", "--tls-selfsigned")
+    crt, key = box.etc / "tls/node.crt", box.etc / "tls/node.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and b"BEGIN CERTIFICATE" in crt.read_bytes()
+    cfg = (box.etc / "appliance.toml").read_text()
+    assert f'tls_cert = "{crt}"' in cfg and f'tls_key = "{key}"' in cfg
+    assert f"--cacert {crt} https://127.0.0.1:{box.port}/readyz" in p.stdout
+    again = box.install("--runtime", "none", "--tls-selfsigned")  # idempotent: the certificate is kept
+    assert "TLS: keeping" in again.stdout
+    node = box.start("tls.log")
+    try:
+        ctx = ssl.create_default_context(cafile=str(crt))
+
+        def up() -> bool:
+            assert node.poll() is None, (tmp_path / "tls.log").read_text()[-4000:]
+            try:
+                return httpx.get(f"https://127.0.0.1:{box.port}/healthz", verify=ctx, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(up, timeout=120, interval=0.3), (tmp_path / "tls.log").read_text()[-4000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{box.port}/healthz", timeout=3)  # plain HTTP is not served
+        # The installed CLI talks TLS to its node, trusting the certificate the installer made.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+        s = subprocess.run([str(box.cli), "status", "--json"], capture_output=True, text=True, env=env, timeout=60,
+                           cwd=tmp_path)
+        assert s.returncode == 0, s.stderr
+    finally:
+        assert stop(node) == 0
+    assert box.uninstall("--purge").returncode == 0

@@ -17,7 +17,7 @@ import pytest
 from node.gateway.context import check
 from node.errors import InvalidRequest
 from node.gateway.proxy import Gateway, ModelInfo
-from node.gateway.httpd import Server
+from node.gateway.listener import Server
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret
 from node.ops.metrics import Metrics
 from node.accounts.quotas import Quotas

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from typing import Any
 
 import httpx
@@ -18,14 +20,15 @@ class AdminClient:
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        self.base = f"http://{host}:{config.node.port}"
+        self.base = f"{config.node.scheme}://{host}:{config.node.port}"
         key = read_admin_key(config)
         if not key:
             raise OperationFailed(
                 f"no admin key: set ${config.node.admin_key_env} or create {config.node.admin_key_file or config.data_dir / 'admin.key'} "
                 "(the node writes one there on first start)"
             )
-        self._http = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {key}"}, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {key}"}, timeout=timeout,
+                                  verify=node_tls(config) if config.node.tls_cert else True)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -52,3 +55,28 @@ class AdminClient:
 
     def patch(self, path: str, **kw: Any) -> Any:
         return self.request("PATCH", path, **kw)
+
+
+CLIENT_CERT_ENV, CLIENT_KEY_ENV = "INFERNODE_TLS_CLIENT_CERT", "INFERNODE_TLS_CLIENT_KEY"
+
+
+def node_tls(config: Config) -> ssl.SSLContext:
+    """Trust for the CLI talking to its own node over TLS: the system CAs and the node's certificate itself.
+
+    The node's own certificate is trusted as an anchor (partial chain), so a
+    self-signed one works; with `tls_client_ca`, the client certificate and key come
+    from $INFERNODE_TLS_CLIENT_CERT and $INFERNODE_TLS_CLIENT_KEY.
+    """
+    ctx = ssl.create_default_context()
+    assert config.node.tls_cert is not None
+    try:
+        ctx.load_verify_locations(cafile=str(config.node.tls_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise OperationFailed(f"cannot read the node's certificate {config.node.tls_cert}: {exc}") from None
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if config.node.host in ("0.0.0.0", "::", "", "127.0.0.1", "::1", "localhost"):
+        ctx.check_hostname = False  # loopback to a pinned certificate: the name in it does not matter
+    cert, key = os.environ.get(CLIENT_CERT_ENV), os.environ.get(CLIENT_KEY_ENV)
+    if config.node.tls_client_ca and cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx

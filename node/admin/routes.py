@@ -24,7 +24,7 @@ from node.admin.protocol import KeyCreate, KeyUpdate, TeamCreate, TeamUpdate
 
 
 def build_admin(node: Node) -> FastAPI:
-    app = FastAPI(title="infernode admin", openapi_url="/admin/v1/openapi.json", docs_url=None, redoc_url=None)
+    app = FastAPI(title="infernode admin", openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.exception_handler(NodeError)
     async def _node_error(_: Request, err: NodeError) -> JSONResponse:
@@ -54,6 +54,10 @@ def build_admin(node: Node) -> FastAPI:
             raise AuthenticationError("admin key required: send Authorization: Bearer <admin key>")
 
     guard = [Depends(admin)]
+
+    @app.get("/admin/v1/openapi.json", dependencies=guard, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()  # the API's own description is for admins only
 
     def key_or_404(key_id: str):
         record = node.keys.get(key_id)

@@ -27,7 +27,7 @@ def config_from(path: Optional[str]) -> Config:
 
 def main() -> None:
     """Entry point: one clear line and the right exit code for every failure."""
-    from node.cli import doctor, fleet, keys, models, ops  # noqa: F401  (registers the commands)
+    from node.cli import doctor, fleet, keys, models, ops, tls  # noqa: F401  (registers the commands)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

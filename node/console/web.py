@@ -102,6 +102,16 @@ class Console:
         self._static = _static_files()   # a few small files, read once
 
     # -- the entry point -----------------------------------------------------
+    def check_head(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[Answer | None, int]:
+        """Before the body is read: refuse console API calls without a session; how many body bytes to allow."""
+        if not path.startswith("/ui/api/"):
+            return None, MAX_FORM_BYTES
+        if self._session(_cookies(headers)) is None:
+            return _json(401, {"error": {"message": "sign in first", "type": "authentication_error",
+                                         "code": "not_signed_in"}}), 0
+        # /v1 bodies (a playground chat) are bounded by the node's max_body_bytes, admin bodies by the admin API's.
+        return None, (1 << 62) if path.startswith("/ui/api/v1/") else 0
+
     def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer | Forward:
         """The answer to one /ui request, or where to forward it."""
         cookies = _cookies(headers)
@@ -113,11 +123,7 @@ class Console:
             if method == "POST":
                 return self._sign_in(cookies, headers, body)
             return self._login_page("", 200)
-        session = self.sessions.get(cookies.get(COOKIE))
-        if session is not None and self.identify(session.principal.secret) != session.principal:
-            # Revoked, expired or rotated away (or its role changed) since sign-in: the session ends with it.
-            self.sessions.close(cookies.get(COOKIE))
-            session = None
+        session = self._session(cookies)
         if path.startswith("/ui/api/"):
             return self._api(method, path, headers, session)
         if path == "/ui/logout":
@@ -137,6 +143,14 @@ class Console:
         if session.principal.role not in page.roles:
             return _redirect("/ui/usage")
         return self._page(page, session)
+
+    def _session(self, cookies: dict[str, str]) -> Session | None:
+        session = self.sessions.get(cookies.get(COOKIE))
+        if session is not None and self.identify(session.principal.secret) != session.principal:
+            # Revoked, expired or rotated away (or its role changed) since sign-in: the session ends with it.
+            self.sessions.close(cookies.get(COOKIE))
+            return None
+        return session
 
     # -- sign-in ----------------------------------------------------------------
     def _login_page(self, message: str, status: int) -> Answer:

@@ -23,9 +23,10 @@ _FRAMING = (b"content-length", b"transfer-encoding", b"connection")
 
 
 async def serve_asgi(app: App, req: Request, conn: Connection, *, server: tuple[str, int] | None = None,
-                     extra_headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+                     extra_headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+                     scheme: str = "http") -> None:
     """Run one request through an ASGI app, answering on conn."""
-    scope = scope_for(req, conn, server)
+    scope = scope_for(req, conn, server, scheme)
     body_given = False
     status = 500
     headers: list[tuple[bytes, bytes]] = []
@@ -84,11 +85,11 @@ async def serve_asgi(app: App, req: Request, conn: Connection, *, server: tuple[
         conn.respond(status, headers)  # a start with no body message
 
 
-def scope_for(req: Request, conn: Connection, server: tuple[str, int] | None) -> dict[str, Any]:
+def scope_for(req: Request, conn: Connection, server: tuple[str, int] | None, scheme: str = "http") -> dict[str, Any]:
     """An ASGI HTTP scope for a request (for apps served through node/gateway/asgi.py)."""
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": req.http_version,
-        "method": req.method, "scheme": "http", "path": unquote_to_bytes(req.path).decode("utf-8", "replace"),
+        "method": req.method, "scheme": scheme, "path": unquote_to_bytes(req.path).decode("utf-8", "replace"),
         "raw_path": req.path, "query_string": req.query, "root_path": "", "headers": req.headers,
         "client": conn.client, "server": server, "state": {},
     }

@@ -1,35 +1,43 @@
-"""The node's one HTTP port: what each path is answered by.
+"""The node's one HTTP port: what each path is answered by, and who may send it a body.
 
 `/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
 other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
 Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
-ASGI bridge; `/ui/*` is the web console, whose API calls come back here as `/v1` or
-`/admin` requests carrying the signed-in principal's secret. Every response carries an
-`x-request-id` (the client's if it sent one).
+ASGI bridge; `/ui/*` is the web console (node/console/), whose API calls come back here
+as `/v1` or `/admin` requests carrying the signed-in principal's secret. Every response
+carries an `x-request-id` (the client's if it sent one).
+
+`check_head` runs when a request's head is complete, before its body is read
+(node/gateway/httpd.py): API routes authenticate their key there (each Route says where
+its key comes from and how its errors look), so a client without one is refused (401,
+connection closed) without the node buffering its body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import os
 import uuid
 
 from node.admin.routes import build_admin
 from node.app import Node
-<<<<<<< HEAD
 from node.console.web import Answer, Console
-=======
+from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway import anthropic, ollama, responses
-from node.gateway.adapter import Route
->>>>>>> main
+from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
-from node.errors import NodeError, NotFound, NoReadyReplica
+from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
-from node.gateway.httpd import Connection, Request
+
+log = logging.getLogger("infernode.dispatch")
 
 API_ROUTES: dict[bytes, Route] = {**anthropic.ROUTES, **responses.ROUTES, **ollama.ROUTES}
 METRICS_CT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+ADMIN_BODY_BYTES = 1 << 20   # admin bodies are small JSON documents
 
 
 class NodeApp:
@@ -39,7 +47,53 @@ class NodeApp:
         self.node = node
         self.admin = build_admin(node)
         self.server_addr = server_addr
-        self.console = Console(node.identify, secure=bool(getattr(node.config.node, "tls_cert", None)), node_name=node.config.node.name)
+        self.scheme = node.config.node.scheme
+        self.console = Console(node.identify, secure=self.scheme == "https", node_name=node.config.node.name)
+        env = node.config.node.metrics_token_env
+        self.metrics_token: bytes | None = None
+        if env:
+            # Named but unset fails closed: /metrics then refuses everyone.
+            self.metrics_token = os.environ.get(env, "").strip().encode()
+            if not self.metrics_token:
+                log.error("[node] metrics_token_env names %s, which is unset or empty: /metrics refuses every "
+                          "request until it is set", env)
+
+    def check_head(self, req: Request) -> Refusal | None:
+        """Before the body: authenticate API keys, guard /metrics, bound admin bodies."""
+        path = req.path
+        route = API_ROUTES.get(path)
+        if route is not None or path.startswith(b"/v1/"):
+            return self._authenticate(req, route)
+        if path == b"/metrics" and self.metrics_token is not None:
+            presented = bearer(req) or b""
+            if not self.metrics_token or not hmac.compare_digest(presented, self.metrics_token):
+                err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
+                                          code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
+                return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        elif path == b"/ui" or path.startswith(b"/ui/"):
+            # The console's own bodies are small forms; its API calls are bounded like the API they reach.
+            refused, limit = self.console.check_head(req.method, path.decode("latin-1"), req.headers)
+            if refused is not None:
+                return Refusal(refused.status, refused.headers + [(b"x-request-id", _request_id(req))], refused.body)
+            req.body_limit = min(req.body_limit, limit or ADMIN_BODY_BYTES)
+        elif path.startswith(b"/admin/"):
+            req.body_limit = min(req.body_limit, ADMIN_BODY_BYTES)
+            if path.startswith(b"/admin/v1/") and req.header(b"authorization") is None:
+                err = AuthenticationError("admin key required: send Authorization: Bearer <admin key>")
+                return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        return None
+
+    def _authenticate(self, req: Request, route: Route | None) -> Refusal | None:
+        gateway = self.node.gateway
+        if gateway is None:
+            return None  # still starting: the handler answers 503
+        try:
+            req.auth = gateway.authenticate(req, route)
+        except AuthenticationError as err:
+            rid = _request_id(req)
+            status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
+            return Refusal(status, error_headers(err, rid), body)
+        return None
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
@@ -71,7 +125,8 @@ class NodeApp:
             # Rendering a box's worth of worker families takes a while: keep it off the event loop.
             return conn.respond(200, METRICS_CT + ridh, await asyncio.to_thread(self.node.metrics.render))
         if path.startswith(b"/admin/"):
-            return await serve_asgi(self.admin, req, conn, server=self.server_addr, extra_headers=ridh)
+            return await serve_asgi(self.admin, req, conn, server=self.server_addr, extra_headers=ridh,
+                                    scheme=self.scheme)
         err = NotFound(f"no route {req.method} {path.decode('latin-1')}")
         conn.respond(404, JSON_CT + ridh, err.body())
 

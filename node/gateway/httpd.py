@@ -1,21 +1,14 @@
-"""The node's HTTP/1.1 server: requests parsed by httptools, answered by one handler.
+"""The node's HTTP/1.1 server: one task per connection answers its requests in order.
 
-The `/v1` gateway must add well under a millisecond per request. uvicorn spends about
-0.1 ms of CPU per request before an app runs (ASGI message dicts, a task and a timer
-per request, header validation), a third of the gateway's whole budget, so the node
-serves its one port itself: llhttp (through httptools) parses, one task per connection
-answers its requests in order, and responses are written with a single `write` each.
-Everything that is not `/v1` (the admin API, FastAPI) is served through a small ASGI
-bridge (node/gateway/asgi.py).
-
-Hygiene a public port needs: the head of a request must arrive within
-`request_timeout_s` (408), its body within the same time (408), heads are capped at
-`MAX_HEAD_BYTES` (431) and bodies at `max_body_bytes` (413, also refused up front when
-`content-length` or `Expect: 100-continue` says so); idle keep-alive connections close
-after `keep_alive_s`; pipelined requests are answered in order with reading paused
-while a few wait; a slow reader pauses the writer (`await conn.write`). A client that
-goes away before its answer ended cancels the task serving it, with `conn.gone` set so
-the handler can tell that from a shutdown.
+The `/v1` gateway must add well under a millisecond per request, so the node serves its
+port itself: node/gateway/reader.py turns bytes into requests (llhttp via httptools),
+each answer is written with a single `write`, and everything that is not `/v1` goes
+through node/gateway/asgi.py. The port faces untrusted clients (docs/security.md):
+a `head_check` (authentication) runs before any body is read and its refusal closes
+the connection; answers wait while a client does not read them, and a client that
+reads nothing for `write_stall_s` is dropped; connections past the caps get a 503.
+A client that goes away before its answer ended cancels the task serving it, with
+`conn.gone` set so the handler can tell that from a shutdown.
 """
 
 from __future__ import annotations
@@ -23,98 +16,87 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections import deque
-from email.utils import formatdate
 from http import HTTPStatus
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-import httptools
+from node.errors import OperationFailed, RequestTimeout
+from node.gateway.limits import delivery
+from node.gateway.reader import MAX_HEAD_BYTES, RequestReader
+from node.gateway.request import JSON, Handler, HeadCheck, Refusal, Request
 
-from node.errors import BodyTooLarge, HeadersTooLarge, InvalidRequest, NodeError, OperationFailed, RequestTimeout
+__all__ = ["MAX_HEAD_BYTES", "Connection", "Handler", "HeadCheck", "Refusal", "Request"]
+
+if TYPE_CHECKING:
+    from node.gateway.listener import Server
 
 log = logging.getLogger("infernode.httpd")
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_PIPELINED = 8          # requests parsed ahead of the one being answered before reading pauses
-TICK_S = 1.0               # timeouts are checked, and the Date header renewed, once a second
-STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in HTTPStatus}
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class Request:
-    """One parsed request: method, raw path and query, headers (lowercased names) and the whole body."""
-
-    __slots__ = ("method", "path", "query", "headers", "body", "http_version", "keep_alive", "refusal")
-
-    def __init__(self, method: str, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
-                 http_version: str, keep_alive: bool) -> None:
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.http_version, self.keep_alive = http_version, keep_alive
-        self.body = b""
-        self.refusal: NodeError | None = None  # set when the server answers this request itself
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-
-Handler = Callable[[Request, "Connection"], Awaitable[None]]
-
-
-class _Refuse(Exception):
-    def __init__(self, error: NodeError) -> None:
-        self.error = error
+MAX_PIPELINED = 8          # requests parsed ahead of the one being answered before parsing stops
+LINGER_S = 2.0             # after a refusal, how long the unread rest of a request is read and dropped
+LINGER_BYTES = 1 << 20
+STATUS_LINES = {v: {int(s): f"HTTP/{v} {int(s)} {s.phrase}\r\n".encode() for s in HTTPStatus} for v in ("1.1", "1.0")}
 
 
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, queues them, and is what handlers answer through."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.gone = False            # the client went away before the current answer ended
         self.deadline = 0.0          # server clock time by which something must happen; 0: none
-        self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
+        self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
         self._paused_reading = False
         self._closed = False
-        self._broken = False         # the parser gave up; nothing more is read
+        self._counted = False        # counted in the server's admission
+        self._broken = False         # the parser gave up; nothing more is parsed
+        self._lingering = False      # refused: the rest of the request is read and dropped until close
+        self._linger_bytes = 0
         self._busy = False           # a handler is answering
         self._complete = True        # the current answer has been written whole
         self._started = False        # the current answer's head has been written
         self._chunked = False
         self._head_only = False
+        self._version = "1.1"        # the HTTP version of the request being answered
         self._keep_alive = True
         self._done_waiters: list[asyncio.Future[None]] | None = None
-        # The request being parsed.
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._in_request = False
+        self.reader = RequestReader(self)
+        self._sock: Any = None
+        self._acked = -1             # the client's acknowledged bytes when last looked
+        self._stall_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
-        sock = transport.get_extra_info("socket")
+        server = self.server
+        if not server.admission.enter(self.client[0] if self.client else ""):
+            # Cheap: nothing parsed, one prepared write, closed. (A client that already sent a
+            # request may see a reset instead: the kernel resets a close with unread data.)
+            transport.write(server.busy_answer)  # type: ignore[attr-defined]
+            transport.close()
+            self._closed = True
+            return
+        self._counted = True
+        sock = self._sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.deadline = self.server.clock + self.server.request_timeout_s
-        self.server.connections.add(self)
+        self.deadline = server.clock + server.limits.request_timeout_s
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._counted:
+            self._counted = False
+            self.server.admission.leave(self.client[0] if self.client else "")
         self.server.connections.discard(self)
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -133,96 +115,71 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused_writing = True
+        self._pause_reading()  # no more requests from a client that is not reading its answers
 
     def resume_writing(self) -> None:
         self._paused_writing = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        self._maybe_resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._broken:
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_BYTES:
+                self.abort()
             return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade (h2c, websocket) the node does not speak: the request is answered
-            # over HTTP/1.1 and the connection closed, as RFC 9110 allows.
-            self._broken = True
-            self._keep_alive = False
-        except httptools.HttpParserCallbackError as exc:
-            err = exc.__context__
-            self._refuse(err.error if isinstance(err, _Refuse) else InvalidRequest("malformed HTTP request"))
-        except httptools.HttpParserError as exc:
-            self._refuse(InvalidRequest(f"malformed HTTP request: {exc}"))
+        if self._broken or self._closed:
+            return
+        reader = self.reader
+        if reader.unfed:
+            data = reader.unfed + data
+            reader.unfed = b""
+        reader.feed(data)
 
-    # -- httptools callbacks ------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._url, self._headers, self._body, self._body_size, self._head_size = b"", [], [], 0, 0
-        self._in_request = True
-        self.deadline = self.server.clock + self.server.request_timeout_s
+    def _must_wait(self) -> bool:
+        return (len(self._queue) >= MAX_PIPELINED or self._queued_bytes > self.server.limits.max_body_bytes
+                or self._paused_writing)
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_size += len(url)
-        if self._head_size > MAX_HEAD_BYTES:
-            raise _Refuse(HeadersTooLarge("the request line is too long"))
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None and not self._closed:
+            self._paused_reading = True
+            self.transport.pause_reading()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD_BYTES:
-            raise _Refuse(HeadersTooLarge(f"the request's headers exceed {MAX_HEAD_BYTES} bytes"))
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        limit = self.server.max_body_bytes
-        expect_continue = False
-        for k, v in self._headers:
-            if k == b"content-length":
-                if v.isdigit() and int(v) > limit:
-                    raise _Refuse(BodyTooLarge(f"request body is {int(v)} bytes; the limit is {limit}"))
-            elif k == b"expect" and v.lower() == b"100-continue":
-                expect_continue = True
-        if expect_continue and self.transport is not None and not self._queue and not self._busy:
-            self.transport.write(CONTINUE)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
-        if self._body_size > self.server.max_body_bytes:
-            raise _Refuse(BodyTooLarge(f"request body exceeds the limit of {self.server.max_body_bytes} bytes"))
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        p = self._parser
-        path, _, query = self._url.partition(b"?")
-        req = Request(p.get_method().decode("ascii"), path, query, self._headers, p.get_http_version(),
-                      p.should_keep_alive())
-        req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._body = []
-        self._in_request = False
-        self.deadline = 0.0
-        self._enqueue(req)
+    def _maybe_resume_reading(self) -> None:
+        if not self._paused_reading or self._broken or self._closed or self._must_wait():
+            return
+        if len(self._queue) >= MAX_PIPELINED // 2:
+            return
+        self._paused_reading = False
+        if self.reader.unfed:
+            data, self.reader.unfed = self.reader.unfed, b""
+            self.reader.feed(data)
+        if not self._paused_reading and not self._broken:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        elif self._broken:
+            self._paused_reading = True
 
     # -- serving ------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
         self._queue.append(req)
-        if len(self._queue) >= MAX_PIPELINED and not self._paused_reading and self.transport is not None:
-            self._paused_reading = True
-            self.transport.pause_reading()
+        self._queued_bytes += len(req.body)
         if self._waiter is not None:
             if not self._waiter.done():
                 self._waiter.set_result(None)
         elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
-    def _refuse(self, error: NodeError) -> None:
+    def _refuse(self, refusal: Refusal, req: Request | None = None) -> None:
         """Answer a request the server will not pass on (in order, after any being answered), then close."""
         self._broken = True
-        self._in_request = False
-        if self.transport is not None and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
-        req = Request("GET", b"", b"", [], "1.1", False)
-        req.refusal = error
+        self.reader.in_request = False
+        self.reader.unfed = b""
+        self._pause_reading()
+        if req is None:
+            req = Request("GET", b"", b"", [], "1.1", False)
+        req.keep_alive = False
+        req.refusal = refusal
         self._enqueue(req)
 
     async def _serve(self) -> None:
@@ -233,7 +190,7 @@ class Connection(asyncio.Protocol):
                 if not self._keep_alive or self._broken:
                     self._close()
                     return
-                self.deadline = self.server.clock + self.server.keep_alive_s
+                self.deadline = self.server.clock + self.server.limits.keep_alive_s
                 self._waiter = loop.create_future()
                 try:
                     await self._waiter
@@ -241,19 +198,18 @@ class Connection(asyncio.Protocol):
                     self._waiter = None
                 continue
             req = self._queue.popleft()
-            if self._paused_reading and not self._broken and len(self._queue) < MAX_PIPELINED // 2:
-                self._paused_reading = False
-                self.transport.resume_reading()  # type: ignore[union-attr]
+            self._queued_bytes -= len(req.body)
             self._keep_alive = self._keep_alive and req.keep_alive
             self._busy, self._complete, self._started, self._chunked = True, False, False, False
             self._head_only = req.method == "HEAD"
+            self._version = "1.0" if req.http_version == "1.0" else "1.1"
             try:
                 if req.refusal is not None:
                     self._keep_alive = False
-                    err = req.refusal
-                    self.respond(err.status, [(b"content-type", b"application/json")], err.body())
-                else:
-                    await handler(req, self)
+                    self.respond(*req.refusal)
+                    self._linger()
+                    return
+                await handler(req, self)
             except asyncio.CancelledError:
                 if not self.gone:
                     raise
@@ -261,28 +217,53 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("error answering %s %s", req.method, req.path[:200])
                 if not self._started:
-                    err = OperationFailed("internal error in the node; see its log")
-                    self.respond(500, [(b"content-type", b"application/json")], err.body())
+                    self.respond(500, JSON, OperationFailed("internal error in the node; see its log").body())
             finally:
                 self._busy = False
             if not self._complete:
                 self._close()  # a handler that began an answer and did not end it: the client must not wait
                 return
             self._wake_done_waiters()
+            if self._paused_writing and not self._closed:
+                await self._wait_drain()  # the next answer waits until the client reads this one
+            self._maybe_resume_reading()
+
+    def _linger(self) -> None:
+        """Close after a refusal, reading and dropping what the client still sends for a moment, so
+        that it can read the answer instead of a reset."""
+        if self._closed or self.transport is None:
+            return
+        if not self.transport.can_write_eof():
+            self._close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        self.deadline = self.server.clock + LINGER_S
+        if self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
 
     def _close(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.close()
 
+    async def _wait_drain(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+
     # -- answering (for handlers) -------------------------------------------------
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
-        parts = [STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(), self.server.date_header]
+        lines = STATUS_LINES[self._version]
+        parts = [lines.get(status) or f"HTTP/{self._version} {status} Unknown\r\n".encode(), self.server.date_header]
         for k, v in headers:
             parts += (k, b": ", v, b"\r\n")
         parts.append(framing)
         if not self._keep_alive or self.server.closing:
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
+        elif self._version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -295,7 +276,7 @@ class Connection(asyncio.Protocol):
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Begin an answer whose body follows in pieces (chunked; HTTP/1.0 clients get it until close)."""
-        self._chunked = not self._head_only and self._parser.get_http_version() != "1.0"
+        self._chunked = not self._head_only and self._version != "1.0"
         if not self._chunked and not self._head_only:
             self._keep_alive = False
         self._started = True
@@ -308,9 +289,7 @@ class Connection(asyncio.Protocol):
         if data and not self._closed and not self._head_only:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)  # type: ignore[union-attr]
         if self._paused_writing and not self._closed:
-            if self._drain is None or self._drain.done():
-                self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
+            await self._wait_drain()
 
     def end(self, data: bytes = b"") -> None:
         """The last piece of a started answer."""
@@ -351,61 +330,24 @@ class Connection(asyncio.Protocol):
 
     # -- timeouts (called by the server's tick) -----------------------------------
     def expire(self) -> None:
-        if self._in_request:
-            log.info("closing a connection from %s: its request did not arrive within %.0f s",
-                     self.client, self.server.request_timeout_s)
-            self._refuse(RequestTimeout(f"the request did not arrive within {self.server.request_timeout_s:.0f} s"))
+        if self._lingering:
+            self.abort()
+        elif self.reader.in_request:
+            timeout = self.server.limits.request_timeout_s
+            log.info("closing a connection from %s: its request did not arrive within %.0f s", self.client, timeout)
+            self._refuse(Refusal.of(RequestTimeout(f"the request did not arrive within {timeout:.0f} s")), self.reader.req)
             self.deadline = 0.0
         elif not self._busy and not self._queue:
             self._close()
 
-
-class Server:
-    """Serves a handler on a listening socket until closed."""
-
-    def __init__(self, handler: Handler, *, max_body_bytes: int, request_timeout_s: float = 30.0,
-                 keep_alive_s: float = 75.0) -> None:
-        self.handler = handler
-        self.max_body_bytes = max_body_bytes
-        self.request_timeout_s, self.keep_alive_s = request_timeout_s, keep_alive_s
-        self.connections: set[Connection] = set()
-        self.closing = False
-        self.clock = time.monotonic()
-        self.date_header = b""
-        self._server: asyncio.AbstractServer | None = None
-        self._ticker: asyncio.TimerHandle | None = None
-        self._tick()
-
-    def _tick(self) -> None:
-        self.clock = now = time.monotonic()
-        self.date_header = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
-        for conn in [c for c in self.connections if c.deadline and c.deadline < now]:
-            conn.expire()
-        if self._server is not None:
-            self._ticker = asyncio.get_running_loop().call_later(TICK_S, self._tick)
-
-    async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=2048)
-        self._ticker = loop.call_later(TICK_S, self._tick)
-
-    async def close(self, grace_s: float = 5.0) -> None:
-        """Stop listening, let answers in progress end (up to grace_s), then drop every connection."""
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        deadline = time.monotonic() + grace_s
-        while True:
-            for conn in list(self.connections):
-                if not conn._busy and not conn._queue:
-                    conn._close()
-            if not self.connections or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.abort()
-        if self._ticker is not None:
-            self._ticker.cancel()
-        self._server = None
-        await asyncio.sleep(0)  # let connection_lost callbacks run
-
+    def stalled(self, now: float) -> bool:
+        """Whether the client has read nothing of what is waiting for it for write_stall_s."""
+        pending = self._paused_writing or self._busy or bool(self._queue)
+        seen = delivery(self._sock) if pending else None
+        if seen is None or (seen[1] == 0 and not self._paused_writing):
+            self._stall_since = 0.0
+            return False
+        if seen[0] != self._acked or not self._stall_since:
+            self._acked, self._stall_since = seen[0], now
+            return False
+        return now - self._stall_since >= self.server.limits.write_stall_s

@@ -136,7 +136,7 @@ class Gateway:
         ridb = rid.encode("latin-1")
         try:
             path = req.path
-            key = self._authenticate(req, route)
+            key = self.authenticate(req, route)
             if route is not None:
                 return await self._translated(route, key, req, rid, ridb, conn)
             if path == b"/v1/models" and req.method == "GET":
@@ -158,7 +158,10 @@ class Gateway:
                 conn.respond(status, error_headers(err, ridb), body)
 
     # -- request checks ----------------------------------------------------------
-    def _authenticate(self, req: Request, route: Route | None = None):
+    def authenticate(self, req: Request, route: Route | None = None):
+        """The key's record for a request; AuthenticationError when it has none or a bad one."""
+        if req.auth is not None:  # authenticated from the head, before the body was read (dispatch.py)
+            return req.auth
         secret = route.credential(req) if route is not None else bearer(req)
         if not secret:
             hint = "x-api-key or Authorization: Bearer" if route is not None and route.api == "anthropic" else \

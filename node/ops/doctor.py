@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import socket
+import ssl
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 
 import httpx
 
+from node.admin.client import node_tls
 from node.app import read_admin_key
 from node.config import Config
 from node.errors import ConfigError
@@ -144,7 +146,7 @@ def check_port(config: Config, timeout_s: float) -> Check:
                             "change [node].listen to an address of this box")
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     try:
-        r = httpx.get(f"http://{probe_host}:{port}/healthz", timeout=timeout_s)
+        r = httpx.get(f"{config.node.scheme}://{probe_host}:{port}/healthz", timeout=timeout_s, verify=_trust(config))
         if r.status_code == 200 and r.json().get("status") == "ok" and _our_node(config, probe_host, port, timeout_s):
             return ok("port", f"{config.node.listen} is in use by this node (running)")
     except (httpx.HTTPError, ValueError, AttributeError):
@@ -158,8 +160,14 @@ def _our_node(config: Config, host: str, port: int, timeout_s: float) -> bool:
     key = read_admin_key(config)
     if not key:
         return True  # nothing to tell them apart with; /healthz answered as a node does
-    r = httpx.get(f"http://{host}:{port}/admin/v1/status", headers={"authorization": f"Bearer {key}"}, timeout=timeout_s)
+    r = httpx.get(f"{config.node.scheme}://{host}:{port}/admin/v1/status", headers={"authorization": f"Bearer {key}"},
+                  timeout=timeout_s, verify=_trust(config))
     return r.status_code == 200
+
+
+def _trust(config: Config) -> ssl.SSLContext | bool:
+    """Over TLS, the node's own certificate is trusted (it may be self-signed)."""
+    return node_tls(config) if config.node.tls_cert else True
 
 
 def check_data_dir(config: Config) -> Check:

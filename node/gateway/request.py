@@ -1,0 +1,61 @@
+"""A request as the node's HTTP server hands it over, and an answer the server gives instead."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from node.errors import NodeError
+
+if TYPE_CHECKING:
+    from node.gateway.httpd import Connection
+
+JSON = [(b"content-type", b"application/json")]
+
+
+class Refusal(NamedTuple):
+    """An answer the server gives instead of passing a request on."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @classmethod
+    def of(cls, err: NodeError) -> Refusal:
+        return cls(err.status, JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()], err.body())
+
+
+class Request:
+    """One parsed request: method, raw path and query, headers (lowercased names) and the whole body."""
+
+    __slots__ = (
+        "auth",
+        "body",
+        "body_limit",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "refusal",
+    )
+
+    def __init__(self, method: str, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
+                 http_version: str, keep_alive: bool) -> None:
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.http_version, self.keep_alive = http_version, keep_alive
+        self.body = b""
+        self.refusal: Refusal | None = None  # set when the server answers this request itself
+        self.auth: Any = None                # what the head check established (e.g. the API key's record)
+        self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+Handler = Callable[[Request, "Connection"], Awaitable[None]]
+HeadCheck = Callable[[Request], "Refusal | None"]
