@@ -21,12 +21,13 @@ import httpx
 from node.ops.alerts import Alerter, budget_uses
 from node.config import Config, load_config
 from node.console.sessions import Principal
-from node.errors import AuthenticationError, OperationFailed
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
 from node.workers.gpus import Inventory, discover
 from node.workers.handles import claim_workers
+from node.workers.loader import Loader
 from node.workers.keeper import owner_token
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.accounts.ledger import Ledger, rebuild_counters
@@ -89,6 +90,7 @@ class Node:
         self.lock = LockFile()
         self.inventory = Inventory(())
         self.supervisor: Supervisor | None = None
+        self.loader: Loader | None = None
         self.gateway: Gateway | None = None
         self.admin_key = ""
         self.started_at = time.time()
@@ -109,7 +111,8 @@ class Node:
 
     def model_infos(self) -> dict[str, ModelInfo]:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue)
+                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
+                                  on_demand=m.on_demand)
                 for m in self.config.models}
 
     def build_gateway(self, ledger: Ledger) -> Gateway:
@@ -122,8 +125,26 @@ class Node:
             serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
             cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             runtime_of=lambda name: self.config.model(name).runtime if self.config.model(name) else "",
-            log_prompts=self.config.node.log_prompts,
+            log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
         )
+
+    async def ensure_loaded(self, model: str) -> None:
+        """The gateway's seam to on-demand loading: return once `model` is ready, else NoReadyReplica."""
+        if self.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        await self.loader.ensure_loaded(model)
+
+    def _busy(self, model: str) -> bool:
+        """Whether the gateway has requests for `model` in flight or queued (then it is not evicted)."""
+        gate = self.gateway.gates.get(model) if self.gateway is not None else None
+        return gate is not None and (gate.inflight > 0 or gate.queued > 0)
+
+    def _build_loader(self, supervisor: Supervisor) -> Loader:
+        m = self.metrics
+        return Loader(supervisor, read_gpus=lambda: discover(self.nvml), busy=self._busy,
+                      on_load=lambda model, reason: m.model_loads.labels(model, reason).inc(),
+                      on_loaded=lambda model, s: m.model_load_seconds.labels(model).observe(s),
+                      on_evict=lambda model: m.model_evictions.labels(model).inc())
 
     # -- start -----------------------------------------------------------------
     async def open(self) -> None:
@@ -161,6 +182,7 @@ class Node:
                 await self._pull_missing()
             self.supervisor = Supervisor(self.config, self.lock, self.store, self.inventory, self.router,
                                          self.probe_client, on_change=self._replica_changed)
+            self.loader = self._build_loader(self.supervisor)
             await self.supervisor.verify_store()
             await self.supervisor.reconcile(adopt=True)
         except Exception as exc:  # keep serving /readyz with the reason
@@ -192,7 +214,9 @@ class Node:
         return secret
 
     def ready_models(self) -> list[str]:
-        return [m for m in self.router.models() if self.router.ready(m)]
+        """Models the node serves now: ready ones, and on-demand ones while they can be loaded."""
+        sup = self.supervisor
+        return [m for m in self.router.models() if self.router.ready(m) or (sup is not None and sup.loadable(m))]
 
     async def _pull_missing(self) -> None:
         for m in self.config.models:
@@ -209,6 +233,10 @@ class Node:
     def _replica_changed(self, replica: Replica) -> None:
         labels = (replica.spec.model, str(replica.spec.replica), replica.spec.runtime)
         self.metrics.worker_up.labels(*labels).set(1 if replica.state is WorkerState.READY else 0)
+        if self.supervisor is not None:
+            model = replica.spec.model
+            up = any(r.spec.model == model and r.state is WorkerState.READY for r in self.supervisor.replicas.values())
+            self.metrics.model_loaded.labels(model).set(1 if up else 0)
         if replica.state is WorkerState.RESTARTING and replica.restarts:
             self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
         if replica.state is WorkerState.FAILED:

@@ -68,6 +68,10 @@ class NodeSection(_Section):
     log_prompts: bool = False
     # One JSON line per /v1 request (request id, model, key id, status, latency); never the body.
     access_log: bool = True
+    # Models loaded at once (always and on-demand ones together); unset: no limit but GPU memory.
+    max_loaded_models: Annotated[int, Field(ge=1)] | None = None
+    # Seconds a load (or wake) of an on-demand model may take before it counts as failed.
+    load_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 
     @field_validator("listen")
     @classmethod
@@ -158,6 +162,12 @@ class ModelConfig(_Section):
     tags: list[str] = []
     # Also probe with a real one-token completion every [supervisor] inference_probe_every probes.
     probe_inference: bool = False
+    # "always": loaded at start, never evicted; "on_demand": loaded by its first request.
+    load: Literal["always", "on_demand"] = "always"
+    # On-demand models unload after this many seconds without requests (0: never).
+    idle_unload_s: Annotated[float, Field(ge=0)] = 900.0
+    # Idle through the runtime's sleep mode (vLLM) instead of stopping.
+    sleep: bool = False
 
     @field_validator("runtime")
     @classmethod
@@ -191,7 +201,15 @@ class ModelConfig(_Section):
                 raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
         elif not self.source:
             raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
+        if self.sleep and not self.on_demand:
+            raise ValueError("sleep = true applies to models that idle: set load = \"on_demand\" too")
+        if self.on_demand and self.runtime == "external":
+            raise ValueError("an external model is not launched by the node, so it cannot be loaded on demand")
         return self
+
+    @property
+    def on_demand(self) -> bool:
+        return self.load == "on_demand"
 
     @property
     def gpu_count(self) -> int:

@@ -34,6 +34,7 @@ class WorkerSpec:
     max_model_len: int | None = None
     url: str | None = None          # external runtime: the OpenAI base URL
     startup_timeout_s: float | None = None
+    sleep: bool = False             # idle through the runtime's sleep mode, where it has one
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class Warmup:
 
 
 @dataclass(frozen=True)
+class SleepControl:
+    """How to put a worker to sleep (GPU memory freed, process kept) and wake it, relative to its root."""
+
+    sleep: tuple[str, str]          # (method, path): the request that frees the GPU
+    wake: tuple[str, str]           # the request that restores it
+    is_sleeping: str                # GET: JSON {"is_sleeping": bool}
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     argv: tuple[str, ...]           # empty for a worker the node does not launch (external)
     env: Mapping[str, str]
@@ -66,6 +76,7 @@ class LaunchPlan:
     # False when streams carry no usage chunk even with stream_options.include_usage.
     stream_usage: bool = True
     upstream_model: str | None = None  # the model name the worker expects, when it differs
+    sleep: SleepControl | None = None  # set when the spec asked for sleep and the runtime has it
     # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
     # ("responses": POST /v1/responses); the node passes those through untranslated.
     native_apis: tuple[str, ...] = ()

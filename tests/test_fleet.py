@@ -355,3 +355,25 @@ def test_cli_without_fleet_section(tiny_node):
     assert p.returncode == 1 and "[fleet.litellm]" in p.stderr
     st = run_cli("fleet", "status", config=tiny_node.config, check=True)
     assert "fleet: off" in st.stdout
+
+
+def test_an_on_demand_model_stays_registered_while_it_can_be_loaded(tmp_path, fake):
+    """Registered while unloaded, through its loads and idle unloads: no churn in the proxy."""
+    port = free_port()
+    models = TINY_MODEL.replace('name = "tiny-chat"', 'name = "tiny-chat"\nload = "on_demand"\nidle_unload_s = 1')
+    cfg = write_config(tmp_path, models, port=port, extra=_fleet_toml(fake, port))
+    n = start_node(cfg, {"TEST_LITELLM_MASTER": MASTER})
+    try:
+        n.wait_ready()
+        assert wait_until(lambda: len(fake.ids()) == 1, timeout=20), fake.calls
+        assert n.workers()[0]["state"] == "unloaded"
+        [dep_id] = fake.ids()
+        key = fake.models[dep_id]["litellm_params"]["api_key"]
+        r = httpx.post(n.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200
+        assert wait_until(lambda: n.workers()[0]["state"] == "unloaded", timeout=30)  # idle again
+        assert fake.ids() == [dep_id]
+        assert fake.calls.count(("POST", "/model/delete")) == 0
+    finally:
+        n.stop()

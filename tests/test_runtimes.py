@@ -67,6 +67,20 @@ def test_vllm_on_cpu_and_user_flags_win() -> None:
         vllm_rt.plan(spec("vllm", model_path=None))
 
 
+def test_vllm_sleep_mode_flag_dev_routes_and_controls() -> None:
+    p = vllm_rt.plan(spec("vllm", sleep=True))
+    assert p.argv.count("--enable-sleep-mode") == 1 and p.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert p.sleep is not None and p.sleep.sleep == ("POST", "/sleep?level=1")
+    assert p.sleep.wake == ("POST", "/wake_up") and p.sleep.is_sleeping == "/is_sleeping"
+    assert vllm_rt.plan(spec("vllm", sleep=True, args=("--enable-sleep-mode",))).argv.count("--enable-sleep-mode") == 1
+    off = vllm_rt.plan(spec("vllm"))
+    assert off.sleep is None and "--enable-sleep-mode" not in off.argv and "VLLM_SERVER_DEV_MODE" not in off.env
+    # Runtimes without a sleep mode say so by leaving it out of the plan: the node then stops the worker.
+    for name in ("llamacpp", "sglang"):
+        path = HF_MODEL.parent / "tiny-chat.gguf" if name == "llamacpp" else HF_MODEL
+        assert runtimes.get(name).plan(spec(name, sleep=True, model_path=path)).sleep is None
+
+
 def test_sglang_argv_and_probes() -> None:
     p = sglang_rt.plan(spec("sglang", gpu_uuids=UUIDS[:1], gpu_memory_fraction=0.4, max_model_len=8192))
     assert p.argv == ("/opt/rt/bin/python", "-m", "sglang.launch_server", "--model-path", str(HF_MODEL),

@@ -12,7 +12,8 @@ import pytest
 from node.workers.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
 
 S = WorkerState
-WORKER_SRC = Path(__file__).resolve().parent.parent / "node" / "workers" / "replica.py"
+WORKERS = Path(__file__).resolve().parent.parent / "node" / "workers"
+WORKER_SRCS = (WORKERS / "replica.py", WORKERS / "ondemand.py")  # always and on-demand replicas
 
 
 def reachable(start: WorkerState) -> set[WorkerState]:
@@ -58,9 +59,9 @@ def test_specific_rules():
 
 
 def _targets_set_in_worker() -> set[WorkerState]:
-    """Every state the worker module moves a replica to (`self._set(S.X, ...)`)."""
+    """Every state the replica modules move a replica to (`self._set(S.X, ...)`)."""
     found = set()
-    for node in ast.walk(ast.parse(WORKER_SRC.read_text())):
+    for node in (n for src in WORKER_SRCS for n in ast.walk(ast.parse(src.read_text()))):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("_set", "hold"):
             arg = node.args[0]
             if isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) and arg.value.id == "S":
@@ -71,7 +72,7 @@ def _targets_set_in_worker() -> set[WorkerState]:
 def test_worker_only_uses_states_the_table_can_enter():
     used = _targets_set_in_worker()
     enterable = set().union(*TRANSITIONS.values())
-    assert used, "no transitions found in node/workers/replica.py"
+    assert used, "no transitions found in node/workers/replica.py or ondemand.py"
     assert used <= enterable
     # The worker reaches every state but PENDING (where replicas begin) through _set.
     assert used == set(WorkerState) - {S.PENDING}

@@ -66,3 +66,53 @@ def test_real_vllm_through_the_node(node_factory):
 
     assert node.stop(signal.SIGTERM, timeout=60) == 0
     assert process_start_time(w["pid"]) is None
+
+
+SLEEPY = """
+[[models]]
+name = "tiny-vllm"
+source = "builtin:tiny-chat#hf/*"
+runtime = "vllm"
+args = ["--enforce-eager", "--max-model-len", "512"]
+env = { VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1" }
+load = "on_demand"
+sleep = true
+idle_unload_s = 5
+"""
+
+
+def test_real_vllm_cpu_refuses_sleep_mode_and_the_load_says_why(node_factory):
+    """vLLM's CPU platform has no sleep mode (vllm/platforms/interface.py: CUDA, ROCm, XPU only):
+    `--enable-sleep-mode` fails at start, and the request that asked for the load gets the reason."""
+    node = node_factory(SLEEPY, extra=f'[runtimes.vllm]\npython = "{VLLM_PYTHON}"\n')
+    key = node.create_key()
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0, timeout=900)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny-vllm", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.status_code == 503 and e.value.body["code"] == "model_not_ready"
+    assert "Sleep mode is not supported on current platform" in e.value.body["message"]
+
+
+GPU_VLLM_PYTHON = os.environ.get("INFERNODE_TEST_VLLM_GPU_PYTHON")
+
+
+@pytest.mark.skipif(not GPU_VLLM_PYTHON, reason="set INFERNODE_TEST_VLLM_GPU_PYTHON to a CUDA build of vLLM on a GPU box")
+def test_real_vllm_sleep_mode_on_a_gpu(node_factory):
+    """On a GPU: idle -> vLLM sleeps (same process, GPU memory freed), a request wakes it."""
+    node = node_factory(SLEEPY.replace('env = { VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1" }', "gpus = 1"),
+                        extra=f'[runtimes.vllm]\npython = "{GPU_VLLM_PYTHON}"\n')
+    key = node.create_key()
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0, timeout=900)
+    ask = lambda: client.chat.completions.create(model="tiny-vllm", max_tokens=2,  # noqa: E731
+                                                 messages=[{"role": "user", "content": "hi"}])
+    assert ask().choices
+    [w] = node.workers()
+    deadline = time.monotonic() + 120
+    while node.workers()[0]["state"] != "unloaded" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    [asleep] = node.workers()
+    assert asleep["state"] == "unloaded" and asleep["sleeping"] and asleep["pid"] == w["pid"]
+    t0 = time.monotonic()
+    assert ask().choices
+    print(f"woken and answered in {time.monotonic() - t0:.2f}s")
+    assert node.workers()[0]["pid"] == w["pid"]

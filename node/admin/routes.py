@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from node import __version__
 from node.app import Node
-from node.errors import AuthenticationError, InvalidRequest, NodeError, NotFound, UpstreamError
+from node.errors import AuthenticationError, InvalidRequest, NodeError, NoReadyReplica, NotFound, UpstreamError
 from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
@@ -217,6 +217,26 @@ def build_admin(node: Node) -> FastAPI:
             raise NotFound(f"no model named '{name}'", code="model_not_found")
         n = node.supervisor.restart_model(name) if node.supervisor else 0
         return {"model": name, "restarting": n}
+
+    @app.post("/admin/v1/models/{name}/load", dependencies=guard)
+    async def load_model(name: str) -> dict[str, Any]:
+        """Load an on-demand model now (evicting idle ones if it must); answers once it is ready."""
+        if node.config.model(name) is None:
+            raise NotFound(f"no model named '{name}'", code="model_not_found")
+        if node.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        seconds = await node.loader.load(name)
+        return {"model": name, "state": "ready", "seconds": round(seconds, 3)}
+
+    @app.post("/admin/v1/models/{name}/unload", dependencies=guard)
+    async def unload_model(name: str) -> dict[str, Any]:
+        """Unload (or put to sleep) an on-demand model now; answers once it is unloaded."""
+        if node.config.model(name) is None:
+            raise NotFound(f"no model named '{name}'", code="model_not_found")
+        if node.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        n = await node.loader.unload(name)
+        return {"model": name, "state": "unloaded", "unloaded": n}
 
     @app.get("/admin/v1/fleet", dependencies=guard)
     async def fleet_status() -> dict[str, Any]:

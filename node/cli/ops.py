@@ -6,8 +6,10 @@ import asyncio
 import json
 import time
 from typing import Optional
+from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from node.admin.client import AdminClient
@@ -49,7 +51,6 @@ def _bar(frac: float, width: int = 20) -> str:
 @app.command()
 def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The node at a glance: readiness, traffic of the last minute, replicas and GPUs."""
-    from rich.markup import escape
 
     data = AdminClient(config_from(config)).get("/admin/v1/status")
     if as_json:
@@ -71,10 +72,11 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
     t = Table(title="replicas", title_justify="left")
     for col in ("model", "replica", "runtime", "state", "since", "restarts", "port", "gpus", "last error"):
         t.add_column(col)
-    colours = {"ready": "green", "starting": "cyan", "failed": "red", "unhealthy": "yellow", "restarting": "yellow"}
+    colours = {"ready": "green", "starting": "cyan", "loading": "cyan", "failed": "red", "unhealthy": "yellow",
+               "restarting": "yellow", "unloaded": "dim"}
     for w in data["workers"]:
-        st = w["state"]
-        t.add_row(w["model"], str(w["replica"]), w["runtime"], f"[{colours.get(st, 'white')}]{st}[/]", _ago(w["since"]),
+        st = w["state"] + (" (asleep)" if w.get("sleeping") else "")
+        t.add_row(w["model"], str(w["replica"]), w["runtime"], f"[{colours.get(w['state'], 'white')}]{st}[/]", _ago(w["since"]),
                   str(w["restarts"]), str(w["port"] or "-"), ",".join(g[:12] for g in w["gpus"]) or "cpu",
                   escape((w["last_error"] or "").splitlines()[0][:60]) if w["last_error"] else "")
     console.print(t)
@@ -124,3 +126,19 @@ def gpus(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
     console.print(t)
     if inv.error:  # some GPU could not be read
         console.print(f"[yellow]{inv.error}[/]", highlight=False)
+
+
+@app.command()
+def load(name: str = typer.Argument(..., help="the on-demand model to load"), config: Optional[str] = ConfigOption) -> None:
+    """Load an on-demand model now (evicting idle ones if it must); returns once it is ready."""
+    cfg = config_from(config)
+    data = AdminClient(cfg, timeout=cfg.node.load_timeout_s + 30).post(f"/admin/v1/models/{quote(name, safe='')}/load")
+    console.print(f"{escape(data['model'])} ready (load took {data['seconds']:.2f}s)", highlight=False)
+
+
+@app.command()
+def unload(name: str = typer.Argument(..., help="the on-demand model to unload"), config: Optional[str] = ConfigOption) -> None:
+    """Unload (or put to sleep) an on-demand model now."""
+    cfg = config_from(config)
+    data = AdminClient(cfg, timeout=cfg.supervisor.stop_timeout_s + 90).post(f"/admin/v1/models/{quote(name, safe='')}/unload")
+    console.print(f"{escape(data['model'])} unloaded ({data['unloaded']} replica(s) were up)", highlight=False)

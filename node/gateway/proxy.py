@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from node.gateway import context, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
@@ -67,6 +67,7 @@ class ModelInfo:
     price_output: float = 0.0
     max_inflight: int = 64
     max_queue: int = 256
+    on_demand: bool = False       # loaded by requests: a request waits for its load
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -99,7 +100,8 @@ class Gateway:
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  runtime_of: Callable[[str], str] = lambda model: "",
-                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False) -> None:
+                 queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
+                 ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
@@ -111,6 +113,8 @@ class Gateway:
         self.runtime_of = runtime_of
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
+        # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
+        self.ensure_loaded = ensure_loaded
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
         self.draining = False
         self.inflight = 0
@@ -252,7 +256,8 @@ class Gateway:
                                                       "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
         if endpoint in ("chat", "completions"):
             context.check(req, endpoint, self.context_len(info))
-        if not self.router.ready(model):
+        on_demand = info.on_demand and self.ensure_loaded is not None
+        if not on_demand and not self.router.ready(model):
             raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
         user = req.get("user") if isinstance(req.get("user"), str) else None
         adm = self.quotas.admit(key, model, user)
@@ -274,6 +279,9 @@ class Gateway:
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
+            if on_demand and not self.router.ready(model):
+                # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
+                await self.ensure_loaded(model)  # type: ignore[misc]
             await self._route(req, body, endpoint, path, ex, adm, ridb, conn, route, call)
         except asyncio.CancelledError:
             if not conn.gone:

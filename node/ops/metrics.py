@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Info, PlatformCollector, ProcessCollector, generate_latest,
+    CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +23,7 @@ from node.workers.gpus import Inventory
 from node.ops.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Rejections the gateway also counts in infernode_requests_total (refused after admission, code 429).
@@ -64,6 +65,15 @@ class Metrics:
         self.worker_scrape_up = Gauge("infernode_worker_metrics_up",
                                       "1 when the node's last scrape of the worker's own /metrics succeeded.",
                                       ["model", "replica"], registry=r)
+        # Models on demand (node/workers/loader.py).
+        self.model_loaded = Gauge("infernode_model_loaded", "1 when the model has a ready replica.", ["model"], registry=r)
+        self.model_loads = Counter("infernode_model_loads", "Loads of on-demand models, by what asked (request|admin).",
+                                   ["model", "reason"], registry=r)
+        self.model_load_seconds = Histogram("infernode_model_load_seconds",
+                                            "Seconds from a load's start to a ready replica (a wake from sleep included).",
+                                            ["model"], registry=r, buckets=LOAD_BUCKETS)
+        self.model_evictions = Counter("infernode_model_evictions", "On-demand models unloaded to make room for another.",
+                                       ["model"], registry=r)
         self._workers: dict[tuple[str, str], list[Metric]] = {}
 
     # -- written by the background sampler ---------------------------------------

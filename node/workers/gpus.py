@@ -29,6 +29,14 @@ class MigDevice:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A compute process on a GPU and the memory NVML says it holds there."""
+
+    pid: int
+    used_memory: int
+
+
+@dataclass(frozen=True)
 class Gpu:
     """One physical GPU as NVML reports it."""
 
@@ -44,6 +52,9 @@ class Gpu:
     compute_capability: str | None = None  # "8.0"
     mig_mode: bool = False
     mig_devices: tuple[MigDevice, ...] = ()
+    # Compute processes and their memory; None when NVML cannot say (then placement
+    # counts what is in use beyond its own charges as held by others).
+    processes: tuple[GpuProcess, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +139,19 @@ def _gpu(nvml: Any, i: int) -> Gpu:
         compute_capability=None if cc is None else f"{cc[0]}.{cc[1]}",
         mig_mode=mig_on,
         mig_devices=_mig_devices(nvml, h) if mig_on else (),
+        processes=None if mig_on else _optional(nvml, lambda: _processes(nvml, h)),
     )
+
+
+def _processes(nvml: Any, h: Any) -> tuple[GpuProcess, ...] | None:
+    """NVML's compute processes on a GPU; None when a process's memory is not available."""
+    out = []
+    for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
+        used = getattr(p, "usedGpuMemory", None)
+        if used is None:  # NVML_VALUE_NOT_AVAILABLE (e.g. under some virtualisation)
+            return None
+        out.append(GpuProcess(int(p.pid), int(used)))
+    return tuple(out)
 
 
 def _mig_devices(nvml: Any, h: Any) -> tuple[MigDevice, ...]:

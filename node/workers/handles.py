@@ -22,6 +22,9 @@ class Adoptable:
     port: int
     spec_hash: str
     state_file: Path
+    gpu_uuids: tuple[str, ...] = ()
+    gpu_memory_fraction: float | None = None
+    need_bytes: int = 0
 
 
 class KeeperHandle:
@@ -69,6 +72,24 @@ class KeeperHandle:
             self._pidfd = None
 
 
+def session_pids(leaders: set[int]) -> set[int]:
+    """Every live process in the sessions these workers lead (a worker runs in a session of
+    its own, so this is the worker and every child it made, e.g. vLLM's engine processes)."""
+    if not leaders:
+        return set()
+    found = set(leaders)
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and int(fields[3]) in leaders:
+            found.add(int(p.name))
+    return found
+
+
 def find_adoptable(run_dir: Path) -> dict[str, Adoptable]:
     """Keepers left by an earlier node that are still alive, by replica id."""
     found: dict[str, Adoptable] = {}
@@ -84,7 +105,8 @@ def find_adoptable(run_dir: Path) -> dict[str, Adoptable]:
             continue
         found[info["id"]] = Adoptable(
             id=info["id"], keeper_pid=info["keeper_pid"], port=info["port"],
-            spec_hash=info["spec_hash"], state_file=path,
+            spec_hash=info["spec_hash"], state_file=path, gpu_uuids=tuple(info.get("gpus") or ()),
+            gpu_memory_fraction=info.get("fraction"), need_bytes=int(info.get("need_bytes") or 0),
         )
     return found
 

@@ -18,6 +18,12 @@ fullest device that still fits, `spread` the one with the fewest replicas (then 
 most room). A replica alone on its devices gets the runtime's default memory use;
 replicas sharing a device each get `gpu_memory_fraction` = the memory charged for it /
 the device's total.
+
+On-demand models are not placed at start: `place_on_demand` places one when it loads,
+around what is resident then (always models, loaded on-demand ones) and around memory
+NVML says processes the node does not manage hold (`foreign_use`). Where on-demand
+models may come, every replica on a GPU gets its share as a fraction, so that no
+runtime takes the whole device by default.
 """
 
 from __future__ import annotations
@@ -183,60 +189,125 @@ def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
     devices = _devices(inventory)
     placed: list[Placed] = []
     unplaced: list[Unplaced] = []
-    gpu_models = [m for m in config.models if m.runtime != "external" and m.gpu_count > 0]
+    gpu_models = [m for m in config.models if m.runtime != "external" and m.gpu_count > 0 and not m.on_demand]
+    share_all = any(m.on_demand and m.gpu_count > 0 for m in config.models)
     order = [m for m in gpu_models if not isinstance(m.gpus, int)] + [m for m in gpu_models if isinstance(m.gpus, int)]
-    for m in config.models:
+    for m in config.models:  # on CPU, or on GPUs chosen when loaded (on demand)
         if m not in gpu_models:
             placed += [Placed(m, r) for r in range(m.replicas)]
     for m in order:
-        try:
-            need = need_per_gpu(m, lock)
-        except ValueError as exc:
-            unplaced += [Unplaced(m, r, f"gpu_memory: {exc}") for r in range(m.replicas)]
+        placed_m, unplaced_m = _place_model(m, lock, inventory, devices, len(placed))
+        placed += placed_m
+        unplaced += unplaced_m
+    return Placement(tuple(_with_fractions(placed, devices, share_all)), tuple(unplaced))
+
+
+def _place_model(m: ModelConfig, lock: LockFile, inventory: Inventory, devices: list[_Device],
+                 first: int) -> tuple[list[Placed], list[Unplaced]]:
+    """Place every replica of m on devices (charging them); `first` is its first index in the placed list."""
+    placed: list[Placed] = []
+    unplaced: list[Unplaced] = []
+    try:
+        need = need_per_gpu(m, lock)
+    except ValueError as exc:
+        return [], [Unplaced(m, r, f"gpu_memory: {exc}") for r in range(m.replicas)]
+    n = m.gpu_count
+    for r in range(m.replicas):
+        if not devices:
+            why = ("every GPU is in MIG mode without MIG instances" if inventory.gpus
+                   else inventory.error or "no NVIDIA GPU found")
+            unplaced.append(Unplaced(m, r, f"needs {n} GPU(s); {why}"))
             continue
-        n = m.gpu_count
-        for r in range(m.replicas):
-            if not devices:
-                why = ("every GPU is in MIG mode without MIG instances" if inventory.gpus
-                       else inventory.error or "no NVIDIA GPU found")
-                unplaced.append(Unplaced(m, r, f"needs {n} GPU(s); {why}"))
+        if isinstance(m.gpus, list):
+            picked = [_select(s, devices) for s in m.gpus]
+            problem = next((p for p in picked if isinstance(p, str)), None)
+            chosen = [p for p in picked if isinstance(p, _Device)]
+            if problem is None and len({d.uuid for d in chosen}) < len(chosen):
+                problem = "the same GPU is listed twice"
+            if problem is None and len(chosen) > 1 and any(d.mig for d in chosen):
+                problem = "a MIG instance cannot be combined with other devices (CUDA uses only the first)"
+            if problem is None and not _fits(need, chosen):
+                short = next(d for d, c in zip(chosen, _charges(need, chosen)) if d.room < c)
+                problem = f"needs {gib(need)}; {short.label} has {gib(max(short.room, 0))} free"
+            if problem is not None:
+                unplaced.append(Unplaced(m, r, f"gpus = {m.gpus}: {problem}"))
                 continue
-            if isinstance(m.gpus, list):
-                picked = [_select(s, devices) for s in m.gpus]
-                problem = next((p for p in picked if isinstance(p, str)), None)
-                chosen = [p for p in picked if isinstance(p, _Device)]
-                if problem is None and len({d.uuid for d in chosen}) < len(chosen):
-                    problem = "the same GPU is listed twice"
-                if problem is None and len(chosen) > 1 and any(d.mig for d in chosen):
-                    problem = "a MIG instance cannot be combined with other devices (CUDA uses only the first)"
-                if problem is None and not _fits(need, chosen):
-                    short = next(d for d, c in zip(chosen, _charges(need, chosen)) if d.room < c)
-                    problem = f"needs {gib(need)}; {short.label} has {gib(max(short.room, 0))} free"
-                if problem is not None:
-                    unplaced.append(Unplaced(m, r, f"gpus = {m.gpus}: {problem}"))
-                    continue
+        else:
+            got = _choose(need, n, devices, m.placement)
+            if got is None:
+                unplaced.append(Unplaced(m, r, _why_not(need, n, devices)))
+                continue
+            chosen = got
+        for d, c in zip(chosen, _charges(need, chosen)):
+            d.charged += c
+            d.tenants.append(first + len(placed))
+        placed.append(Placed(m, r, tuple(d.uuid for d in chosen), None, need))
+    return placed, unplaced
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A replica holding GPU memory now: its devices and what placement charges it on each."""
+
+    gpu_uuids: tuple[str, ...]
+    need_bytes: int
+
+
+def foreign_use(inventory: Inventory, own_pids: set[int], residents: list[Resident]) -> dict[str, int]:
+    """Bytes per device held by processes the node does not manage (NVML ground truth).
+
+    With NVML's process list: memory in use minus what the node's own processes hold.
+    Without it (MIG slices, or no list): memory in use minus what placement charged the
+    node's replicas there, which counts a worker using more than its charge as foreign
+    too (it holds that memory all the same)."""
+    charged: dict[str, int] = {}
+    for res in residents:
+        for uuid in res.gpu_uuids:
+            charged[uuid] = charged.get(uuid, 0) + res.need_bytes
+    out: dict[str, int] = {}
+    for g in inventory.gpus:
+        units = [(d.uuid, d.memory_used, None) for d in g.mig_devices] if g.mig_mode else [(g.uuid, g.memory_used, g.processes)]
+        for uuid, used, procs in units:
+            if procs is not None:
+                ours = sum(p.used_memory for p in procs if p.pid in own_pids)
+                out[uuid] = max(0, used - ours)
             else:
-                got = _choose(need, n, devices, m.placement)
-                if got is None:
-                    unplaced.append(Unplaced(m, r, _why_not(need, n, devices)))
-                    continue
-                chosen = got
-            for d, c in zip(chosen, _charges(need, chosen)):
+                out[uuid] = max(0, used - charged.get(uuid, 0))
+    return out
+
+
+def place_on_demand(m: ModelConfig, lock: LockFile, inventory: Inventory, residents: list[Resident],
+                    foreign: dict[str, int]) -> tuple[Placed, ...] | str:
+    """Where every replica of on-demand model m runs now, around residents and foreign use; or why it cannot."""
+    if m.gpu_count == 0:
+        return tuple(Placed(m, r) for r in range(m.replicas))
+    devices = _devices(inventory)
+    by_uuid = {d.uuid: d for d in devices}
+    for d in devices:
+        d.charged += foreign.get(d.uuid, 0)
+    for res in residents:
+        held = [by_uuid[u] for u in res.gpu_uuids if u in by_uuid]
+        if held:
+            for d, c in zip(held, _charges(res.need_bytes, held)):
                 d.charged += c
-                d.tenants.append(len(placed))
-            placed.append(Placed(m, r, tuple(d.uuid for d in chosen), None, need))
-    return Placement(tuple(_with_fractions(placed, devices)), tuple(unplaced))
+    placed, unplaced = _place_model(m, lock, inventory, devices, 0)
+    if unplaced:
+        return unplaced[0].reason
+    return tuple(_fraction(p, devices) for p in placed)
 
 
-def _with_fractions(placed: list[Placed], devices: list[_Device]) -> list[Placed]:
-    """Replicas sharing a device get their share; a replica alone keeps the runtime default."""
-    shared = {i for d in devices if len(d.tenants) > 1 for i in d.tenants}
+def _fraction(p: Placed, devices: list[_Device]) -> Placed:
+    smallest = min(d.total for d in devices if d.uuid in p.gpu_uuids)
+    fraction = math.floor(p.need_bytes / smallest * 1000) / 1000
+    # Floor keeps the sum of shares within the device; a share never rounds to zero.
+    return Placed(p.model, p.replica, p.gpu_uuids, max(fraction, 0.001), p.need_bytes)
+
+
+def _with_fractions(placed: list[Placed], devices: list[_Device], share_all: bool = False) -> list[Placed]:
+    """Replicas sharing a device get their share; a replica alone keeps the runtime default
+    (unless on-demand models may join it later: share_all)."""
+    shared = {i for d in devices if len(d.tenants) > 1 or share_all for i in d.tenants}
     out: list[Placed] = []
     for i, p in enumerate(placed):
-        if i in shared:
-            smallest = min(d.total for d in devices if d.uuid in p.gpu_uuids)
-            fraction = math.floor(p.need_bytes / smallest * 1000) / 1000
-            # Floor keeps the sum of shares within the device; a share never rounds to zero.
-            p = Placed(p.model, p.replica, p.gpu_uuids, max(fraction, 0.001), p.need_bytes)
-        out.append(p)
+        out.append(_fraction(p, devices) if i in shared else p)
     return out

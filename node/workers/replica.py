@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,11 @@ from node.workers.states import WorkerState, check_transition
 from runtimes import LaunchPlan, WorkerSpec
 
 S = WorkerState
+# Readiness polling: fast at first (a small model is up in well under a second), then
+# backing off; the cap bounds what polling adds to a load (bench/swap.py measures it).
+READY_POLL_FIRST_S = 0.02
+READY_POLL_MAX_S = 0.1
+_ERROR_LINE = re.compile(r"Error\b|(?i:\berror\b)|\bfatal\b")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,6 +51,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def spec_hash(spec: WorkerSpec) -> str:
     """A digest of everything that makes a replica different, except its port."""
     body = {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.__dict__.items() if k != "port"}
+    if not spec.sleep:  # added later: hashed only when set, so an upgraded node still adopts older workers
+        del body["sleep"]
     body["env"] = dict(sorted(spec.env.items()))
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -78,6 +86,9 @@ class ReplicaStatus:
     last_error: str
     adopted: bool
     inflight: int
+    load: str = "always"            # "on_demand": loaded by requests, unloaded when idle
+    sleeping: bool = False          # asleep through the runtime's sleep mode (process kept, GPU freed)
+    idle_s: float | None = None     # on-demand: seconds since its last request
 
 
 @dataclass
@@ -102,6 +113,7 @@ class Replica:
     keeper: KeeperHandle | None = None
     adopted: bool = False
     worker_pid: int | None = None
+    need_bytes: int = 0             # GPU memory placement charged for it on each of its GPUs
 
     def __post_init__(self) -> None:
         self.id = f"{self.spec.model}-{self.spec.replica}"
@@ -234,6 +246,21 @@ class Replica:
     async def _one_life(self) -> str:
         """Start (or adopt) the worker, wait until ready, watch it; return why it ended."""
         self._was_stable = False
+        self._launch()
+        self._set(S.STARTING)
+        why = await self._await_ready() or await self._warm_up()
+        if why:
+            await self._terminate()
+            return why
+        self._set(S.READY, "")
+        ready_at = time.monotonic()
+        why = await self._watch()
+        self._was_stable = time.monotonic() - ready_at >= self.settings.stable_after_s
+        await self._terminate()
+        return why
+
+    def _launch(self) -> None:
+        """Adopt the worker an earlier node left (self.adopt), or spawn a new one."""
         if self.adopt is not None:
             adopt, self.adopt = self.adopt, None
             self.spec = replace(self.spec, port=adopt.port)
@@ -248,17 +275,6 @@ class Replica:
             self.adopted = False
             if self.plan.argv:
                 self._spawn()
-        self._set(S.STARTING)
-        why = await self._await_ready() or await self._warm_up()
-        if why:
-            await self._terminate()
-            return why
-        self._set(S.READY, "")
-        ready_at = time.monotonic()
-        why = await self._watch()
-        self._was_stable = time.monotonic() - ready_at >= self.settings.stable_after_s
-        await self._terminate()
-        return why
 
     async def _warm_up(self) -> str:
         """Run the plan's warm-up steps (health has passed; not yet READY); '' when done."""
@@ -275,7 +291,10 @@ class Replica:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
-        info = {"id": self.id, "port": self.spec.port, "spec_hash": self.hash, "model": self.spec.model}
+        info = {"id": self.id, "port": self.spec.port, "spec_hash": self.hash, "model": self.spec.model,
+                # Where it was placed, so a successor can rebuild an on-demand replica's spec to adopt it.
+                "gpus": list(self.spec.gpu_uuids), "fraction": self.spec.gpu_memory_fraction,
+                "need_bytes": self.need_bytes}
         env = {**os.environ, **self.plan.env}
         keeper_log = self.log_path.open("ab")
         argv = [
@@ -313,22 +332,27 @@ class Replica:
             code = self.keeper.popen.returncode
         what = f"worker exited with code {code}" if code is not None and code >= 0 else (
             f"worker killed by signal {-code}" if code is not None else "worker exited")
-        last = tail_lines(self.log_path, 3)
-        return what + (f": {last[-1]}" if last else "")
+        last = tail_lines(self.log_path, 8)
+        # The line that names the error, when a traceback's footer follows it (pydantic's "For further
+        # information visit ..."); else the last line.
+        named = [ln for ln in last if _ERROR_LINE.search(ln)]
+        line = (named or last or [""])[-1].strip()
+        return what + (f": {line}" if line else "")
 
     async def _probe(self, probe: runtimes.Probe) -> str:
         """'' when the probe passes, else why not."""
         assert self.plan is not None
         return await probes.check(self.probe_client, self.plan, probe, self.settings.probe_timeout_s)
 
-    async def _await_ready(self) -> str:
+    async def _await_ready(self, timeout_s: float | None = None) -> str:
         """'' once ready; else why not (deadline passed, or the process exited: at once)."""
         assert self.plan is not None
-        deadline = time.monotonic() + self.plan.startup_timeout_s
-        delay = 0.1
+        timeout_s = timeout_s or self.plan.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay = READY_POLL_FIRST_S
         why = "not probed"
         while time.monotonic() < deadline:
-            if self._stop.is_set() or self._restart.is_set():
+            if self._interrupt():
                 return "stop requested"
             if self.keeper is not None and not self.keeper.alive():
                 return self._exit_summary() + " (during start-up)"
@@ -338,11 +362,23 @@ class Replica:
             if not why:
                 return ""
             await self._sleep_or_exit(delay)
-            delay = min(delay * 1.5, 1.0)
-        return f"not ready within {self.plan.startup_timeout_s:.0f}s ({why})"
+            delay = min(delay * 1.5, READY_POLL_MAX_S)
+        return f"not ready within {timeout_s:.0f}s ({why})"
+
+    def _interrupt(self) -> str:
+        """Why watching must end now ('' to go on): a stop or restart was asked."""
+        return "stop requested" if self._stop.is_set() or self._restart.is_set() else ""
+
+    def _wakers(self) -> list[asyncio.Event]:
+        """The events that end a wait between probes."""
+        return [self._stop, self._restart]
+
+    def _tick_s(self) -> float:
+        """How often the watch looks at `_interrupt` (probes still go every probe_interval_s)."""
+        return self.settings.probe_interval_s
 
     async def _sleep_or_exit(self, seconds: float) -> None:
-        waits = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._restart.wait())]
+        waits = [asyncio.create_task(e.wait()) for e in self._wakers()]
         if self.keeper is not None:
             waits.append(asyncio.create_task(self.keeper.wait()))
         try:
@@ -357,12 +393,17 @@ class Replica:
         failures = 0
         count = 0
         infer_failing = False  # once a completion fails, try one every probe until one works
+        next_probe = time.monotonic() + self.settings.probe_interval_s
         while True:
-            await self._sleep_or_exit(self.settings.probe_interval_s)
-            if self._stop.is_set() or self._restart.is_set():
-                return "stop requested"
+            await self._sleep_or_exit(max(0.0, min(self._tick_s(), next_probe - time.monotonic())))
+            why = self._interrupt()
+            if why:
+                return why
             if self.keeper is not None and not self.keeper.alive():
                 return self._exit_summary()
+            if time.monotonic() < next_probe:
+                continue
+            next_probe = time.monotonic() + self.settings.probe_interval_s
             count += 1
             why = await self._probe(self.plan.health)
             if not why and self.probe_inference and (infer_failing or count % self.settings.inference_probe_every == 0):

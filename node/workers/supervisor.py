@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,8 @@ from node.supply.sources import OllamaSource, parse_source, registry_host
 from node.workers.states import WorkerState
 from node.supply.store import Store
 from node.workers.handles import claim_workers, find_adoptable
-from node.workers.replica import Replica
+from node.workers.ondemand import OnDemandReplica
+from node.workers.replica import Replica, spec_hash
 from runtimes import WorkerSpec
 
 log = logging.getLogger("infernode.supervisor")
@@ -48,7 +49,8 @@ class RuntimeCheck:
 
 class Supervisor:
     def __init__(self, config: Config, lock: LockFile, store: Store, inventory: Inventory, router: Router,
-                 probe_client: httpx.AsyncClient, *, on_change: Callable[[Replica], None] = lambda r: None) -> None:
+                 probe_client: httpx.AsyncClient, *, on_change: Callable[[Replica], None] = lambda r: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.lock, self.store, self.inventory = config, lock, store, inventory
         self.router = router
         self.probe_client = probe_client
@@ -58,6 +60,7 @@ class Supervisor:
         self.log_dir = config.data_dir / "logs"
         self.runtime_checks: dict[str, RuntimeCheck] = {}
         self._store_problems: dict[str, str] = {}
+        self.clock = clock  # the idle timers' clock (tests pass their own)
 
     # -- building specs ----------------------------------------------------------
     def _python(self, runtime: str) -> str:
@@ -114,7 +117,7 @@ class Supervisor:
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
             python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
             max_model_len=m.max_model_len, url=m.url,
-            startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s,
+            startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s, sleep=m.sleep,
         )
         try:  # an adapter refuses a spec it cannot launch (e.g. `args` for ollama): say so, don't crash
             runtimes.get(m.runtime).plan(spec)
@@ -147,10 +150,25 @@ class Supervisor:
     # -- reconciling -------------------------------------------------------------
     def _new_replica(self, spec: WorkerSpec, adopt=None) -> Replica:
         model = self.config.model(spec.model)
-        return Replica(spec=spec, settings=self.config.supervisor, run_dir=self.run_dir, log_dir=self.log_dir,
-                       probe_client=self.probe_client, on_change=self._changed, adopt=adopt,
-                       adopt_grace_s=self.config.node.adopt_grace_s,
-                       probe_inference=bool(model and model.probe_inference))
+        on_demand = bool(model and model.on_demand)
+        cls = OnDemandReplica if on_demand else Replica
+        r = cls(spec=spec, settings=self.config.supervisor, run_dir=self.run_dir, log_dir=self.log_dir,
+                probe_client=self.probe_client, on_change=self._changed, adopt=adopt,
+                adopt_grace_s=self.config.node.adopt_grace_s,
+                probe_inference=bool(model and model.probe_inference))
+        if isinstance(r, OnDemandReplica):
+            assert model is not None
+            r.idle_unload_s, r.load_timeout_s = model.idle_unload_s, self.config.node.load_timeout_s
+            r.clock = self.clock  # type: ignore[method-assign]
+            r.last_used = self.clock()
+        return r
+
+    @staticmethod
+    def _base_hash(r: Replica) -> str:
+        """The spec's hash without where an on-demand replica was placed when it loaded."""
+        if not isinstance(r, OnDemandReplica):
+            return r.hash
+        return spec_hash(replace(r.spec, gpu_uuids=(), gpu_memory_fraction=None))
 
     async def reload(self, config: Config, lock: LockFile) -> dict[str, list[str]]:
         """Take a new config and lock; restart only the replicas whose spec changed."""
@@ -187,11 +205,18 @@ class Supervisor:
                 desired[rid] = self._held(p.model, p.replica, S.FAILED, spec)
                 continue
             current = self.replicas.get(rid)
-            if current is not None and current.hash == self._new_replica(spec).hash and current.state is not S.FAILED:
+            fresh = self._new_replica(spec)
+            if (current is not None and type(current) is type(fresh) and current.state is not S.FAILED
+                    and self._base_hash(current) == self._base_hash(fresh)):
+                if isinstance(current, OnDemandReplica) and isinstance(fresh, OnDemandReplica):
+                    current.idle_unload_s, current.load_timeout_s = fresh.idle_unload_s, fresh.load_timeout_s
                 desired[rid] = current
                 continue
             found = adoptable.pop(rid, None)
-            replica = self._new_replica(spec)
+            replica = fresh
+            replica.need_bytes = p.need_bytes
+            if found is not None and isinstance(replica, OnDemandReplica):  # rebuild where it was placed
+                replica.place(found.gpu_uuids, found.gpu_memory_fraction, found.need_bytes)
             if found is not None and found.spec_hash == replica.hash:
                 replica.adopt = found
                 log.info("adopting %s (pid %s, port %s)", rid, found.keeper_pid, found.port)
@@ -255,16 +280,23 @@ class Supervisor:
             reps = [r for r in self.replicas.values() if r.spec.model == m.name]
             if any(r.state is S.READY for r in reps):
                 continue
+            if m.on_demand and self.loadable(m.name):  # ready to be loaded when asked
+                continue
             detail = "; ".join(f"replica {r.spec.replica} {r.state.value}" + (f": {r.last_error.splitlines()[0]}" if r.last_error else "")
                                for r in reps) or "no replica"
             reasons.append(f"{m.name}: {detail}")
         return not reasons, reasons
 
+    def loadable(self, name: str) -> bool:
+        """Whether an on-demand model can be loaded when asked (a replica neither held nor failed)."""
+        return any(isinstance(r, OnDemandReplica) and not r.held and r.state is not S.FAILED
+                   for r in self.replicas.values() if r.spec.model == name)
+
     def restart_model(self, name: str) -> int:
         n = 0
         for r in self.replicas.values():
             if r.spec.model == name:
-                if r.held:
+                if r.held or (isinstance(r, OnDemandReplica) and not r.resident):
                     continue
                 r.restart()
                 n += 1

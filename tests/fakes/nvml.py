@@ -85,6 +85,10 @@ class FakeGpu:
     mig_slots: int = 7
     uuid: str = ""
     lost: bool = False                 # fell off the bus: every query raises GpuIsLost
+    # Compute processes as (pid, GiB); their memory counts in `used` on top of used_gib
+    # (which is memory no process is charged for, e.g. the driver's own).
+    processes: list[tuple[int, float]] = field(default_factory=list)
+    processes_supported: bool = True   # False: nvmlDeviceGetComputeRunningProcesses raises NotSupported
 
 
 @dataclass
@@ -153,8 +157,16 @@ class FakeNvml:
         return h.name
 
     def nvmlDeviceGetMemoryInfo(self, h: FakeGpu | FakeMig) -> Any:
-        total, used = int(h.memory_gib * GiB), int(h.used_gib * GiB)
+        procs = sum(gib for _, gib in h.processes) if isinstance(h, FakeGpu) else 0.0
+        total, used = int(h.memory_gib * GiB), int((h.used_gib + procs) * GiB)
         return SimpleNamespace(total=total, used=used, free=total - used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeGpu) -> list[Any]:
+        """pynvml's c_nvmlProcessInfo_t list: `pid`, `usedGpuMemory` in bytes."""
+        if not h.processes_supported:
+            raise NVMLError_NotSupported()
+        return [SimpleNamespace(pid=pid, usedGpuMemory=int(gib * GiB), gpuInstanceId=0xFFFFFFFF,
+                                computeInstanceId=0xFFFFFFFF) for pid, gib in h.processes]
 
     def nvmlDeviceGetUtilizationRates(self, h: FakeGpu | FakeMig) -> Any:
         if isinstance(h, FakeMig) or (isinstance(h, FakeGpu) and h.mig):

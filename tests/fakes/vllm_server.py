@@ -15,6 +15,16 @@ response.completed, no `[DONE]`); it echoes `previous_response_id`, which real v
 resolves from its own store.
 Flags outside the subset below are rejected even where real vLLM knows them.
 
+Sleep mode as vLLM 0.32 serves it (docs.vllm.ai "Sleep Mode"; vllm/entrypoints/serve/dev/
+sleep/api_router.py): `--enable-sleep-mode`, refused at start on the CPU platform
+(FAKE_VLLM_PLATFORM=cpu: "Sleep mode is not supported on current platform."); the routes
+exist only with VLLM_SERVER_DEV_MODE=1: `POST /sleep?level=N` (0..2, default 1) answers
+`{"status": "sleeping", "level": N}`, `POST /wake_up` (optional `tags`) answers
+`{"status": "awake", "tags": null}` after FAKE_VLLM_WAKE_S seconds, `GET /is_sleeping`
+answers `{"is_sleeping": bool}`. A sleeping engine has no weights on the GPU: a
+generation sent to it fails (500) rather than answering, so a node that routes to a
+sleeper is caught.
+
 Run it as vLLM runs: tests/fakes/bin/python -m vllm.entrypoints.openai.api_server ...
 (tests/fakes/site/ holds the module shim and a `vllm` distribution record).
 """
@@ -25,7 +35,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent))  # runtime_http sits beside this file
 from runtime_http import Behaviour, Handler, Runtime, add_openai_routes, openai_error, serve
@@ -66,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction)
     p.add_argument("--download-dir")
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--enable-sleep-mode", action="store_true")
     return p
 
 
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{len(visible)} GPU(s) in CUDA_VISIBLE_DEVICES")
     if not 0 < args.gpu_memory_utilization <= 1:
         return _fail(f"ValueError: GPU memory utilization must be within (0, 1]. Got {args.gpu_memory_utilization}.")
+    if args.enable_sleep_mode and os.environ.get("FAKE_VLLM_PLATFORM") == "cpu":
+        return _fail("ValueError: Sleep mode is not supported on current platform.")
     served = args.served_model_name or [args.model]
     rt = Runtime("vllm", Behaviour.from_env(), owned_by="vllm", max_model_len=args.max_model_len or 2048)
     rt.models = lambda: list(served)
@@ -131,7 +146,50 @@ def main(argv: list[str] | None = None) -> int:
     routes = {("POST", "/v1/responses"): responses, ("GET", "/health"): health, ("GET", "/version"): lambda h: h.send_json(200, {"version": VERSION}),
               ("GET", "/metrics"): metrics}
     add_openai_routes(routes, not_found)
+    if os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
+        add_sleep_routes(routes, rt, enabled=args.enable_sleep_mode)
     return serve(rt, args.host or "0.0.0.0", args.port, routes, bind_after_load=True)
+
+
+def add_sleep_routes(routes: dict, rt: Runtime, *, enabled: bool) -> None:
+    """vLLM's development routes for sleep mode; generations fail while asleep."""
+    state = {"sleeping": False}
+
+    def query(h: Handler) -> dict[str, list[str]]:
+        return parse_qs(urlsplit(h.path).query)
+
+    def sleep(h: Handler) -> None:
+        raw = query(h).get("level", ["1"])[0]
+        if not raw.isdigit() or not 0 <= int(raw) <= 2:
+            h.send_json(422, {"detail": [{"type": "less_than_equal", "loc": ["query", "level"], "msg": "bad level"}]})
+            return
+        if not enabled:
+            openai_error(h, 500, "Sleep mode is not enabled (start vLLM with --enable-sleep-mode).", "InternalServerError")
+            return
+        state["sleeping"] = True
+        rt.log(f"INFO:     sleep(level={raw}): weights offloaded, KV cache discarded")
+        h.send_json(200, {"status": "sleeping", "level": int(raw)})
+
+    def wake_up(h: Handler) -> None:
+        time.sleep(float(os.environ.get("FAKE_VLLM_WAKE_S", "0")))
+        state["sleeping"] = False
+        tags = query(h).get("tags") or None
+        rt.log(f"INFO:     wake up the engine with tags: {tags}")
+        h.send_json(200, {"status": "awake", "tags": tags})
+
+    def guarded(fn):
+        def call(h: Handler) -> None:
+            if state["sleeping"]:
+                openai_error(h, 500, "the engine is sleeping: its weights are not on the GPU", "InternalServerError")
+                return
+            fn(h)
+        return call
+
+    for key in [k for k in routes if k[1].startswith("/v1/") and k[0] == "POST"]:
+        routes[key] = guarded(routes[key])
+    routes[("POST", "/sleep")] = sleep
+    routes[("POST", "/wake_up")] = wake_up
+    routes[("GET", "/is_sleeping")] = lambda h: h.send_json(200, {"is_sleeping": state["sleeping"]})
 
 
 if __name__ == "__main__":
