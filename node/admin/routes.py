@@ -200,7 +200,7 @@ def build_admin(node: Node) -> FastAPI:
             "node": {"name": node.config.node.name, "listen": node.config.node.listen, "version": __version__,
                      "uptime_s": round(time.time() - node.started_at, 1), "ready": ok, "reasons": reasons,
                      "keys": len(node.keys)},
-            "models": [{"name": m.name, "runtime": m.runtime} for m in node.config.models],
+            "models": [{"name": m.name, "runtime": m.runtime, "load": m.load} for m in node.config.models],
             "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),

@@ -9,7 +9,7 @@ async function showLog(id) {
   await refresh();
 }
 
-function controls(model) {
+function controls(model, onDemand) {
   if (!can.operate) return null;
   const post = (verb) => async () => {
     await api(`/admin/v1/models/${encodeURIComponent(model)}/${verb}`, { method: "POST" });
@@ -17,21 +17,23 @@ function controls(model) {
     await refresh();
   };
   return el("div", { class: "actions" },
-    action("Load", post("load")),
-    action("Unload", post("unload"), { confirmText: `Unload ${model}? Requests to it will wait for a new load.` }),
+    onDemand ? action("Load", post("load")) : null,
+    onDemand ? action("Unload", post("unload"), { confirmText: `Unload ${model}? Its next request waits for a load.` }) : null,
     action("Restart", post("restart"), { confirmText: `Restart every replica of ${model}?` }));
 }
 
 async function refresh() {
   const s = await api("/admin/v1/status");
   const byModel = new Map();
+  const load = new Map((s.models || []).map((m) => [m.name, m.load]));
   for (const m of s.models || []) byModel.set(m.name, []);
   for (const w of s.workers) {
     if (!byModel.has(w.model)) byModel.set(w.model, []);
     byModel.get(w.model).push(w);
   }
   const cards = [...byModel.entries()].map(([model, replicas]) => section(model,
-    controls(model),
+    el("p", { class: "muted small" }, load.get(model) === "on_demand" ? "Loaded on demand" : "Always loaded"),
+    controls(model, load.get(model) === "on_demand"),
     table([
       ["Replica", (w) => w.id],
       ["Runtime", (w) => w.runtime],
@@ -39,6 +41,7 @@ async function refresh() {
       ["Since", (w) => fmtAge(w.since)],
       ["Restarts", (w) => String(w.restarts)],
       ["In flight", (w) => String(w.inflight)],
+      ["", (w) => (w.sleeping ? "asleep" : "")],
       ["Log", (w) => action("Recent lines", () => showLog(w.id))],
     ], replicas, { empty: "No replica running (unloaded)." }),
     replicas.filter((w) => logs.has(w.id)).map((w) =>
