@@ -243,3 +243,25 @@ def test_every_page_is_usable_within_200_ms_with_10000_keys(node_factory, browse
     wait(d, lambda d: "1 keys match" in d.find_element(By.ID, "status").text, what="the search")
     assert "key_09999" in text_of(d)
     assert all(ms < 200 for ms in timings.values()), timings
+
+
+def test_an_operator_loads_and_unloads_an_on_demand_model(node_factory, browser):
+    from tests.conftest import TINY_MODEL
+
+    n = node_factory(TINY_MODEL + 'load = "on_demand"\nidle_unload_s = 0\n')
+    d = browser
+    sign_in(d, n.url, n.admin_key)
+    d.get(n.url + "/ui/models")
+    wait(d, lambda d: "Loaded on demand" in text_of(d), what="the on-demand model")
+
+    def click(label: str) -> None:
+        button = next(b for b in d.find_elements(By.CSS_SELECTOR, "section.card .actions button") if b.text == label)
+        button.click()
+
+    click("Load")
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".badge.state-ready"), timeout=90, what="the model loaded")
+    assert any(w["state"] == "ready" for w in n.workers())
+    click("Unload")
+    d.switch_to.alert.accept()
+    wait(d, lambda d: not d.find_elements(By.CSS_SELECTOR, ".badge.state-ready"), timeout=60, what="the model unloaded")
+    assert not any(w["state"] == "ready" for w in n.workers())
