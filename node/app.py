@@ -102,7 +102,9 @@ class Node:
         self._keys_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
-        self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=30.0)
+        # idle_expiry under uvicorn's 5 s keep-alive (vLLM, SGLang): a pooled connection is dropped
+        # before its worker closes it, so a POST is rarely written into a closing connection.
+        self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=4.0)
         self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         self.alerts = Alerter(config.alerts, config.node.name)
         self.sampler = Sampler(self.metrics, read_gpus=lambda: discover(self.nvml), client=self.probe_client,
@@ -112,6 +114,7 @@ class Node:
     def model_infos(self) -> dict[str, ModelInfo]:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
                                   price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
+                                  read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
                                   on_demand=m.on_demand)
                 for m in self.config.models}
 
@@ -122,6 +125,7 @@ class Node:
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
             uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
+            upstream_headers=lambda target: target.plan.headers if target.plan else (),
             serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
             cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             runtime_of=lambda name: self.config.model(name).runtime if self.config.model(name) else "",
@@ -161,6 +165,7 @@ class Node:
         log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
         self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill")
         self.ledger.start()
+        self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
         self.sampler.start()

@@ -10,6 +10,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -132,7 +133,7 @@ class ModelConfig(_Section):
     args: list[str] = []
     # Extra environment variables for the worker.
     env: dict[str, str] = {}
-    # The OpenAI-compatible base URL of an external model, e.g. http://127.0.0.1:11434/v1.
+    # The OpenAI-compatible base URL of an external model, e.g. http://127.0.0.1:11434/v1 (user:password@ in it is sent as Basic auth).
     url: str | None = None
     # Memory each replica needs per GPU, e.g. "20GiB"; estimated from the weights when unset.
     gpu_memory: str | None = None
@@ -162,6 +163,12 @@ class ModelConfig(_Section):
     tags: list[str] = []
     # Also probe with a real one-token completion every [supervisor] inference_probe_every probes.
     probe_inference: bool = False
+    # Seconds the worker may stay silent (before its answer's head, or between pieces of its body) before the request fails with 504.
+    read_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    # Seconds opening a connection to the worker may take (TLS handshake included).
+    connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # external only: environment variable holding the server's API key, sent as `Authorization: Bearer`.
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     # "always": loaded at start, never evicted; "on_demand": loaded by its first request.
     load: Literal["always", "on_demand"] = "always"
     # On-demand models unload after this many seconds without requests (0: never).
@@ -196,9 +203,15 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _external_needs_url(self) -> "ModelConfig":
+        if self.api_key_env and self.runtime != "external":
+            raise ValueError("api_key_env: only runtime 'external' takes an API key; remove it")
         if self.runtime == "external":
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
+            userinfo = urlsplit(self.url).netloc.rpartition("@")[0]
+            if userinfo and self.api_key_env:
+                raise ValueError("url: give the server's credentials either in the url (sent as Basic auth) "
+                                 "or as api_key_env (sent as a bearer token), not both")
         elif not self.source:
             raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
         if self.sleep and not self.on_demand:

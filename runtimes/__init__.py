@@ -34,6 +34,7 @@ class WorkerSpec:
     max_model_len: int | None = None
     url: str | None = None          # external runtime: the OpenAI base URL
     startup_timeout_s: float | None = None
+    api_key: str | None = field(default=None, repr=False)  # external runtime: sent as a bearer token
     sleep: bool = False             # idle through the runtime's sleep mode, where it has one
 
 
@@ -76,6 +77,8 @@ class LaunchPlan:
     # False when streams carry no usage chunk even with stream_options.include_usage.
     stream_usage: bool = True
     upstream_model: str | None = None  # the model name the worker expects, when it differs
+    # Sent with every request to the worker (probes and traffic), e.g. an external server's key.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     sleep: SleepControl | None = None  # set when the spec asked for sleep and the runtime has it
     # Client APIs besides OpenAI's chat/completions the worker serves itself under /v1
     # ("responses": POST /v1/responses); the node passes those through untranslated.

@@ -1,7 +1,8 @@
 """An OpenAI-compatible server the node does not launch (`runtime = "external"`).
 
 The node only probes it (`GET {url}/models`) and routes to it, behind the same keys,
-quotas and metrics as its own workers.
+quotas and metrics as its own workers. With an API key (the model's `api_key_env`) every
+request to it, probes included, carries `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         ready=Probe(models_path),
         startup_timeout_s=spec.startup_timeout_s or 30.0,
         upstream_model=None,
+        headers=(("authorization", f"Bearer {spec.api_key}"),) if spec.api_key else (),
     )
 
 

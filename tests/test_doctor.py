@@ -169,3 +169,15 @@ def test_fleet_check_against_a_real_litellm_proxy(tmp_path: Path):
         except subprocess.TimeoutExpired:
             proxy.kill()
             proxy.wait()
+
+
+def test_ledger_check_reports_a_spill_file_left_behind(tmp_path: Path):
+    cfg = write_config(tmp_path, "")
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456"})
+    assert checks["ledger"]["level"] == "ok" and "no usage rows" in checks["ledger"]["detail"]
+    spill = load_config(cfg).data_dir / "ledger.spill"
+    spill.parent.mkdir(parents=True, exist_ok=True)
+    spill.write_text('{"request_id": "a"}\n{"request_id": "b"}\n{"request_id": "c"}\n')
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456"})
+    assert checks["ledger"]["level"] == "warn" and "3 usage rows" in checks["ledger"]["detail"]
+    assert "ledger" in text and "next start" in text

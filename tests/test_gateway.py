@@ -293,3 +293,124 @@ def test_every_response_has_a_request_id(stub_node):
         r = httpx.get(node.url + path, headers={"x-request-id": "rid-" + path}, timeout=10)
         assert r.headers["x-request-id"] == "rid-" + path, path
         assert len(httpx.get(node.url + path, timeout=10).headers["x-request-id"]) == 32
+
+
+def ledger_rows(node, **where) -> list[dict]:
+    """The node's ledger rows (flushed first, through the admin API), as dicts."""
+    import sqlite3
+
+    with node.admin() as c:
+        assert c.get("/admin/v1/usage").status_code == 200  # flushes the ledger
+    with sqlite3.connect(node.data_dir / "infernode.db") as db:
+        db.row_factory = sqlite3.Row
+        sql = "SELECT * FROM usage" + (" WHERE " + " AND ".join(f"{k} = ?" for k in where) if where else "")
+        return [dict(r) for r in db.execute(sql, tuple(where.values()))]
+
+
+def metric(node, line_start: str) -> float:
+    text = httpx.get(node.url + "/metrics", timeout=10).text
+    found = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start + " ")]
+    return found[0] if found else 0.0
+
+
+def test_ledger_keys_rows_by_node_ids_and_records_real_statuses(stub_node):
+    node, _, _ = stub_node
+    key_a, key_b = node.create_key(), node.create_key()
+    url = node.url + "/v1/chat/completions"
+    body = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(10):
+        r = httpx.post(url, json=body, headers={"authorization": f"Bearer {key_a}", "x-request-id": "dup"}, timeout=10)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "dup"
+    # Key B sends the same id (and ids shaped like the node's own): it adds rows, it replaces none.
+    for rid in ("dup", "0" * 32):
+        r = httpx.post(url, json=body, headers={"authorization": f"Bearer {key_b}", "x-request-id": rid}, timeout=10)
+        assert r.status_code == 200
+    rows = ledger_rows(node, client_request_id="dup")
+    by_key = {}
+    for row in rows:
+        by_key.setdefault(row["key_id"], []).append(row)
+    [a_id] = [k for k in by_key if len(by_key[k]) == 10]
+    assert len(by_key) == 2 and len(next(v for k, v in by_key.items() if k != a_id)) == 1
+    assert len({row["request_id"] for row in rows}) == 11 and all(len(row["request_id"]) == 32 for row in rows)
+    assert all(row["status"] == 200 and row["completion_tokens"] == 32 for row in rows)
+    # Real statuses: a worker's 500 is the client's 502, a worker's 400 a 400, the node's own refusals too.
+    key_c = node.create_key()
+    auth = {"authorization": f"Bearer {key_c}"}
+    for stub_status, want in ((500, 502), (400, 400)):
+        r = httpx.post(url, json={**body, "stub": {"status": stub_status}}, headers={**auth, "x-request-id": f"s{want}"},
+                       timeout=10)
+        assert r.status_code == want
+    for content, rid in ((b"{nope", "bad-json"), (json.dumps({**body, "max_tokens": CONTEXT + 1}).encode(), "ctx")):
+        assert httpx.post(url, content=content, headers={**auth, "x-request-id": rid}, timeout=10).status_code == 400
+    got = {row["client_request_id"]: (row["status"], row["model"]) for row in ledger_rows(node, key_id=by_key_id(node, key_c))}
+    assert got == {"s502": (502, "stub-model"), "s400": (400, "stub-model"), "bad-json": (400, ""),
+                   "ctx": (400, "stub-model")}
+
+
+def by_key_id(node, secret: str) -> str:
+    r = httpx.get(node.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}, timeout=10)
+    assert r.status_code == 200
+    with node.admin() as c:
+        keys = c.get("/admin/v1/keys").json()["data"]
+    return next(k["id"] for k in keys if secret.startswith(k["prefix"]))
+
+
+def test_rpm_counts_invalid_requests_and_refusals_are_counted_by_reason(stub_node):
+    node, _, _ = stub_node
+    key = node.create_key(rpm=4)
+    url = node.url + "/v1/chat/completions"
+    auth = {"authorization": f"Bearer {key}"}
+    before = {r: metric(node, f'infernode_requests_refused_total{{reason="{r}"}}')
+              for r in ("invalid_request", "context_length", "rate_limited", "unauthenticated", "not_found")}
+    assert httpx.post(url, content=b"[1]", headers=auth, timeout=10).status_code == 400
+    assert httpx.post(url, json={"model": "stub-model", "messages": 5}, headers=auth, timeout=10).status_code == 400
+    assert httpx.post(url, json={"model": "stub-model", "max_tokens": CONTEXT * 2}, headers=auth,
+                      timeout=10).status_code == 400
+    assert httpx.post(url, json={"model": "no-such"}, headers=auth, timeout=10).status_code == 404
+    # Four requests in the minute, all refused as invalid: the fifth, valid, is over the rpm.
+    r = httpx.post(url, json={"model": "stub-model", "messages": []}, headers=auth, timeout=10)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
+    assert httpx.post(url, json={}, headers={"authorization": "Bearer sk-wrong"}, timeout=10).status_code == 401
+    after = {r: metric(node, f'infernode_requests_refused_total{{reason="{r}"}}') for r in before}
+    assert {r: after[r] - before[r] for r in before} == {"invalid_request": 2, "context_length": 1, "rate_limited": 1,
+                                                         "unauthenticated": 1, "not_found": 1}
+
+
+def test_context_check_work_is_bounded():
+    """A 4 MB prompt costs the event loop a bounded scan, and a certain overflow is still refused."""
+    from node.gateway import context
+
+    t0 = time.process_time()
+    for _ in range(20):
+        with pytest.raises(Exception) as e:
+            context.check({"prompt": "ab" * (2 << 20), "max_tokens": 1}, "completions", 4096)
+        assert "context of 4096 tokens" in str(e.value)
+        context.check({"prompt": "a" * (4 << 20), "max_tokens": 1}, "completions", 131072)  # runs: not certain
+    per_request_ms = (time.process_time() - t0) / 40 * 1000
+    assert per_request_ms < 20, per_request_ms  # a regex over 4 MB costs ~250 ms here
+
+
+@pytest.mark.parametrize("eol", ["crlf", "cr"])
+def test_crlf_and_cr_framed_streams_relayed_event_by_event(stub_node, eol):
+    node, key, _ = stub_node
+    body = {"model": "stub-model", "messages": [], "stream": True, "stub": {"chunks": 6, "chunk_delay_s": 0.3, "eol": eol}}
+    rid = f"eol-{eol}"
+    start = time.monotonic()
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"authorization": f"Bearer {key}", "x-request-id": rid}) as r:
+        arrivals, lines = [], []
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic() - start)
+                lines.append(line)
+    assert len(lines) == 7 and lines[-1] == "data: [DONE]"  # 6 chunks (usage chunk hidden) and [DONE]
+    assert arrivals[0] < arrivals[-1] - 1.0, arrivals       # the first event came long before the end
+    assert all(json.loads(ln[5:])["choices"] for ln in lines[:-1])
+    [row] = ledger_rows(node, client_request_id=rid)
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (200, 7, 6)
+    # With include_usage the client sees the worker's usage chunk.
+    body["stub"]["chunk_delay_s"] = 0
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    chunks = list(c.chat.completions.create(model="stub-model", messages=[], stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"stub": body["stub"]}))
+    assert len(chunks) == 7 and chunks[-1].usage.completion_tokens == 6

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -185,7 +186,7 @@ def test_sigkill_loses_at_most_one_flush_interval(node_factory) -> None:
     os.kill(node.proc.pid, signal.SIGKILL)
     node.proc.wait(10)
     with sqlite3.connect(node.data_dir / "infernode.db") as db:
-        ids = {r[0] for r in db.execute("SELECT request_id FROM usage")}
+        ids = {r[0] for r in db.execute("SELECT client_request_id FROM usage")}
     assert set(early) <= ids, f"rows older than one interval were lost: {set(early) - ids}"
     print(f"SIGKILL: {len(set(late) - ids)} of the {len(late)} rows of the last ~{len(late) * 0.05:.2f}s lost")
 
@@ -206,14 +207,32 @@ def test_node_serves_while_database_is_away(private_pg: PrivatePostgres, node_fa
         sent.append(rid)
     spill = node.data_dir / "ledger.spill"
     assert wait_until(lambda: spill.exists() and len(spill.read_text().splitlines()) >= 5, timeout=30)
+    # The ledger's health while the database is away: in /metrics, `status` and `doctor`.
+    metrics = httpx.get(node.url + "/metrics", timeout=10).text
+    assert "infernode_ledger_database_up 0.0" in metrics
+    [spilled] = [float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith("infernode_ledger_rows_spilled_total ")]
+    assert spilled >= 5 and "infernode_ledger_rows_dropped_total 0.0" in metrics
+    with node.admin() as c:
+        led = c.get("/admin/v1/status").json()["ledger"]
+    assert led["database_up"] is False and led["spilled"] >= 5 and led["spill_bytes"] > 0 and led["dropped"] == 0
+    out = subprocess.run([sys.executable, "-m", "node", "status", "--config", str(node.config)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert "ledger: database unreachable" in out.stdout and f"{led['spilled']} spilled" in out.stdout, out.stdout
+    from node.config import load_config
+    from node.ops.doctor import check_ledger
+    check = check_ledger(load_config(node.config), 10.0)
+    assert check.level.value == "fail" and "cannot write usage to the database" in check.detail
     private_pg.start()
     assert wait_until(lambda: not spill.exists(), timeout=30)
+    metrics = httpx.get(node.url + "/metrics", timeout=10).text
+    assert "infernode_ledger_database_up 1.0" in metrics and "infernode_ledger_spill_bytes 0.0" in metrics
+    assert check_ledger(load_config(node.config), 10.0).level.value == "ok"
     with node.admin() as c:
         usage = c.get("/admin/v1/usage", params={"group_by": "key"}).json()["data"]
     assert usage[0]["requests"] == 8
     storage = open_storage(private_pg.url)
     try:
-        ids = {r.request_id for r in storage.usage_since(0)}
+        ids = {r.client_request_id for r in storage.usage_since(0)}
     finally:
         storage.close()
     assert set(sent) <= ids

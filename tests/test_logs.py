@@ -85,6 +85,30 @@ def test_text_on_a_terminal_json_otherwise(restore_logging, monkeypatch):
                                          "completion_tokens": 4, "endpoint": "chat"}
 
 
+def test_text_lines_escape_control_characters(restore_logging, monkeypatch):
+    """A client's words (model names, request ids) cannot forge a text log line or drive the terminal."""
+    hostile = "m\r\n12:00:00 INFO    infernode.node: forged\x1b[2J\x00\x85"
+    line = TextFormatter().format(record("model %s not found", hostile, model=hostile, request_id="r\n1"))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\x00" not in line and "\x85" not in line
+    assert "m\\r\\n12:00:00 INFO    infernode.node: forged\\x1b[2J\\x00\\x85 not found" in line
+    assert "request_id=r\\n1" in line
+    try:
+        raise ValueError("bad\x1b[31m")
+    except ValueError:
+        rec = logging.LogRecord("infernode.test", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    text = TextFormatter().format(rec)
+    assert text.splitlines()[1] == "Traceback (most recent call last):" and "ValueError: bad\\x1b[31m" in text
+    # Access lines, written by the background thread in text format, too.
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    writer = setup_logging("text")
+    access("rid\x1b]0;owned\x07", hostile, "key_1", 404, 0.01, endpoint="chat")
+    writer.stop()
+    [access_line] = out.getvalue().splitlines()
+    assert "\x1b" not in access_line and "request_id=rid\\x1b]0;owned\\x07" in access_line
+    assert "model=m\\r\\n12:00:00" in access_line
+
+
 def test_node_logs_json_access_lines_without_prompt_or_secret(tiny_node):
     key = tiny_node.create_key()
     prompt = "PROMPT-MUST-NOT-BE-LOGGED-7f3a"

@@ -159,6 +159,27 @@ def test_full_disk_fails_cleanly(tmp_path, hub):
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+def test_full_disk_during_a_parallel_pull_leaves_nothing_half_written(tmp_path, hub):
+    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny"))
+    small = cfg.data_dir / "store"
+    small.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(small)], capture_output=True,
+                      check=False).returncode:
+        pytest.skip("cannot mount a 5 MB tmpfs here (needs root or CAP_SYS_ADMIN); no honest ENOSPC otherwise")
+    try:
+        store.check_space = lambda needed: None  # type: ignore[method-assign]  # as if space went after the check
+        hub.faults.rate_bps = 8 * 1024 * 1024  # the two 3 MB files overlap, together more than 5 MB
+        with pytest.raises(DiskFull, match="disk full"):
+            pull(cfg, lock, store, settings=NetSettings(parallel=3, retries=0))
+        assert not store.partial_dir.exists() or not list(store.partial_dir.iterdir())
+        entry = lock.entry("m")
+        blobs = {b.name for b in store.blobs()}
+        assert blobs < {f.sha256 for f in entry.files}  # not everything fitted ...
+        assert all(store.rehash(f) is None for f in entry.files if f.sha256 in blobs)  # ... what is there is whole
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def test_concurrent_pulls_of_one_blob(tmp_path, hub):
     cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny#*Q4.gguf"))
     hub.faults.rate_bps = 8 * 1024 * 1024  # slow enough that the pulls overlap
@@ -182,30 +203,51 @@ def test_concurrent_pulls_of_one_blob(tmp_path, hub):
     assert len([s for s in hub.seen if s.path.startswith("/cdn/")]) == 1
 
 
-def test_resume_after_pull_process_killed(tmp_path, hub):
-    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny#*Q4.gguf"))
-    f = lock.entry("m").files[0]
+def test_parallel_pull_resumes_every_file_after_the_process_is_killed(tmp_path, hub):
+    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny#*.gguf"))
+    files = lock.entry("m").files
+    assert len(files) == 2
     hub.faults.rate_bps = 1024 * 1024
     env = {**os.environ, "HF_ENDPOINT": hub.url}
     proc = subprocess.Popen(INFERNODE + ["pull", "--json", "--config", str(cfg.path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    partial = store.partial_dir / f.sha256
-    try:
-        assert wait_until(lambda: partial.exists() and partial.stat().st_size > 500_000, timeout=60)
+    partials = [store.partial_dir / f.sha256 for f in files]
+    try:  # both files arriving at once, both part-way
+        assert wait_until(lambda: all(p.exists() and p.stat().st_size > 500_000 for p in partials), timeout=60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    had = partial.stat().st_size
+    had = {f.sha256: (store.partial_dir / f.sha256).stat().st_size for f in files}
+    assert all(0 < n < f.size for f, n in zip(files, had.values()))
+    assert not any(store.has(f) for f in files)
     hub.faults.rate_bps = None
     p = run_cli("pull", "--json", config=cfg.path, env={"HF_ENDPOINT": hub.url})
     assert p.returncode == 0, p.stderr
     events = [json.loads(line) for line in p.stdout.splitlines()]
-    start = next(e for e in events if e["event"] == "start")
-    assert start["done"] == had and start["total"] == f.size
-    assert events[-1]["event"] == "model" and events[-1]["fetched"] == 1
-    assert any(e["event"] == "done" for e in events)
-    assert [s.range for s in hub.seen if s.path.startswith("/cdn/")][-1] == f"bytes={had}-"
-    assert store.verify(lock.entry("m")) == []
+    starts = {e["file"]: e["done"] for e in events if e["event"] == "start"}
+    assert starts == {f"m/{f.path}": had[f.sha256] for f in files}
+    assert events[-1]["event"] == "model" and events[-1]["fetched"] == 2
+    assert {e["file"] for e in events if e["event"] == "done"} == set(starts)
+    for f in files:  # each resumed where its own partial stopped
+        assert [s.range for s in hub.seen if s.path == f"/cdn/{f.sha256}"][-1] == f"bytes={had[f.sha256]}-"
+    assert store.verify(lock.entry("m")) == [] and not list(store.partial_dir.iterdir())
+
+
+def test_digest_mismatch_in_one_file_leaves_the_others_intact(tmp_path, hub):
+    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/tiny"))
+    entry = lock.entry("m")
+    bad = next(f for f in entry.files if f.path == "model.Q8.gguf")
+    hub.faults.corrupt.add(bad.sha256)
+    with pytest.raises(DigestMismatch, match="model.Q8.gguf: digest mismatch"):
+        pull(cfg, lock, store)
+    good = [f for f in entry.files if f is not bad]
+    assert len(good) == 2 and all(store.has(f) and store.rehash(f) is None for f in good)
+    assert not store.has(bad) and not list(store.partial_dir.iterdir())
+    hub.faults.corrupt.clear()
+    seen = len(hub.seen)
+    pull(cfg, lock, store)  # the next pull fetches only the bad one
+    assert store.verify(entry) == []
+    assert [s.path for s in hub.seen[seen:] if s.path.startswith("/cdn/")] == [f"/cdn/{bad.sha256}"]
 
 
 def test_pull_url_source_and_cli_verify(tmp_path, hub):

@@ -171,3 +171,47 @@ def test_usage_totals(storage) -> None:
                           row("c", now - 10, key_id="k2", team=None, p=5, c=5)])
     assert storage.usage_totals(now - 50, "key_id") == {"k1": 2, "k2": 10}
     assert storage.usage_totals(now - 500, "team") == {"red": 9}
+
+
+def test_migration_003_keeps_rows_and_keys_ledger_by_node_id(db_url: str) -> None:
+    """A database at 002 (the client's id as the key) migrates with its rows; from then on
+    the same client id any number of times makes that many rows, and counters count them all."""
+    from node.accounts.ledger import rebuild_counters
+    from node.accounts.quotas import Quotas
+
+    s = open_storage(db_url)
+    s.backend.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+    for name, statements in MIGRATIONS[:2]:
+        for stmt in statements:
+            s.backend.execute(stmt)
+        s.backend.execute(s._sql("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)"), (name, 0.0))
+    now = time.time()
+    s.backend.execute(s._sql("INSERT INTO usage (request_id, ts, key_id, model, endpoint, prompt_tokens, "
+                             "completion_tokens, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                      ("old-client-id", now - 1, "key_a", "m", "chat", 3, 4, 200))
+    assert s.migrate() == [name for name, _ in MIGRATIONS[2:]]
+    [old] = s.usage_since(0)
+    assert (old.request_id, old.client_request_id, old.prompt_tokens, old.status) == ("old-client-id", "old-client-id", 3, 200)
+    # Ten requests with one client id (and key B reusing it) are eleven rows.
+    rows = [row(f"node-{i}", now - 0.5 + i * 0.01) for i in range(10)] + [row("node-b", now, key_id="key_b")]
+    for r in rows:
+        r.client_request_id = "same-id"
+    s.insert_usage(rows)
+    got = s.usage_since(0)
+    assert len(got) == 12 and sum(r.client_request_id == "same-id" for r in got) == 11
+    assert s.usage_report(["key"]) == [
+        {"key": "key_a", "requests": 11, "prompt_tokens": 13, "completion_tokens": 24, "errors": 0, "cost": 0.0},
+        {"key": "key_b", "requests": 1, "prompt_tokens": 1, "completion_tokens": 2, "errors": 0, "cost": 0.0}]
+    quotas = Quotas()
+    assert rebuild_counters(s, quotas, now) == 12
+    assert len(quotas.counter("key", "key_a").hits) == 11 and quotas.counter("key", "key_a").day_used == 37
+    s.close()
+
+
+def test_usage_rows_keep_every_status(storage) -> None:
+    now = time.time()
+    storage.insert_usage([row("a", now, status=500), row("b", now, status=502), row("c", now, status=400),
+                          row("d", now, status=200)])
+    assert sorted(r.status for r in storage.usage_since(0)) == [200, 400, 500, 502]
+    [report] = storage.usage_report([])
+    assert report["requests"] == 4 and report["errors"] == 3

@@ -170,3 +170,31 @@ def test_up_holds_a_corrupt_model_and_starts_the_others(node_factory, tmp_path):
     bad_workers = [w for w in node.workers() if w["model"] == "bad"]
     assert bad_workers and all(w["state"] == "failed" for w in bad_workers)
     assert "store does not match models.lock" in node.log.read_text()
+
+
+def test_hashing_and_splicing_fall_back_where_the_filesystem_cannot(tmp_path, monkeypatch):
+    """A filesystem without mmap or splice (some FUSE and network ones) still gets verified blobs."""
+    import mmap as mmap_mod
+
+    def no_mmap(*a, **k):
+        raise OSError(19, "No such device")  # what mmap says on a filesystem that has none
+
+    def no_splice(*a, **k):
+        raise OSError(22, "Invalid argument")  # what splice says when the file cannot take it
+
+    store, f = Store(tmp_path), locked()
+    monkeypatch.setattr(mmap_mod, "mmap", no_mmap)
+    with store.writer(f) as w:
+        w.append(DATA[:100_000])
+        w.hash_through(w.offset)
+        r, wr = os.pipe()
+        os.write(wr, DATA[100_000:150_000])
+        real_splice = os.splice
+        monkeypatch.setattr(os, "splice", no_splice)
+        w.splice_in(r, 50_000)
+        monkeypatch.setattr(os, "splice", real_splice)
+        os.close(r)
+        os.close(wr)
+        w.append(DATA[150_000:])
+        w.commit()
+    assert store.blob_path(f.sha256).read_bytes() == DATA

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import shutil
 import socket
@@ -22,7 +23,7 @@ from node.accounts.keys import KeyRecord, KeyRing, hash_secret
 from node.ops.metrics import Metrics
 from node.accounts.quotas import Quotas
 from node.workers.router import Gate, QueueFull, Router
-from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut
+from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut, Unanswered
 from tests.conftest import free_port
 from tests.fakes import openai_worker
 
@@ -489,6 +490,127 @@ def test_gateway_retries_a_dead_replica_once(tmp_path):
         asyncio.run(main())
         assert [row.status for row in ledger.rows] == [200, 502]
         assert dead.inflight == 0 and live.inflight == 1
+    finally:
+        stub.kill()
+        stub.wait()
+
+
+def test_a_post_is_never_resent_once_its_bytes_were_written():
+    """The worker reads a request and drops the connection without answering: the request
+    fails (Unanswered), on a pooled connection as on a fresh one, and the worker saw it once."""
+    async def main():
+        seen: list[bytes] = []
+
+        async def on_conn(reader, writer):
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(int(head.split(b"content-length: ")[1].split(b"\r\n")[0]))
+                    body = head.split(b"\r\n")[0]
+                    seen.append(body)
+                    if b"/ok" not in body:
+                        break  # read it, then go away without a word (a crash mid-request)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = Pool()
+        resp = await pool.request("POST", base, "/ok", b"{}")
+        assert await resp.read() == b"ok"
+        resp.close()  # pooled: the next request is written on it
+        with pytest.raises(Unanswered):
+            await pool.request("POST", base, "/charge-once", b"{}")
+        with pytest.raises(Unanswered):  # a fresh connection, same rule
+            await pool.request("POST", base, "/charge-once-more", b"{}")
+        await asyncio.sleep(0.1)
+        assert [s.split(b" ")[1] for s in seen] == [b"/ok", b"/charge-once", b"/charge-once-more"]
+        # Refused outright: nothing was written, so it is safe to try elsewhere.
+        with pytest.raises(ConnectFailed):
+            await pool.request("POST", f"http://127.0.0.1:{free_port()}", "/x", b"{}")
+        await pool.aclose()
+        server.close()
+    asyncio.run(main())
+
+
+def test_timeouts_are_per_request_and_url_credentials_are_basic_auth():
+    async def main():
+        heads: list[bytes] = []
+
+        async def on_conn(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            await reader.readexactly(2)
+            if b"/slow" in head:
+                await asyncio.sleep(5)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Pool(read_timeout=600)
+        started = time.monotonic()
+        with pytest.raises(TimedOut):
+            await pool.request("POST", f"http://127.0.0.1:{port}", "/slow", b"{}", read_timeout=0.4)
+        assert 0.3 < time.monotonic() - started < 2
+        resp = await pool.request("POST", f"http://al%40ice:pa%3Ass@127.0.0.1:{port}/v1", "/x", b"{}")
+        assert await resp.read() == b"ok"
+        resp.close()
+        head = heads[-1].decode("latin-1").lower()
+        assert f"host: 127.0.0.1:{port}\r\n" in head and "al%40ice" not in head and "alice" not in head
+        assert f"authorization: basic {base64.b64encode(b'al@ice:pa:ss').decode().lower()}\r\n" in head
+        await pool.aclose()
+        server.close()
+    asyncio.run(main())
+
+
+def test_gateway_does_not_resend_to_another_replica_after_writing(tmp_path):
+    """A replica that took the request and died: 502, and the other replica never sees the request."""
+    port = free_port()
+    stub = openai_worker.start(port)
+
+    async def taker(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # took the head, then died
+
+    class Ledger:
+        rows: list = []
+
+        def record(self, row):
+            self.rows.append(row)
+
+    try:
+        secret = "sk-test-1234567890"
+        keys = KeyRing([KeyRecord(id="k1", name="t", secret_hash=hash_secret(secret), prefix=secret[:8])])
+        router = Router(["stub-model"])
+        ledger = Ledger()
+        gw = Gateway(keys=keys, quotas=Quotas(), router=router, ledger=ledger, metrics=Metrics(),  # type: ignore[arg-type]
+                     models={"stub-model": ModelInfo("stub-model")}, client=Pool(), stream_usage=lambda t: True)
+
+        async def main():
+            dying = await asyncio.start_server(taker, "127.0.0.1", 0)
+            dead = FakeTarget("dying", f"http://127.0.0.1:{dying.sockets[0].getsockname()[1]}/v1")
+            live = FakeTarget("live", f"http://127.0.0.1:{port}/v1", inflight=1)
+            router.set_ready("stub-model", [dead, live])
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+            server = Server(gw.handle, max_body_bytes=1 << 20)
+            await server.start(sock)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+                r = await c.post("/v1/chat/completions", json={"model": "stub-model", "messages": []},
+                                 headers={"authorization": f"Bearer {secret}", "x-request-id": "once-only"})
+                assert r.status_code == 502 and r.json()["error"]["code"] == "worker_failed"
+            await server.close()
+            dying.close()
+        asyncio.run(main())
+        seen = [e for e in httpx.get(f"http://127.0.0.1:{port}/stub/events", timeout=5).json()
+                if e.get("request_id") == "once-only"]
+        assert seen == [] and [row.status for row in ledger.rows] == [502]
     finally:
         stub.kill()
         stub.wait()

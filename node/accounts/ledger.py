@@ -4,7 +4,7 @@
 `interval` seconds or as soon as `batch` rows wait, and `close` flushes what is left.
 When the database is unavailable the thread appends the rows to a bounded spill file
 (JSON lines) and replays it, oldest first, once the database answers again; inserts
-are idempotent on request_id, so a replay interrupted half way is simply repeated.
+are idempotent on the node-made request_id, so a replay interrupted half way is simply repeated.
 After SIGKILL at most the rows of one interval (those still in memory) are lost.
 """
 
@@ -59,6 +59,11 @@ class Ledger:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def stats(self) -> dict[str, float | int | bool]:
+        """The ledger's health: rows queued now, written, spilled and dropped since start, spill size, database state."""
+        return {"queued": len(self._queue), "written": self.written, "spilled": self.spilled, "dropped": self.dropped,
+                "spill_bytes": self.spill_bytes(), "write_failures": self.failures, "database_up": self.db_ok}
 
     def spill_bytes(self) -> int:
         try:

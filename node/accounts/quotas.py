@@ -196,20 +196,22 @@ class Quotas:
         return self._day, self._month
 
     # -- the hot path ------------------------------------------------------------
-    def admit(self, key: KeyRecord, model: str, user: str | None = None, now: float | None = None) -> Admission:
-        """Admit one request or raise AuthenticationError, PermissionDenied or RateLimited."""
+    def admit(self, key: KeyRecord, model: str | None = None, user: str | None = None,
+              now: float | None = None) -> Admission:
+        """Admit one request or raise AuthenticationError, PermissionDenied or RateLimited.
+
+        The gateway admits before it reads the body (model None, no end user), so every
+        authenticated request counts, then calls `check_model` and `admit_user` once decoded.
+        """
         now = time.time() if now is None else now
         if key.revoked:
             raise AuthenticationError("this API key has been revoked", code="key_revoked")
         if key.expired(now):
             raise AuthenticationError("this API key has expired", code="key_expired")
-        if not key.allows(model):
-            raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
+        if model is not None:
+            self.check_model(key, model)
         cached = self._plans.get(key.id)
         plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key))
-        if user and (key.user_rpm is not None or key.user_tpm is not None):
-            plan.append((self.counter("user", key.id, user), Limits("user", key.user_rpm, key.user_tpm, None, None,
-                                                                    "day", False)))
         day, month = self._periods(now)
         for c, lim in plan:
             c.prune(now)
@@ -218,7 +220,38 @@ class Quotas:
         for c, _ in plan:
             c.hits.append(now)
             c.parallel += 1
-        return Admission(self, key, model, _headers(plan, now), plan)
+        adm = Admission(self, key, model or "", _headers(plan, now), plan)
+        if user:
+            try:
+                self.admit_user(adm, user, now)
+            except RateLimited:
+                adm.finish(0, 0, now)  # the key's parallel slot back; the attempt still counts against its rpm
+                raise
+        return adm
+
+    @staticmethod
+    def check_model(key: KeyRecord, model: str) -> None:
+        """Raise PermissionDenied when the key may not use the model."""
+        if not key.allows(model):
+            raise PermissionDenied(f"this API key may not use model '{model}'", param="model")
+
+    def admit_user(self, adm: Admission, user: str, now: float | None = None) -> None:
+        """Add the end user's scope (`user` field) to an admitted request, or raise RateLimited."""
+        key = adm.key
+        if key.user_rpm is None and key.user_tpm is None:
+            return
+        now = time.time() if now is None else now
+        c = self.counter("user", key.id, user)
+        lim = Limits("user", key.user_rpm, key.user_tpm, None, None, "day", False)
+        plan = adm.scopes + [(c, lim)]
+        day, month = self._periods(now)
+        c.prune(now)
+        c.roll(day, month)
+        self._check(c, lim, now, plan)
+        c.hits.append(now)
+        c.parallel += 1
+        adm.scopes = plan
+        adm.wire_headers = _headers(plan, now)
 
     def _key_plan(self, key: KeyRecord) -> list[tuple[Counter, Limits]]:
         plan = [(self.counter("key", key.id), Limits("key", key.rpm, key.tpm, key.max_parallel, key.budget_tokens,

@@ -7,11 +7,12 @@ import dataclasses
 import hmac
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from node import __version__
 from node.app import Node
@@ -20,7 +21,11 @@ from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
 from node.workers.replica import tail_lines
-from node.admin.protocol import KeyCreate, KeyUpdate, TeamCreate, TeamUpdate
+from node.admin.protocol import MAX_TIME, KeyCreate, KeyUpdate, TeamCreate, TeamUpdate, check_text
+
+
+def _opt_text(v: str | None) -> str | None:
+    return None if v is None else check_text(v)
 
 
 def build_admin(node: Node) -> FastAPI:
@@ -95,7 +100,7 @@ def build_admin(node: Node) -> FastAPI:
         changes = body.model_dump(exclude_unset=True)
         if "models" in changes and changes["models"] is not None:
             changes["models"] = tuple(changes["models"])
-        for name in ("metadata", "budget_period"):
+        for name in ("metadata", "budget_period", "name", "revoked"):  # null for a field that cannot be: unchanged
             if name in changes and changes[name] is None:
                 changes.pop(name)
         record = record.updated(**changes)
@@ -158,8 +163,13 @@ def build_admin(node: Node) -> FastAPI:
         return {"name": name, "deleted": True}
 
     @app.get("/admin/v1/usage", dependencies=guard)
-    async def usage(group_by: str = "key,model", since: float | None = None, until: float | None = None,
-                    key: str | None = None, team: str | None = None, model: str | None = None) -> dict[str, Any]:
+    async def usage(group_by: Annotated[str, Query(max_length=200)] = "key,model",
+                    since: Annotated[float | None, Query(ge=0, le=MAX_TIME, allow_inf_nan=False)] = None,
+                    until: Annotated[float | None, Query(ge=0, le=MAX_TIME, allow_inf_nan=False)] = None,
+                    key: Annotated[str | None, Query(max_length=200), AfterValidator(_opt_text)] = None,
+                    team: Annotated[str | None, Query(max_length=200), AfterValidator(_opt_text)] = None,
+                    model: Annotated[str | None, Query(max_length=200), AfterValidator(_opt_text)] = None,
+                    ) -> dict[str, Any]:
         """Totals grouped by any of key, team, model, user, day (UTC) over [since, until)."""
         assert node.storage is not None
         groups = [g for g in group_by.split(",") if g]
@@ -204,6 +214,7 @@ def build_admin(node: Node) -> FastAPI:
             "workers": [dataclasses.asdict(r.status()) for r in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),
+            "ledger": node.ledger.stats() if node.ledger is not None else None,
         }
 
     @app.post("/admin/v1/reload", dependencies=guard)

@@ -69,6 +69,13 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
         console.print(f"last {tr['window_s']:.0f}s: {tr['requests_per_s']:.2f} req/s, {tr['requests']} requests, "
                       f"[{colour}]{err:.1%} errors[/] ({tr['errors']} 5xx), {tr['rejected']} rejected by quotas",
                       highlight=False)
+    led = data.get("ledger")
+    if led:
+        colour = "red" if led["dropped"] or not led["database_up"] else "yellow" if led["spill_bytes"] else "green"
+        db = "database up" if led["database_up"] else "database unreachable"
+        console.print(f"ledger: [{colour}]{db}[/], {led['queued']} rows queued, {led['written']} written, "
+                      f"{led['spilled']} spilled ({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped",
+                      highlight=False)
     t = Table(title="replicas", title_justify="left")
     for col in ("model", "replica", "runtime", "state", "since", "restarts", "port", "gpus", "last error"):
         t.add_column(col)

@@ -32,6 +32,7 @@ from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
 from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
+from node.ops.metrics import refusal_reason
 
 log = logging.getLogger("infernode.dispatch")
 
@@ -90,6 +91,7 @@ class NodeApp:
         try:
             req.auth = gateway.authenticate(req, route)
         except AuthenticationError as err:
+            gateway.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
             rid = _request_id(req)
             status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
             return Refusal(status, error_headers(err, rid), body)

@@ -31,7 +31,7 @@ from node.gateway.httpd import Connection, Request
 from node.accounts.keys import KeyRing
 from node.accounts.ledger import Ledger
 from node.ops.logs import access as access_log
-from node.ops.metrics import Metrics, ModelSeries
+from node.ops.metrics import Metrics, ModelSeries, refusal_reason
 from node.accounts.quotas import Admission, Quotas
 from node.workers.router import Gate, QueueFull, Router
 from node.gateway.sse import SseRelay
@@ -67,6 +67,8 @@ class ModelInfo:
     price_output: float = 0.0
     max_inflight: int = 64
     max_queue: int = 256
+    read_timeout_s: float = 600.0   # the worker's silence before a request fails (504)
+    connect_timeout_s: float = 5.0
     on_demand: bool = False       # loaded by requests: a request waits for its load
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -88,6 +90,7 @@ class Exchange:
     completion_tokens: int = 0
     first_token_at: float | None = None
     api: str = "openai"
+    client_rid: str | None = None
 
 
 class Gateway:
@@ -100,6 +103,7 @@ class Gateway:
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  runtime_of: Callable[[str], str] = lambda model: "",
+                 upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
                  ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
@@ -111,6 +115,7 @@ class Gateway:
         self.serves_api = serves_api    # (target, api name): the runtime serves that API itself
         self.cannot = cannot            # (target, endpoint): why its runtime cannot serve that endpoint, or None
         self.runtime_of = runtime_of
+        self.upstream_headers = upstream_headers  # e.g. an external model's Authorization (api_key_env)
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
         # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
@@ -119,9 +124,9 @@ class Gateway:
         self.draining = False
         self.inflight = 0
         self._series: dict[str, ModelSeries] = {}
-        # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID
-        # (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
-        self._rid_prefix = os.urandom(10).hex()
+        # Request ids (new_id): time, a random per-process prefix and a counter, 32 hex digits like
+        # a UUID (unique, cheaper than uuid4, and accepted by workers that insist on UUIDs).
+        self._rid_prefix = os.urandom(5).hex()
         self._rid_seq = itertools.count(1)
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
@@ -133,33 +138,128 @@ class Gateway:
             gates[name] = gate
         self.models, self.gates = models, gates
 
+    def new_id(self) -> str:
+        """A node-made request id: 32 hex digits, the time in ms, this process's random prefix and a counter.
+
+        Unique per request (the ledger's primary key), ordered by time, and never chosen by a client.
+        """
+        return f"{time.time_ns() // 1_000_000:012x}{self._rid_prefix}{next(self._rid_seq) & 0xFFFFFFFFFF:010x}"
+
     async def handle(self, req: Request, conn: Connection, route: Route | None = None) -> None:
-        """Answer one `/v1` request, or one of another client API's (`route`: how to translate it)."""
+        """Answer one `/v1` request, or one of another client API's (`route`: how to translate it).
+
+        Order: authenticate, admit (rpm counts the request from here, whatever follows), decode
+        and check the body, route. Bad input of any shape is a 4xx in the API's error shape.
+        """
+        nid = self.new_id()
         rid_in = req.header(b"x-request-id")
-        rid = rid_in.decode("latin-1")[:128] if rid_in else f"{self._rid_prefix}{next(self._rid_seq):012x}"
+        client_rid = rid_in.decode("latin-1")[:128] if rid_in else None
+        rid = client_rid or nid
         ridb = rid.encode("latin-1")
+        ex: Exchange | None = None
+        adm: Admission | None = None
+        info: ModelInfo | None = None
         try:
             path = req.path
             key = self.authenticate(req, route)
             if route is not None:
-                return await self._translated(route, key, req, rid, ridb, conn)
-            if path == b"/v1/models" and req.method == "GET":
-                return self._list_models(key, ridb, conn)
-            endpoint = PROXIED.get(path)
-            if endpoint is None:
-                raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
-            if req.method != "POST":
-                raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
-            await self._proxy(endpoint, path, key, req.body, rid, ridb, conn)
+                if req.method != route.method:
+                    raise InvalidRequest(f"use {route.method} for {path.decode('latin-1')}", code="method_not_allowed")
+                if route.local is not None:
+                    return self._local(route, key, req, ridb, conn)
+                endpoint = ""
+            else:
+                if path == b"/v1/models" and req.method == "GET":
+                    return self._list_models(key, ridb, conn)
+                endpoint = PROXIED.get(path)  # type: ignore[assignment]
+                if endpoint is None:
+                    raise NotFound(f"no route {req.method} {path.decode(errors='replace')}")
+                if req.method != "POST":
+                    raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
+            # Rate admission before the body is decoded or checked: invalid requests count too.
+            adm = self.quotas.admit(key)
+            ex = Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(),
+                          api=route.api if route is not None else "openai", client_rid=client_rid)
+            body = _parse(req.body)
+            info, body, path, route, call = self._admit_body(body, key, adm, ex, path, route)
+            await self._proxy(body, path, req.body, info, adm, ex, ridb, conn, route, call)
         except NodeError as err:
+            if ex is not None:
+                ex.status = err.status
             if isinstance(err, RateLimited):
                 self.metrics.quota_rejections.labels(err.reason).inc()
+            if err.status < 500 or err.status == 503:  # the node said no (a worker's failure is not a refusal)
+                self.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
             log.info("request %s refused: %d %s", rid, err.status, err.message)
             if route is None:
                 conn.respond(err.status, error_headers(err, ridb), err.body())
             else:
-                status, body = route.error(err, rid)
-                conn.respond(status, error_headers(err, ridb), body)
+                status, out = route.error(err, rid)
+                conn.respond(status, error_headers(err, ridb), out)
+        except BaseException as exc:
+            if ex is not None:  # the server answers 500; a cancelled request was answered nothing
+                ex.status = 499 if isinstance(exc, asyncio.CancelledError) else 500
+            raise
+        finally:
+            if ex is not None and adm is not None:
+                self._account(ex, adm, info)
+
+    def _admit_body(self, req: dict[str, Any], key, adm: Admission, ex: Exchange, path: bytes,
+                    route: Route | None) -> tuple[ModelInfo, dict[str, Any], bytes, Route | None, Call | None]:
+        """Check what the node itself reads of a body (model, user, stream_options, the prompt's size) and
+        translate another API's; the rest is the worker's. Returns the model, the OpenAI body, path, route, call."""
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required", param="model")
+        if route is not None and model not in self.models and model.endswith(":latest"):
+            model = model[:-7]  # Ollama's clients name the default tag
+        info = self.models.get(model)
+        if info is None:
+            raise ModelNotFound(f"the model '{model[:256]}' does not exist on this node", param="model")
+        ex.model = model
+        self.quotas.check_model(key, model)
+        if self.draining:
+            raise NoReadyReplica("the node is shutting down", retry_after=5)
+        call = None
+        endpoint = ex.endpoint
+        if route is not None:
+            targets = self.router.ready(model)
+            if route.native and targets and self.serves_api(targets[0], route.native):
+                endpoint, path = route.api, b"/v1" + route.native_path.encode()  # the runtime speaks it: pass through
+                req["model"] = model
+                route = None
+            else:
+                call = Call(model, ex.client_rid or ex.rid, int(time.time()), req, time.perf_counter())
+                endpoint, req = route.to_openai(req)  # type: ignore[misc]
+                req["model"] = model
+        ex.endpoint = endpoint
+        user = req.get("user")
+        if isinstance(user, str) and user:
+            ex.user = user
+            self.quotas.admit_user(adm, user)
+        ex.stream = req.get("stream") is True
+        options = req.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+        ready = self.router.ready(model)
+        why = self.cannot(ready[0], endpoint) if ready else None
+        if why:
+            raise InvalidRequest(f"the model '{model}' cannot serve {endpoint}: {why}", param="model",
+                                 code="unsupported_endpoint")
+        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
+            prompt = req.get("messages", req.get("prompt", req.get("input")))
+            rid = ex.client_rid or ex.rid
+            try:
+                # Readable text; a lone surrogate (valid JSON) becomes a visible escape rather than breaking the log.
+                shown = json.dumps(prompt, ensure_ascii=False)[:8192].encode("utf-8", "backslashreplace").decode()
+            except (RecursionError, ValueError):
+                shown = "(not loggable)"
+            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model, "prompt": shown})
+        if endpoint in ("chat", "completions"):
+            context.check(req, endpoint, self.context_len(info))
+        if not ready and not (info.on_demand and self.ensure_loaded is not None):
+            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
+        return info, req, path, route, call
 
     # -- request checks ----------------------------------------------------------
     def authenticate(self, req: Request, route: Route | None = None):
@@ -207,63 +307,17 @@ class Gateway:
         """The model's context: configured, else what its launch plan says."""
         return info.max_model_len or self.router.context.get(info.name)
 
-    async def _translated(self, route: Route, key, req: Request, rid: str, ridb: bytes, conn: Connection) -> None:
-        """A path of another client API: answered here (listings) or translated to the worker's OpenAI API."""
-        if req.method != route.method:
-            raise InvalidRequest(f"use {route.method} for {req.path.decode('latin-1')}", code="method_not_allowed")
-        if route.local is None:
-            return await self._proxy("", req.path, key, req.body, rid, ridb, conn, route)
+    def _local(self, route: Route, key, req: Request, ridb: bytes, conn: Connection) -> None:
+        """A path of another client API answered by the node itself (listings, model details)."""
         parsed = _parse(req.body) if route.method == "POST" else None
         views = [ModelView(m.name, m.created, self.context_len(m), bool(self.router.ready(m.name)),
                            self.runtime_of(m.name)) for m in self.models.values() if key.allows(m.name)]
         conn.respond(200, [(b"content-type", route.content_type), (b"x-request-id", ridb)], route.local(views, parsed))
 
     # -- the proxy ---------------------------------------------------------------
-    async def _proxy(self, endpoint: str, path: bytes, key, body: bytes, rid: str, ridb: bytes,
-                     conn: Connection, route: Route | None = None) -> None:
-        req = _parse(body)
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required", param="model")
-        if route is not None and model not in self.models and model.endswith(":latest"):
-            model = model[:-7]  # Ollama's clients name the default tag
-        info = self.models.get(model)
-        if info is None:
-            raise ModelNotFound(f"the model '{model}' does not exist on this node", param="model")
-        if self.draining:
-            raise NoReadyReplica("the node is shutting down", retry_after=5)
-        call = None
-        api = route.api if route is not None else "openai"
-        if route is not None:
-            targets = self.router.ready(model)
-            if route.native and targets and self.serves_api(targets[0], route.native):
-                endpoint, path = route.api, b"/v1" + route.native_path.encode()  # the runtime speaks it: pass through
-                req["model"] = model
-                route = None
-            else:
-                call = Call(model, rid, int(time.time()), req, time.perf_counter())
-                endpoint, req = route.to_openai(req)  # type: ignore[misc]
-                req["model"] = model
-        stream = req.get("stream") is True
-        ready = self.router.ready(model)
-        why = self.cannot(ready[0], endpoint) if ready else None
-        if why:
-            raise InvalidRequest(f"the model '{model}' cannot serve {endpoint}: {why}", param="model",
-                                 code="unsupported_endpoint")
-        if self.log_prompts:  # off unless `[node] log_prompts = true`: prompts are the users' data
-            prompt = req.get("messages", req.get("prompt", req.get("input")))
-            log.info("request %s prompt", rid, extra={"request_id": rid, "model": model,
-                                                      "prompt": json.dumps(prompt, ensure_ascii=False)[:8192]})
-        if endpoint in ("chat", "completions"):
-            context.check(req, endpoint, self.context_len(info))
-        on_demand = info.on_demand and self.ensure_loaded is not None
-        if not on_demand and not self.router.ready(model):
-            raise NoReadyReplica(f"model '{model}' has no ready replica yet", retry_after=5)
-        user = req.get("user") if isinstance(req.get("user"), str) else None
-        adm = self.quotas.admit(key, model, user)
-        gate = self.gates[model]
-        ex = Exchange(rid, model, endpoint, key.id, key.team, user, time.perf_counter(), stream)
-        ex.api = api
+    async def _proxy(self, req: dict, path: bytes, body: bytes, info: ModelInfo, adm: Admission, ex: Exchange,
+                     ridb: bytes, conn: Connection, route: Route | None = None, call: Call | None = None) -> None:
+        gate = self.gates[ex.model]
         entered = False
         self.inflight += 1
         # From here on a client that goes away cancels this task (node/gateway/httpd.py): in the
@@ -273,37 +327,34 @@ class Gateway:
                 await gate.enter(self.queue_wait_s)
             except QueueFull as full:
                 raise RateLimited(
-                    f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
+                    f"model '{ex.model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",
                     retry_after=full.retry_after, reason="model_capacity", code="model_overloaded", headers={
                         "x-ratelimit-limit-requests": str(gate.max_inflight + gate.max_queue),
                         "x-ratelimit-remaining-requests": "0",
                         "x-ratelimit-reset-requests": f"{max(1, min(60, int(full.retry_after + 0.999)))}s"}) from None
             entered = True
-            if on_demand and not self.router.ready(model):
+            if info.on_demand and self.ensure_loaded is not None and not self.router.ready(ex.model):
                 # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
-                await self.ensure_loaded(model)  # type: ignore[misc]
-            await self._route(req, body, endpoint, path, ex, adm, ridb, conn, route, call)
+                await self.ensure_loaded(ex.model)
+            await self._route(req, body, info, path, ex, adm, ridb, conn, route, call)
         except asyncio.CancelledError:
             if not conn.gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             ex.status = 499
-            log.info("request %s: client disconnected", rid)
-        except NodeError as err:
-            ex.status = err.status
-            raise
+            log.info("request %s: client disconnected", ex.client_rid or ex.rid)
         finally:
             self.inflight -= 1
             if entered:
                 gate.leave(time.perf_counter() - ex.started)
-            self._account(ex, adm, info)
 
-    async def _route(self, req: dict, body: bytes, endpoint: str, path: bytes, ex: Exchange, adm: Admission,
+    async def _route(self, req: dict, body: bytes, info: ModelInfo, path: bytes, ex: Exchange, adm: Admission,
                      ridb: bytes, conn: Connection, route: Route | None = None, call: Call | None = None) -> None:
+        endpoint = ex.endpoint
         target = self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
-        client_wants_usage = bool(isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage"))
+        client_wants_usage = bool(req.get("stream_options") and req["stream_options"].get("include_usage"))
         worker_usage = self.stream_usage(target)
         changed = False
         if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
@@ -315,15 +366,23 @@ class Gateway:
             changed = True
         native = endpoint not in OPENAI_ENDPOINTS  # another API the runtime serves itself, passed through
         if changed or call is not None or native:
-            body = json.dumps(req).encode()
+            try:
+                body = json.dumps(req).encode()
+            except RecursionError:
+                raise InvalidRequest("request body is nested too deeply") from None
         relay = SseRelay(drop_usage=not client_wants_usage and not native,
                          count_content=not worker_usage) if ex.stream else None
-        headers = (("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.rid, target)))
+        headers: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/json"), ("x-request-id", self._worker_rid(ex.client_rid or ex.rid, target)))
+        extra = self.upstream_headers(target)
+        if extra:
+            headers += extra
         subpath = path.decode()[3:] if call is None else translated.SUBPATHS[endpoint]
         for attempt in (0, 1):
             target.inflight += 1  # counted from the request's start, for least-outstanding routing
             try:
-                resp = await self.client.request("POST", target.openai_base, subpath, body, headers)
+                resp = await self.client.request("POST", target.openai_base, subpath, body, headers,
+                                                 read_timeout=info.read_timeout_s, connect_timeout=info.connect_timeout_s)
             except ConnectFailed as exc:
                 target.inflight -= 1
                 # Nothing reached the client yet: retry once on another replica.
@@ -368,6 +427,7 @@ class Gateway:
             raw = await _read_or_fail(resp, ex)
             ex.status = resp.status
             status = resp.status if resp.status < 500 else 502
+            ex.status = status  # what the client got: a worker's 5xx is the node's 502
             log.info("request %s: worker answered %d", ex.rid, resp.status)
             conn.respond(status, JSON_CT + out_headers, worker_error(raw, resp.status))
             return
@@ -414,28 +474,29 @@ class Gateway:
         if not finished:
             conn.end(relay.buf)
 
-    def _account(self, ex: Exchange, adm: Admission, info: ModelInfo) -> None:
+    def _account(self, ex: Exchange, adm: Admission, info: ModelInfo | None) -> None:
+        """Charge quotas, count metrics, queue the ledger row and write the access log line of an admitted request."""
         latency = time.perf_counter() - ex.started
         adm.finish(ex.prompt_tokens, ex.completion_tokens)
-        m = self._metrics_for(ex.model)
-        m.requests(ex.status).inc()
-        m.duration.observe(latency)
-        ttft = None
-        if ex.first_token_at is not None:
-            ttft = ex.first_token_at - ex.started
-            if ex.stream:
+        ttft = ex.first_token_at - ex.started if ex.first_token_at is not None else None
+        cost = 0.0
+        if info is not None:  # a configured model: its series (never a label a client made up)
+            m = self._metrics_for(ex.model)
+            m.requests(ex.status).inc()
+            m.duration.observe(latency)
+            if ttft is not None and ex.stream:
                 m.ttft.observe(ttft)
-        if ex.prompt_tokens:
-            m.prompt.inc(ex.prompt_tokens)
-        if ex.completion_tokens:
-            m.completion.inc(ex.completion_tokens)
-        cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
+            if ex.prompt_tokens:
+                m.prompt.inc(ex.prompt_tokens)
+            if ex.completion_tokens:
+                m.completion.inc(ex.completion_tokens)
+            cost = (ex.prompt_tokens * info.price_input + ex.completion_tokens * info.price_output) / 1e6
         # Positional (UsageRow's field order): keyword calls cost the request path a few µs.
         self.ledger.record(UsageRow(ex.rid, time.time(), ex.key_id, ex.team, ex.model, ex.endpoint, ex.user,
                                     ex.prompt_tokens, ex.completion_tokens, ex.status, latency * 1000,
-                                    ttft * 1000 if ttft is not None else None, cost, ex.api))
-        access_log(ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft, ex.prompt_tokens,
-                   ex.completion_tokens)
+                                    ttft * 1000 if ttft is not None else None, cost, ex.api, ex.client_rid))
+        access_log(ex.client_rid or ex.rid, ex.model, ex.key_id, ex.status, latency, ex.endpoint, ttft,
+                   ex.prompt_tokens, ex.completion_tokens)
 
 
 def _parse(body: bytes) -> dict[str, Any]:

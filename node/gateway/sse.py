@@ -1,4 +1,9 @@
-"""Server-sent events passed through whole, looking only at what usage accounting needs."""
+"""Server-sent events passed through whole, looking only at what usage accounting needs.
+
+The SSE spec lets a server end lines with CRLF, LF or CR; the relay turns CRLF and CR into
+LF as the bytes arrive (JSON data cannot hold a raw CR, so only framing changes), so a
+CRLF-framed stream is relayed event by event like any other.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +34,17 @@ class SseRelay:
         self.first_content = False
         self.stream_id: bytes | None = None
         self.saw_done = False
+        self._cr = False  # the last chunk ended with a CR (already an LF here): a leading LF is its pair
 
     def feed(self, chunk: bytes) -> bytes:
-        """The complete events so far (bytes unchanged, the hidden usage chunk removed)."""
+        """The complete events so far (line endings as LF, the hidden usage chunk removed)."""
+        if self._cr:
+            self._cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         data = self.buf + chunk if self.buf else chunk
         if data.endswith(b"\n\n"):  # the common case: one or more whole events
             out, self.buf = data, b""

@@ -71,9 +71,9 @@ async def answer(resp: Response, ex: Any, adm: Any, relay: SseRelay | None, rout
     """Write the worker's answer to the client in the route's API."""
     if resp.status >= 400:
         raw = await _read(resp, ex)
-        ex.status = resp.status
         log.info("request %s: worker answered %d", ex.rid, resp.status)
-        status, body = route.error(WorkerRefused(worker_message(raw), resp.status), ex.rid)
+        status, body = route.error(WorkerRefused(worker_message(raw), resp.status), ex.client_rid or ex.rid)
+        ex.status = status  # what the client got (a worker's 5xx is a 502)
         conn.respond(status, [(b"content-type", b"application/json")] + out_headers, body)
         return
     ctype = resp.header(b"content-type") or b""

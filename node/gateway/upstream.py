@@ -6,7 +6,11 @@ streams add a buffer copy, a timer and a few awaits per read. This one does only
 the gateway needs: POST/GET with a byte body, content-length, chunked or read-to-EOF
 answers parsed by llhttp (through httptools) as their bytes arrive, keep-alive
 connections pooled per worker, and errors that say whether anything was sent or
-received (so the gateway knows when a retry on another replica is safe).
+received (so the gateway knows when a retry on another replica is safe: only when the
+worker cannot have received the request, `ConnectFailed`; never once its bytes were
+written, `Unanswered`). Read and connect timeouts are per request (per model).
+Credentials in a base URL (`http://user:pass@host`) are sent as `Authorization: Basic`,
+never in the Host header.
 
 A wait costs no timer: it records its deadline, and one timer per pool, armed while
 requests are in flight, times out the waits past theirs every tick (a second, or an
@@ -18,10 +22,11 @@ large request body is written a slice at a time, each once the worker took the l
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -36,7 +41,11 @@ class UpstreamFailure(Exception):
 
 
 class ConnectFailed(UpstreamFailure):
-    """No connection, or the request never got an answer's first byte: safe to retry elsewhere."""
+    """No connection, or a pooled one found closed before the request was written: safe to retry elsewhere."""
+
+
+class Unanswered(UpstreamFailure):
+    """The request was written (the worker may have acted on it) but the connection ended without an answer."""
 
 
 class BrokenResponse(UpstreamFailure):
@@ -56,6 +65,7 @@ class Origin:
     port: int
     prefix: str
     host_header: bytes
+    authorization: str | None = field(default=None, repr=False)  # from the URL's user:password
 
     @classmethod
     def parse(cls, base_url: str) -> "Origin":
@@ -63,7 +73,13 @@ class Origin:
         tls = u.scheme == "https"
         port = u.port or (443 if tls else 80)
         host = u.hostname or "127.0.0.1"
-        return cls(tls, host, port, u.path.rstrip("/"), (u.netloc or host).encode())
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if u.port is None else f"{shown}:{u.port}"  # never the userinfo
+        auth = None
+        if u.username is not None or u.password is not None:
+            pair = f"{unquote(u.username or '')}:{unquote(u.password or '')}"
+            auth = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return cls(tls, host, port, u.path.rstrip("/"), host_header.encode(), auth)
 
 
 class _SecondAnswer(Exception):
@@ -80,7 +96,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = ("loop", "transport", "parser", "closed", "reusable", "busy", "idle_since", "waiter", "deadline",
                  "paused_reading", "paused_writing", "status", "headers", "keep_alive", "done", "error", "pieces",
-                 "size", "head_bytes")
+                 "size", "head_bytes", "sent")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -105,6 +121,7 @@ class _Conn(asyncio.Protocol):
         self.pieces: list[bytes] = []  # body bytes not yet taken by the consumer
         self.size = 0                 # their length
         self.head_bytes = 0           # bytes received before the head was complete
+        self.sent = False             # bytes of the request in flight were written
 
     def begin(self) -> None:
         """Forget the last answer: a new request is about to be sent."""
@@ -119,6 +136,7 @@ class _Conn(asyncio.Protocol):
         self.pieces = []
         self.size = 0
         self.head_bytes = 0
+        self.sent = False
 
     def rest(self) -> None:
         """The answer was read to its end: idle in the pool until the next request."""
@@ -226,6 +244,9 @@ class _Conn(asyncio.Protocol):
                     self.error = BrokenResponse("the worker closed the connection before the body ended")
             elif self.head_bytes:
                 self.error = BrokenResponse("the worker's answer broke off in its headers")
+            elif self.sent:  # the worker may have received it: re-sending a POST could run it twice
+                self.error = Unanswered(f"the worker's connection ended after the request was sent, without an answer"
+                                        f"{f' ({type(exc).__name__})' if exc is not None else ''}")
             elif exc is not None:
                 self.error = ConnectFailed(f"the worker's connection failed ({type(exc).__name__})")
             else:
@@ -272,11 +293,11 @@ class Response:
 
     __slots__ = ("status", "headers", "_pool", "_idle", "_conn", "_timeout")
 
-    def __init__(self, pool: "Pool", idle: list[_Conn], conn: _Conn) -> None:
+    def __init__(self, pool: "Pool", idle: list[_Conn], conn: _Conn, read_timeout: float) -> None:
         self._pool, self._idle, self._conn = pool, idle, conn
         self.status = conn.status
         self.headers = conn.headers
-        self._timeout = pool.read_timeout
+        self._timeout = read_timeout
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -339,7 +360,7 @@ class Pool:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_idle, self.idle_expiry = max_idle, idle_expiry
         self._idle: dict[Origin, list[_Conn]] = {}
-        self._routes: dict[str, tuple[Origin, list[_Conn], str]] = {}  # base URL -> origin, idle connections, host
+        self._routes: dict[str, tuple[Origin, list[_Conn], str]] = {}  # base URL -> origin, idle connections, head lines
         self._tls: ssl.SSLContext | None = None
         self._busy: set[_Conn] = set()
         self._ticker: asyncio.TimerHandle | None = None
@@ -353,14 +374,26 @@ class Pool:
         if route is None:
             origin = Origin.parse(base_url)
             idle = self._idle.setdefault(origin, [])
-            route = self._routes[base_url] = (origin, idle, origin.host_header.decode("latin-1"))
+            lines = f"host: {origin.host_header.decode('latin-1')}\r\n"
+            if origin.authorization:
+                lines += f"authorization: {origin.authorization}\r\n"
+            route = self._routes[base_url] = (origin, idle, lines)
         return route
 
     async def request(self, method: str, base_url: str, path: str, body: bytes = b"",
-                      headers: tuple[tuple[str, str], ...] = ()) -> Response:
-        """Send a request to base_url + path; return once the status and headers arrived."""
-        origin, idle, host = self._route(base_url)
-        text = f"host: {host}\r\ncontent-length: {len(body)}\r\n"
+                      headers: tuple[tuple[str, str], ...] = (), *, read_timeout: float | None = None,
+                      connect_timeout: float | None = None) -> Response:
+        """Send a request to base_url + path; return once the status and headers arrived.
+
+        A pooled connection is used only if it is still open when the request is written; a
+        failure before any byte is written (refused, pooled connection found closed) is
+        ConnectFailed, one after is Unanswered or BrokenResponse, and the request is never re-sent.
+        """
+        origin, idle, lines = self._route(base_url)
+        read_timeout = self.read_timeout if read_timeout is None else read_timeout
+        if read_timeout < self._tick_s * 8:
+            self._tick_s = max(0.01, read_timeout / 8)
+        text = f"{lines}content-length: {len(body)}\r\n"
         for k, v in headers:
             text += f"{k}: {v}\r\n"
         head = f"{method} {origin.prefix}{path} HTTP/1.1\r\n".encode() + (text + "\r\n").encode("latin-1")
@@ -368,37 +401,39 @@ class Pool:
             head += body
             body = b""
         while True:
-            conn, reused = self._take(idle), True
+            conn, fresh = self._take(idle), False
             if conn is None:
-                conn, reused = await self._connect(origin), False
+                conn = await self._connect(origin, self.connect_timeout if connect_timeout is None else connect_timeout)
+                fresh = True
             conn.begin()
+            if conn.error is not None or conn.transport.is_closing():
+                self._drop(conn)  # found closed before anything was written: nothing reached the worker
+                if fresh:
+                    raise ConnectFailed("the worker closed a new connection before the request was sent")
+                continue  # a pooled one the worker had closed: another (or a fresh one)
             self._busy.add(conn)
             if self._ticker is None:
                 self._ticker = conn.loop.call_at(conn.loop.time() + self._tick_s, self._tick, conn.loop)
             try:
+                conn.sent = True
                 conn.transport.write(head)
                 if body:
-                    await self._send_body(conn, body)
+                    await self._send_body(conn, body, read_timeout)
                 while not conn.status:
                     if conn.error is not None:
                         raise conn.error
-                    await conn.wait(self.read_timeout)
-                return Response(self, idle, conn)
-            except ConnectFailed:
-                self._drop(conn)
-                if not reused:
-                    raise
-                # A pooled connection the worker had already closed: try another.
+                    await conn.wait(read_timeout)
+                return Response(self, idle, conn, read_timeout)
             except BaseException:
                 self._drop(conn)
                 raise
 
-    async def _send_body(self, conn: _Conn, body: bytes) -> None:
+    async def _send_body(self, conn: _Conn, body: bytes, read_timeout: float) -> None:
         # A slice at a time, each once the transport's buffer drained, so a large body is never copied whole.
         view = memoryview(body)
         for start in range(0, len(view), WRITE_SLICE):
             while conn.paused_writing and not (conn.status or conn.closed or conn.error is not None):
-                await conn.wait(self.read_timeout)
+                await conn.wait(read_timeout)
             if conn.status or conn.closed or conn.error is not None:
                 conn.reusable = False  # the worker answered, or went away, before it took the whole body
                 return
@@ -432,14 +467,14 @@ class Pool:
         self._busy.discard(conn)
         conn.abort()
 
-    async def _connect(self, origin: Origin) -> _Conn:
+    async def _connect(self, origin: Origin, timeout: float) -> _Conn:
         loop = asyncio.get_running_loop()
         tls = None
         if origin.tls:
             tls = self._tls = self._tls or ssl.create_default_context()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Conn(loop), origin.host, origin.port, ssl=tls), self.connect_timeout)
+                loop.create_connection(lambda: _Conn(loop), origin.host, origin.port, ssl=tls), timeout)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:

@@ -85,6 +85,7 @@ def run_checks(config: Config, *, nvml: Any = None, timeout_s: float = 5.0, reha
         checks.append(check_disk(config, lock))
         checks.append(check_placement(config, lock, inventory))
     checks.append(check_database(config))
+    checks.append(check_ledger(config, timeout_s))
     checks.append(check_admin_key(config))
     checks.append(check_fleet(config, timeout_s))
     checks.append(check_alerts(config))
@@ -262,6 +263,51 @@ def check_database(config: Config) -> Check:
         return warn("database", f"{shown} reachable; {len(pending)} migration(s) pending ({pending[-1]})",
                     "nothing: `infernode up` applies them on start")
     return ok("database", f"{shown} reachable, schema at {known[-1]}")
+
+
+def _running_status(config: Config, timeout_s: float) -> dict[str, Any] | None:
+    """The running node's /admin/v1/status (None when no node of this config answers)."""
+    key = read_admin_key(config)
+    host = config.node.host
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    if not key:
+        return None
+    try:
+        r = httpx.get(f"http://{probe_host}:{config.node.port}/admin/v1/status",
+                      headers={"authorization": f"Bearer {key}"}, timeout=timeout_s)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def check_ledger(config: Config, timeout_s: float) -> Check:
+    """The usage ledger: rows queued, spilled while the database was away, dropped (the running node's
+    counts when it answers, else the spill file it left)."""
+    spill = config.data_dir / "ledger.spill"
+    status = _running_status(config, timeout_s)
+    led = status.get("ledger") if isinstance(status, dict) else None
+    if isinstance(led, dict):
+        detail = (f"{led['written']} rows written, {led['queued']} queued, {led['spilled']} spilled "
+                  f"({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped since start")
+        if not led["database_up"]:
+            return fail("ledger", f"the running node cannot write usage to the database; {detail}",
+                        "bring the database back: spilled rows are replayed when it answers")
+        if led["dropped"]:
+            return warn("ledger", detail, "usage rows were lost (queue or spill file full); check the database's "
+                                          "availability and the node's log")
+        if led["spill_bytes"]:
+            return warn("ledger", detail, "the spill file is replayed as soon as the database takes writes")
+        return ok("ledger", detail)
+    try:
+        size = spill.stat().st_size
+    except FileNotFoundError:
+        return ok("ledger", "no usage rows waiting in a spill file")
+    except OSError as exc:
+        return warn("ledger", f"cannot read {spill}: {exc.strerror}", "check the data_dir's permissions")
+    with spill.open("rb") as f:
+        rows = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return warn("ledger", f"{rows} usage rows ({_size(size)}) spilled to {spill} while the database was away",
+                "they are written to the database at the node's next start, once the database answers")
 
 
 def check_admin_key(config: Config) -> Check:

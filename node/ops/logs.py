@@ -60,16 +60,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# C0 and C1 control characters and DEL: a client's text (a model name, a request id) must not
+# end a text line early, forge another, or send escape sequences to a terminal.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (\\n, \\x1b, ...), so one record stays one line."""
+    return _CONTROL_RE.sub(_escape_char, text) if _CONTROL_RE.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
-    """A short readable line, for a person at a terminal."""
+    """A short readable line, for a person at a terminal (control characters escaped)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = redact(super().format(record))
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        return f"{line} {extra}" if extra else line
+        record.message = escape_controls(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = redact(self.formatMessage(record))
+        extra = " ".join(f"{k}={escape_controls(str(v))}" for k, v in _fields(record).items())
+        if extra:
+            line = f"{line} {extra}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # the traceback keeps its lines; anything else that could forge one is escaped
+            line += "\n" + redact(_CONTROL_BUT_NEWLINE_RE.sub(_escape_char, record.exc_text))
+        if record.stack_info:
+            line += "\n" + _CONTROL_BUT_NEWLINE_RE.sub(_escape_char, self.formatStack(record.stack_info))
+        return line
 
 
 MAX_QUEUED = 100_000
@@ -147,7 +174,7 @@ class LogWriter:
         fields = {"request_id": rid, "model": model, "key_id": key_id, "status": status, "latency_ms": latency_ms,
                   "ttft_ms": ttft_ms, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "endpoint": endpoint or None}
-        extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        extra = " ".join(f"{k}={escape_controls(str(v))}" for k, v in fields.items() if v is not None)
         return f"{self._stamps[1]} INFO    {ACCESS_LOGGER}: request {extra}\n"
 
     def _run(self) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import __version__
@@ -53,6 +53,12 @@ class Metrics:
         self.worker_up = Gauge("infernode_worker_up", "1 when the replica is ready.", ["model", "replica", "runtime"], registry=r)
         self.worker_restarts = Counter("infernode_worker_restarts", "Replica restarts after a failure.", ["model", "replica"], registry=r)
         self.quota_rejections = Counter("infernode_quota_rejections", "Requests refused by a quota or limit.", ["reason"], registry=r)
+        # Every /v1 request the node refused itself, by why (REFUSAL_REASONS); rate-limit refusals are
+        # also in infernode_quota_rejections_total with their finer reason.
+        self.refused = LoopCounter("infernode_requests_refused", "Requests the node refused (4xx it made), by reason.",
+                                   ["reason"], r)
+        self.ledger_stats: Callable[[], Mapping[str, Any]] | None = None  # set once the ledger runs
+        r.register(_LedgerCollector(self))
         gpu = ["gpu", "uuid"]
         self.gpu_memory_used = Gauge("infernode_gpu_memory_used_bytes", "GPU memory in use (NVML).", gpu, registry=r)
         self.gpu_memory_total = Gauge("infernode_gpu_memory_total_bytes", "GPU memory in all (NVML).", gpu, registry=r)
@@ -150,6 +156,51 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self)  # type: ignore[arg-type]
+
+
+# infernode_requests_refused_total{reason}: a fixed set, never a client's words.
+REFUSAL_REASONS = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                   408: "timeout", 413: "too_large", 429: "rate_limited", 431: "too_large", 503: "not_ready"}
+
+
+def refusal_reason(status: int, code: str | None) -> str:
+    """The label a refusal is counted under (400s split: an over-context request or other bad input)."""
+    if status == 400:
+        return "context_length" if code == "context_length_exceeded" else "invalid_request"
+    return REFUSAL_REASONS.get(status, "other")
+
+
+class _LedgerCollector:
+    """infernode_ledger_*: the usage ledger's health, read from the ledger at scrape time (nothing on the request path)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.metrics.ledger_stats
+        if stats is not None:
+            yield from self._families(stats())
+
+    @staticmethod
+    def _families(st: Mapping[str, Any]) -> Iterator[Metric]:
+        def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=float(st[key])) if st else GaugeMetricFamily(name, doc)
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=float(st[key])) if st else CounterMetricFamily(name, doc)
+
+        yield gauge("infernode_ledger_rows_queued", "Ledger rows in memory, waiting to be written.", "queued")
+        yield counter("infernode_ledger_rows_written", "Ledger rows written to the database.", "written")
+        yield counter("infernode_ledger_rows_spilled", "Ledger rows written to the spill file while the database was away.",
+                      "spilled")
+        yield counter("infernode_ledger_rows_dropped", "Ledger rows lost: the queue or the spill file was full.", "dropped")
+        yield gauge("infernode_ledger_spill_bytes", "Size of the spill file awaiting replay.", "spill_bytes")
+        yield counter("infernode_ledger_write_failures", "Ledger writes the database refused or could not take.",
+                      "write_failures")
+        yield gauge("infernode_ledger_database_up", "1 when the ledger's last write reached the database.", "database_up")
 
 
 def _label_sets(gauge: Gauge) -> set[tuple[str, ...]]:

@@ -1,36 +1,53 @@
 """One HTTP download into a store blob: Range resume, retries with backoff, stall timeout.
 
-The bytes go straight into a `BlobWriter`, which hashes them as they are written, so
-a download is verified without a second read pass. Anything short of a verified blob
+The bytes go straight into a `BlobWriter`'s partial file (spliced from the socket when
+the connection is plain TCP); another thread hashes them from the page cache as they
+land, so receiving never waits on SHA-256 and a download needs no second read pass. Anything short of a verified blob
 leaves at most a partial file under `store/partial/`, which the next attempt (or the
 next `infernode pull`, after a kill) resumes with `Range: bytes=<have>-`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.client
 import os
-import queue
 import random
 import re
+import select
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 
-from node.supply.bulkhttp import BulkClient, BulkResponse
 from node.errors import StoreError
+from node.supply.bulkhttp import BulkClient, BulkResponse, ProxyRefused
+from node.supply.proxies import ProxyConfigError
 from node.supply.store import BlobWriter, SizeMismatch
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-READ_SIZE = 256 * 1024  # small enough that a failed read loses little
+READ_SIZE = 4 * 1024 * 1024  # per TLS read: big, so per-call overhead is small
+PIPE_SIZE = 1024 * 1024  # per splice: the default /proc/sys/fs/pipe-max-size
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+POLL_SLICE_S = 0.25
+HASH_BATCH = 8 * 1024 * 1024  # the hasher waits for this much before mapping it
 SYNC_EVERY = 64 * 1024 * 1024
+
+
+HF_HINT = " (gated or private repo? set HF_TOKEN or run `hf auth login`)"
+PROXY_HINT = "; the proxy wants credentials: put them in the proxy URL, HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT"
 
 
 class RemoteError(StoreError):
     """A source that cannot be reached or refuses us (after retries where retrying helps)."""
+
+
+class SettingsError(StoreError):
+    """A pull setting in the environment that cannot be used."""
 
 
 class PullCancelled(StoreError):
@@ -43,7 +60,7 @@ class _Retry(Exception):
 
 @dataclass(frozen=True)
 class NetSettings:
-    """How hard to try: parallel files, attempts, backoff and the stall timeout."""
+    """How hard to try: files at once, attempts, backoff and the stall timeout."""
 
     parallel: int = 4
     retries: int = 8
@@ -54,13 +71,12 @@ class NetSettings:
 
     @classmethod
     def from_env(cls) -> "NetSettings":
-        """Defaults, overridden by INFERNODE_PULL_{PARALLEL,RETRIES,BACKOFF_S,STALL_S}."""
-        env = os.environ
+        """Defaults, overridden by INFERNODE_PULL_{CONCURRENCY,RETRIES,BACKOFF_S,STALL_S}."""
         return cls(
-            parallel=max(1, int(env.get("INFERNODE_PULL_PARALLEL", cls.parallel))),
-            retries=max(0, int(env.get("INFERNODE_PULL_RETRIES", cls.retries))),
-            backoff_s=float(env.get("INFERNODE_PULL_BACKOFF_S", cls.backoff_s)),
-            stall_timeout_s=float(env.get("INFERNODE_PULL_STALL_S", cls.stall_timeout_s)),
+            parallel=_env_number("INFERNODE_PULL_CONCURRENCY", int, cls.parallel, 1, 64),
+            retries=_env_number("INFERNODE_PULL_RETRIES", int, cls.retries, 0, 1000),
+            backoff_s=_env_number("INFERNODE_PULL_BACKOFF_S", float, cls.backoff_s, 0.0, 3600.0),
+            stall_timeout_s=_env_number("INFERNODE_PULL_STALL_S", float, cls.stall_timeout_s, 0.1, 86400.0),
         )
 
     def client(self) -> httpx.Client:
@@ -80,6 +96,21 @@ class NetSettings:
         time.sleep(delay * (0.5 + random.random() / 2))
 
 
+def _env_number(name: str, kind: type[int | float], default: float, low: float, high: float) -> Any:
+    """A number from the environment, or a SettingsError naming the variable and what it takes."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        what = "a whole number" if kind is int else "a number"
+        raise SettingsError(f"{name}={raw!r}: must be {what} from {low:g} to {high:g} (default {default:g})")
+    return value
+
+
 def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSettings, *,
                headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None,
                cancel: threading.Event | None = None) -> None:
@@ -91,7 +122,14 @@ def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSe
             raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
         before = writer.offset
         try:
-            _one_attempt(client, url, writer, headers or {}, on_bytes, cancel)
+            _one_attempt(client, url, writer, settings, headers or {}, on_bytes, cancel)
+        except ProxyRefused as exc:
+            raise RemoteError(f"{writer.locked.path}: {exc}{PROXY_HINT if ' 407 ' in str(exc) else ''}") from None
+        except ProxyConfigError as exc:
+            raise RemoteError(str(exc)) from None
+        except ssl.SSLCertVerificationError as exc:  # no retry will make the certificate trusted
+            raise RemoteError(f"{writer.locked.path}: {url}: {exc.verify_message or exc}; for a private CA, "
+                              "point SSL_CERT_FILE at a bundle that includes it") from None
         except _Retry as exc:
             last = str(exc)
         except (OSError, http.client.HTTPException) as exc:  # reset, refused, stall (timeout), TLS, short body
@@ -107,7 +145,7 @@ def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSe
         settings.sleep_before(attempt)
 
 
-def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, headers: dict[str, str],
+def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, settings: NetSettings, headers: dict[str, str],
                  on_bytes: Callable[[int], None] | None, cancel: threading.Event | None) -> None:
     size, path = writer.locked.size, writer.locked.path
     h = dict(headers)
@@ -136,9 +174,9 @@ def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, headers: dict
                 writer.discard()
                 raise SizeMismatch(f"{path}: the server has {length} bytes, models.lock pins {size}; the source changed")
         else:
-            hint = " (set HF_TOKEN for gated or private repos)" if code in (401, 403) else ""
+            hint = {401: HF_HINT, 403: HF_HINT, 407: PROXY_HINT}.get(code, "")
             raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
-        _pump(r, writer, on_bytes, cancel)
+        _pump(r, writer, on_bytes, cancel, settings.stall_timeout_s)
     if writer.offset < size:
         raise _Retry(f"connection closed at byte {writer.offset} of {size}")
 
@@ -152,34 +190,29 @@ def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None
 
 
 def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
-          cancel: threading.Event | None = None) -> None:
-    """Receive on this thread while another writes and hashes, so neither waits on the other.
+          cancel: threading.Event | None, stall_s: float) -> None:
+    """Receive into the partial file on this thread while another hashes what has landed there.
 
-    Every byte that arrived before a failure is still written, so the next attempt
-    resumes right after it.
+    A plain-TCP body is spliced from the socket into the file in the kernel; a TLS body
+    is read into a large buffer and written. A third thread writes back to disk as bytes
+    arrive, so the fsync before the rename finds little left. Every byte that arrived
+    before a failure stays in the file, so the next attempt resumes right after it.
     """
-    q: queue.Queue[bytearray | None] = queue.Queue(maxsize=8)
     failed: list[BaseException] = []
-    flush_due, done = threading.Event(), threading.Event()
+    landed, flush_due, done = threading.Event(), threading.Event(), threading.Event()
 
-    def drain() -> None:
-        unsynced = 0
-        while (data := q.get()) is not None:
-            if failed:
-                continue
-            try:
-                writer.write(data)
-                if on_bytes:
-                    on_bytes(len(data))
-            except BaseException as exc:  # handed to the receiving thread below
-                failed.append(exc)
-            unsynced += len(data)
-            if unsynced >= SYNC_EVERY:
-                unsynced = 0
-                flush_due.set()
+    def hasher() -> None:
+        try:
+            while not done.is_set():
+                landed.wait()
+                landed.clear()
+                if writer.offset - writer.hashed >= HASH_BATCH:  # fewer, larger maps
+                    writer.hash_through(writer.offset)
+            writer.hash_through(writer.offset)
+        except BaseException as exc:  # handed to the receiving thread below
+            failed.append(exc)
 
     def flusher() -> None:
-        # Write back while receiving, so the fsync before the rename finds little left.
         while True:
             flush_due.wait()
             flush_due.clear()
@@ -187,28 +220,90 @@ def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] |
                 return
             writer.sync()
 
-    t = threading.Thread(target=drain, name="pull-write", daemon=True)
-    f = threading.Thread(target=flusher, name="pull-sync", daemon=True)
-    t.start()
-    f.start()
+    unsynced = 0
+
+    def arrived(n: int) -> None:
+        nonlocal unsynced
+        landed.set()
+        if on_bytes:
+            on_bytes(n)
+        unsynced += n
+        if unsynced >= SYNC_EVERY:
+            unsynced = 0
+            flush_due.set()
+
+    threads = [threading.Thread(target=hasher, name="pull-hash", daemon=True),
+               threading.Thread(target=flusher, name="pull-sync", daemon=True)]
+    for t in threads:
+        t.start()
     try:
-        while not failed:
-            if cancel is not None and cancel.is_set():
-                raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
-            chunk = bytearray(READ_SIZE)  # a fresh buffer: the writer thread may still hold the last one
-            with memoryview(chunk) as view:
-                n = r.readinto(view)
-            if not n:
-                break
-            q.put(chunk if n == READ_SIZE else chunk[:n])
+        raw = r.raw_body()
+        if raw is not None:
+            _splice_body(*raw, writer, arrived, failed, cancel, stall_s)
+        else:
+            _read_body(r, writer, arrived, failed, cancel)
     finally:
-        q.put(None)
-        t.join()
         done.set()
+        landed.set()
         flush_due.set()
-        f.join()
+        for t in threads:
+            t.join()
     if failed:
         raise failed[0]
+
+
+def _cancelled(writer: BlobWriter, cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
+
+
+def _splice_body(sock: int, pre: bytes, remaining: int, writer: BlobWriter, arrived: Callable[[int], None],
+                 failed: list[BaseException], cancel: threading.Event | None, stall_s: float) -> None:
+    """socket -> pipe -> file with splice(2): the bytes never pass through Python."""
+    if pre:
+        writer.append(pre)
+        arrived(len(pre))
+    pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # a bigger pipe moves more per call; the default works too
+            fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        idle = 0.0
+        while remaining > 0 and not failed:
+            _cancelled(writer, cancel)
+            try:
+                n = os.splice(sock, pipe_w, min(PIPE_SIZE, remaining))
+            except BlockingIOError:  # the socket has a timeout, so it is non-blocking: wait here
+                if poll.poll(int(POLL_SLICE_S * 1000)):
+                    continue
+                idle += POLL_SLICE_S  # short slices, so Ctrl-C is not kept waiting by a stall
+                if idle >= stall_s:
+                    raise TimeoutError(f"no byte for {stall_s:g} s") from None
+                continue
+            idle = 0.0
+            if not n:
+                return  # the peer closed early: the caller resumes from here
+            writer.splice_in(pipe_r, n)
+            remaining -= n
+            arrived(n)
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+
+def _read_body(r: BulkResponse, writer: BlobWriter, arrived: Callable[[int], None],
+               failed: list[BaseException], cancel: threading.Event | None) -> None:
+    """TLS (or unsized) bodies: decrypt into one large buffer, write it, repeat."""
+    buf = bytearray(READ_SIZE)
+    with memoryview(buf) as view:
+        while not failed:
+            _cancelled(writer, cancel)
+            n = r.readinto(view)
+            if not n:
+                return
+            writer.append(view[:n])
+            arrived(n)
 
 
 def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *, headers: dict[str, str] | None = None,

@@ -39,7 +39,11 @@ class NullProgress:
 
 
 class RichProgress:
-    """One bar per file and one for the total, each with MB/s and ETA."""
+    """One bar per file in flight and one for the total, each with MB/s and ETA.
+
+    A file's bar goes away when it is done (a failed one stays, marked), so a model of
+    many files shows what is arriving now, not a screen of finished ones.
+    """
 
     def __init__(self, console: Console, total_bytes: int) -> None:
         self._bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
@@ -68,7 +72,11 @@ class RichProgress:
     def finish(self, name: str, ok: bool, message: str = "") -> None:
         with self._lock:
             task = self._tasks.get(name)
-            if task is not None and not ok:
+            if task is None:
+                return
+            if ok:
+                self._bars.update(task, visible=False)
+            else:
                 self._bars.update(task, description=f"{name} FAILED")
 
 

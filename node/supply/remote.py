@@ -2,7 +2,8 @@
 
 `resolve` turns a source into a lock entry (commit sha or manifest digest, and every
 file's size and sha256); `pull` downloads what a lock entry pins, by that immutable
-revision, into the store. Both honour HF_TOKEN and HF_ENDPOINT (a mirror).
+revision, into the store. Both use the Hub token huggingface-hub itself finds (HF_TOKEN,
+then the login saved under HF_HOME) and HF_ENDPOINT (a mirror).
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hf_token() -> str | None:
+    """The Hub token by huggingface-hub's own lookup: HF_TOKEN, then `hf auth login`'s saved one."""
+    from huggingface_hub import get_token
+    return get_token()
+
+
 def hf_headers() -> dict[str, str]:
-    token = os.environ.get("HF_TOKEN")
+    token = hf_token()
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
@@ -60,14 +67,14 @@ def resolve_hf(model: ModelConfig, src: HfSource, settings: NetSettings) -> Lock
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    api = HfApi(endpoint=hf_endpoint(), token=os.environ.get("HF_TOKEN") or False)
+    api = HfApi(endpoint=hf_endpoint(), token=hf_token() or False)
     where = f"{model.name}: hf:{src.repo}@{src.revision}"
     try:
         info = api.model_info(src.repo, revision=src.revision, files_metadata=True)
     except RevisionNotFoundError:
         raise RemoteError(f"{where}: no branch, tag or commit '{src.revision}' in {src.repo}") from None
     except RepositoryNotFoundError:
-        raise RemoteError(f"{where}: repo not found at {hf_endpoint()} (private or gated? set HF_TOKEN)") from None
+        raise RemoteError(f"{where}: repo not found at {hf_endpoint()} (private or gated? set HF_TOKEN or run `hf auth login`)") from None
     except (HfHubHTTPError, httpx.HTTPError) as exc:
         raise RemoteError(f"{where}: {hf_endpoint()}: {str(exc).splitlines()[0]}") from None
     if not info.sha:
@@ -193,7 +200,8 @@ def resolve(model: ModelConfig, src: Source, settings: NetSettings | None = None
 def downloads(entry: LockEntry, src: Source, files: list[LockedFile]) -> list[Download]:
     """Where each missing file comes from: always by the pinned, immutable revision."""
     if isinstance(src, HfSource):
-        return [Download(f, hf_file_url(src.repo, entry.revision, f.path), hf_headers()) for f in files]
+        auth = hf_headers()
+        return [Download(f, hf_file_url(src.repo, entry.revision, f.path), auth) for f in files]
     if isinstance(src, OllamaSource):
         base, _ = registry_base(src.registry)
         out = []
@@ -216,12 +224,15 @@ def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | N
     progress = progress or NullProgress()
     missing = store.missing(entry)
     store.check_space(sum(f.size - store.partial_size(f) for f in missing))
-    jobs = downloads(entry, src, missing)
-    with settings.client() as client, ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
-        if isinstance(src, OllamaSource) and jobs:
+    # Largest first, so the last file to finish is a small one and all connections stay busy.
+    jobs = sorted(downloads(entry, src, missing), key=lambda d: store.partial_size(d.locked) - d.locked.size)
+    if isinstance(src, OllamaSource) and jobs:
+        # Only the registry needs httpx here (a client costs tens of ms to make: not for every pull).
+        with settings.client() as client:
             # httpx drops the token on the registry's cross-origin redirect to its storage.
             auth = registry_token(client, src, settings)
-            jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
+        jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
+    with ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
         cancel = threading.Event()
         bulk = settings.bulk_client()
         futures = [pool.submit(_fetch_one, store, bulk, d, settings, progress, entry.name, cancel) for d in jobs]

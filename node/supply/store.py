@@ -14,16 +14,19 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from node.errors import StoreError
 from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
 
 CHUNK = 1024 * 1024
+HASH_WINDOW = 64 * 1024 * 1024  # mapped at a time by hash_through
 
 
 class DigestMismatch(StoreError):
@@ -49,10 +52,13 @@ def check_hex(hexd: str) -> str:
 
 
 class BlobWriter:
-    """Writes one blob: appends to its partial file, hashing as it goes, then commits.
+    """Writes one blob: appends to its partial file, hashes what is in it, then commits.
 
-    Holds an exclusive lock on the partial file, so two pulls of the same blob never
-    write it at once; the second waits and then finds the blob present.
+    Bytes reach the file either hashed as they go (`write`, for local copies) or unhashed
+    (`append`, `splice_in`, for downloads), in which case `hash_through` hashes them from
+    the page cache on another thread, so receiving never waits on SHA-256. Holds an
+    exclusive lock on the partial file, so two pulls of the same blob never write it at
+    once; the second waits and then finds the blob present.
     """
 
     def __init__(self, store: "Store", locked: LockedFile) -> None:
@@ -60,86 +66,146 @@ class BlobWriter:
         self.hexd = check_hex(locked.sha256)
         self.path = store.partial_dir / self.hexd
         self._hash = hashlib.sha256()
-        self._f: BinaryIO | None = None
-        self.offset = 0
+        self._fd = -1
+        # Held while a window is mapped for hashing: a truncate then would SIGBUS the reader.
+        self._map_lock = threading.Lock()
+        self.offset = 0  # bytes in the partial file
+        self.hashed = 0  # of which the hash has seen this many
+        self._no_splice = self._no_mmap = False
         # True when the blob was already in the store once we held the lock.
         self.present = False
+
+    @property
+    def fd(self) -> int:
+        assert self._fd >= 0, "BlobWriter used outside its with-block"
+        return self._fd
 
     def __enter__(self) -> "BlobWriter":
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            f = open(self.path, "a+b", buffering=0)  # each write reaches the OS: a kill loses nothing
-            fcntl.flock(f, fcntl.LOCK_EX)
+            # No O_APPEND: splice(2) refuses append-mode files; writes go by explicit offset.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             # The holder before us may have renamed this partial into place (or deleted
             # it) while we waited: our lock is then on a file no one else will open.
             try:
-                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
                 break
-            f.close()
-        self._f = f
+            os.close(fd)
+        self._fd = fd
         if self.store.has(self.locked):
             # Finished by a concurrent pull: leave our (empty) partial nowhere.
             self.present = True
-            if os.fstat(f.fileno()).st_size == 0:
+            if os.fstat(fd).st_size == 0:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
             return self
-        # Resume: the bytes already on disk are hashed once, then appended to.
-        f.seek(0)
-        size = 0
-        while chunk := f.read(CHUNK):
-            self._hash.update(chunk)
-            size += len(chunk)
+        # Resume: the bytes already on disk are appended to (and hashed by hash_through).
+        size = os.fstat(fd).st_size
         if size > self.locked.size:
-            f.truncate(0)
-            self._hash, size = hashlib.sha256(), 0
-        self.offset = size
+            os.ftruncate(fd, 0)
+            size = 0
+        self.offset, self.hashed = size, 0
         return self
 
-    def write(self, data: bytes | bytearray) -> None:
-        """Append and hash; the partial file is unbuffered, so short writes are retried here."""
-        assert self._f is not None
-        if self.offset + len(data) > self.locked.size:
+    def _full(self) -> DiskFull:
+        self._discard()
+        return DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again")
+
+    def _check_room(self, n: int) -> None:
+        if self.offset + n > self.locked.size:
             self._discard()
             raise SizeMismatch(f"{self.locked.path}: more bytes than the {self.locked.size} locked; the source changed")
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Append without hashing (a hasher thread calls `hash_through`); short writes retried."""
+        self._check_room(len(data))
+        view = memoryview(data)
         try:
-            view = memoryview(data)
             while view:
-                n = self._f.write(view)
-                view = view[n or 0:]
+                n = os.pwrite(self.fd, view, self.offset)
+                view = view[n:]
+                self.offset += n
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                self._discard()
-                raise DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again") from None
+                raise self._full() from None
             raise
+
+    def splice_in(self, pipe_r: int, n: int) -> None:
+        """Move `n` bytes from a pipe into the file in the kernel (no copy through Python)."""
+        self._check_room(n)
+        try:
+            while n and not self._no_splice:
+                moved = os.splice(pipe_r, self.fd, n, offset_dst=self.offset)
+                if not moved:
+                    raise OSError(errno.EIO, "splice moved no bytes")
+                n -= moved
+                self.offset += moved
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._full() from None
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            self._no_splice = True  # a filesystem that cannot take splice: copy through memory instead
+        while n:
+            data = os.read(pipe_r, n)
+            if not data:
+                raise OSError(errno.EIO, "the pipe ran dry")
+            self.append(data)
+            n -= len(data)
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Append and hash at once (local copies, where nothing else runs alongside)."""
+        self.hash_through(self.offset)
+        self.append(data)
         self._hash.update(data)
-        self.offset += len(data)
+        self.hashed = self.offset
+
+    def hash_through(self, end: int) -> None:
+        """Hash the file's bytes up to `end` from the page cache (mapped, not copied)."""
+        while True:
+            with self._map_lock:
+                end = min(end, self.offset)  # a discard meanwhile leaves nothing to hash
+                if self.hashed >= end:
+                    return
+                start = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY
+                stop = min(end, start + HASH_WINDOW)
+                if not self._no_mmap:
+                    try:
+                        with mmap.mmap(self.fd, stop - start, prot=mmap.PROT_READ, offset=start) as m, memoryview(m) as v:
+                            self._hash.update(v[self.hashed - start:])  # releases the GIL on big buffers
+                        self.hashed = stop
+                        continue
+                    except (OSError, ValueError):
+                        self._no_mmap = True  # a filesystem without mmap: read instead
+                data = os.pread(self.fd, min(stop - self.hashed, CHUNK * 8), self.hashed)
+                if not data:
+                    raise OSError(errno.EIO, f"{self.path}: shorter than the {self.offset} bytes written")
+                self._hash.update(data)
+                self.hashed += len(data)
 
     def sync(self) -> None:
         """Start writing back what is written so far (a later commit's fsync is then short)."""
-        f = self._f
-        if f is not None:
-            with contextlib.suppress(OSError, ValueError):  # closed or failing: commit reports it
-                os.fdatasync(f.fileno())
+        with contextlib.suppress(OSError):  # closed or failing: commit reports it
+            if self._fd >= 0:
+                os.fdatasync(self._fd)
 
     def commit(self) -> Path:
         """Check size and digest, then rename into place; a mismatch deletes the partial."""
-        assert self._f is not None
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            os.fsync(self.fd)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                self._discard()
-                raise DiskFull(f"{self.locked.path}: disk full in {self.store.root}; free space and pull again") from None
+                raise self._full() from None
             raise
         if self.present:
             return self.store.blob_path(self.hexd)
         if self.offset != self.locked.size:
             raise SizeMismatch(f"{self.locked.path}: got {self.offset} bytes, locked size is {self.locked.size}")
+        self.hash_through(self.offset)
         actual = self._hash.hexdigest()
         if actual != self.hexd:
             self._discard()
@@ -152,27 +218,27 @@ class BlobWriter:
 
     def reset(self) -> None:
         """Throw away what was written (the server ignored a Range request)."""
-        assert self._f is not None
-        self._f.truncate(0)
-        self._f.seek(0)
-        self._hash, self.offset = hashlib.sha256(), 0
+        with self._map_lock:
+            os.ftruncate(self.fd, 0)
+            self._hash, self.offset, self.hashed = hashlib.sha256(), 0, 0
 
     def discard(self) -> None:
         """Delete the partial file: its bytes can never become the locked blob."""
         self._discard()
 
     def _discard(self) -> None:
-        self._hash, self.offset = hashlib.sha256(), 0
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        if self._f is not None:
-            self._f.truncate(0)
+        with self._map_lock:
+            self._hash, self.offset, self.hashed = hashlib.sha256(), 0, 0
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            if self._fd >= 0:
+                os.ftruncate(self._fd, 0)
 
     def __exit__(self, *exc: object) -> None:
-        if self._f is not None:
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ INFERENCE_PROMPT = "ping"
 async def check(client: httpx.AsyncClient, plan: LaunchPlan, probe: Probe, timeout: float) -> str:
     """'' when a GET probe passes, else why not."""
     try:
-        r = await client.get(plan.root_url + probe.path, timeout=timeout)
+        r = await client.get(plan.root_url + probe.path, timeout=timeout, headers=dict(plan.headers))
     except httpx.HTTPError as exc:
         return f"{probe.path}: {type(exc).__name__}"
     if r.status_code != 200:
@@ -33,7 +33,7 @@ async def infer(client: httpx.AsyncClient, plan: LaunchPlan, model: str, timeout
     that still answers its health route)."""
     body = {"model": plan.upstream_model or model, "prompt": INFERENCE_PROMPT, "max_tokens": 1, "temperature": 0}
     try:
-        r = await client.post(plan.openai_base + "/completions", json=body, timeout=timeout)
+        r = await client.post(plan.openai_base + "/completions", json=body, timeout=timeout, headers=dict(plan.headers))
     except httpx.HTTPError as exc:
         return f"inference probe: {type(exc).__name__}"
     if r.status_code != 200:

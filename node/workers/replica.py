@@ -51,6 +51,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def spec_hash(spec: WorkerSpec) -> str:
     """A digest of everything that makes a replica different, except its port."""
     body = {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.__dict__.items() if k != "port"}
+    if body.get("api_key") is None:  # unset (every launched runtime): hashes stay those of earlier versions
+        body.pop("api_key", None)
     if not spec.sleep:  # added later: hashed only when set, so an upgraded node still adopts older workers
         del body["sleep"]
     body["env"] = dict(sorted(spec.env.items()))

@@ -111,8 +111,13 @@ class Supervisor:
             check = await self.check_runtime(m.runtime, m)
             if not check.ok:
                 return check.detail
+        api_key = None
+        if m.api_key_env:
+            api_key = os.environ.get(m.api_key_env, "").strip()
+            if not api_key:
+                return f"${m.api_key_env} (api_key_env of model '{m.name}') is not set; export the key for {m.url}"
         spec = WorkerSpec(
-            model=m.name, replica=placed.replica, runtime=m.runtime, port=0,
+            model=m.name, replica=placed.replica, runtime=m.runtime, port=0, api_key=api_key,
             model_path=model_path, source=self._runtime_source(m), gpu_uuids=placed.gpu_uuids,
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
             python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,

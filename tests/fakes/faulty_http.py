@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,10 +52,24 @@ class FaultyServer(ThreadingHTTPServer):
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.tls: ssl.SSLContext | None = None
+
+    def use_tls(self, context: ssl.SSLContext) -> FaultyServer:
+        """Serve https with this server-side context (the handshake runs on each request's thread)."""
+        self.tls = context
+        return self
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if self.tls is not None:
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # a client that does not trust us hangs up: nothing to serve
+        super().finish_request(request, client_address)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.server_address[1]}"
 
     def start(self) -> "FaultyServer":
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -16,7 +16,9 @@ also proves the gateway passes unknown fields through:
 `status`/`message` answer that HTTP error; `delay_s` waits before answering;
 `chunks` sets the number of content chunks; `chunk_delay_s` paces them; `die_after`
 drops the connection after that many chunks; `exit_after` kills the whole process
-after that many chunks (a worker crash). Every request, and every client that went
+after that many chunks (a worker crash); `eol` ("crlf" or "cr") frames a stream's SSE
+lines with that line ending instead of LF. A body the stub cannot read is a 400, as a
+real server's validation would answer. Every request, and every client that went
 away before a stream ended, is recorded and served at `GET /stub/events`.
 
 Tools, as OpenAI's function calling guide and chat API reference describe them: a chat
@@ -102,6 +104,9 @@ class Conn(asyncio.Protocol):
     async def _serve(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         try:
             await self._route(method, path, headers, body)
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:
+            if self.transport is not None and not self.lost.is_set():  # a body of a shape the stub cannot read
+                self._error(400, f"the stub cannot read this request: {type(exc).__name__}")
         finally:
             self.busy = False
             if self.buf and not self.lost.is_set():
@@ -139,7 +144,8 @@ class Conn(asyncio.Protocol):
         ctl = req.get("stub") or {}
         if stub.record:
             stub.events.append({"event": "request", "path": path, "body": req,
-                                "request_id": headers.get("x-request-id")})
+                                "request_id": headers.get("x-request-id"), "host": headers.get("host"),
+                                "authorization": headers.get("authorization")})
         if ctl.get("delay_s"):  # "thinking": a client that goes away meanwhile is noticed and recorded
             try:
                 await asyncio.wait_for(self.lost.wait(), ctl["delay_s"])
@@ -185,7 +191,8 @@ class Conn(asyncio.Protocol):
             obj, created, self.stub.model.encode())
         piece = b'{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n' if kind == "chat" else \
             b'{"index":0,"text":"tok ","finish_reason":null}]}\n\n'
-        event = head + piece
+        eol = {"crlf": b"\r\n", "cr": b"\r"}.get(ctl.get("eol"), b"\n")
+        event = (head + piece).replace(b"\n", eol)
         frame = b"%x\r\n%s\r\n" % (len(event), event)
         delay = float(ctl.get("chunk_delay_s", 0))
         for i in range(n):
@@ -209,6 +216,7 @@ class Conn(asyncio.Protocol):
         if (req.get("stream_options") or {}).get("include_usage"):
             tail += head + b'],"usage":' + json.dumps(usage, separators=(",", ":")).encode() + b"}\n\n"
         tail += b"data: [DONE]\n\n"
+        tail = tail.replace(b"\n", eol)
         t.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
 

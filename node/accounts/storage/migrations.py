@@ -60,6 +60,14 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("003_usage_api", [
         "ALTER TABLE usage ADD COLUMN api TEXT NOT NULL DEFAULT 'openai'",
     ]),
+    # The primary key `request_id` is made by the node from now on (unique per request,
+    # never chosen by a client); the client's x-request-id moves to a column of its own.
+    # Rows written before were keyed by the client's id when it sent one: it is kept as theirs.
+    ("004_usage_client_request_id", [
+        "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
+        "UPDATE usage SET client_request_id = request_id",
+        "CREATE INDEX usage_client_request_id ON usage (client_request_id)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

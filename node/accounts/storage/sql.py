@@ -28,7 +28,11 @@ class StorageConflict(Exception):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs the request path ~2 µs per row
 class UsageRow:
-    """One ledger row: a finished request."""
+    """One ledger row: a finished request.
+
+    `request_id` is made by the node, unique per request (the primary key: no client can
+    name it); `client_request_id` is the `x-request-id` the client sent, if any.
+    """
 
     request_id: str
     ts: float
@@ -44,6 +48,7 @@ class UsageRow:
     ttft_ms: float | None
     cost: float
     api: str = "openai"              # the client API: openai, anthropic, responses, ollama
+    client_request_id: str | None = None
 
 
 USAGE_COLUMNS = [f.name for f in fields(UsageRow)]
@@ -218,7 +223,7 @@ class SqlStorage:
 
     # -- ledger ----------------------------------------------------------------
     def insert_usage(self, rows: list[UsageRow]) -> None:
-        """Insert ledger rows; a row already present (a replayed spill) is skipped."""
+        """Insert ledger rows; a row already present (a replayed spill: same node-made id) is skipped."""
         if not rows:
             return
         cols = ", ".join(USAGE_COLUMNS)
