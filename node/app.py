@@ -7,67 +7,51 @@ and pulls the store, places and launches workers; `shutdown` drains and stops th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from node.ops.alerts import Alerter, budget_uses
-from node.config import Config, load_config
-from node.console.sessions import Principal
-from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
-from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
-from node.gateway.proxy import Gateway, ModelInfo
-from node.gateway.upstream import Pool
-from node.workers.gpus import Inventory, discover
-from node.workers.handles import claim_workers
-from node.workers.loader import Loader
-from node.workers.keeper import owner_token
+import runtimes
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.accounts.ledger import Ledger, rebuild_counters
-from node.supply.lockfile import LockFile, read_lock
+from node.accounts.principal import Principal
+from node.accounts.quotas import Quotas
+from node.accounts.storage import Storage, StorageUnavailable, open_storage
+from node.config import Config, load_config
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
+from node.gateway.proxy import Gateway, ModelInfo
+from node.gateway.upstream import Pool
+from node.ops.alerts import Alerter, budget_uses
+from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
 from node.ops.logs import ACCESS_LOGGER
 from node.ops.metrics import Metrics
-from node.supply.pull import pull_entry
-from node.accounts.quotas import Quotas
-from node.workers.router import Router
 from node.ops.sampler import Sampler
-from node.workers.states import WorkerState
-from node.accounts.storage import Storage, StorageUnavailable, open_storage
+from node.supply.lockfile import LockFile, read_lock
+from node.supply.pull import pull_entry
 from node.supply.store import Store
-from node.workers.supervisor import Supervisor
+from node.workers.gpus import Inventory, discover
+from node.workers.handles import claim_workers
+from node.workers.keeper import owner_token
+from node.workers.loader import Loader
 from node.workers.replica import Replica
+from node.workers.router import Router
+from node.workers.states import WorkerState
+from node.workers.supervisor import Supervisor
 
 log = logging.getLogger("infernode.node")
 
 
-def admin_key_path(config: Config) -> Path:
-    return config.node.admin_key_file or (config.data_dir / "admin.key")
-
-
-def read_admin_key(config: Config) -> str | None:
-    """The admin key: from the environment variable named in the config, else its file."""
-    value = os.environ.get(config.node.admin_key_env)
-    if value:
-        return value.strip()
-    path = admin_key_path(config)
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        return path.read_text().strip() or None
-    return None
-
-
 def ensure_admin_key(config: Config) -> tuple[str, bool]:
     """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
-    key = read_admin_key(config)
+    key = config.admin_key()
     if key:
         return key, False
-    path = admin_key_path(config)
+    path = config.admin_key_path
     path.parent.mkdir(parents=True, exist_ok=True)
     key = "sk-admin-" + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -106,7 +90,8 @@ class Node:
         # before its worker closes it, so a POST is rarely written into a closing connection.
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=4.0)
         self.probe_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
-        self.alerts = Alerter(config.alerts, config.node.name)
+        self.alerts = Alerter(config.alerts, config.node.name,
+                              read_secret=lambda: config.secret(config.alerts.secret_env, config.alerts.secret_file))
         self.sampler = Sampler(self.metrics, read_gpus=lambda: discover(self.nvml), client=self.probe_client,
                                replicas=lambda: self.supervisor.replicas.values() if self.supervisor else (),
                                on_gpus=self.alerts.check_gpus)
@@ -118,17 +103,23 @@ class Node:
                                   on_demand=m.on_demand)
                 for m in self.config.models}
 
+    def _model_format(self, name: str) -> str:
+        """The weights' file format of a model, as its runtime's adapter lays it out ('' when it pins none)."""
+        m = self.config.model(name)
+        layout = runtimes.get(m.runtime).LAYOUT if m is not None else None
+        return layout.file_format if layout is not None else ""
+
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream,
             stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
             upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
-            uuid_request_ids=lambda target: target.spec.runtime == "llamacpp",
+            uuid_request_ids=lambda target: bool(target.plan and target.plan.uuid_request_ids),
             upstream_headers=lambda target: target.plan.headers if target.plan else (),
             serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
             cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
-            runtime_of=lambda name: self.config.model(name).runtime if self.config.model(name) else "",
+            format_of=self._model_format,
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
         )
 
@@ -156,7 +147,7 @@ class Node:
         logging.getLogger(ACCESS_LOGGER).disabled = not self.config.node.access_log
         self.admin_key, generated = ensure_admin_key(self.config)
         if generated:
-            log.warning("no admin key was set; generated one in %s", admin_key_path(self.config))
+            log.warning("no admin key was set; generated one in %s", self.config.admin_key_path)
         self.storage = open_storage(self.config.database_url())
         await asyncio.to_thread(self.storage.migrate)
         await self.refresh_keys(force=True)
@@ -226,7 +217,7 @@ class Node:
     async def _pull_missing(self) -> None:
         for m in self.config.models:
             entry = self.lock.entry(m.name)
-            if entry is None or m.runtime == "external" or entry.source != m.source:
+            if entry is None or not m.launched or entry.source != m.source:
                 continue
             if self.store.missing(entry):
                 log.info("pulling %s (%d bytes)", m.name, entry.total_size)

@@ -6,20 +6,38 @@ Relative paths inside the file resolve against the file's folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from node.errors import ConfigError
+from runtimes import NAMES as RUNTIMES
+from runtimes import launched
 
-RUNTIMES = ("vllm", "sglang", "ollama", "llamacpp", "external")
 CONFIG_ENV = "INFERNODE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/infernode/appliance.toml")
+GiB = 1024 ** 3
+_UNITS = {"": None, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
+          "gi": GiB, "gib": GiB, "ti": 1024 ** 4, "tib": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "20GiB", "20 GB", "512MiB" (GiB/MiB are powers of 2, GB/MB of 10)."""
+    m = _SIZE_RE.match(text)
+    unit = _UNITS.get(m.group(2).lower(), None) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"'{text}' is not a memory size; write e.g. \"20GiB\" or \"512MiB\"")
+    return int(float(m.group(1)) * unit)
 
 
 class _Section(BaseModel):
@@ -195,19 +213,17 @@ class ModelConfig(_Section):
     @field_validator("gpu_memory")
     @classmethod
     def _gpu_memory(cls, v: str | None) -> str | None:
-        from node.workers.placement import parse_size  # placement imports this module
-
         if v is not None:
             parse_size(v)
         return v
 
     @model_validator(mode="after")
-    def _external_needs_url(self) -> "ModelConfig":
-        if self.api_key_env and self.runtime != "external":
+    def _url_or_source(self) -> ModelConfig:
+        if self.api_key_env and self.launched:
             raise ValueError("api_key_env: only runtime 'external' takes an API key; remove it")
-        if self.runtime == "external":
+        if not self.launched:
             if not self.url or not self.url.startswith(("http://", "https://")):
-                raise ValueError("runtime 'external' needs url = \"http://host:port/v1\"")
+                raise ValueError(f"runtime '{self.runtime}' needs url = \"http://host:port/v1\"")
             userinfo = urlsplit(self.url).netloc.rpartition("@")[0]
             if userinfo and self.api_key_env:
                 raise ValueError("url: give the server's credentials either in the url (sent as Basic auth) "
@@ -216,9 +232,14 @@ class ModelConfig(_Section):
             raise ValueError("source is required (hf:ORG/REPO, ollama:NAME:TAG, https://...#sha256=..., file:PATH or builtin:NAME)")
         if self.sleep and not self.on_demand:
             raise ValueError("sleep = true applies to models that idle: set load = \"on_demand\" too")
-        if self.on_demand and self.runtime == "external":
-            raise ValueError("an external model is not launched by the node, so it cannot be loaded on demand")
+        if self.on_demand and not self.launched:
+            raise ValueError(f"the node does not launch {self.runtime} models, so this one cannot be loaded on demand")
         return self
+
+    @property
+    def launched(self) -> bool:
+        """Whether the node launches this model's workers (an external server it only routes to)."""
+        return launched(self.runtime)
 
     @property
     def on_demand(self) -> bool:
@@ -227,6 +248,11 @@ class ModelConfig(_Section):
     @property
     def gpu_count(self) -> int:
         return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        """`gpu_memory` in bytes, when set."""
+        return parse_size(self.gpu_memory) if self.gpu_memory else None
 
 
 class RuntimeSettings(_Section):
@@ -355,7 +381,7 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Config":
+    def _unique_names(self) -> Config:
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in seen:
@@ -388,6 +414,29 @@ class Config(_Section):
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'infernode.db'}"
 
+    def resolve(self, p: Path) -> Path:
+        """A path from the file: relative ones are relative to the file's folder."""
+        return _resolve(self.base_dir, p)
+
+    def secret(self, env: str, file: Path | None) -> str | None:
+        """A secret from the environment variable `env`, else from `file` (relative to this file's folder)."""
+        value = os.environ.get(env)
+        if value:
+            return value.strip()
+        if file is not None:
+            with contextlib.suppress(OSError):
+                return self.resolve(file).read_text().strip() or None
+        return None
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where the admin key is kept when its variable is unset: admin_key_file, else data_dir/admin.key."""
+        return self.node.admin_key_file or self.data_dir / "admin.key"
+
+    def admin_key(self) -> str | None:
+        """The admin key: from the variable named by admin_key_env, else its file."""
+        return self.secret(self.node.admin_key_env, self.admin_key_path)
+
 
 def find_config(explicit: str | os.PathLike | None = None) -> Path:
     """The config path: --config, else $INFERNODE_CONFIG, else ./appliance.toml, else /etc."""
@@ -403,7 +452,7 @@ def find_config(explicit: str | os.PathLike | None = None) -> Path:
 
 def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     parts: list[str] = []
-    for i, item in enumerate(loc):
+    for item in loc:
         if isinstance(item, int):
             parts[-1] = f"{parts[-1]}[{item}]"
         elif item in ("function-after", "int", "list[union[int,str]]") or "[" in str(item):
@@ -413,7 +462,7 @@ def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def _fix_for(err: dict[str, Any]) -> str:
+def _fix_for(err: ErrorDetails) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "remove it or check its spelling"
@@ -470,7 +519,7 @@ def _raise(path: Path, key: str, problem: str, fix: str = "") -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Read and validate `appliance.toml` (found as DESIGN.md says when path is None)."""
+    """Read and validate `appliance.toml` (when path is None: $INFERNODE_CONFIG, ./appliance.toml, then /etc/infernode)."""
     p = find_config(path)
     try:
         raw = tomllib.loads(p.read_text())

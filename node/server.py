@@ -17,14 +17,18 @@ import os
 import signal
 import socket
 import ssl
+import sys
 from pathlib import Path
 
-from node.gateway.dispatch import NodeApp
+import uvloop
+
 from node.app import Node
-from node.config import Config
-from node.errors import NodeError, OperationFailed
+from node.config import Config, load_config
+from node.errors import ConfigError, NodeError, OperationFailed
+from node.gateway.dispatch import NodeApp
 from node.gateway.listener import Server
 from node.gateway.tls import server_context
+from node.ops.logs import setup_logging
 from node.ops.sdnotify import Notifier
 
 log = logging.getLogger("infernode.server")
@@ -153,3 +157,27 @@ async def serve(config: Config, node: Node | None = None, notifier: Notifier | N
         await watchdog
     os.close(lock_fd)
     log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m node.server CONFIG`: what `infernode up` becomes; one line and exit 2/1 on failure."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(args[0] if args else None)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    writer = setup_logging(cfg.node.log_format)
+    try:
+        uvloop.run(serve(cfg))
+    except NodeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        writer.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,34 @@
 """Runtime adapters: each turns a worker spec into a launch plan.
 
-An adapter is a plain module with `NAME`, `plan(spec) -> LaunchPlan` and
+An adapter is a plain module with `NAME`, `LAYOUT`, `plan(spec) -> LaunchPlan` and
 `version_argv(spec)`. It never starts a process, opens a socket or imports `node`:
-the supervisor does the doing, the adapter only describes.
+the supervisor does the doing, the adapter only describes. Everything that differs
+between runtimes is said here (the plan's fields, the module's attributes), so the
+node never compares a runtime's name.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping, Protocol
+from typing import Any, Protocol
+
+
+class ModelLayout(str, Enum):
+    """What in the store a runtime is pointed at (its `model_path`)."""
+
+    GGUF_FILE = "gguf_file"       # the model's first .gguf file
+    HF_FOLDER = "hf_folder"       # the folder holding the model's config.json (else the model's root)
+    OLLAMA_TREE = "ollama_tree"   # the store's OLLAMA_MODELS tree (manifests/ and blobs/)
+
+    @property
+    def file_format(self) -> str:
+        """The weights' file format in this layout (what Ollama's /api/show calls `format`)."""
+        return "safetensors" if self is ModelLayout.HF_FOLDER else "gguf"
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,7 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     model_path: Path | None = None  # snapshot folder, GGUF file or OLLAMA_MODELS tree
     source: str = ""
+    registry: str | None = None     # the model's registry, when not its source's default (ollama)
     gpu_uuids: tuple[str, ...] = ()
     gpu_memory_fraction: float | None = None  # this replica's share of each of its GPUs
     args: tuple[str, ...] = ()
@@ -48,10 +66,10 @@ class Probe:
 
 @dataclass(frozen=True)
 class Warmup:
-    """A request sent once after the worker is healthy, before it counts as ready."""
+    """A POST (JSON body) sent once after the worker is healthy, before it counts as ready; 200 passes."""
 
-    kind: str                       # "ollama_load": load and pin a model through the ollama client
-    model: str
+    path: str
+    body: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,9 @@ class LaunchPlan:
     # False when streams carry no usage chunk even with stream_options.include_usage.
     stream_usage: bool = True
     upstream_model: str | None = None  # the model name the worker expects, when it differs
+    context_length: int | None = None  # the context the worker launches with, when the plan sets it
+    # True when the worker rejects an x-request-id that is not a UUID (the node then sends one derived from it).
+    uuid_request_ids: bool = False
     # Sent with every request to the worker (probes and traffic), e.g. an external server's key.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     sleep: SleepControl | None = None  # set when the spec asked for sleep and the runtime has it
@@ -90,6 +111,7 @@ class LaunchPlan:
 
 class Runtime(Protocol):
     NAME: str
+    LAYOUT: ModelLayout | None      # None: the node launches nothing and pins no model (external)
 
     def plan(self, spec: WorkerSpec) -> LaunchPlan: ...
 
@@ -104,7 +126,32 @@ def get(name: str) -> Runtime:
     if name not in NAMES:
         raise KeyError(name)
     module: ModuleType = importlib.import_module(f"runtimes.{name}")
-    return module  # type: ignore[return-value]
+    return module
+
+
+def launched(name: str) -> bool:
+    """Whether the node launches this runtime's workers (and so pins, pulls, places and version-checks them)."""
+    return get(name).LAYOUT is not None
+
+
+def flag_value(argv: tuple[str, ...], *flags: str) -> str | None:
+    """The value of the last of these flags in argv (`--flag V` or `--flag=V`), if any."""
+    value = None
+    for i, a in enumerate(argv):
+        for f in flags:
+            if a == f and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif a.startswith(f + "="):
+                value = a.split("=", 1)[1]
+    return value
+
+
+def int_or_none(text: str | None) -> int | None:
+    """An int flag's value, or None when unset or not a number (the runtime will say so itself)."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def local_plan(spec: WorkerSpec, argv: list[str] | tuple[str, ...], env: Mapping[str, str], *,

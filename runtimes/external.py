@@ -7,9 +7,10 @@ request to it, probes included, carries `Authorization: Bearer KEY`.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec
 
 NAME = "external"
+LAYOUT: ModelLayout | None = None  # the node launches nothing and pins no model
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
 
 NAME = "llamacpp"
+LAYOUT = ModelLayout.GGUF_FILE
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 DEFAULT_N_CTX = 2048
 USAGE_SHIM = str(Path(__file__).with_name("llamacpp_usage.py"))
@@ -52,6 +53,9 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         ready=Probe("/v1/models", expect_model=spec.model),
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         stream_usage=True,  # the shim's usage chunk
+        context_length=int_or_none(flag_value(tuple(argv), "--n_ctx")),
+        # llama-cpp-python answers 400 to an x-request-id that is not a UUID.
+        uuid_request_ids=True,
         cannot={} if has_flag(spec.args, "--embedding") else {
             "embeddings": "llama.cpp makes embeddings only when started with --embedding; add "
                           "\"--embedding\" to this model's args (and use an embedding model)"},
@@ -61,13 +65,3 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
 def version_argv(spec: WorkerSpec) -> tuple[str, ...]:
     return python_module_version_argv(spec.python, ("llama-cpp-python", "llama_cpp_python"))
 
-
-def n_ctx(plan_: LaunchPlan) -> int | None:
-    """The context length this plan launches with (for max_model_len)."""
-    argv = list(plan_.argv)
-    for i, a in enumerate(argv):
-        if a == "--n_ctx" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--n_ctx="):
-            return int(a.split("=", 1)[1])
-    return None

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import runpy
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def patch() -> None:
     """Wrap Llama.generate, Llama._create_completion and the server's stream publisher."""
     import llama_cpp
-    from llama_cpp.server import app
     from llama_cpp.llama import Llama
+    from llama_cpp.server import app
 
     generate, create, publish = Llama.generate, Llama._create_completion, app.get_event_publisher
     is_eog = llama_cpp.llama_vocab_is_eog
@@ -72,7 +73,7 @@ def patch() -> None:
         return await publish(*args, **kwargs)
 
     Llama.generate = counted_generate  # type: ignore[method-assign,assignment]
-    Llama._create_completion = counted_create  # type: ignore[method-assign,assignment]
+    Llama._create_completion = counted_create  # type: ignore[method-assign]
     app.get_event_publisher = publisher
 
 

@@ -5,16 +5,17 @@ API reference): the server takes no flags; `OLLAMA_HOST=127.0.0.1:PORT` sets whe
 listens and `OLLAMA_MODELS` where it finds `manifests/` and `blobs/` (the store's
 Ollama tree). Health is `GET /api/version`; the model is listed by `/v1/models` once
 the server has read its manifests, then a warm-up loads it with `keep_alive=-1`
-through the official `ollama` client (the worker runs it), and traffic goes to its
+(`POST /api/generate` with an empty prompt, which the worker sends), and traffic goes to its
 OpenAI-compatible `/v1`. Ollama knows the model as NAME:TAG, which `upstream_model`
 carries when it differs from the served name.
 """
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, Warmup, WorkerSpec, local_plan
+from runtimes import LaunchPlan, ModelLayout, Probe, Warmup, WorkerSpec, int_or_none, local_plan
 
 NAME = "ollama"
+LAYOUT = ModelLayout.OLLAMA_TREE
 DEFAULT_STARTUP_TIMEOUT_S = 10 * 60.0
 DEFAULT_REGISTRY = "registry.ollama.ai"
 # Requests through /v1 carry no keep_alive: without this default Ollama would unload
@@ -44,13 +45,24 @@ def ollama_name(source: str) -> str:
     return f"{'/'.join(parts)}:{tag or 'latest'}"
 
 
+def with_registry(source: str, registry: str | None) -> str:
+    """The source as Ollama names the model when it comes from `registry` (its host kept, no scheme)."""
+    ref = source.removeprefix("ollama:")
+    if not registry or ref == source:
+        return source
+    name, _, tag = ref.partition(":")
+    repository = name if "/" in name else f"library/{name}"
+    host = registry.split("://", 1)[-1].rstrip("/")
+    return f"ollama:{host}/{repository}:{tag or 'latest'}"
+
+
 def plan(spec: WorkerSpec) -> LaunchPlan:
     """The command line, environment, probes and model warm-up for one Ollama replica."""
     if spec.model_path is None:
         raise ValueError("ollama needs the store's Ollama tree (model_path)")
     if spec.args:
         raise ValueError("`ollama serve` takes no arguments; set OLLAMA_* variables in the model's env instead")
-    upstream = ollama_name(spec.source)
+    upstream = ollama_name(with_registry(spec.source, spec.registry))
     env = {
         **BASE_ENV, **spec.env,
         "OLLAMA_HOST": f"{spec.host}:{spec.port}",
@@ -63,9 +75,11 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         health=Probe("/api/version"),
         ready=Probe("/v1/models", expect_model=upstream),
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
-        warmup=(Warmup(kind="ollama_load", model=upstream),),
+        # An empty prompt loads the model; keep_alive=-1 pins it in memory for good.
+        warmup=(Warmup("/api/generate", {"model": upstream, "prompt": "", "keep_alive": -1, "stream": False}),),
         stream_usage=True,
         upstream_model=upstream if upstream != spec.model else None,
+        context_length=int_or_none(env.get("OLLAMA_CONTEXT_LENGTH")),
     )
 
 

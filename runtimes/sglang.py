@@ -10,9 +10,10 @@ a worker counts as ready only after it really generated.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, WorkerSpec, has_flag, local_plan, python_module_version_argv
+from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
 
 NAME = "sglang"
+LAYOUT = ModelLayout.HF_FOLDER
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0
 MODULE = "sglang.launch_server"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
@@ -43,6 +44,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics" if has_flag(spec.args, "--enable-metrics") else None,
         stream_usage=True,
+        context_length=int_or_none(flag_value(tuple(argv), "--context-length")),
     )
 
 

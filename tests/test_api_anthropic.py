@@ -8,7 +8,6 @@ import anthropic
 import httpx
 import pytest
 
-
 MSGS = [{"role": "user", "content": "Say hello."}]
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from node.supply.bundle import export_bundle, read_bundle_lock
 from node.config import load_config
+from node.supply.bundle import export_bundle, read_bundle_lock
 from node.supply.lockfile import read_lock
 from node.supply.store import Store
+from runtimes import ModelLayout
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub
 from tests.fakes.ollama_registry import FakeRegistry
@@ -81,9 +82,9 @@ def test_export_then_import_into_empty_store_offline(online_box, tmp_path):
     cfg = load_config(str(box / "appliance.toml"))
     lock = read_lock(cfg.lock_path)
     store = Store(cfg.data_dir / "store")
-    root = store.model_path(lock.entry("ol-model"), "ollama")
+    root = store.model_path(lock.entry("ol-model"), ModelLayout.OLLAMA_TREE)
     assert (root / lock.entry("ol-model").files[0].path).is_file()
-    assert (store.model_path(lock.entry("hf-model"), "vllm") / "tiny.gguf").read_bytes() == GGUF
+    assert (store.model_path(lock.entry("hf-model"), ModelLayout.HF_FOLDER) / "tiny.gguf").read_bytes() == GGUF
 
 
 def test_import_from_an_extracted_folder(online_box, tmp_path):

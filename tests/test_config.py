@@ -67,3 +67,55 @@ def test_cli_missing_and_broken_config(tmp_path):
     bad.write_text("[node\n")
     p = run_cli("lock", config=bad)
     assert p.returncode == 2 and "not valid TOML" in p.stderr
+
+
+SECRETS = {  # section, its keys, and how each secret is read through the one helper
+    "admin": lambda cfg: cfg.admin_key(),
+    "fleet": lambda cfg: cfg.secret(cfg.fleet.litellm.master_key_env, cfg.fleet.litellm.master_key_file),
+    "alerts": lambda cfg: cfg.secret(cfg.alerts.secret_env, cfg.alerts.secret_file),
+}
+
+
+def _secret_config(which: str) -> dict:
+    return {
+        "admin": {"node": {"admin_key_env": "TEST_SECRET_ENV", "admin_key_file": "keys/the.key"}},
+        "fleet": {"fleet": {"litellm": {"url": "http://p:4000", "advertise_url": "http://n:8080",
+                                        "master_key_env": "TEST_SECRET_ENV", "master_key_file": "keys/the.key"}}},
+        "alerts": {"alerts": {"webhook_urls": ["http://h/x"], "secret_env": "TEST_SECRET_ENV",
+                              "secret_file": "keys/the.key"}},
+    }[which]
+
+
+@pytest.mark.parametrize("which", sorted(SECRETS))
+def test_secret_from_env_else_file_relative_to_the_config(tmp_path, monkeypatch, which):
+    """Every secret follows one rule: its variable, else its file, a relative file under the config's folder."""
+    etc = tmp_path / "etc"
+    (etc / "keys").mkdir(parents=True)
+    (etc / "keys" / "the.key").write_text("sk-from-file\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keys").mkdir(parents=True)
+    (elsewhere / "keys" / "the.key").write_text("sk-wrong-folder\n")  # what a working-directory lookup would find
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("TEST_SECRET_ENV", raising=False)
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}} | _secret_config(which), etc / "appliance.toml")
+    read = SECRETS[which]
+    assert read(cfg) == "sk-from-file"
+    monkeypatch.setenv("TEST_SECRET_ENV", " sk-from-env\n")
+    assert read(cfg) == "sk-from-env"
+    monkeypatch.delenv("TEST_SECRET_ENV")
+    (etc / "keys" / "the.key").write_text("\n")
+    assert read(cfg) is None  # an empty file is no secret
+    (etc / "keys" / "the.key").unlink()
+    assert read(cfg) is None
+
+
+def test_relative_alert_secret_file_signs_from_the_config_folder(tmp_path, monkeypatch):
+    """The bug this guards: `[alerts] secret_file = "x"` was read from the working directory."""
+    from node.ops.doctor import check_alerts
+
+    (tmp_path / "alert.key").write_text("sk-alerts\n")
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("INFERNODE_ALERT_SECRET", raising=False)
+    raw = {"node": {"data_dir": "data"}, "alerts": {"webhook_urls": ["http://h/x"], "secret_file": "alert.key"}}
+    check = check_alerts(parse_config(raw, tmp_path / "appliance.toml"))
+    assert check.level.value == "ok" and "signed" in check.detail

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from node.console.sessions import Principal, Sessions, csrf_ok
+from node.accounts.principal import Principal
+from node.console.sessions import Sessions, csrf_ok
 from node.console.web import CSP, Answer, Console, Forward
 
 ADMIN = Principal("admin", "admin", "admin", "admin key", None, "sk-admin-secret")

@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from node.workers.gpus import discover
 from node.ops.metrics import Metrics, exported_names
+from node.workers.gpus import discover
 from tests.fakes.nvml import box
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "infernode.json"

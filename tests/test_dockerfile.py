@@ -12,7 +12,6 @@ import fnmatch
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

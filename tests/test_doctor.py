@@ -8,15 +8,15 @@ import socket
 import subprocess
 from pathlib import Path
 
-from node.config import load_config
 import pytest
 
-from node.ops.doctor import Level, check_database, check_fleet, check_gpus, check_store, run_checks
-from node.workers.gpus import discover
-from node.supply.lockfile import read_lock
 from node.accounts.storage import open_storage
+from node.config import load_config
+from node.ops.doctor import Level, check_database, check_fleet, check_gpus, check_store, run_checks
+from node.supply.lockfile import read_lock
 from node.supply.store import Store
-from tests.conftest import TINY_MODEL, free_port, run_cli, wait_until, write_config
+from node.workers.gpus import discover
+from tests.conftest import TINY_MODEL, free_port, needs_llama_cpp, run_cli, wait_until, write_config
 from tests.fakes.nvml import FakeNvml, box
 
 
@@ -28,6 +28,7 @@ def doctor(config: Path, env: dict | None = None) -> tuple[int, dict[str, dict],
     return p.returncode, checks, text.stdout
 
 
+@needs_llama_cpp
 def test_good_setup_passes(tmp_path: Path):
     cfg = write_config(tmp_path, TINY_MODEL)
     run_cli("lock", config=cfg, check=True)

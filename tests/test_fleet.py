@@ -13,10 +13,18 @@ import httpx
 import pytest
 import yaml
 
-from node.config import parse_config
-from node.ops.fleet import (FleetReconciler, LiteLLMAdmin, deployment_id, desired_deployments, ensure_fleet_key,
-                        id_prefix, model_list_yaml, read_master_key)
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.config import parse_config
+from node.ops.fleet import (
+    FleetReconciler,
+    LiteLLMAdmin,
+    deployment_id,
+    desired_deployments,
+    ensure_fleet_key,
+    id_prefix,
+    model_list_yaml,
+    read_master_key,
+)
 from tests.conftest import TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 from tests.fakes.litellm_admin import LiteLLMAdminFake
 
@@ -130,7 +138,10 @@ def test_proxy_down_then_up_is_retried_with_backoff(tmp_path):
     async def scenario() -> None:
         r = _reconciler(cfg, f"http://127.0.0.1:{port}", {"chat-a"})
         r.start()
-        await asyncio.sleep(1.0)
+        for _ in range(200):  # two failed attempts, the second after a backoff
+            if r.status.failures >= 2:
+                break
+            await asyncio.sleep(0.05)
         assert r.status.failures >= 2 and "unreachable" in r.status.last_error
         proxy = LiteLLMAdminFake(port, MASTER).start()
         try:

@@ -10,7 +10,7 @@ import pynvml
 import pytest
 
 from node.workers.gpus import NO_DRIVER, discover
-from tests.fakes.nvml import GiB, FakeGpu, FakeNvml, box, mig_box
+from tests.fakes.nvml import FakeGpu, FakeNvml, GiB, box, mig_box
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -108,8 +108,8 @@ def test_gpus_table_on_a_fake_box_lists_mig_instances(monkeypatch: pytest.Monkey
     """The table `infernode gpus` prints, with NVML swapped for the stand-in under its import name."""
     from typer.testing import CliRunner
 
-    import node.cli.ops  # noqa: F401  (registers the command)
-    from node.cli import app, console
+    import node.cli  # noqa: F401  (adds every command to the root)
+    from node.cli.root import app, console
 
     fake = mig_box()
     fake.gpus[1].utilization_pct, fake.gpus[1].temperature_c, fake.gpus[1].power_mw = 42, 55, 88_000

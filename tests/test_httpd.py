@@ -11,6 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from node.gateway import httpd, listener
 from node.gateway.asgi import serve_asgi
@@ -50,7 +52,7 @@ class Running:
         self.port = self.sock.getsockname()[1]
         self.server = Server(handler, max_body_bytes=kw.pop("max_body_bytes", 1 << 20), **kw)
 
-    async def __aenter__(self) -> "Running":
+    async def __aenter__(self) -> Running:
         await self.server.start(self.sock)
         return self
 
@@ -82,7 +84,7 @@ def test_keep_alive_and_pipelining_answer_in_order():
             assert paths == [f"/a{i}" for i in range(12)] + ["/last"]
             assert data.count(b"connection: close") == 1 and b"date: " in data
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.port}") as c:
-                for i in range(3):  # one connection reused
+                for _ in range(3):  # one connection reused
                     r = await c.post("/echo?x=1", content=b"hello", headers={"user-agent": "t"})
                     assert r.json() == {"method": "POST", "path": "/echo", "query": "x=1", "body": "hello", "ua": "t"}
                 assert len(s.server.connections) == 1
@@ -471,9 +473,6 @@ def test_a_client_that_reads_nothing_is_dropped_and_its_handler_cancelled(monkey
 
 
 # -- framing fuzz (hypothesis, a fixed budget of examples) ---------------------------------
-
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 PIPELINE = (b"GET /a?x=1 HTTP/1.1\r\nhost: x\r\n\r\n"
             b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"

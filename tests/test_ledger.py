@@ -13,8 +13,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -42,7 +42,7 @@ class PrivatePostgres:
     def _run(self, *args: str) -> None:
         subprocess.run(self.prefix + [str(self.bin / args[0]), *args[1:]], check=True, capture_output=True, timeout=120)
 
-    def init(self) -> "PrivatePostgres":
+    def init(self) -> PrivatePostgres:
         self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
         return self
 
@@ -179,7 +179,7 @@ def test_sigkill_loses_at_most_one_flush_interval(node_factory) -> None:
         assert chat(node.url, key, rid).status_code == 200
     time.sleep(0.6)                                   # more than two flush intervals (0.25 s)
     late = []
-    for i in range(5):
+    for _ in range(5):
         rid = str(uuid.uuid4())
         assert chat(node.url, key, rid).status_code == 200
         late.append(rid)
@@ -195,12 +195,12 @@ def test_node_serves_while_database_is_away(private_pg: PrivatePostgres, node_fa
     node = node_factory(extra=f'[database]\nurl = "{private_pg.url}"\n')
     key = node.create_key(rpm=1000)
     sent = []
-    for i in range(3):
+    for _ in range(3):
         rid = str(uuid.uuid4())
         assert chat(node.url, key, rid).status_code == 200
         sent.append(rid)
     private_pg.stop()
-    for i in range(5):
+    for _ in range(5):
         rid = str(uuid.uuid4())
         r = chat(node.url, key, rid)
         assert r.status_code == 200, r.text          # keys and quotas are in memory

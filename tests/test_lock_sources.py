@@ -8,15 +8,17 @@ import os
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from node.config import load_config
+from node.errors import StoreError
 from node.supply.download import RemoteError
 from node.supply.lockfile import read_lock, write_lock
-from node.supply.pull import pull_entry
 from node.supply.manifest import check_manifest, rebuild_manifest
+from node.supply.pull import pull_entry
 from node.supply.resolve import build_lock
 from node.supply.store import Store
-from node.errors import StoreError
+from runtimes import ModelLayout
 from tests.conftest import run_cli
 from tests.fakes.hf_hub import FakeHub
 from tests.fakes.ollama_registry import FakeRegistry
@@ -37,10 +39,11 @@ def model(source: str, name: str = "m", runtime: str = "llamacpp", extra: str = 
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, tmp_path):
     h = FakeHub().start()
     monkeypatch.setenv("HF_ENDPOINT", h.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))  # not this user's login
     yield h
     h.stop()
 
@@ -88,7 +91,7 @@ def test_hf_pull_is_by_commit_even_after_the_branch_moves(tmp_path, hub):
     hub.commit("org/tiny", {"tiny.gguf": b"new weights " * 200})  # main moves on
     store = Store(cfg.data_dir / "store")
     pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
-    assert store.model_path(lock.entry("m"), "llamacpp").read_bytes() == GGUF
+    assert store.model_path(lock.entry("m"), ModelLayout.GGUF_FILE).read_bytes() == GGUF
 
 
 def test_hf_errors_are_one_clear_line(tmp_path, hub):
@@ -109,6 +112,7 @@ def test_hf_token_is_sent_to_the_hub(tmp_path, monkeypatch):
         h.commit("org/private", {"tiny.gguf": GGUF})
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
         with pytest.raises(RemoteError, match="HF_TOKEN"):
             lock_of(write_box(tmp_path, model("hf:org/private")))
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
@@ -117,6 +121,24 @@ def test_hf_token_is_sent_to_the_hub(tmp_path, monkeypatch):
         pull_entry(store, lock.entry("m"), cfg.model("m"), cfg)
         assert store.verify(lock.entry("m")) == []
         assert any(s.authorization == "Bearer hf_secret" and "/resolve/" in s.path for s in h.seen)
+    finally:
+        h.stop()
+
+
+def test_hf_token_saved_by_login_is_used(tmp_path):
+    """`hf auth login` (or `huggingface-cli login`) saves the token under $HF_HOME: lock and pull use it."""
+    h = FakeHub(token="hf_saved").start()
+    try:
+        h.commit("org/private", {"tiny.gguf": GGUF})
+        home = tmp_path / "hf-home"
+        home.mkdir()
+        (home / "token").write_text("hf_saved\n")
+        cfg_path = write_box(tmp_path, model("hf:org/private"))
+        env = {"HF_ENDPOINT": h.url, "HF_HOME": str(home), "HF_TOKEN": ""}  # no token in the environment
+        run_cli("lock", config=cfg_path, env=env, check=True)
+        run_cli("pull", config=cfg_path, env=env, check=True)
+        assert any(s.authorization == "Bearer hf_saved" and "/api/models/" in s.path for s in h.seen)
+        assert any(s.authorization == "Bearer hf_saved" and "/resolve/" in s.path for s in h.seen)
     finally:
         h.stop()
 
@@ -184,7 +206,7 @@ def test_ollama_pull_lays_out_an_ollama_models_tree(tmp_path, registry):
     # Fetched by digest, never by the (moved) tag.
     paths = [s.path for s in registry.seen]
     assert f"/v2/library/tiny/manifests/{e.revision}" in paths
-    root = store.model_path(e, "ollama")
+    root = store.model_path(e, ModelLayout.OLLAMA_TREE)
     assert root == store.root / "ollama"
     # What Ollama reads: manifests/<host>/<namespace>/<model>/<tag>, then blobs/sha256-<hex> per digest.
     host = registry.url.removeprefix("http://")

@@ -1,4 +1,4 @@
-"""Metrics: the families DESIGN.md names, promtool-valid, NVML and worker metrics sampled in the background."""
+"""Metrics: the families docs/ops/metrics.md lists, promtool-valid, NVML and worker metrics sampled in the background."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.workers.gpus import discover
 from node.ops.metrics import Metrics, RequestWindow, relabel
 from node.ops.sampler import Sampler
+from node.workers.gpus import discover
 from node.workers.states import WorkerState
 from tests.conftest import run_cli, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from node.config import parse_config
+from node.config import GiB, parse_config, parse_size
 from node.errors import ConfigError
-from node.workers.gpus import Inventory, discover
 from node.supply.lockfile import LockedFile, LockEntry, LockFile
-from node.workers.placement import GiB, estimate_need, parse_size, place
+from node.workers.gpus import Inventory, discover
+from node.workers.placement import estimate_need, place
 from tests.fakes.nvml import FakeGpu, FakeNvml, box, mig_box
 
 

@@ -20,6 +20,7 @@ from node.supply.progress import JsonProgress
 from node.supply.pull import pull_entry
 from node.supply.resolve import build_lock
 from node.supply.store import DigestMismatch, DiskFull, SizeMismatch, Store
+from runtimes import ModelLayout
 from tests.conftest import INFERNODE, REPO, run_cli, wait_until
 from tests.fakes.hf_hub import FakeHub
 
@@ -65,7 +66,7 @@ def test_pull_hf_by_commit_verified_and_viewed(tmp_path, hub):
     res = pull_entry(store, entry, cfg.model("m"), cfg)
     assert (res.fetched, res.present) == (1, 0)
     assert store.verify(entry) == []
-    gguf = store.model_path(entry, "llamacpp")
+    gguf = store.model_path(entry, ModelLayout.GGUF_FILE)
     assert gguf.name == "model.Q4.gguf" and gguf.read_bytes() == WEIGHTS
     # Downloads go by the locked commit, never by the branch name, and through the CDN redirect.
     resolves = [s.path for s in hub.seen if "/resolve/" in s.path]

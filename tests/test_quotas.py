@@ -8,11 +8,11 @@ import calendar
 
 import pytest
 
-from node.errors import AuthenticationError, PermissionDenied, RateLimited
 from node.accounts.keys import KeyRecord
 from node.accounts.quotas import Quotas
 from node.accounts.storage import UsageRow
 from node.accounts.teams import TeamRecord
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
 
 T0 = float(calendar.timegm((2026, 3, 31, 23, 0, 0)))  # an hour before a new UTC day and month
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -84,6 +86,45 @@ def test_migrations_apply_once(db_url: str) -> None:
         assert s.applied_migrations() == sorted(name for name, _ in MIGRATIONS)
     finally:
         s.close()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    """Readers never wait on the ledger's writes: the database file is in WAL mode."""
+    s = open_storage(f"sqlite:///{tmp_path / 'wal.db'}")
+    try:
+        s.migrate()
+        with sqlite3.connect(tmp_path / "wal.db") as other:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        s.close()
+
+
+def test_nodes_starting_at_once_migrate_once(db_url: str) -> None:
+    """Four nodes opening one fresh database together: each step applied by exactly one, none fails."""
+    nodes = [open_storage(db_url) for _ in range(4)]
+    start = threading.Barrier(len(nodes))
+    applied: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def boot(s) -> None:
+        start.wait()
+        try:
+            applied.append(s.migrate())
+        except BaseException as exc:  # noqa: B036  (reported below, with the others)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=boot, args=(s,)) for s in nodes]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert sorted(sum(applied, [])) == sorted(name for name, _ in MIGRATIONS)
+        assert nodes[0].applied_migrations() == sorted(name for name, _ in MIGRATIONS)
+    finally:
+        for s in nodes:
+            s.close()
 
 
 def test_keys_round_trip_and_version(storage) -> None:

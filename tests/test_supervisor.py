@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 
 from node.config import SupervisorSection
 from node.workers.keeper import process_start_time
-from node.workers.states import TRANSITIONS, WorkerState
 from node.workers.replica import Replica
+from node.workers.states import TRANSITIONS, WorkerState
 from runtimes import WorkerSpec
 from tests.conftest import REPO, TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 
@@ -386,5 +385,5 @@ def test_ollama_warmup_failure_is_reported(tmp_path):
     r = ollama_replica(tmp_path, rec, with_blob=False)
     drive(r, lambda: rec.prev is S.FAILED, timeout=30)
     [failed] = [e for e in rec.events if e[0] is S.FAILED]
-    assert "warm-up ollama_load tiny:latest" in failed[2] and "has no model blob" in failed[2]
+    assert "warm-up /api/generate: HTTP" in failed[2] and "has no model blob" in failed[2]
     assert S.READY not in rec.states()

@@ -117,7 +117,7 @@ class NotifyListener:
         while True:
             try:
                 data = self.sock.recv(4096)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 return
             self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 

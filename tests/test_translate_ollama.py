@@ -147,7 +147,7 @@ def test_generate_stream_from_completions():
     assert out[1]["done_reason"] == "length" and out[1]["response"] == ""
 
 
-VIEWS = [ModelView("a", 0, 2048, True, "llamacpp"), ModelView("b", 0, None, False, "vllm")]
+VIEWS = [ModelView("a", 0, 2048, True, "gguf"), ModelView("b", 0, None, False, "safetensors")]
 
 
 def test_listings():

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from node.gateway.context import check
-from node.errors import InvalidRequest
-from node.gateway.proxy import Gateway, ModelInfo
-from node.gateway.listener import Server
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret
-from node.ops.metrics import Metrics
 from node.accounts.quotas import Quotas
-from node.workers.router import Gate, QueueFull, Router
+from node.errors import InvalidRequest
+from node.gateway.context import check
+from node.gateway.listener import Server
+from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut, Unanswered
+from node.ops.metrics import Metrics
+from node.workers.router import Gate, QueueFull, Router
 from tests.conftest import free_port
 from tests.fakes import openai_worker
 

@@ -11,8 +11,9 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 from node.errors import AuthenticationError
 
@@ -67,7 +68,7 @@ class KeyRecord:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
-    def updated(self, **changes: Any) -> "KeyRecord":
+    def updated(self, **changes: Any) -> KeyRecord:
         return replace(self, **changes, updated_at=time.time())
 
 

@@ -72,7 +72,7 @@ class Ledger:
             return 0
 
     def _take(self) -> list[UsageRow]:
-        rows = []
+        rows: list[UsageRow] = []
         while self._queue and len(rows) < self.batch * 4:
             rows.append(self._queue.popleft())
         return rows

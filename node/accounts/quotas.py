@@ -21,12 +21,13 @@ from __future__ import annotations
 import calendar
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
-from node.errors import AuthenticationError, PermissionDenied, RateLimited
 from node.accounts.keys import KeyRecord
 from node.accounts.teams import TeamRecord
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
 
 WINDOW = 60.0
 WHO = {"key": "this key", "team": "this key's team", "user": "this end user"}
@@ -142,7 +143,7 @@ def next_month_start(now: float) -> float:
 class Admission:
     """One admitted request; `finish` must be called exactly once."""
 
-    quotas: "Quotas"
+    quotas: Quotas
     key: KeyRecord
     model: str
     wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent

@@ -25,5 +25,5 @@ class TeamRecord:
         """The record as the admin API shows it."""
         return asdict(self)
 
-    def updated(self, **changes: Any) -> "TeamRecord":
+    def updated(self, **changes: Any) -> TeamRecord:
         return replace(self, **changes, updated_at=time.time())

@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 
-from node.app import read_admin_key
 from node.config import Config
 from node.errors import NodeError, OperationFailed
 
@@ -21,10 +20,10 @@ class AdminClient:
         if ":" in host:
             host = f"[{host}]"
         self.base = f"{config.node.scheme}://{host}:{config.node.port}"
-        key = read_admin_key(config)
+        key = config.admin_key()
         if not key:
             raise OperationFailed(
-                f"no admin key: set ${config.node.admin_key_env} or create {config.node.admin_key_file or config.data_dir / 'admin.key'} "
+                f"no admin key: set ${config.node.admin_key_env} or create {config.admin_key_path} "
                 "(the node writes one there on first start)"
             )
         self._http = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {key}"}, timeout=timeout,

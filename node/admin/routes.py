@@ -7,7 +7,7 @@ import dataclasses
 import hmac
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,13 +15,15 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
 from node import __version__
-from node.app import Node
-from node.errors import AuthenticationError, InvalidRequest, NodeError, NoReadyReplica, NotFound, UpstreamError
-from node.ops.fleet import ProxyError, desired_deployments
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
 from node.workers.replica import tail_lines
 from node.admin.protocol import MAX_TIME, KeyCreate, KeyUpdate, TeamCreate, TeamUpdate, check_text
+from node.errors import AuthenticationError, InvalidRequest, NodeError, NoReadyReplica, NotFound, UpstreamError
+from node.ops.fleet import ProxyError, desired_deployments
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 
 def _opt_text(v: str | None) -> str | None:

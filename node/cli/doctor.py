@@ -8,16 +8,16 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 
 MARKS = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]fail[/]"}
 
 
 @app.command()
 def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(False, "--json", help="print JSON"),
-           rehash: bool = typer.Option(False, "--rehash", help="also re-hash every model file in the store (slow)")) -> int:
+           rehash: bool = typer.Option(False, "--rehash", help="also re-hash every model file in the store (slow)")) -> None:
     """Check driver, NVML, runtimes, port, disk, store, database, admin key and fleet; exit 1 on any fail."""
-    from node.ops.doctor import Level, run_checks
+    from node.ops.doctor import Level, run_checks  # the checks load the supervisor: not for every CLI call
 
     checks = run_checks(config_from(config), rehash=rehash)
     if as_json:
@@ -33,4 +33,5 @@ def doctor(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
     warned = sum(c.level is Level.WARN for c in checks)
     if not as_json:
         console.print(f"{len(checks)} checks: {failed} failed, {warned} warnings", highlight=False)
-    return 1 if failed else 0
+    if failed:
+        raise typer.Exit(1)

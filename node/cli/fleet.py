@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 from node.ops.fleet import Deployment, model_list_yaml
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Join a LiteLLM proxy as an upstream (the fleet.litellm section of appliance.toml).")

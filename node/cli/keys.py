@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from datetime import datetime, timezone
-from typing import Any, List, Optional
+from datetime import UTC, datetime
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 from node.errors import InvalidRequest
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list, update and revoke API keys.")
@@ -34,7 +34,7 @@ def _time(value: Optional[str], flag: str) -> Optional[float]:
     except ValueError:
         raise InvalidRequest(f"{flag} {value!r}: give an ISO date (2026-01-31 or 2026-01-31T12:00) or unix seconds") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -74,10 +74,10 @@ MetaOpt = typer.Option(None, "--meta", help="metadata KEY=VALUE (repeat)")
 
 @keys_app.command("create")
 def create(name: str = typer.Option(..., "--name", help="a name to recognise the key by"),
-           team: Optional[str] = TeamOpt, model: Optional[List[str]] = ModelOpt, rpm: Optional[int] = RpmOpt,
+           team: Optional[str] = TeamOpt, model: Optional[list[str]] = ModelOpt, rpm: Optional[int] = RpmOpt,
            tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
            period: Optional[str] = PeriodOpt, user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt,
-           expires: Optional[str] = ExpOpt, meta: Optional[List[str]] = MetaOpt,
+           expires: Optional[str] = ExpOpt, meta: Optional[list[str]] = MetaOpt,
            as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
     """Create a key; its secret is printed once and stored only as a hash."""
     body = {"name": name, **_fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)}
@@ -95,7 +95,7 @@ def _show(rows: list[dict[str, Any]]) -> None:
     for col in ("id", "name", "prefix", "team", "models", "rpm", "tpm", "parallel", "budget", "expires", "revoked"):
         t.add_column(col)
     for r in rows:
-        exp = datetime.fromtimestamp(r["expires_at"], timezone.utc).strftime("%Y-%m-%d %H:%M") if r["expires_at"] else "-"
+        exp = datetime.fromtimestamp(r["expires_at"], UTC).strftime("%Y-%m-%d %H:%M") if r["expires_at"] else "-"
         budget = f"{r['budget_tokens']}/{r['budget_period']}" if r["budget_tokens"] is not None else "-"
         t.add_row(r["id"], r["name"], r["prefix"] + "…", r["team"] or "-", ",".join(r["models"]) if r["models"] else "all",
                   str(r["rpm"] or "-"), str(r["tpm"] or "-"), str(r["max_parallel"] or "-"), budget, exp,
@@ -118,10 +118,10 @@ def get(key_id: str, config: Optional[str] = ConfigOption) -> None:
 
 @keys_app.command("update")
 def update(key_id: str, name: Optional[str] = typer.Option(None, "--name"), team: Optional[str] = TeamOpt,
-           model: Optional[List[str]] = ModelOpt, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
+           model: Optional[list[str]] = ModelOpt, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
            max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
            user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt, expires: Optional[str] = ExpOpt,
-           meta: Optional[List[str]] = MetaOpt, all_models: bool = typer.Option(False, "--all-models", help="allow every model"),
+           meta: Optional[list[str]] = MetaOpt, all_models: bool = typer.Option(False, "--all-models", help="allow every model"),
            config: Optional[str] = ConfigOption) -> None:
     """Change a key's limits; takes effect within a second."""
     body = _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)
@@ -160,7 +160,7 @@ def _show_teams(rows: list[dict[str, Any]]) -> None:
 def team_create(name: str = typer.Argument(..., help="the team's name; give it to keys with --team"),
                 rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt,
                 budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
-                meta: Optional[List[str]] = MetaOpt, config: Optional[str] = ConfigOption) -> None:
+                meta: Optional[list[str]] = MetaOpt, config: Optional[str] = ConfigOption) -> None:
     """Create a team whose limits and budget are shared by all its keys."""
     body = {"name": name, **_team_fields(rpm, tpm, max_parallel, budget, period, meta)}
     print(json.dumps(AdminClient(config_from(config)).post("/admin/v1/teams", json=body), indent=2))
@@ -182,7 +182,7 @@ def team_get(name: str, config: Optional[str] = ConfigOption) -> None:
 @teams_app.command("update")
 def team_update(name: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
                 max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
-                period: Optional[str] = PeriodOpt, meta: Optional[List[str]] = MetaOpt,
+                period: Optional[str] = PeriodOpt, meta: Optional[list[str]] = MetaOpt,
                 config: Optional[str] = ConfigOption) -> None:
     """Change a team's limits; takes effect within a second."""
     body = _team_fields(rpm, tpm, max_parallel, budget, period, meta)

@@ -1,20 +1,25 @@
-"""The model supply chain: init, lock, pull, verify, bundle export."""
+"""The model supply chain: init, lock, pull, verify, bundle export.
+
+Each command imports the supply modules it runs inside its body, so `infernode --help` and
+the other commands load none of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from node.cli import ConfigOption, app, config_from, console, err_console
+from node.cli.root import ConfigOption, app, config_from, console, err_console
 from node.errors import OperationFailed, StoreError
 from node.supply.lockfile import LockFile, read_lock, write_lock
 from node.supply.store import Problem, Store
 
 STARTER = """\
-# Infernode appliance configuration. See README.md for every key.
+# Infernode appliance configuration. Every key: docs/reference/appliance-toml.md.
 [node]
 name = "{name}"
 listen = "0.0.0.0:8080"
@@ -37,8 +42,6 @@ tpm = 1000000
 def init(dir: Path = typer.Option(Path("."), "--dir", help="where to write appliance.toml and models.lock"),
          data_dir: str = typer.Option("/var/lib/infernode", "--data-dir")) -> None:
     """Write a starter appliance.toml (GPUs detected) and an empty models.lock."""
-    import socket
-
     from node.workers.gpus import discover
 
     dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ def lock(check: bool = typer.Option(False, "--check", help="exit 1 if models.loc
 
 
 @app.command()
-def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull (default: all)"),
+def pull(names: Optional[list[str]] = typer.Argument(None, help="models to pull (default: all)"),
          from_: Optional[Path] = typer.Option(None, "--from", help="import from a folder or bundle (air-gapped)"),
          json_: bool = typer.Option(False, "--json", help="progress as JSON lines on stdout"),
          config: Optional[str] = ConfigOption) -> None:
@@ -99,7 +102,7 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
     cfg = config_from(config)
     lk = read_lock(cfg.lock_path)
     store = Store(cfg.data_dir / "store")
-    wanted = names or [m.name for m in cfg.models if m.runtime != "external"]
+    wanted = names or [m.name for m in cfg.models if m.launched]
     stale = stale_models(cfg, lk)
     if from_ is not None and not from_.exists():
         raise OperationFailed(f"--from {from_}: no such bundle or folder")
@@ -108,8 +111,8 @@ def pull(names: Optional[List[str]] = typer.Argument(None, help="models to pull 
         model = cfg.model(name)
         if model is None:
             raise OperationFailed(f"{cfg.path}: no model named '{name}'")
-        if model.runtime == "external":
-            raise OperationFailed(f"{cfg.path}: model '{name}' is external (url = ...); there is nothing to pull")
+        if not model.launched:
+            raise OperationFailed(f"{cfg.path}: model '{name}' is served by {model.runtime} at its url; there is nothing to pull")
         jobs.append((model, lk.entry(name)))
     failed = 0
     total = sum(sum(f.size for f in store.missing(e)) for m, e in jobs if e is not None and m.name not in stale)
@@ -168,8 +171,8 @@ def verify(config: Optional[str] = ConfigOption) -> None:
                 check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
             except StoreError as exc:
                 problems.append(exc.message)
-        for p in problems:
-            err_console.print(f"{entry.name}: {p}", highlight=False, soft_wrap=True)
+        for msg in problems:
+            err_console.print(f"{entry.name}: {msg}", highlight=False, soft_wrap=True)
         bad += len(problems)
         if not problems:
             console.print(f"{entry.name}: {len(entry.files)} files ok", highlight=False, soft_wrap=True)

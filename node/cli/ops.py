@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import sys
 import time
 from typing import Optional
 from urllib.parse import quote
@@ -13,26 +14,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli import ConfigOption, app, config_from, console
+from node.cli.root import ConfigOption, app, config_from, console
 
 
 @app.command()
 def up(config: Optional[str] = ConfigOption) -> None:
     """Run the node in the foreground (what systemd runs)."""
-    from node.ops.logs import setup_logging
-    from node.server import serve
-
-    cfg = config_from(config)
-    writer = setup_logging(cfg.node.log_format)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # uvloop is optional
-        runner = asyncio.run
-    try:
-        runner(serve(cfg))
-    finally:
-        writer.stop()
+    cfg = config_from(config)  # a bad config is reported here, as by every other command
+    # The server is its own program: this process becomes it (same pid for systemd), so
+    # the CLI never loads the server's modules. -P: the working directory never shadows `node`.
+    argv = [sys.executable, "-P", "-m", "node.server", str(cfg.path)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _ago(ts: float) -> str:

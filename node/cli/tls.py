@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from node.cli import app, console
+from node.cli.root import app, console
 from node.errors import OperationFailed
 
 tls_app = typer.Typer(no_args_is_help=True, help="TLS for the node's port ([node] tls_cert, tls_key).")

@@ -23,7 +23,8 @@ from urllib.parse import parse_qs
 
 import jinja2
 
-from node.console.sessions import Principal, Session, Sessions, csrf_ok
+from node.accounts.principal import Principal
+from node.console.sessions import Session, Sessions, csrf_ok
 
 COOKIE = "infernode_session"
 LOGIN_COOKIE = "infernode_login"      # the double-submit token of the sign-in form

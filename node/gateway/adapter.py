@@ -9,8 +9,9 @@ accounting and metrics; a Route only reshapes bodies.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from node.errors import InvalidRequest, NodeError
 
@@ -34,7 +35,7 @@ class ModelView:
     created: int
     context_len: int | None
     loaded: bool
-    runtime: str = ""
+    format: str = ""        # the weights' file format ("gguf", "safetensors"), as its runtime's adapter says
 
 
 class StreamTranslator(Protocol):

@@ -9,7 +9,8 @@ answer when the app gives its body in one message, else chunked as it arrives.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from node.errors import OperationFailed
@@ -17,8 +18,8 @@ from node.gateway.httpd import Connection, Request
 
 log = logging.getLogger("infernode.asgi")
 
-App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
-               Awaitable[None]]
+Scope = MutableMapping[str, Any]
+App = Callable[[Scope, Callable[[], Awaitable[Scope]], Callable[[Scope], Awaitable[None]]], Awaitable[None]]
 _FRAMING = (b"content-length", b"transfer-encoding", b"connection")
 
 
@@ -41,7 +42,7 @@ async def serve_asgi(app: App, req: Request, conn: Connection, *, server: tuple[
         await conn.until_done()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Scope) -> None:
         nonlocal status, headers, streaming, finished
         kind = message["type"]
         if kind == "http.response.start":

@@ -6,7 +6,6 @@ import json
 import re
 from typing import Any
 
-
 _DECODER = json.JSONDecoder()
 _USAGE_VALUE = re.compile(rb'"usage"\s*:\s*\{')
 

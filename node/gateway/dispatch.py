@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
-from node.app import Node
 from node.console.web import Answer, Console
 from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway import anthropic, ollama, responses
@@ -33,6 +33,9 @@ from node.gateway.asgi import serve_asgi
 from node.gateway.httpd import Connection, Refusal, Request
 from node.gateway.proxy import JSON_CT, error_headers
 from node.ops.metrics import refusal_reason
+
+if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
+    from node.app import Node
 
 log = logging.getLogger("infernode.dispatch")
 

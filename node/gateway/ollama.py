@@ -282,7 +282,7 @@ class NdjsonStream:
 
 # -- listings (answered by the node) ----------------------------------------------
 def _details(v: ModelView) -> dict[str, Any]:
-    return {"parent_model": "", "format": "gguf" if v.runtime in ("llamacpp", "ollama") else v.runtime or "unknown",
+    return {"parent_model": "", "format": v.format or "unknown",
             "family": "", "families": None, "parameter_size": "", "quantization_level": ""}
 
 

@@ -17,26 +17,34 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
+from node.accounts.keys import KeyRing
+from node.accounts.ledger import Ledger
+from node.accounts.quotas import Admission, Quotas
+from node.accounts.storage import UsageRow
+from node.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    ModelNotFound,
+    NodeError,
+    NoReadyReplica,
+    NotFound,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from node.gateway import context, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
 from node.gateway.bodies import usage_of, worker_error
-from node.errors import (
-    AuthenticationError, InvalidRequest, ModelNotFound, NodeError, NoReadyReplica, NotFound,
-    RateLimited, UpstreamError, UpstreamTimeout,
-)
 from node.gateway.httpd import Connection, Request
-from node.accounts.keys import KeyRing
-from node.accounts.ledger import Ledger
+from node.gateway.sse import SseRelay
+from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 from node.ops.logs import access as access_log
 from node.ops.metrics import Metrics, ModelSeries, refusal_reason
-from node.accounts.quotas import Admission, Quotas
 from node.workers.router import Gate, QueueFull, Router
-from node.gateway.sse import SseRelay
-from node.accounts.storage import UsageRow
-from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 
 log = logging.getLogger("infernode.gateway")
 
@@ -102,7 +110,7 @@ class Gateway:
                  uuid_request_ids: Callable[[Any], bool] = lambda t: False,
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
-                 runtime_of: Callable[[str], str] = lambda model: "",
+                 format_of: Callable[[str], str] = lambda model: "",
                  upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
                  ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -114,7 +122,7 @@ class Gateway:
         self.uuid_request_ids = uuid_request_ids
         self.serves_api = serves_api    # (target, api name): the runtime serves that API itself
         self.cannot = cannot            # (target, endpoint): why its runtime cannot serve that endpoint, or None
-        self.runtime_of = runtime_of
+        self.format_of = format_of      # model name: its weights' file format
         self.upstream_headers = upstream_headers  # e.g. an external model's Authorization (api_key_env)
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
@@ -309,9 +317,10 @@ class Gateway:
 
     def _local(self, route: Route, key, req: Request, ridb: bytes, conn: Connection) -> None:
         """A path of another client API answered by the node itself (listings, model details)."""
+        assert route.local is not None  # only routes the node answers itself come here
         parsed = _parse(req.body) if route.method == "POST" else None
         views = [ModelView(m.name, m.created, self.context_len(m), bool(self.router.ready(m.name)),
-                           self.runtime_of(m.name)) for m in self.models.values() if key.allows(m.name)]
+                           self.format_of(m.name)) for m in self.models.values() if key.allows(m.name)]
         conn.respond(200, [(b"content-type", route.content_type), (b"x-request-id", ridb)], route.local(views, parsed))
 
     # -- the proxy ---------------------------------------------------------------

@@ -105,7 +105,7 @@ class SseRelay:
         cut = out.rfind(b"data: [DONE]")
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": self.content_events,
                  "total_tokens": prompt_tokens + self.content_events}
-        obj = {"id": (self.stream_id or b"").decode(), "object": "chat.completion.chunk" if chat else "text_completion",
+        obj: dict[str, Any] = {"id": (self.stream_id or b"").decode(), "object": "chat.completion.chunk" if chat else "text_completion",
                "created": int(time.time()), "model": model, "choices": [], "usage": usage}
         self.saw_done = False
         return out[:cut] + b"data: " + json.dumps(obj).encode() + b"\n\n" + out[cut:]

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -68,7 +68,7 @@ class Origin:
     authorization: str | None = field(default=None, repr=False)  # from the URL's user:password
 
     @classmethod
-    def parse(cls, base_url: str) -> "Origin":
+    def parse(cls, base_url: str) -> Origin:
         u = urlsplit(base_url)
         tls = u.scheme == "https"
         port = u.port or (443 if tls else 80)
@@ -293,7 +293,7 @@ class Response:
 
     __slots__ = ("status", "headers", "_pool", "_idle", "_conn", "_timeout")
 
-    def __init__(self, pool: "Pool", idle: list[_Conn], conn: _Conn, read_timeout: float) -> None:
+    def __init__(self, pool: Pool, idle: list[_Conn], conn: _Conn, read_timeout: float) -> None:
         self._pool, self._idle, self._conn = pool, idle, conn
         self.status = conn.status
         self.headers = conn.headers

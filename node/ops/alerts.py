@@ -15,11 +15,11 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import httpx
 
@@ -32,17 +32,6 @@ log = logging.getLogger("infernode.alerts")
 SIGNATURE_HEADER = "X-Infernode-Signature"
 # A GPU alert re-arms only after the temperature falls this far below the threshold.
 TEMPERATURE_HYSTERESIS_C = 5.0
-
-
-def read_secret(settings: AlertsSection) -> str | None:
-    """The signing secret: from the environment variable named in [alerts], else its file."""
-    value = os.environ.get(settings.secret_env)
-    if value:
-        return value.strip()
-    if settings.secret_file is not None:
-        with contextlib.suppress(OSError):
-            return settings.secret_file.read_text().strip() or None
-    return None
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -70,7 +59,7 @@ class BudgetUse:
 
 def period_start(period: str, now: float) -> float:
     """Start (UTC) of the budget period containing now."""
-    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
     start = t.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "month":
         start = start.replace(day=1)
@@ -99,11 +88,13 @@ class Alerter:
     """Queues alerts and delivers them; also decides when a condition deserves one."""
 
     def __init__(self, settings: AlertsSection, node_name: str, *, secret: str | None = None,
+                 read_secret: Callable[[], str | None] | None = None,
                  client: httpx.AsyncClient | None = None, attempts: int = 6, backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, timeout_s: float = 10.0, queue_size: int = 1000) -> None:
         self.settings = settings
         self.node_name = node_name
         self.secret = secret
+        self._read_secret = read_secret
         self.client = client
         self.attempts, self.backoff_s, self.max_backoff_s, self.timeout_s = attempts, backoff_s, max_backoff_s, timeout_s
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
@@ -168,7 +159,7 @@ class Alerter:
         if not self.enabled:
             return
         alert = {"id": uuid.uuid4().hex, "event": event, "node": self.node_name,
-                 "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
                  "summary": summary, **details}
         if self.queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -179,8 +170,8 @@ class Alerter:
     def start(self) -> None:
         """Start delivering (reads the signing secret now: construction does no I/O)."""
         if self._task is None and self.enabled:
-            if self.secret is None:
-                self.secret = read_secret(self.settings)
+            if self.secret is None and self._read_secret is not None:
+                self.secret = self._read_secret()
             if not self.secret:
                 log.warning("[alerts] has webhook_urls but no secret ($%s or secret_file): alerts go unsigned",
                             self.settings.secret_env)

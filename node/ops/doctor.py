@@ -14,25 +14,26 @@ import os
 import shutil
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
-from node.admin.client import node_tls
-from node.app import read_admin_key
-from node.config import Config
-from node.errors import ConfigError
-from node.workers.gpus import Inventory, discover
-from node.supply.lockfile import LockFile, read_lock
-from node.workers.placement import place
-from node.supply.resolve import stale_models
-from node.workers.router import Router
 from node.accounts.storage import open_storage
 from node.accounts.storage.migrations import MIGRATIONS
+from node.admin.client import node_tls
+from node.config import Config
+from node.errors import ConfigError
+from node.ops.fleet import read_master_key
+from node.supply.lockfile import LockFile, read_lock
+from node.supply.resolve import stale_models
 from node.supply.store import Store
+from node.workers.gpus import Inventory, discover
+from node.workers.placement import place
+from node.workers.router import Router
 from node.workers.supervisor import Supervisor
 
 # Free space below this share of the disk (after the missing blobs are pulled) is a warning.
@@ -101,7 +102,7 @@ def _lock(config: Config) -> tuple[LockFile, Check | None]:
 
 def check_gpus(config: Config, inventory: Inventory) -> Check:
     """Driver and NVML: a GPU model needs them; a CPU-only box only warns."""
-    wants_gpu = [m.name for m in config.models if m.runtime != "external" and m.gpu_count > 0]
+    wants_gpu = [m.name for m in config.models if m.launched and m.gpu_count > 0]
     if inventory.gpus:
         names = ", ".join(sorted({g.name for g in inventory.gpus}))
         return ok("driver", f"NVIDIA driver {inventory.driver}, NVML sees {len(inventory.gpus)} GPU(s): {names}")
@@ -114,7 +115,7 @@ def check_gpus(config: Config, inventory: Inventory) -> Check:
 
 def check_runtimes(config: Config, lock: LockFile) -> Iterator[Check]:
     """Each configured runtime: installed where the config says, and its version."""
-    used = sorted({m.runtime for m in config.models if m.runtime != "external"})
+    used = sorted({m.runtime for m in config.models if m.launched})
     if not used:
         yield ok("runtimes", "no model needs a local runtime")
         return
@@ -129,7 +130,7 @@ def check_runtimes(config: Config, lock: LockFile) -> Iterator[Check]:
             yield ok(f"runtime {name}", f"installed, version {check.detail}")
         else:
             yield fail(f"runtime {name}", check.detail,
-                       f"install {name} (see RUNTIMES) or point [runtimes.{name}] at its python/binary")
+                       f"install {name} (docs/gpus-and-runtimes.md) or point [runtimes.{name}] at its python/binary")
 
 
 def check_port(config: Config, timeout_s: float) -> Check:
@@ -158,7 +159,7 @@ def check_port(config: Config, timeout_s: float) -> Check:
 
 def _our_node(config: Config, host: str, port: int, timeout_s: float) -> bool:
     """Does the node on the port accept this config's admin key (so it is ours, not a stranger)?"""
-    key = read_admin_key(config)
+    key = config.admin_key()
     if not key:
         return True  # nothing to tell them apart with; /healthz answered as a node does
     r = httpx.get(f"{config.node.scheme}://{host}:{port}/admin/v1/status", headers={"authorization": f"Bearer {key}"},
@@ -176,7 +177,7 @@ def check_data_dir(config: Config) -> Check:
     existing = next((p for p in (d, *d.parents) if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK):
         return fail("data_dir", f"{existing} is not writable by this user ({os.geteuid()})",
-                    f"chown the folder to the node's user or change [node].data_dir")
+                    "chown the folder to the node's user or change [node].data_dir")
     return ok("data_dir", f"{d} is writable" if d.exists() else f"{d} will be created (under {existing})")
 
 
@@ -185,7 +186,7 @@ def check_store(config: Config, lock: LockFile, *, rehash: bool = False) -> Iter
     stale = stale_models(config, lock)
     store = Store(config.data_dir / "store")
     for m in config.models:
-        if m.runtime == "external":
+        if not m.launched:
             continue
         if m.name in stale:
             yield fail(f"model {m.name}", stale[m.name])
@@ -215,7 +216,7 @@ def check_disk(config: Config, lock: LockFile) -> Check:
     need = 0
     for m in config.models:
         entry = lock.entry(m.name)
-        if entry is not None and m.runtime != "external" and entry.source == m.source:
+        if entry is not None and m.launched and entry.source == m.source:
             need += sum(f.size for f in store.missing(entry))
     left = usage.free - need
     detail = f"{_size(usage.free)} free on {d}" + (f", {_size(need)} still to pull" if need else "")
@@ -267,7 +268,7 @@ def check_database(config: Config) -> Check:
 
 def _running_status(config: Config, timeout_s: float) -> dict[str, Any] | None:
     """The running node's /admin/v1/status (None when no node of this config answers)."""
-    key = read_admin_key(config)
+    key = config.admin_key()
     host = config.node.host
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     if not key:
@@ -313,16 +314,14 @@ def check_ledger(config: Config, timeout_s: float) -> Check:
 def check_admin_key(config: Config) -> Check:
     if os.environ.get(config.node.admin_key_env):
         return ok("admin key", f"set in ${config.node.admin_key_env}")
-    if read_admin_key(config):
-        return ok("admin key", f"set in {config.node.admin_key_file or config.data_dir / 'admin.key'}")
+    if config.admin_key():
+        return ok("admin key", f"set in {config.admin_key_path}")
     return warn("admin key", "not set; the node generates one into data_dir/admin.key on first start",
                 f"set ${config.node.admin_key_env} or [node].admin_key_file to choose it yourself")
 
 
 def check_fleet(config: Config, timeout_s: float) -> Check:
     """The LiteLLM proxy answers, and accepts the master key."""
-    from node.ops.fleet import read_master_key
-
     fleet = config.fleet.litellm
     if fleet is None:
         return ok("fleet", "not configured ([fleet.litellm] unset)")
@@ -362,12 +361,10 @@ def _auth_error(r: httpx.Response) -> bool:
 
 
 def check_alerts(config: Config) -> Check:
-    from node.ops.alerts import read_secret
-
     a = config.alerts
     if not a.webhook_urls:
         return ok("alerts", "no webhooks configured")
-    if not read_secret(a):
+    if not config.secret(a.secret_env, a.secret_file):
         return warn("alerts", f"{len(a.webhook_urls)} webhook(s) but no signing secret; alerts go unsigned",
                     f"set ${a.secret_env} or [alerts].secret_file")
     return ok("alerts", f"{len(a.webhook_urls)} webhook(s), signed")

@@ -19,15 +19,16 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from node.config import Config, LiteLLMFleet, ModelConfig
 from node.accounts.keys import hash_secret
+from node.config import Config, LiteLLMFleet, ModelConfig
 
 log = logging.getLogger("infernode.fleet")
 
@@ -111,16 +112,7 @@ def model_list_yaml(deployments: Iterable[Deployment]) -> str:
 def read_master_key(config: Config) -> str | None:
     """LiteLLM's master key: from the named environment variable, else master_key_file."""
     fleet = config.fleet.litellm
-    if fleet is None:
-        return None
-    value = os.environ.get(fleet.master_key_env)
-    if value:
-        return value.strip()
-    if fleet.master_key_file:
-        path = fleet.master_key_file if fleet.master_key_file.is_absolute() else config.base_dir / fleet.master_key_file
-        with contextlib.suppress(OSError):
-            return path.read_text().strip() or None
-    return None
+    return config.secret(fleet.master_key_env, fleet.master_key_file) if fleet else None
 
 
 class ProxyError(Exception):
@@ -271,7 +263,7 @@ class FleetReconciler:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.resync_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await asyncio.sleep(0.2)  # several replicas often change at once: sync once for all
@@ -299,7 +291,7 @@ class FleetReconciler:
             return 0
         try:
             return await asyncio.wait_for(self._deregister(), timeout)
-        except (ProxyError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProxyError) as exc:
             self.status.last_error = f"deregistration failed: {exc or 'timed out'}"
             log.warning("fleet: %s", self.status.last_error)
             return 0

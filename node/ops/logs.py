@@ -114,7 +114,7 @@ class LogWriter:
     loop more than the whole rest of the request's bookkeeping.
     """
 
-    def __init__(self, handler: logging.StreamHandler) -> None:  # type: ignore[type-arg]
+    def __init__(self, handler: logging.StreamHandler) -> None:
         self.handlers = [handler]
         self.records: deque[logging.LogRecord | tuple] = deque()
         self._second = -1
@@ -143,7 +143,7 @@ class LogWriter:
         handler.flush()
 
     @staticmethod
-    def _write(handler: logging.StreamHandler, lines: list[str]) -> None:  # type: ignore[type-arg]
+    def _write(handler: logging.StreamHandler, lines: list[str]) -> None:
         try:
             handler.stream.write("".join(lines))
         except (OSError, ValueError):
@@ -231,7 +231,7 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> LogWriter:
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
-_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_json_string = json.encoder.encode_basestring_ascii
 _writer: LogWriter | None = None  # where access lines go once setup_logging ran (logging is process-wide)
 
 

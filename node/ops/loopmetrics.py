@@ -12,11 +12,14 @@ types as prometheus_client's Counter, Gauge and Histogram.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
-    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.utils import floatToGoString
 
@@ -56,7 +59,7 @@ class _Family:
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self._children: dict[tuple[str, ...], object] = {}
-        registry.register(self)
+        registry.register(self)  # type: ignore[arg-type]  # a collector by duck typing (collect/describe)
 
     def _new(self) -> object:
         return _Value()

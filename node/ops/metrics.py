@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import __version__
-from node.workers.gpus import Inventory
 from node.ops.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
+from node.workers.gpus import Inventory
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -96,8 +104,8 @@ class Metrics:
                     seen[gauge].add(labels)
         # Remove only what vanished (a scrape rendering in another thread never sees the gauges empty).
         for gauge, keep in seen.items():
-            for labels in _label_sets(gauge) - keep:
-                gauge.remove(*labels)
+            for gone in _label_sets(gauge) - keep:
+                gauge.remove(*gone)
         self.gpu_sample_time.set(time.time() if now is None else now)
 
     def set_worker_metrics(self, model: str, replica: str, text: str) -> None:
@@ -155,7 +163,7 @@ class Metrics:
         yield from merged.values()
 
     def render(self) -> bytes:
-        return generate_latest(self)  # type: ignore[arg-type]
+        return generate_latest(self)
 
 
 # infernode_requests_refused_total{reason}: a fixed set, never a client's words.

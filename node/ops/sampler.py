@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import httpx
 
-from node.workers.gpus import Inventory
 from node.ops.metrics import Metrics, RequestWindow
+from node.workers.gpus import Inventory
 from node.workers.states import WorkerState
 
 log = logging.getLogger("infernode.sampler")

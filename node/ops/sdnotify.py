@@ -28,7 +28,7 @@ class Notifier:
         self.is_stopping = False
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True) -> "Notifier":
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True) -> Notifier:
         """Read $NOTIFY_SOCKET and $WATCHDOG_USEC; by default unset them so workers do not inherit them."""
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET") or None

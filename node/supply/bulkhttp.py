@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+import certifi
+
 from node.supply.proxies import proxy_for
 
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -52,7 +54,6 @@ class BulkClient:
                 elif os.environ.get("SSL_CERT_DIR"):
                     self._ssl = ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
                 else:
-                    import certifi
                     self._ssl = ssl.create_default_context(cafile=certifi.where())
             return self._ssl
 
@@ -73,7 +74,7 @@ class BulkClient:
             return http.client.HTTPConnection(p.host, p.port, timeout=self.timeout_s), auth
         return http.client.HTTPConnection(host, port, timeout=self.timeout_s), None
 
-    def get(self, url: str, headers: dict[str, str]) -> "BulkResponse":
+    def get(self, url: str, headers: dict[str, str]) -> BulkResponse:
         """GET `url`, following redirects; the caller reads the body and closes it."""
         origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
@@ -140,7 +141,7 @@ class BulkResponse:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "BulkResponse":
+    def __enter__(self) -> BulkResponse:
         return self
 
     def __exit__(self, *exc: object) -> None:

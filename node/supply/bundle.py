@@ -10,6 +10,7 @@ store, against the importing box's own `models.lock`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node.errors import StoreError
+from node.supply.ingest import copy_in, copy_stream
 from node.supply.lockfile import LockedFile, LockEntry, LockFile, write_lock
 from node.supply.progress import PullProgress
 from node.supply.store import DigestMismatch, Store
@@ -71,7 +73,7 @@ def export_bundle(store: Store, lock: LockFile, out: Path) -> BundleSummary:
                 info.size, info.mode = f.size, 0o444
                 with store.blob_path(hexd).open("rb") as src:
                     reader = _HashingReader(src)
-                    tar.addfile(info, reader)  # type: ignore[arg-type]
+                    tar.addfile(info, reader)
                 if reader.hash.hexdigest() != hexd:
                     raise DigestMismatch(f.path, hexd, reader.hash.hexdigest())
         os.replace(tmp, out)
@@ -106,8 +108,6 @@ def _candidates(root: Path, entry: LockEntry, f: LockedFile) -> list[Path]:
 
 
 def _import_from_dir(store: Store, entry: LockEntry, root: Path, progress: PullProgress) -> None:
-    from node.supply.pull import copy_in
-
     missing = store.missing(entry)
     store.check_space(sum(f.size for f in missing))
     for f in missing:
@@ -118,8 +118,6 @@ def _import_from_dir(store: Store, entry: LockEntry, root: Path, progress: PullP
 
 
 def _import_from_bundle(store: Store, entry: LockEntry, path: Path, progress: PullProgress) -> None:
-    from node.supply.pull import copy_stream
-
     missing = store.missing(entry)
     store.check_space(sum(f.size for f in missing))
     try:
@@ -136,13 +134,13 @@ def _import_from_bundle(store: Store, entry: LockEntry, path: Path, progress: Pu
                 theirs = _bundle_entry(tar, entry.name)
                 why = f"it pins {theirs.revision}, models.lock pins {entry.revision}" if theirs else "the model is not in it"
                 raise StoreError(f"{entry.name}: {f.path} (sha256:{f.sha256}) is not in {path}: {why}")
-            copy_stream(store, f, entry.name, progress, lambda m=member: _member(tar, m))
+            copy_stream(store, f, entry.name, progress, functools.partial(_member, tar, member))
 
 
 def _member(tar: tarfile.TarFile, name: str) -> BinaryIO:
     src = tar.extractfile(name)
     if src is None:
-        raise StoreError(f"{tar.name}: {name} is not a regular file")
+        raise StoreError(f"{tar.name!s}: {name} is not a regular file")
     return src  # type: ignore[return-value]
 
 

@@ -19,8 +19,9 @@ import select
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -70,7 +71,7 @@ class NetSettings:
     connect_timeout_s: float = 15.0
 
     @classmethod
-    def from_env(cls) -> "NetSettings":
+    def from_env(cls) -> NetSettings:
         """Defaults, overridden by INFERNODE_PULL_{CONCURRENCY,RETRIES,BACKOFF_S,STALL_S}."""
         return cls(
             parallel=_env_number("INFERNODE_PULL_CONCURRENCY", int, cls.parallel, 1, 64),

@@ -50,7 +50,7 @@ class LockEntry(BaseModel):
         blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
-    def sealed(self) -> "LockEntry":
+    def sealed(self) -> LockEntry:
         """This entry with its digest filled in."""
         return self.model_copy(update={"digest": self.compute_digest()})
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import IO, Protocol
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 
 class PullProgress(Protocol):
@@ -52,7 +51,7 @@ class RichProgress:
         self._tasks: dict[str, TaskID] = {}
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self._bars.start()
         return self
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 from node.config import Config, ModelConfig
-from node.errors import StoreError
-from node.supply.lockfile import LockedFile, LockEntry
+from node.supply.bundle import import_entry
+from node.supply.ingest import copy_in
+from node.supply.lockfile import LockEntry
 from node.supply.manifest import check_manifest, is_ollama_entry
 from node.supply.progress import NullProgress, PullProgress
 from node.supply.resolve import source_of
 from node.supply.sources import BuiltinSource, FileSource
-from node.supply.store import CHUNK, Store
+from node.supply.store import Store
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ def pull_entry(store: Store, entry: LockEntry, model: ModelConfig, config: Confi
     missing = store.missing(entry)
     if missing:
         if from_ is not None:
-            from node.supply.bundle import import_entry
             import_entry(store, entry, from_, progress)
         else:
             src = source_of(model, config)
@@ -48,33 +47,6 @@ def pull_entry(store: Store, entry: LockEntry, model: ModelConfig, config: Confi
                 remote.pull(store, entry, src, progress=progress)
     finish_views(store, entry)
     return PullResult(entry.name, len(missing), len(entry.files) - len(missing))
-
-
-def copy_in(store: Store, path: Path, f: LockedFile, model: str, progress: PullProgress) -> None:
-    """Copy one local file into the store, hashing while copying, reporting progress."""
-    if not path.is_file():
-        raise StoreError(f"{model}: {f.path}: {path} is missing; restore it or run `infernode lock`")
-    copy_stream(store, f, model, progress, lambda: path.open("rb"))
-
-
-def copy_stream(store: Store, f: LockedFile, model: str, progress: PullProgress,
-                open_src: Callable[[], BinaryIO]) -> None:
-    """Write one blob from a local stream (file, bundle member) through a BlobWriter."""
-    label = f"{model}/{f.path}"
-    with store.writer(f) as w:
-        progress.start(label, f.size, f.size if w.present else 0)
-        try:
-            if not w.present:
-                w.reset()
-                with open_src() as src:
-                    while chunk := src.read(CHUNK):
-                        w.write(chunk)
-                        progress.advance(label, len(chunk))
-                w.commit()
-        except BaseException as exc:
-            progress.finish(label, False, getattr(exc, "message", str(exc)))
-            raise
-        progress.finish(label, True)
 
 
 def finish_views(store: Store, entry: LockEntry) -> None:

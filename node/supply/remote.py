@@ -20,10 +20,10 @@ from urllib.parse import quote
 
 import httpx
 
-from node.supply.bulkhttp import BulkClient
 from node.config import ModelConfig
-from node.supply.download import NetSettings, RemoteError, fetch_into, get_with_retries
 from node.errors import StoreError
+from node.supply.bulkhttp import BulkClient
+from node.supply.download import NetSettings, RemoteError, fetch_into, get_with_retries
 from node.supply.lockfile import LockedFile, LockEntry
 from node.supply.manifest import MANIFEST_V2, check_manifest, is_ollama_entry
 from node.supply.progress import NullProgress, PullProgress

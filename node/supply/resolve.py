@@ -61,15 +61,15 @@ def resolve_model(model: ModelConfig, config: Config) -> LockEntry:
 
 
 def build_lock(config: Config) -> LockFile:
-    """The lock for every launched model (external models pin nothing)."""
-    return LockFile(models=[resolve_model(m, config) for m in config.models if m.runtime != "external"])
+    """The lock for every launched model (a server the node only routes to pins nothing)."""
+    return LockFile(models=[resolve_model(m, config) for m in config.models if m.launched])
 
 
 def stale_models(config: Config, lock: LockFile) -> dict[str, str]:
     """Models whose lock entry is missing or whose source changed, with the reason."""
     out = {}
     for m in config.models:
-        if m.runtime == "external":
+        if not m.launched:
             continue
         entry = lock.entry(m.name)
         if entry is None:

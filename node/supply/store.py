@@ -18,12 +18,13 @@ import mmap
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from node.errors import StoreError
 from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
+from runtimes import ModelLayout
 
 CHUNK = 1024 * 1024
 HASH_WINDOW = 64 * 1024 * 1024  # mapped at a time by hash_through
@@ -61,7 +62,7 @@ class BlobWriter:
     once; the second waits and then finds the blob present.
     """
 
-    def __init__(self, store: "Store", locked: LockedFile) -> None:
+    def __init__(self, store: Store, locked: LockedFile) -> None:
         self.store, self.locked = store, locked
         self.hexd = check_hex(locked.sha256)
         self.path = store.partial_dir / self.hexd
@@ -80,7 +81,7 @@ class BlobWriter:
         assert self._fd >= 0, "BlobWriter used outside its with-block"
         return self._fd
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
         while True:
             # No O_APPEND: splice(2) refuses append-mode files; writes go by explicit offset.
@@ -351,15 +352,15 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
         return root
 
-    def model_path(self, entry: LockEntry, runtime: str) -> Path:
-        """What a runtime is pointed at: a GGUF file, an HF folder, or the Ollama tree."""
+    def model_path(self, entry: LockEntry, layout: ModelLayout | None) -> Path:
+        """What a runtime is pointed at (its adapter's layout): a GGUF file, an HF folder, or the Ollama tree."""
         root = self.view(entry)
-        if runtime == "llamacpp":
+        if layout is ModelLayout.GGUF_FILE:
             ggufs = sorted(f.path for f in entry.files if f.path.endswith(".gguf"))
             if not ggufs:
                 raise StoreError(f"{entry.name}: no .gguf file among the locked files; select one with #GLOB in the source")
             return root / ggufs[0]
-        if runtime == "ollama":
+        if layout is ModelLayout.OLLAMA_TREE:
             return self.ollama_root(entry)
         configs = sorted((f.path for f in entry.files if f.path.rsplit("/", 1)[-1] == "config.json"), key=lambda p: p.count("/"))
         return (root / configs[0]).parent if configs else root

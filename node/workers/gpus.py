@@ -6,8 +6,9 @@ few calls used here; production passes nothing and the real module is imported.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 NO_DRIVER = "no NVIDIA driver found"

@@ -42,7 +42,11 @@ class KeeperHandle:
         loop = asyncio.get_running_loop()
         if self._pidfd is not None:
             fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self._pidfd, lambda: fut.done() or fut.set_result(None))
+            def exited() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(self._pidfd, exited)
             try:
                 await fut
             finally:

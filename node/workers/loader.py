@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from node.config import ModelConfig
 from node.errors import InvalidRequest, ModelNotFound, NoReadyReplica

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import httpx
 
@@ -35,7 +35,7 @@ class OnDemandReplica(Replica):
 
     idle_unload_s: float = 900.0
     load_timeout_s: float = 600.0
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,7 +51,7 @@ class OnDemandReplica(Replica):
 
     # The gateway counts requests in `inflight` on the replica it routes to; each change
     # is a use, which is all the idle timer and LRU eviction need (no extra hot-path call).
-    @property  # type: ignore[override]
+    @property
     def inflight(self) -> int:
         return self._inflight
 

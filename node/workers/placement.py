@@ -29,22 +29,16 @@ runtime takes the whole device by default.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
-from node.config import Config, ModelConfig
-from node.workers.gpus import Inventory
+from node.config import Config, GiB, ModelConfig
 from node.supply.lockfile import LockFile
+from node.workers.gpus import Inventory
 
-GiB = 1024 ** 3
 KV_RESERVE_FRACTION = 0.25
 CUDA_OVERHEAD = 1 * GiB
 MAX_UTILIZATION = 0.95
 _ROUND = 256 * 1024 ** 2
-_UNITS = {"": None, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
-          "t": 1000 ** 4, "tb": 1000 ** 4, "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
-          "gi": GiB, "gib": GiB, "ti": 1024 ** 4, "tib": 1024 ** 4}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -86,15 +80,6 @@ class _Device:
         return int(self.total * MAX_UTILIZATION) - self.charged
 
 
-def parse_size(text: str) -> int:
-    """Bytes in "20GiB", "20 GB", "512MiB" (GiB/MiB are powers of 2, GB/MB of 10)."""
-    m = _SIZE_RE.match(text)
-    unit = _UNITS.get(m.group(2).lower(), None) if m else None
-    if m is None or unit is None:
-        raise ValueError(f"'{text}' is not a memory size; write e.g. \"20GiB\" or \"512MiB\"")
-    return int(float(m.group(1)) * unit)
-
-
 def gib(n: int) -> str:
     """Bytes as a short GiB figure ("23 GiB", "19.5 GiB")."""
     return f"{n / GiB:.1f}".removesuffix(".0") + " GiB"
@@ -108,8 +93,8 @@ def estimate_need(weights: int, n_gpus: int) -> int:
 
 def need_per_gpu(m: ModelConfig, lock: LockFile) -> int:
     """What one replica of m needs on each of its GPUs."""
-    if m.gpu_memory:
-        return parse_size(m.gpu_memory)
+    if m.gpu_memory_bytes is not None:
+        return m.gpu_memory_bytes
     entry = lock.entry(m.name)
     return estimate_need(entry.total_size if entry else 0, m.gpu_count)
 
@@ -189,7 +174,7 @@ def place(config: Config, lock: LockFile, inventory: Inventory) -> Placement:
     devices = _devices(inventory)
     placed: list[Placed] = []
     unplaced: list[Unplaced] = []
-    gpu_models = [m for m in config.models if m.runtime != "external" and m.gpu_count > 0 and not m.on_demand]
+    gpu_models = [m for m in config.models if m.launched and m.gpu_count > 0 and not m.on_demand]
     share_all = any(m.on_demand and m.gpu_count > 0 for m in config.models)
     order = [m for m in gpu_models if not isinstance(m.gpus, int)] + [m for m in gpu_models if isinstance(m.gpus, int)]
     for m in config.models:  # on CPU, or on GPUs chosen when loaded (on demand)

@@ -45,16 +45,12 @@ async def infer(client: httpx.AsyncClient, plan: LaunchPlan, model: str, timeout
     return "" if choices else "inference probe: no choices"
 
 
-async def warm(plan: LaunchPlan, step: Warmup, timeout: float) -> str:
-    """Run one warm-up step; '' when it worked, else why not."""
-    if step.kind == "ollama_load":
-        import ollama  # only Ollama replicas need it
-
-        try:
-            client = ollama.AsyncClient(host=plan.root_url, timeout=timeout)
-            # An empty prompt loads the model; keep_alive=-1 pins it in memory for good.
-            await client.generate(model=step.model, prompt="", keep_alive=-1)
-        except (ollama.ResponseError, httpx.HTTPError, OSError) as exc:
-            return f"warm-up {step.kind} {step.model}: {exc}"
-        return ""
-    return f"unknown warm-up step '{step.kind}'"
+async def warm(client: httpx.AsyncClient, plan: LaunchPlan, step: Warmup, timeout: float) -> str:
+    """Send one warm-up request the adapter described; '' when it answered 200, else why not."""
+    try:
+        r = await client.post(plan.root_url + step.path, json=dict(step.body), timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"warm-up {step.path}: {type(exc).__name__}"
+    if r.status_code != 200:
+        return f"warm-up {step.path}: HTTP {r.status_code} {r.text[:200]}"
+    return ""

@@ -19,15 +19,16 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import httpx
 
 import runtimes
-from node.workers import probes
 from node.config import SupervisorSection
+from node.workers import probes
 from node.workers.handles import Adoptable, KeeperHandle
 from node.workers.keeper import owner_token
 from node.workers.states import WorkerState, check_transition
@@ -102,7 +103,7 @@ class Replica:
     run_dir: Path
     log_dir: Path
     probe_client: httpx.AsyncClient
-    on_change: Callable[["Replica"], None] = lambda r: None
+    on_change: Callable[[Replica], None] = lambda r: None
     adopt: Adoptable | None = None
     adopt_grace_s: float = 30.0
     probe_inference: bool = False   # also send a real one-token completion every few probes
@@ -271,7 +272,7 @@ class Replica:
             self.adopted = True
             self._read_worker_pid()
         else:
-            if self.spec.runtime != "external":
+            if runtimes.launched(self.spec.runtime):
                 self.spec = replace(self.spec, port=free_port())
             self.plan = runtimes.get(self.spec.runtime).plan(self.spec)
             self.adopted = False
@@ -282,7 +283,7 @@ class Replica:
         """Run the plan's warm-up steps (health has passed; not yet READY); '' when done."""
         assert self.plan is not None
         for step in self.plan.warmup:
-            why = await probes.warm(self.plan, step, self.plan.startup_timeout_s)
+            why = await probes.warm(self.probe_client, self.plan, step, self.plan.startup_timeout_s)
             if why:
                 return why
         return ""
@@ -380,7 +381,7 @@ class Replica:
         return self.settings.probe_interval_s
 
     async def _sleep_or_exit(self, seconds: float) -> None:
-        waits = [asyncio.create_task(e.wait()) for e in self._wakers()]
+        waits: list[asyncio.Task[Any]] = [asyncio.create_task(e.wait()) for e in self._wakers()]
         if self.keeper is not None:
             waits.append(asyncio.create_task(self.keeper.wait()))
         try:
@@ -434,7 +435,7 @@ class Replica:
             keeper.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(keeper.wait(), self.settings.stop_timeout_s + 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 keeper.signal(signal.SIGKILL)  # the worker dies with it (PDEATHSIG)
                 await keeper.wait()
         else:

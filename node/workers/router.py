@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Iterable, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 
 class Target(Protocol):
@@ -30,7 +31,7 @@ class Router:
         self._ready = {m: self._ready.get(m, []) for m in models}
         self.context = {m: self.context.get(m) for m in models}
 
-    def set_ready(self, model: str, targets: list[Target]) -> None:
+    def set_ready(self, model: str, targets: Sequence[Target]) -> None:
         if model in self._ready:
             self._ready = {**self._ready, model: list(targets)}
 

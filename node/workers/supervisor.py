@@ -15,26 +15,25 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
 import runtimes
 from node.config import Config, ModelConfig
-from node.workers.gpus import Inventory
-from node.workers.keeper import owner_token, process_start_time
 from node.supply.lockfile import LockFile
-from node.workers.placement import Placed, place
 from node.supply.resolve import stale_models
-from node.workers.router import Router
-from node.supply.sources import OllamaSource, parse_source, registry_host
-from node.workers.states import WorkerState
 from node.supply.store import Store
+from node.workers.gpus import Inventory
 from node.workers.handles import claim_workers, find_adoptable
+from node.workers.keeper import owner_token, process_start_time
 from node.workers.ondemand import OnDemandReplica
+from node.workers.placement import Placed, place
 from node.workers.replica import Replica, spec_hash
+from node.workers.router import Router
+from node.workers.states import WorkerState
 from runtimes import WorkerSpec
 
 log = logging.getLogger("infernode.supervisor")
@@ -71,7 +70,7 @@ class Supervisor:
         """Is a runtime installed where the config says? (cached; runs its version command)."""
         if runtime in self.runtime_checks:
             return self.runtime_checks[runtime]
-        if runtime == "external":
+        if not runtimes.launched(runtime):
             return RuntimeCheck(True, "not launched by the node")
         rs = self.config.runtime_settings(runtime)
         spec = WorkerSpec(model="probe", replica=0, runtime=runtime, port=0, python=self._python(runtime),
@@ -92,7 +91,7 @@ class Supervisor:
                     check = RuntimeCheck(True, text[-1] if text else "installed")
                 else:
                     check = RuntimeCheck(False, f"{runtime} is not installed in {argv[0]}: {text[-1] if text else proc.returncode}")
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 check = RuntimeCheck(False, f"{runtime} is not usable: {exc}")
         self.runtime_checks[runtime] = check
         return check
@@ -102,12 +101,12 @@ class Supervisor:
         m = placed.model
         rs = self.config.runtime_settings(m.runtime)
         model_path = None
-        if m.runtime != "external":
+        if m.launched:
             if m.name in self._store_problems:
                 return self._store_problems[m.name]
             entry = self.lock.entry(m.name)
             assert entry is not None  # stale models are held before this
-            model_path = self.store.model_path(entry, m.runtime)
+            model_path = self.store.model_path(entry, runtimes.get(m.runtime).LAYOUT)
             check = await self.check_runtime(m.runtime, m)
             if not check.ok:
                 return check.detail
@@ -118,7 +117,7 @@ class Supervisor:
                 return f"${m.api_key_env} (api_key_env of model '{m.name}') is not set; export the key for {m.url}"
         spec = WorkerSpec(
             model=m.name, replica=placed.replica, runtime=m.runtime, port=0, api_key=api_key,
-            model_path=model_path, source=self._runtime_source(m), gpu_uuids=placed.gpu_uuids,
+            model_path=model_path, source=m.source, registry=m.registry, gpu_uuids=placed.gpu_uuids,
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
             python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
             max_model_len=m.max_model_len, url=m.url,
@@ -130,21 +129,12 @@ class Supervisor:
             return f"{m.runtime} cannot launch {m.name}: {exc}"
         return spec
 
-    @staticmethod
-    def _runtime_source(m: ModelConfig) -> str:
-        """The source as the runtime names the model (Ollama keeps a private registry's host)."""
-        if m.runtime == "ollama" and m.registry and m.source.startswith("ollama:"):
-            src = parse_source(m.source, registry=m.registry)
-            assert isinstance(src, OllamaSource)
-            return f"ollama:{registry_host(m.registry)}/{src.repository}:{src.tag}"
-        return m.source
-
     async def verify_store(self) -> None:
         """Re-hash every locked model before launch; a bad one is held, the others start."""
         self._store_problems = {}
         for m in self.config.models:
             entry = self.lock.entry(m.name)
-            if m.runtime == "external" or entry is None:
+            if not m.launched or entry is None:
                 continue
             problems = await asyncio.to_thread(self.store.verify, entry)
             if problems:
@@ -164,7 +154,7 @@ class Supervisor:
         if isinstance(r, OnDemandReplica):
             assert model is not None
             r.idle_unload_s, r.load_timeout_s = model.idle_unload_s, self.config.node.load_timeout_s
-            r.clock = self.clock  # type: ignore[method-assign]
+            r.clock = self.clock
             r.last_used = self.clock()
         return r
 
@@ -272,8 +262,8 @@ class Supervisor:
             ready = [r for r in self.replicas.values() if r.spec.model == name and r.state is S.READY]
             self.router.set_ready(name, ready)
             for r in ready:
-                if r.plan is not None and r.spec.runtime == "llamacpp":
-                    self.router.context[name] = runtimes.get("llamacpp").n_ctx(r.plan)  # type: ignore[attr-defined]
+                if r.plan is not None and r.plan.context_length is not None:
+                    self.router.context[name] = r.plan.context_length
 
     # -- queries and commands --------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -71,7 +71,7 @@ class FaultyServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.server_address[1]}"
 
-    def start(self) -> "FaultyServer":
+    def start(self) -> FaultyServer:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self

@@ -53,7 +53,7 @@ class LiteLLMAdminFake:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LiteLLMAdminFake":
+    def start(self) -> LiteLLMAdminFake:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -112,7 +112,7 @@ class FakeNvml:
     NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE
 
     @classmethod
-    def with_gpus(cls, *gpus: FakeGpu) -> "FakeNvml":
+    def with_gpus(cls, *gpus: FakeGpu) -> FakeNvml:
         for i, g in enumerate(gpus):
             g.uuid = g.uuid or f"GPU-{i:08x}-1111-2222-3333-{i:012x}"
             for j, m in enumerate(g.mig or []):
@@ -120,7 +120,7 @@ class FakeNvml:
         return cls(gpus=list(gpus))
 
     @classmethod
-    def no_driver(cls) -> "FakeNvml":
+    def no_driver(cls) -> FakeNvml:
         return cls(init_error=NVMLError_LibraryNotFound)
 
     # -- the pynvml calls ------------------------------------------------------

@@ -26,7 +26,7 @@ import re
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # runtime_http sits beside this file
@@ -35,7 +35,7 @@ from runtime_http import Behaviour, Handler, Runtime, add_openai_routes, serve  
 VERSION = "0.12.6"
 DEFAULT_REGISTRY = "registry.ollama.ai"
 MODEL_MEDIA = "application/vnd.ollama.image.model"
-FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)  # how Ollama shows keep_alive=-1
+FOREVER = datetime(2318, 1, 1, tzinfo=UTC)  # how Ollama shows keep_alive=-1
 
 
 def local_models(root: Path) -> dict[str, dict]:
@@ -122,7 +122,7 @@ def routes_for(o: Ollama) -> dict:
 
     def tags(h: Handler) -> None:
         h.send_json(200, {"models": [
-            {"name": n, "model": n, "modified_at": datetime.fromtimestamp(m["_mtime"], timezone.utc).isoformat(),
+            {"name": n, "model": n, "modified_at": datetime.fromtimestamp(m["_mtime"], UTC).isoformat(),
              "size": _size(m), "digest": m["_digest"], "details": {"format": "gguf"}}
             for n, m in local_models(o.root).items()]})
 
@@ -130,7 +130,7 @@ def routes_for(o: Ollama) -> dict:
         models = local_models(o.root)
         out = []
         for n, exp in o.running().items():
-            until = FOREVER if exp is None else datetime.now(timezone.utc) + timedelta(seconds=exp - time.monotonic())
+            until = FOREVER if exp is None else datetime.now(UTC) + timedelta(seconds=exp - time.monotonic())
             m = models.get(n, {})
             out.append({"name": n, "model": n, "size": _size(m), "digest": m.get("_digest", ""), "details": {"format": "gguf"},
                         "expires_at": until.isoformat(), "size_vram": 0})
@@ -152,7 +152,7 @@ def routes_for(o: Ollama) -> dict:
         except ValueError as exc:
             h.send_json(400, {"error": str(exc)})
             return
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         if keep == 0 and not body.get("prompt"):
             with o.lock:
                 o.loaded.pop(full, None)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime("ollama", Behaviour.from_env(), owned_by="library")
     o = Ollama(root, rt)
     rt.models = lambda: list(local_models(root))
-    rt.log(f'time={datetime.now(timezone.utc).isoformat()} level=INFO msg="Listening on {host}:{port} (version {VERSION})"')
+    rt.log(f'time={datetime.now(UTC).isoformat()} level=INFO msg="Listening on {host}:{port} (version {VERSION})"')
     return serve(rt, host, port, routes_for(o), bind_after_load=False)
 
 

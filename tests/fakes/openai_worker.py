@@ -37,7 +37,10 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
+import urllib.request
 from typing import Any
 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 422: b"Unprocessable Entity", 429: b"Too Many Requests",
@@ -151,7 +154,7 @@ class Conn(asyncio.Protocol):
                 await asyncio.wait_for(self.lost.wait(), ctl["delay_s"])
                 stub.events.append({"event": "disconnect", "after_chunks": 0, "request_id": headers.get("x-request-id")})
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if ctl.get("status"):
             return self._error(int(ctl["status"]), ctl.get("message", "stub error"), ctl.get("param"))
@@ -208,7 +211,7 @@ class Conn(asyncio.Protocol):
             if delay:
                 try:
                     await asyncio.wait_for(self.lost.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             elif not self.writable.is_set():
                 await self.writable.wait()
@@ -276,12 +279,8 @@ def main() -> None:
         asyncio.run(serve(a.host, a.port, stub))
 
 
-def start(port: int, *args: str) -> "subprocess.Popen[bytes]":
+def start(port: int, *args: str) -> subprocess.Popen[bytes]:
     """Start the stub as a child process and wait until it answers (for tests and the benchmark)."""
-    import subprocess
-    import sys
-    import urllib.request
-
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_worker", "--port", str(port), *args],
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     deadline = time.monotonic() + 30
@@ -291,7 +290,7 @@ def start(port: int, *args: str) -> "subprocess.Popen[bytes]":
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"the stub worker exited with {proc.returncode}")
+                raise RuntimeError(f"the stub worker exited with {proc.returncode}") from None
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("the stub worker did not start in 30 s")

@@ -27,9 +27,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 RECORDED_ENV = ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE",
                 "OLLAMA_NOPRUNE", "OLLAMA_CONTEXT_LENGTH", "VLLM_NO_USAGE_STATS", "VLLM_CPU_KVCACHE_SPACE")
@@ -54,7 +55,7 @@ class Behaviour:
     record: str | None = None
 
     @classmethod
-    def from_env(cls) -> "Behaviour":
+    def from_env(cls) -> Behaviour:
         fail = 0.0 if os.environ.get("FAKE_RUNTIME_FAIL_HEALTH") == "1" else _env_float("FAKE_RUNTIME_FAIL_HEALTH_AFTER_S")
         return cls(start_delay_s=_env_float("FAKE_RUNTIME_START_DELAY_S") or 0.0,
                    crash_after_s=_env_float("FAKE_RUNTIME_CRASH_AFTER_S"),
@@ -97,7 +98,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "uvicorn"
     runtime: Runtime
-    routes: dict[tuple[str, str], Callable[["Handler"], None]] = {}
+    routes: dict[tuple[str, str], Callable[[Handler], None]] = {}
 
     def log_message(self, fmt: str, *args: Any) -> None:
         self.runtime.log(f"INFO:     {self.client_address[0]} - \"{self.command} {self.path}\" {args[1] if len(args) > 1 else ''}")

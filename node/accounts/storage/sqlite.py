@@ -1,14 +1,18 @@
-"""SQLite backend (WAL), through sqlite-utils."""
+"""SQLite backend (WAL), through the standard library's sqlite3.
+
+The SQL is the same as PostgreSQL's (node/accounts/storage/sql.py), so no table layer
+on top: WAL is one pragma.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import sqlite_utils
+from typing import Any
 
 
 class SqliteBackend:
@@ -24,15 +28,14 @@ class SqliteBackend:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-            db = sqlite_utils.Database(conn)
-            db.enable_wal()
+            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             self._conn = conn
         return self._conn
 
     @contextmanager
-    def transaction(self) -> Iterator["SqliteBackend"]:
+    def transaction(self) -> Iterator[SqliteBackend]:
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
@@ -56,6 +59,13 @@ class SqliteBackend:
             cur = self._connect().execute(sql, params)
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    @contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """One migrator per database file, across processes: an flock on a file beside it."""
+        with open(f"{self.path}.migrate-lock", "a") as f, self._lock:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
     def table_exists(self, name: str) -> bool:
         return bool(self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)))
