@@ -17,10 +17,10 @@ from pydantic import AfterValidator
 from node import __version__
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.accounts.teams import TeamRecord
-from node.workers.replica import tail_lines
 from node.admin.protocol import MAX_TIME, KeyCreate, KeyUpdate, TeamCreate, TeamUpdate, check_text
 from node.errors import AuthenticationError, InvalidRequest, NodeError, NoReadyReplica, NotFound, UpstreamError
 from node.ops.fleet import ProxyError, desired_deployments
+from node.workers.replica import tail_lines
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node
