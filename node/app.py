@@ -18,14 +18,15 @@ import httpx
 import runtimes
 from node.accounts.audit import AuditRecord, scrub
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
-from node.accounts.plans import PlanRecord, effective
-from node.accounts.roles import Principal
-from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
 from node.accounts.ledger import Ledger, rebuild_counters
+from node.accounts.plans import PlanRecord, effective
 from node.accounts.quotas import Quotas
+from node.accounts.roles import Principal
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
+from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
 from node.config import Config, load_config
-from node.errors import NoReadyReplica, OperationFailed
+from node.console.sessions import SignedIn
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
@@ -308,6 +309,21 @@ class Node:
             except StorageUnavailable as exc:
                 if ticks % 20 == 1:
                     log.warning("key refresh failed (keys stay as they were): %s", exc)
+
+    def identify(self, secret: str) -> SignedIn | None:
+        """Who a console sign-in is: an admin token (the bootstrap key included) or an API key in good standing."""
+        who = self.tokens.principal(secret)
+        if who is not None:
+            record = self.tokens.get(who.id)
+            name = record.name if record is not None else "admin key"
+            return SignedIn("admin", who.role.label, who.id, name, who.team, secret)
+        try:
+            key = self.keys.lookup(secret)
+        except AuthenticationError:
+            return None   # revoked or expired
+        if key is None:
+            return None
+        return SignedIn("key", "key", key.id, key.name, key.team, secret)
 
     async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
         """A new key and its secret (returned once, stored as a hash)."""

@@ -5,27 +5,28 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 from fastapi.routing import APIRoute
 
+from node.accounts.keys import hash_secret
 from node.accounts.roles import ACTIONS, Role, allowed
 from node.accounts.tokens import TokenRecord, TokenRing
-from node.accounts.keys import hash_secret
 from tests.conftest import run_cli, wait_until
 from tests.test_storage import make_db_url
 
 NO_MODELS = ""
-A, O, V = Role.ADMIN, Role.OPERATOR, Role.VIEWER
+A, OP, V = Role.ADMIN, Role.OPERATOR, Role.VIEWER
 
 # The contract, written out independently of node/accounts/roles.py:
 # (method, path, body, lowest role, may a team-bound token call it)
 ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("GET", "/admin/v1/status", None, V, True),
     ("GET", "/admin/v1/workers", None, V, True),
+    ("GET", "/admin/v1/workers/nope-0/logs", None, V, True),
     ("GET", "/admin/v1/gpus", None, V, True),
     ("GET", "/admin/v1/openapi.json", None, V, True),
     ("GET", "/admin/v1/usage", None, V, True),
@@ -39,13 +40,13 @@ ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("GET", "/admin/v1/audit", None, V, False),
     ("GET", "/admin/v1/audit/verify", None, V, False),
     ("GET", "/admin/v1/fleet", None, V, False),
-    ("POST", "/admin/v1/reload", None, O, False),
-    ("POST", "/admin/v1/models/nope/restart", None, O, False),
-    ("POST", "/admin/v1/models/nope/load", None, O, False),
-    ("POST", "/admin/v1/models/nope/unload", None, O, False),
-    ("POST", "/admin/v1/fleet/register", None, O, False),
-    ("POST", "/admin/v1/fleet/deregister", None, O, False),
-    ("GET", "/admin/v1/fleet/config", None, O, False),
+    ("POST", "/admin/v1/reload", None, OP, False),
+    ("POST", "/admin/v1/models/nope/restart", None, OP, False),
+    ("POST", "/admin/v1/models/nope/load", None, OP, False),
+    ("POST", "/admin/v1/models/nope/unload", None, OP, False),
+    ("POST", "/admin/v1/fleet/register", None, OP, False),
+    ("POST", "/admin/v1/fleet/deregister", None, OP, False),
+    ("GET", "/admin/v1/fleet/config", None, OP, False),
     ("POST", "/admin/v1/keys", {"name": "made", "team": "red"}, A, True),
     ("PATCH", "/admin/v1/keys/{red_key}", {"rpm": 7}, A, True),
     ("POST", "/admin/v1/keys/{red_key}/rotate", {"grace_s": 60}, A, True),
@@ -89,7 +90,8 @@ def test_every_admin_route_checks_a_role() -> None:
         for method in route.methods:
             seen.add((method, route.path))
     covered = {(m, p.replace("{red_key}", "{key_id}").replace("{victim}", "{token_id}").replace("/red", "/{name}")
-                .replace("/basic", "/{name}").replace("/gone", "/{name}").replace("/nope/", "/{name}/"))
+                .replace("/basic", "/{name}").replace("/gone", "/{name}").replace("/nope/", "/{name}/")
+                .replace("/nope-0/", "/{replica_id}/"))
                for m, p, *_ in ROUTES}
     assert seen == covered
 
@@ -139,7 +141,7 @@ def test_every_role_against_every_admin_route(node_factory, db_extra: str) -> No
         victim = c.post("/admin/v1/tokens", json={"name": "victim", "role": "viewer"}).json()["id"]
     callers = {
         "admin": (A, None, make_token(n, "admin")),
-        "operator": (O, None, make_token(n, "operator")),
+        "operator": (OP, None, make_token(n, "operator")),
         "viewer": (V, None, make_token(n, "viewer")),
         "team admin": (A, "red", make_token(n, "admin", "red")),
         "team viewer": (V, "red", make_token(n, "viewer", "red")),

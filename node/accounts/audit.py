@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 GENESIS = "0" * 64
 # Fields never written into `changes`, whatever a route passes (secrets and their hashes).

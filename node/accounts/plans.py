@@ -10,8 +10,9 @@ are built (off the request path).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 GROUP_PREFIX = "group:"
 LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_usd")
@@ -38,7 +39,7 @@ class PlanRecord:
         d["models"] = list(self.models) if self.models is not None else None
         return d
 
-    def updated(self, **changes: Any) -> "PlanRecord":
+    def updated(self, **changes: Any) -> PlanRecord:
         return replace(self, **changes, updated_at=time.time())
 
 

@@ -25,7 +25,7 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, value: str) -> "Role":
+    def parse(cls, value: str) -> Role:
         try:
             return cls[value.upper()]
         except KeyError:

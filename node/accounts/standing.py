@@ -7,7 +7,7 @@ from typing import Any
 
 from node.accounts.counters import WINDOW
 from node.accounts.keys import KeyRecord
-from node.accounts.quotas import Limits, Quotas, next_month_start, day_id
+from node.accounts.quotas import Limits, Quotas, day_id, next_month_start
 
 
 def _scope(quotas: Quotas, lim: Limits, name: str, now: float) -> dict[str, Any]:

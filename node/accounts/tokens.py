@@ -11,8 +11,9 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 from node.accounts.keys import hash_secret
 from node.accounts.roles import Principal, Role
@@ -53,7 +54,7 @@ class TokenRecord:
     def principal(self) -> Principal:
         return Principal(self.id, Role.parse(self.role), self.team)
 
-    def updated(self, **changes: Any) -> "TokenRecord":
+    def updated(self, **changes: Any) -> TokenRecord:
         return replace(self, **changes, updated_at=time.time())
 
 

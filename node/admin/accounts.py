@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 
 from node.accounts.keys import KeyRecord, hash_secret, new_secret
 from node.accounts.plans import PlanRecord
@@ -14,8 +14,7 @@ from node.accounts.roles import Principal
 from node.accounts.teams import TeamRecord
 from node.accounts.tokens import TokenRecord
 from node.admin.access import audited, need, own_team
-from node.admin.protocol import (KeyCreate, KeyRotate, KeyUpdate, PlanCreate, PlanUpdate, TeamCreate, TeamUpdate,
-                                 TokenCreate)
+from node.admin.protocol import KeyCreate, KeyRotate, KeyUpdate, PlanCreate, PlanUpdate, TeamCreate, TeamUpdate, TokenCreate
 from node.errors import InvalidRequest, NotFound
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
@@ -57,9 +56,18 @@ def add_account_routes(r: FastAPI, node: Node) -> None:
         return {**record.public(), "key": secret}
 
     @r.get("/admin/v1/keys")
-    async def list_keys(who: Principal = need(node, "keys.read")) -> dict[str, Any]:
-        rows = sorted((k for k in node.keys.all() if who.sees_team(k.team)), key=lambda k: k.created_at)
-        return {"object": "list", "data": [k.public() for k in rows]}
+    async def list_keys(who: Principal = need(node, "keys.read"), q: str | None = Query(None, max_length=200),
+                        limit: int | None = Query(None, ge=1, le=100_000), offset: int = Query(0, ge=0, le=10_000_000),
+                        newest_first: bool = False) -> dict[str, Any]:
+        """Keys oldest first (or newest first); `q` matches name, id, team or prefix; `total` counts every match."""
+        rows = sorted((k for k in node.keys.all() if who.sees_team(k.team)), key=lambda k: k.created_at,
+                      reverse=newest_first)
+        if q:
+            needle = q.lower()
+            rows = [k for k in rows
+                    if needle in k.name.lower() or needle in k.id or needle in (k.team or "").lower() or needle in k.prefix]
+        page = rows[offset:offset + limit] if limit is not None else rows[offset:]
+        return {"object": "list", "total": len(rows), "data": [k.public() for k in page]}
 
     @r.get("/admin/v1/keys/{key_id}")
     async def get_key(key_id: str, who: Principal = need(node, "keys.read")) -> dict[str, Any]:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 
 from node import __version__
 from node.accounts.roles import Principal
 from node.admin.access import audited, need
 from node.errors import InvalidRequest, NoReadyReplica, NotFound, UpstreamError
 from node.ops.fleet import ProxyError, desired_deployments
+from node.workers.replica import tail_lines
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node
@@ -26,6 +28,16 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
         sup = node.supervisor
         data = [dataclasses.asdict(x.status()) for x in sup.replicas.values()] if sup else []
         return {"object": "list", "data": data}
+
+    @r.get("/admin/v1/workers/{replica_id}/logs")
+    async def worker_logs(replica_id: str, lines: int = Query(50, ge=1, le=500),
+                          _: Principal = need(node, "status.read")) -> dict[str, Any]:
+        """The last lines of one replica's log (what the runtime printed)."""
+        replica = node.supervisor.replicas.get(replica_id) if node.supervisor else None
+        if replica is None:
+            raise NotFound(f"no replica '{replica_id}'", code="replica_not_found")
+        text = await asyncio.to_thread(tail_lines, replica.log_path, lines, 65536)
+        return {"id": replica_id, "lines": text}
 
     @r.get("/admin/v1/gpus")
     async def gpus(_: Principal = need(node, "status.read")) -> dict[str, Any]:
@@ -41,6 +53,7 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
             "node": {"name": node.config.node.name, "listen": node.config.node.listen, "version": __version__,
                      "uptime_s": round(time.time() - node.started_at, 1), "ready": ok, "reasons": reasons,
                      "keys": len(node.keys)},
+            "models": [{"name": m.name, "runtime": m.runtime, "load": m.load} for m in node.config.models],
             "workers": [dataclasses.asdict(x.status()) for x in sup.replicas.values()] if sup else [],
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),

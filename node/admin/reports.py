@@ -6,16 +6,17 @@ import asyncio
 import csv
 import io
 import json
+from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
 
 from node.accounts.audit import verify
-from node.accounts.storage.sql import USAGE_COLUMNS
 from node.accounts.roles import Principal
+from node.accounts.storage.sql import USAGE_COLUMNS
 from node.admin.access import need, own_team
 from node.admin.protocol import MAX_TIME, check_text
 from node.errors import InvalidRequest

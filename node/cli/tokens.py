@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from node.admin.client import AdminClient
-from node.cli.root import ConfigOption, app, config_from, console
 from node.cli.keys import _time
+from node.cli.root import ConfigOption, app, config_from, console
 from node.errors import InvalidRequest, OperationFailed
 
 tokens_app = typer.Typer(no_args_is_help=True, help="Admin tokens with a role (admin, operator, viewer).")
@@ -92,7 +92,7 @@ def audit(verify: bool = typer.Option(False, "--verify", help="check the hash ch
     for col in ("seq", "time (UTC)", "actor", "role", "source", "action", "target", "changes"):
         t.add_column(col)
     for r in rows:
-        when = datetime.fromtimestamp(r["ts"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S")
         t.add_row(str(r["seq"]), when, r["actor_id"], r["actor_role"], r["source"], r["action"], r["target"],
                   json.dumps(r["changes"])[:80])
     console.print(t)

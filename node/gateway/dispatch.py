@@ -4,7 +4,9 @@
 other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
 Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
-ASGI bridge. Every response carries an `x-request-id` (the client's if it sent one).
+ASGI bridge; `/ui/*` is the web console (node/console/), whose API calls come back here
+as `/v1` or `/admin` requests carrying the signed-in principal's secret. Every response
+carries an `x-request-id` (the client's if it sent one).
 
 `check_head` runs when a request's head is complete, before its body is read
 (node/gateway/httpd.py): API routes authenticate their key there (each Route says where
@@ -23,6 +25,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
+from node.console.web import Answer, Console
 from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway import anthropic, ollama, responses
 from node.gateway.adapter import Route, bearer
@@ -49,6 +52,7 @@ class NodeApp:
         self.admin = build_admin(node)
         self.server_addr = server_addr
         self.scheme = node.config.node.scheme
+        self.console = Console(node.identify, secure=self.scheme == "https", node_name=node.config.node.name)
         env = node.config.node.metrics_token_env
         self.metrics_token: bytes | None = None
         if env:
@@ -70,6 +74,12 @@ class NodeApp:
                 err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
                                           code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        elif path == b"/ui" or path.startswith(b"/ui/"):
+            # The console's own bodies are small forms; its API calls are bounded like the API they reach.
+            refused, limit = self.console.check_head(req.method, path.decode("latin-1"), req.headers)
+            if refused is not None:
+                return Refusal(refused.status, refused.headers + [(b"x-request-id", _request_id(req))], refused.body)
+            req.body_limit = min(req.body_limit, limit or ADMIN_BODY_BYTES)
         elif path.startswith(b"/admin/"):
             req.body_limit = min(req.body_limit, ADMIN_BODY_BYTES)
             if path.startswith(b"/admin/v1/") and req.header(b"authorization") is None:
@@ -92,6 +102,12 @@ class NodeApp:
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
+        if path == b"/ui" or path.startswith(b"/ui/"):
+            ui = self.console.handle(req.method, path.decode("latin-1"), req.headers, req.body)
+            if isinstance(ui, Answer):
+                return conn.respond(ui.status, ui.headers + [(b"x-request-id", _request_id(req))], ui.body)
+            req.path, req.headers = ui.path, ui.headers
+            path = req.path
         gateway = self.node.gateway
         route = API_ROUTES.get(path)
         if (route is not None or path.startswith(b"/v1/")) and gateway is not None:

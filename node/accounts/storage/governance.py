@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import fields, replace
-from typing import Any, Iterator
+from typing import Any
 
 from node.accounts.audit import GENESIS, AuditRecord, chain_hash
 from node.accounts.plans import PlanRecord
@@ -119,16 +120,21 @@ class GovernanceTables:
         where: list[str] = []
         params: list[Any] = []
         if since is not None:
-            where.append("ts >= ?"); params.append(since)
+            where.append("ts >= ?")
+            params.append(since)
         if until is not None:
-            where.append("ts < ?"); params.append(until)
+            where.append("ts < ?")
+            params.append(until)
         if actor is not None:
-            where.append("actor_id = ?"); params.append(actor)
+            where.append("actor_id = ?")
+            params.append(actor)
         if action is not None:
             if action.endswith("."):
-                where.append(f"substr(action, 1, {len(action)}) = ?"); params.append(action)
+                where.append(f"substr(action, 1, {len(action)}) = ?")
+                params.append(action)
             else:
-                where.append("action = ?"); params.append(action)
+                where.append("action = ?")
+                params.append(action)
         sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY seq LIMIT ?"
         params.append(limit)

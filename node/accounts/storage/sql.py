@@ -11,13 +11,13 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from node.accounts.keys import KeyRecord
 from node.accounts.audit import AuditRecord
+from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord
 from node.accounts.storage.governance import GovernanceTables
 from node.accounts.storage.migrations import MIGRATIONS
-from node.accounts.tokens import TokenRecord
 from node.accounts.teams import TeamRecord
+from node.accounts.tokens import TokenRecord
 
 KEY_COLUMNS = [f.name for f in fields(KeyRecord)]
 TEAM_COLUMNS = [f.name for f in fields(TeamRecord)]

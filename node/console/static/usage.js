@@ -1,0 +1,52 @@
+// Usage: charts by day, model, key and team (admins); a key's own usage and limits (keys).
+import { api, barChart, content, csv, download, el, fmtNum, role, section, setStatus, table } from "./api.js";
+
+const DAY = 86400;
+const tokens = (r) => (r.prompt_tokens || 0) + (r.completion_tokens || 0);
+
+async function staff(days) {
+  const since = Math.floor(Date.now() / 1000 / DAY - days + 1) * DAY;
+  const by = async (g) => (await api(`/admin/v1/usage?group_by=${g}&since=${since}`)).data;
+  const [byDay, byModel, byKey, byTeam] = await Promise.all([by("day"), by("model"), by("key"), by("team")]);
+  const chart = (title, rows, label) => barChart(title, rows.map((r) => [label(r), tokens(r)]).sort((a, b) => b[1] - a[1]), " tok");
+  const exportBtn = el("button", { type: "button", id: "export-csv" }, "Export CSV (by key and model)");
+  exportBtn.addEventListener("click", async () => {
+    const rows = (await api(`/admin/v1/usage?group_by=day,key,model&since=${since}`)).data;
+    const cols = rows.length ? Object.keys(rows[0]) : ["day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens"];
+    download(`usage-${days}d.csv`, csv(rows, cols));
+  });
+  const requestsLink = el("a", { href: `/ui/api/admin/v1/usage/requests?format=csv&since=${since}`, download: "requests.csv" },
+    "Every request (CSV)");
+  content().replaceChildren(
+    section(`Tokens per day (last ${days} days)`,
+      barChart("Tokens per day", byDay.map((r) => [r.day, tokens(r)]).sort(), " tok"),
+      el("div", { class: "actions" }, exportBtn, requestsLink)),
+    el("div", { class: "cols" },
+      section("By model", chart("Tokens by model", byModel, (r) => r.model)),
+      section("By team", chart("Tokens by team", byTeam, (r) => r.team || "(no team)"))),
+    section("By key", chart("Tokens by key", byKey, (r) => r.key || "(none)"),
+      table([["Key", (r) => r.key || "(none)"], ["Requests", (r) => fmtNum(r.requests)],
+             ["Prompt", (r) => fmtNum(r.prompt_tokens)], ["Completion", (r) => fmtNum(r.completion_tokens)]],
+            byKey.sort((a, b) => tokens(b) - tokens(a)).slice(0, 50))));
+  setStatus(`Usage since ${new Date(since * 1000).toISOString().slice(0, 10)}`);
+}
+
+async function own() {
+  const me = await api("/v1/me");
+  const usage = (await api("/v1/me/usage")).data || [];
+  const limits = Object.entries(me.limits || {}).map(([k, v]) => ({ name: k, ...(typeof v === "object" && v ? v : { limit: v }) }));
+  content().replaceChildren(
+    section("This key", el("dl", { class: "facts" },
+      el("dt", {}, "Name"), el("dd", { id: "me-name" }, me.name),
+      el("dt", {}, "Id"), el("dd", {}, el("code", {}, me.id)),
+      el("dt", {}, "Team"), el("dd", {}, me.team || "–"),
+      el("dt", {}, "Plan"), el("dd", {}, me.plan || "–"))),
+    section("Limits", table([["Limit", (l) => l.name], ["Value", (l) => fmtNum(l.limit)],
+                             ["Remaining", (l) => fmtNum(l.remaining)]], limits, { empty: "No limits." })),
+    section("Usage by day", barChart("Tokens per day", usage.map((r) => [`${r.day} ${r.model || ""}`, tokens(r)]), " tok"),
+      table([["Day", (r) => r.day], ["Model", (r) => r.model], ["Requests", (r) => fmtNum(r.requests)],
+             ["Prompt", (r) => fmtNum(r.prompt_tokens)], ["Completion", (r) => fmtNum(r.completion_tokens)]], usage)));
+  setStatus("Your key's usage");
+}
+
+(role === "key" ? own() : staff(30)).catch((e) => setStatus(e.message, true));
