@@ -165,20 +165,31 @@ def test_admin_walks_every_page_creates_a_key_uses_it_and_the_key_sees_only_its_
 def test_audit_shows_the_key_creation_and_a_key_sees_its_own_usage(tiny_node, browser, tmp_path):
     shots = Shots(tmp_path)
     d, url = browser, tiny_node.url
-    secret = tiny_node.create_key(name="audited-key")
+    secret = tiny_node.create_key(name="audited-key", rpm=50)
     with httpx.Client(base_url=url, headers={"authorization": f"Bearer {secret}"}, timeout=60) as c:
         assert c.post("/v1/chat/completions", json={"model": "tiny-chat", "max_tokens": 4,
                                                     "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
     sign_in(d, url, tiny_node.admin_key)
     d.get(url + "/ui/audit")
-    wait(d, lambda d: "audited-key" in text_of(d) or "key" in text_of(d).lower() and "create" in text_of(d).lower(),
-         what="the key creation in the audit log")
+    wait(d, lambda d: "audited-key" in text_of(d) and "keys.create" in text_of(d), what="the key creation in the audit log")
     shots(d, "audit")
+    sign_out(d)
+
+    # A viewer token reads the keys but the console offers it no way to change them.
+    viewer = tiny_node.admin().post("/admin/v1/tokens", json={"name": "watcher", "role": "viewer"}).json()["token"]
+    sign_in(d, url, viewer)
+    assert "watcher · viewer" in d.find_element(By.CSS_SELECTOR, ".who").text
+    d.get(url + "/ui/keys")
+    wait(d, lambda d: "audited-key" in text_of(d), what="the keys, for a viewer")
+    assert not d.find_elements(By.ID, "create-key") and "Revoke" not in text_of(d)
     sign_out(d)
     sign_in(d, url, secret)
     wait(d, lambda d: d.find_elements(By.ID, "me-name") and d.find_element(By.ID, "me-name").text == "audited-key",
          what="the key's own page")
     wait(d, lambda d: "tiny-chat" in text_of(d), what="the key's usage by model")
+    assert "Requests/min (key)" in text_of(d)             # its own limit, and what remains of it
+    row = next(r for r in d.find_elements(By.CSS_SELECTOR, "tbody tr") if "Requests/min (key)" in r.text)
+    assert row.text.split()[-2:] == ["50", "49"], row.text
     shots(d, "my-usage")
     no_csp_violations(d)
 

@@ -34,7 +34,18 @@ async function staff(days) {
 async function own() {
   const me = await api("/v1/me");
   const usage = (await api("/v1/me/usage")).data || [];
-  const limits = Object.entries(me.limits || {}).map(([k, v]) => ({ name: k, ...(typeof v === "object" && v ? v : { limit: v }) }));
+  // /v1/me gives each scope (the key, its team) with its limits and what remains of each.
+  const ROWS = [["Requests/min", "rpm", "remaining_requests"], ["Tokens/min", "tpm", "remaining_tokens"],
+                ["Parallel", "max_parallel", null], ["Token budget", "budget_tokens", "remaining_budget_tokens"],
+                ["Money budget ($)", "budget_usd", "remaining_budget_usd"]];
+  const limits = [];
+  for (const [scope, v] of Object.entries(me.limits || {})) {
+    for (const [label, limit, left] of ROWS) {
+      if (v[limit] === null || v[limit] === undefined) continue;
+      limits.push({ name: `${label} (${scope}${limit.startsWith("budget") ? `, per ${v.budget_period}` : ""})`,
+                    limit: v[limit], remaining: left ? v[left] : v[limit] - (v.in_flight || 0) });
+    }
+  }
   content().replaceChildren(
     section("This key", el("dl", { class: "facts" },
       el("dt", {}, "Name"), el("dd", { id: "me-name" }, me.name),
@@ -42,7 +53,7 @@ async function own() {
       el("dt", {}, "Team"), el("dd", {}, me.team || "–"),
       el("dt", {}, "Plan"), el("dd", {}, me.plan || "–"))),
     section("Limits", table([["Limit", (l) => l.name], ["Value", (l) => fmtNum(l.limit)],
-                             ["Remaining", (l) => fmtNum(l.remaining)]], limits, { empty: "No limits." })),
+                             ["Remaining", (l) => fmtNum(l.remaining)]], limits, { empty: "No limits: only the node's capacity." })),
     section("Usage by day", barChart("Tokens per day", usage.map((r) => [`${r.day} ${r.model || ""}`, tokens(r)]), " tok"),
       table([["Day", (r) => r.day], ["Model", (r) => r.model], ["Requests", (r) => fmtNum(r.requests)],
              ["Prompt", (r) => fmtNum(r.prompt_tokens)], ["Completion", (r) => fmtNum(r.completion_tokens)]], usage)));
