@@ -145,8 +145,8 @@ def test_proxy_down_then_up_is_retried_with_backoff(tmp_path):
         assert r.status.failures >= 2 and "unreachable" in r.status.last_error
         proxy = LiteLLMAdminFake(port, MASTER).start()
         try:
-            for _ in range(100):
-                if proxy.ids():
+            for _ in range(100):  # the proxy holds the deployment a moment before the reconciler records success
+                if proxy.ids() and r.status.last_error is None:
                     break
                 await asyncio.sleep(0.05)
             assert len(proxy.ids()) == 1 and r.status.last_error is None and r.status.failures == 0

@@ -235,9 +235,10 @@ def test_sigusr2_then_up_adopts_the_running_worker(tmp_path):
         [w2] = successor.workers()
         assert w2["pid"] == w["pid"] and w2["adopted"] is True and w2["restarts"] == 0, (w, w2)
         assert w2["port"] == w["port"]
-        log = (node.data_dir / "logs" / "tiny-chat-0.log").read_text()
-        assert log.count("[keeper] starting") == 1  # never restarted: no model reload
-        assert f"adopted by node {successor.proc.pid}" in log
+        log_path = node.data_dir / "logs" / "tiny-chat-0.log"
+        # The keeper notices its new owner on its next poll, which may come after the successor is ready.
+        assert wait_until(lambda: f"adopted by node {successor.proc.pid}" in log_path.read_text(), timeout=15)
+        assert log_path.read_text().count("[keeper] starting") == 1  # never restarted: no model reload
         r = httpx.post(successor.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                        json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
                        timeout=30)
