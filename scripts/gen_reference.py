@@ -1,4 +1,4 @@
-"""Write the generated reference pages: `appliance.toml` from node/config.py, the CLI from typer.
+"""Write the generated reference pages: `appliance.toml` from node/config/, the CLI from typer.
 
 Both pages are derived from the code, so they cannot drift: tests/test_docs.py runs this
 script with `--check`, which fails naming the stale page. After changing the config model
@@ -8,7 +8,7 @@ or a command, regenerate and commit:
     python scripts/gen_reference.py --check    # exit 1 if a committed page differs
 
 A config key's description is its `Field(description=...)`, else the `#` comment lines just
-above it in node/config.py (or a trailing `# ...` on its line); a section's is its class
+above it in node/config/ (or a trailing `# ...` on its line); a section's is its class
 docstring plus the comment above the field that holds it.
 """
 
@@ -197,9 +197,9 @@ def _title(header: str) -> str:
 def config_page() -> str:
     from node.config import Config
 
-    out = [GENERATED.format(src="node/config.py"), "# `appliance.toml` reference\n",
+    out = [GENERATED.format(src="node/config/"), "# `appliance.toml` reference\n",
            "Every section and key the node reads, with its type and default, generated from the",
-           "config model in `node/config.py`. Unknown keys are refused with one line naming the",
+           "config model in `node/config/`. Unknown keys are refused with one line naming the",
            "key. Relative paths resolve against the folder of `appliance.toml`. Where the file",
            "is looked for: `--config`, else `$INFERNODE_CONFIG`, else `./appliance.toml`, else",
            "`/etc/infernode/appliance.toml`.\n"]

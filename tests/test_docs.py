@@ -42,7 +42,7 @@ def test_generated_reference_matches_the_code(page):
 
 
 def test_every_config_key_is_described():
-    """A key without a description fails: add a `#` comment above the field in node/config.py."""
+    """A key without a description fails: add a `#` comment above the field in node/config/."""
     rows = [line for line in _gen().config_page().splitlines() if line.startswith("| `")]
     assert len(rows) > 40  # every section's keys, not an empty page
     bare = [row.split("|")[1].strip() for row in rows if row.rstrip().endswith("|  |")]
