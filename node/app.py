@@ -28,6 +28,7 @@ from node.config import Config, load_config
 from node.console.sessions import SignedIn
 from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.gateway.proxy import Gateway, ModelInfo
+from node.gateway.scheduler import Scheduler, Tenancy
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
 from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
@@ -105,7 +106,8 @@ class Node:
         return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
                                   price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
                                   read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
-                                  on_demand=m.on_demand, fallbacks=tuple(m.fallbacks))
+                                  on_demand=m.on_demand, fallbacks=tuple(m.fallbacks),
+                                  queue_timeout_s=m.queue_timeout_s, max_queued=m.max_queued)
                 for m in self.config.models}
 
     def prices(self) -> dict[str, tuple[float, float]]:
@@ -129,6 +131,10 @@ class Node:
             cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             format_of=self._model_format,
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
+            scheduler=Scheduler(self.router, slots_of=_slots,
+                                tenancy=Tenancy(self.quotas), batch_min_share=self.config.node.batch_min_share,
+                                metrics=self.metrics),
+            priorities=lambda target: target.plan.priorities if target.plan else None,
         )
 
     async def ensure_loaded(self, model: str) -> None:
@@ -357,7 +363,8 @@ class Node:
         """Every plan: appliance.toml's [plans.*], overridden by the stored ones of the same name."""
         plans = {name: PlanRecord(name=name, models=tuple(p.models) if p.models is not None else None, rpm=p.rpm,
                                   tpm=p.tpm, max_parallel=p.max_parallel, budget_tokens=p.budget_tokens,
-                                  budget_usd=p.budget_usd, budget_period=p.budget_period, created_at=0, updated_at=0)
+                                  budget_usd=p.budget_usd, budget_period=p.budget_period, created_at=0, updated_at=0,
+                                  share=p.share, priority=p.priority)
                  for name, p in self.config.plans.items()}
         return {**plans, **self._stored_plans}
 
@@ -426,3 +433,8 @@ class Node:
         await self.probe_client.aclose()
         if self.storage is not None:
             self.storage.close()
+
+
+def _slots(target: Any) -> int:
+    """A replica's slots: its launch plan's concurrency (the model's `concurrency`, else the runtime's default)."""
+    return target.plan.concurrency if target.plan else 1

@@ -54,6 +54,7 @@ class WorkerSpec:
     startup_timeout_s: float | None = None
     api_key: str | None = field(default=None, repr=False)  # external runtime: sent as a bearer token
     sleep: bool = False             # idle through the runtime's sleep mode, where it has one
+    concurrency: int | None = None  # requests the replica should serve at once (the model's `concurrency`)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ class LaunchPlan:
     # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
     # the node answers those with a 400 instead of passing the worker's internal error on.
     cannot: Mapping[str, str] = field(default_factory=dict)
+    # Requests the worker serves well at once: the node sends it no more and queues the rest itself.
+    concurrency: int = 1
+    # Where the runtime schedules by a per-request `priority` in the body: its value per band
+    # ("interactive", "batch"); None when it has no such scheduling (then the field is not sent).
+    priorities: Mapping[str, int] | None = None
 
 
 class Runtime(Protocol):

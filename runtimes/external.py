@@ -11,6 +11,8 @@ from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec
 
 NAME = "external"
 LAYOUT: ModelLayout | None = None  # the node launches nothing and pins no model
+# A server of unknown size: enough that the node adds no latency, few enough that the node's order still counts.
+DEFAULT_CONCURRENCY = 16
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
@@ -31,6 +33,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         startup_timeout_s=spec.startup_timeout_s or 30.0,
         upstream_model=None,
         headers=(("authorization", f"Bearer {spec.api_key}"),) if spec.api_key else (),
+        concurrency=spec.concurrency or DEFAULT_CONCURRENCY,
     )
 
 

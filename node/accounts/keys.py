@@ -58,6 +58,8 @@ class KeyRecord:
     budget_usd: float | None = None
     old_secret_hash: str | None = None      # the secret before the last rotation...
     old_valid_until: float | None = None    # ...accepted until then
+    share: float | None = None              # weight in the fair order (None: the team's, plan's, else 1)
+    priority: str | None = None             # "interactive" | "batch" (None: the team's, plan's, else interactive)
 
     def public(self) -> dict[str, Any]:
         """The record as the admin API shows it (never a hash)."""

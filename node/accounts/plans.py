@@ -33,6 +33,8 @@ class PlanRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    share: float | None = None
+    priority: str | None = None
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,6 +69,19 @@ class Effective:
     budget_tokens: int | None
     budget_usd: float | None
     budget_period: str
+
+
+def standing(key: Any, team: Any, key_plan: PlanRecord | None, team_plan: PlanRecord | None) -> tuple[str, float, str]:
+    """A key's place in a model's line: (tenant, share, priority).
+
+    The tenant is the key's team (a key without one is its own tenant); share and priority
+    are the key's own, else its team's, else its plan's, else its team's plan's, else 1
+    and "interactive".
+    """
+    chain = (key, team, key_plan, team_plan)
+    share = next((r.share for r in chain if r is not None and r.share is not None), 1.0)
+    priority = next((r.priority for r in chain if r is not None and r.priority is not None), "interactive")
+    return (key.team or f"key:{key.id}"), float(share), priority
 
 
 def effective(own: Any, plan: PlanRecord | None, groups: Mapping[str, Iterable[str]]) -> Effective:

@@ -122,6 +122,7 @@ class Quotas:
         self._plans: dict[str, tuple[KeyRecord, list[tuple[Counter, Limits]], frozenset[str] | None]] = {}
         self._day = -1
         self._month = -1
+        self.generation = 0   # bumped when teams or plans change (caches of what keys inherit)
 
     # -- configuration -----------------------------------------------------------
     def set_teams(self, teams: Iterable[TeamRecord], plans: Mapping[str, PlanRecord] | None = None,
@@ -133,6 +134,7 @@ class Quotas:
         if groups is not None:
             self._groups = {g: tuple(m) for g, m in groups.items()}
         self._plans = {}
+        self.generation += 1
 
     def teams(self) -> list[TeamRecord]:
         return list(self._teams.values())
@@ -143,6 +145,9 @@ class Quotas:
 
     def team(self, name: str) -> TeamRecord | None:
         return self._teams.get(name)
+
+    def plan(self, name: str | None) -> PlanRecord | None:
+        return self._plan_records.get(name) if name else None
 
     def counter(self, *scope: str) -> Counter:
         c = self._counters.get(scope)

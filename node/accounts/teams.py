@@ -22,6 +22,8 @@ class TeamRecord:
     updated_at: float = field(default_factory=time.time)
     plan: str | None = None
     budget_usd: float | None = None
+    share: float | None = None       # weight in the fair order between tenants
+    priority: str | None = None      # "interactive" | "batch"
 
     def public(self) -> dict[str, Any]:
         """The record as the admin API shows it."""

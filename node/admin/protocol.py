@@ -90,6 +90,9 @@ class KeyFields(BaseModel):
     plan: Name | None = Field(default=None, description="a plan's name; fields set here override it")
     budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False,
                                      description="money budget per period (USD)")
+    share: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False,
+                                description="weight in the fair order between tenants (default 1)")
+    priority: Literal["interactive", "batch"] | None = None
 
 
 class KeyCreate(KeyFields):
@@ -112,6 +115,9 @@ class TeamFields(BaseModel):
     metadata: Metadata = Field(default=None, description=f"a JSON object of at most {MAX_METADATA_BYTES} bytes")
     plan: Name | None = None
     budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
+    share: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False,
+                                description="weight in the fair order between tenants (default 1)")
+    priority: Literal["interactive", "batch"] | None = None
 
 
 class TeamCreate(TeamFields):
@@ -151,6 +157,9 @@ class PlanFields(BaseModel):
     budget_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
     budget_period: Literal["day", "month"] | None = None
     metadata: Metadata = Field(default=None, description=f"a JSON object of at most {MAX_METADATA_BYTES} bytes")
+    share: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False,
+                                description="weight in the fair order between tenants (default 1)")
+    priority: Literal["interactive", "batch"] | None = None
 
 
 class PlanCreate(PlanFields):

@@ -43,3 +43,7 @@ class PlanSettings(_Section):
     budget_usd: Annotated[float, Field(ge=0)] | None = None
     # day or month (UTC).
     budget_period: Literal["day", "month"] = "day"
+    # Weight in the fair order between tenants waiting for a model (a key's or team's own value wins; default 1).
+    share: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    # "interactive" or "batch" (served when no interactive request waits, above a floor); default interactive.
+    priority: Literal["interactive", "batch"] | None = None

@@ -44,6 +44,12 @@ class ModelConfig(_Section):
     max_inflight: Annotated[int, Field(gt=0)] = 64
     # Requests waiting for a slot; beyond this the answer is 429.
     max_queue: Annotated[int, Field(ge=0)] = 256
+    # Requests each replica serves at once (default: what its runtime's launch plan says, e.g. vLLM --max-num-seqs); the rest wait in the node, in fair order.
+    concurrency: Annotated[int, Field(gt=0, le=100_000)] | None = None
+    # Seconds a request may wait for a slot before it is answered 503 with Retry-After.
+    queue_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    # Requests one tenant (a team, or a key without one) may have waiting for this model; beyond this 429 (default: no cap but max_queue).
+    max_queued: Annotated[int, Field(gt=0)] | None = None
     # Price in USD per million prompt tokens: the ledger's cost, and what budget_usd charges.
     price_input: Annotated[float, Field(ge=0)] = 0.0
     # Price per million completion tokens.

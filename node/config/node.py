@@ -58,6 +58,8 @@ class NodeSection(_Section):
     max_loaded_models: Annotated[int, Field(ge=1)] | None = None
     # Seconds a load (or wake) of an on-demand model may take before it counts as failed.
     load_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # The least share of a busy model's service (tokens asked) that batch-priority requests keep while interactive ones wait too.
+    batch_min_share: Annotated[float, Field(ge=0, le=1)] = 0.1
 
     @field_validator("listen")
     @classmethod

@@ -41,11 +41,12 @@ from node.gateway.adapter import Call, ModelView, Route, bearer
 from node.gateway.bodies import usage_of, worker_error
 from node.gateway.httpd import Connection, Request
 from node.gateway.me import self_service
+from node.gateway.scheduler import ModelQueue, QueueFull, Scheduler
 from node.gateway.sse import SseRelay
 from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 from node.ops.logs import access as access_log
 from node.ops.metrics import Metrics, ModelSeries, refusal_reason
-from node.workers.router import Gate, QueueFull, Router
+from node.workers.router import Router
 
 log = logging.getLogger("infernode.gateway")
 
@@ -84,6 +85,8 @@ class ModelInfo:
     connect_timeout_s: float = 5.0
     on_demand: bool = False       # loaded by requests: a request waits for its load
     fallbacks: tuple[str, ...] = ()   # models that take what this one cannot, in order
+    queue_timeout_s: float = QUEUE_WAIT_S  # a request's wait for a slot before 503
+    max_queued: int | None = None     # requests one tenant may have waiting
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -105,6 +108,8 @@ class Exchange:
     first_token_at: float | None = None
     api: str = "openai"
     client_rid: str | None = None
+    slot: Any = None              # its place on a replica (node/gateway/scheduler.py)
+    lower: bool = False           # x-infernode-priority: batch
 
 
 class Gateway:
@@ -119,7 +124,8 @@ class Gateway:
                  format_of: Callable[[str], str] = lambda model: "",
                  upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
-                 ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 ensure_loaded: Callable[[str], Awaitable[None]] | None = None, scheduler: Scheduler | None = None,
+                 priorities: Callable[[Any], Any] = lambda t: None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.client = client
@@ -134,7 +140,9 @@ class Gateway:
         self.log_prompts = log_prompts
         # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
         self.ensure_loaded = ensure_loaded
-        self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
+        self.scheduler = scheduler or Scheduler(router)
+        self.priorities = priorities  # target: the body's `priority` per band, where its runtime schedules by it
+        self.gates = self.scheduler.set_models(_limits(models))
         self.draining = False
         self.inflight = 0
         self._series: dict[str, ModelSeries] = {}
@@ -145,12 +153,7 @@ class Gateway:
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
         """New model settings (config reload); a model's gate is kept, with its new limits, while it stays."""
-        gates = {}
-        for name, m in models.items():
-            gate = self.gates.get(name) or Gate(m.max_inflight, m.max_queue)
-            gate.max_inflight, gate.max_queue = m.max_inflight, m.max_queue
-            gates[name] = gate
-        self.models, self.gates = models, gates
+        self.models, self.gates = models, self.scheduler.set_models(_limits(models))
 
     def new_id(self) -> str:
         """A node-made request id: 32 hex digits, the time in ms, this process's random prefix and a counter.
@@ -195,7 +198,8 @@ class Gateway:
             # Rate admission before the body is decoded or checked: invalid requests count too.
             adm = self.quotas.admit(key)
             ex = Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(),
-                          api=route.api if route is not None else "openai", client_rid=client_rid)
+                          api=route.api if route is not None else "openai", client_rid=client_rid,
+                          lower=req.header(b"x-infernode-priority") == b"batch")
             body = _parse(req.body)
             info, body, path, route, call = self._admit_body(body, key, adm, ex, path, route)
             await self._proxy(body, path, req.body, info, adm, ex, ridb, conn, route, call)
@@ -362,12 +366,12 @@ class Gateway:
                 ex.model = adm.model = cand.name
                 g = self.gates[cand.name]
                 try:
-                    await g.enter(self.queue_wait_s)
+                    ex.slot = await g.enter(adm.key, self.scheduler.tenancy, req, len(body), ex.lower)
                 except QueueFull as full:
                     if not last:
                         continue  # overloaded: the next fallback
-                    raise _overloaded(cand.name, g, full.retry_after) from None
-                gate = g
+                    raise (full.error or _overloaded(cand.name, g, full.retry_after)) from None
+                gate = ex.slot
                 try:
                     if on_demand and not self.router.ready(cand.name):
                         # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
@@ -395,7 +399,7 @@ class Gateway:
     async def _route(self, req: dict, body: bytes, info: ModelInfo, path: bytes, ex: Exchange, adm: Admission,
                      ridb: bytes, conn: Connection, route: Route | None = None, call: Call | None = None) -> None:
         endpoint = ex.endpoint
-        target = self.router.pick(ex.model)
+        target = ex.slot.target if ex.slot is not None and ex.slot.target is not None else self.router.pick(ex.model)
         if target is None:
             raise NoReadyReplica(f"model '{ex.model}' has no ready replica yet", retry_after=5)
         client_wants_usage = bool(req.get("stream_options") and req["stream_options"].get("include_usage"))
@@ -404,6 +408,9 @@ class Gateway:
         if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
             req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
             changed = True
+        levels = self.priorities(target)
+        if levels and ex.slot is not None:  # the runtime orders by it: the node's band, never the client's
+            req["priority"], changed = levels[ex.slot.priority.label], True
         name = self.upstream_model(target) or ex.model
         if name != req.get("model"):  # the worker's own name, or the fallback's
             req["model"] = name
@@ -579,7 +586,11 @@ def _stream_tokens(relay: SseRelay, ex: Exchange) -> None:
         ex.completion_tokens = relay.content_events
 
 
-def _overloaded(model: str, gate: Gate, retry_after: float) -> RateLimited:
+def _limits(models: dict[str, ModelInfo]) -> dict[str, tuple[int, int, float, int | None]]:
+    return {n: (m.max_inflight, m.max_queue, m.queue_timeout_s, m.max_queued) for n, m in models.items()}
+
+
+def _overloaded(model: str, gate: ModelQueue, retry_after: float) -> RateLimited:
     """429 model_overloaded with the x-ratelimit-* headers of the model's capacity."""
     return RateLimited(
         f"model '{model}' is at capacity ({gate.max_inflight} in flight, {gate.queued} queued); retry later",

@@ -58,6 +58,14 @@ class Metrics:
         self.tokens = LoopCounter("infernode_tokens", "Tokens processed, by kind (prompt|completion).",
                                   ["model", "kind"], r)
         self.inflight = LoopGauge("infernode_inflight_requests", "Requests in flight to workers.", ["model"], r)
+        # The scheduler's (node/gateway/scheduler.py): waiting requests, their waits, slots held per team.
+        self.queue_depth = LoopGauge("infernode_queue_depth", "Requests waiting for a slot, by model and priority.",
+                                     ["model", "priority"], r)
+        self.queue_wait = LoopHistogram("infernode_queue_wait_seconds", "Time requests waited for a slot (0 when one was free).",
+                                        ["model", "priority"], r, buckets=LATENCY_BUCKETS)
+        self.team_inflight = LoopGauge("infernode_team_inflight", "Requests holding a slot, by model and team "
+                                       "(\"none\": keys without a team; past 32 teams a model's others are \"other\").",
+                                       ["model", "team"], r)
         self.worker_up = Gauge("infernode_worker_up", "1 when the replica is ready.", ["model", "replica", "runtime"], registry=r)
         self.worker_restarts = Counter("infernode_worker_restarts", "Replica restarts after a failure.", ["model", "replica"], registry=r)
         self.quota_rejections = Counter("infernode_quota_rejections", "Requests refused by a quota or limit.", ["reason"], registry=r)

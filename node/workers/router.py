@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 
@@ -25,6 +25,7 @@ class Router:
     def __init__(self, models: Iterable[str] = ()) -> None:
         self._ready: dict[str, list[Target]] = {m: [] for m in models}
         self.context: dict[str, int | None] = {m: None for m in models}
+        self.on_ready: Callable[[str], None] | None = None  # told after a model's ready set changes (the scheduler)
 
     def set_models(self, models: Iterable[str]) -> None:
         models = list(models)
@@ -34,6 +35,8 @@ class Router:
     def set_ready(self, model: str, targets: Sequence[Target]) -> None:
         if model in self._ready:
             self._ready = {**self._ready, model: list(targets)}
+            if self.on_ready is not None:
+                self.on_ready(model)
 
     def known(self, model: str) -> bool:
         return model in self._ready

@@ -122,6 +122,7 @@ class Supervisor:
             python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
             max_model_len=m.max_model_len, url=m.url,
             startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s, sleep=m.sleep,
+            concurrency=m.concurrency,
         )
         try:  # an adapter refuses a spec it cannot launch (e.g. `args` for ollama): say so, don't crash
             runtimes.get(m.runtime).plan(spec)

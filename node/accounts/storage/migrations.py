@@ -113,6 +113,15 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE teams ADD COLUMN plan TEXT",
         "ALTER TABLE teams ADD COLUMN budget_usd DOUBLE PRECISION",
     ]),
+    # Sharing a model between tenants: weight and priority band on keys, teams and plans.
+    ("008_shares_priorities", [
+        "ALTER TABLE keys ADD COLUMN share DOUBLE PRECISION",
+        "ALTER TABLE keys ADD COLUMN priority TEXT",
+        "ALTER TABLE teams ADD COLUMN share DOUBLE PRECISION",
+        "ALTER TABLE teams ADD COLUMN priority TEXT",
+        "ALTER TABLE plans ADD COLUMN share DOUBLE PRECISION",
+        "ALTER TABLE plans ADD COLUMN priority TEXT",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

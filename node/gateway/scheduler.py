@@ -1,0 +1,300 @@
+"""The scheduler: per model, the replicas' slots and the requests waiting for them, in fair order.
+
+A replica takes at most its `concurrency` requests at once; the rest wait here, so the
+order of service is the node's (node/gateway/fairqueue.py), not the worker's. `enter`
+returns a `Slot` on one replica (the least busy with a free slot) or waits for one;
+`Slot.leave` hands it to the next waiter in fair order. When nothing waits and a slot
+is free, `enter` takes it at once: no tenant lookup, no cost estimate, one allocation.
+
+Bounded waiting: past `max_queue` waiters of the model, or past `max_queued` of one
+tenant, a request is refused at once (429); a waiter whose `queue_timeout_s` runs out
+gets a 503; a waiter whose client goes away (its task cancelled) leaves at once.
+All of it runs on the event loop (no locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from node.accounts.plans import standing
+from node.errors import NodeError, RateLimited
+from node.gateway.fairqueue import FairQueue, Priority, Ticket
+from node.workers.router import Router, Target
+
+DEFAULT_MAX_TOKENS = 256   # the cost of a request that names no max_tokens
+TEAM_LABELS = 32           # teams with a label of their own in infernode_team_inflight; later ones are "other"
+BYTES_PER_TOKEN = 4        # the prompt's estimate: its body's bytes over this
+
+
+class QueueFull(Exception):
+    """A request the model cannot queue; `error` says why (None: the model's own queue is full)."""
+
+    def __init__(self, retry_after: float, error: NodeError | None = None) -> None:
+        super().__init__("queue full")
+        self.retry_after, self.error = retry_after, error
+
+
+class QueueTimeout(NodeError):
+    """503: the request waited its model's `queue_timeout_s` without getting a slot."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers={"retry-after": str(max(1, min(60, int(retry_after + 0.999))))})
+
+
+class Tenancy:
+    """Who a key's request belongs to, (tenant, share, priority), cached per key record.
+
+    With `quotas` (node/accounts/quotas.py) the key's team and plans are read from it
+    (node/accounts/plans.py `standing`); a team or plan change empties the cache.
+    """
+
+    def __init__(self, quotas: Any = None) -> None:
+        self.quotas = quotas
+        self._cache: dict[str, tuple[Any, tuple[str, float, Priority]]] = {}
+        self._generation = -1
+
+    def of(self, key: Any) -> tuple[str, float, Priority]:
+        q = self.quotas
+        if q is None:
+            return key.team or f"key:{key.id}", 1.0, Priority.INTERACTIVE
+        if self._generation != q.generation or len(self._cache) > 100_000:
+            self._cache, self._generation = {}, q.generation
+        hit = self._cache.get(key.id)
+        if hit is not None and hit[0] is key:  # records are immutable: the same object, the same answer
+            return hit[1]
+        team = q.team(key.team) if key.team else None
+        tenant, share, prio = standing(key, team, q.plan(key.plan), q.plan(team.plan) if team is not None else None)
+        out = (tenant, share, Priority.parse(prio) or Priority.INTERACTIVE)
+        self._cache[key.id] = (key, out)
+        return out
+
+
+class Slot:
+    """One request's place on a replica (target None: the model had no ready replica; the caller decides)."""
+
+    __slots__ = ("queue", "target", "priority", "team")
+
+    def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, team: str) -> None:
+        self.queue, self.target, self.priority, self.team = queue, target, priority, team
+
+    def leave(self, duration_s: float) -> None:
+        """Give the slot back: the next waiter in fair order gets it."""
+        self.queue.release(self, duration_s)
+
+
+class ModelQueue:
+    """One model's slots and waiters."""
+
+    def __init__(self, model: str, router: Router, slots_of: Callable[[Target], int], *, max_inflight: int = 64,
+                 max_queue: int = 256, queue_timeout_s: float = 30.0, max_queued: int | None = None,
+                 batch_min_share: float = 0.1, metrics: Any = None) -> None:
+        self.model, self.router, self.slots_of = model, router, slots_of
+        self.max_inflight, self.max_queue, self.queue_timeout_s = max_inflight, max_queue, queue_timeout_s
+        self.fq = FairQueue(batch_min_share, max_queued)
+        self.inflight = 0
+        self.held: dict[str, int] = {}          # replica id -> slots taken
+        self.team_inflight: dict[str, int] = {}
+        self._avg_s = 1.0                       # moving average of request time, for Retry-After
+        self._teams: dict[str, Any] = {}       # metric children, cached
+        self._waits: dict[Priority, Any] = {}
+        self.metrics = metrics
+
+    @property
+    def queued(self) -> int:
+        return len(self.fq)
+
+    def configure(self, *, max_inflight: int, max_queue: int, queue_timeout_s: float, max_queued: int | None,
+                  batch_min_share: float) -> None:
+        """New limits (config reload); waiters stay where they are."""
+        self.max_inflight, self.max_queue, self.queue_timeout_s = max_inflight, max_queue, queue_timeout_s
+        self.fq.max_queued, self.fq.batch_min_share = max_queued, batch_min_share
+        self.dispatch()
+
+    def _free(self) -> Target | None | bool:
+        """The least busy ready replica with a free slot; None when none is ready; False when all are full."""
+        ready = self.router.ready(self.model)
+        if not ready:
+            return None
+        best: Target | bool = False
+        held = self.held
+        best_n = 0
+        for t in ready:
+            n = held.get(t.id, 0)
+            if n < self.slots_of(t) and (best is False or n < best_n):
+                best, best_n = t, n
+        return best
+
+    def _take(self, target: Target | None, priority: Priority, team: str) -> Slot:
+        self.inflight += 1
+        if target is not None:
+            self.held[target.id] = self.held.get(target.id, 0) + 1
+        self.team_inflight[team] = self.team_inflight.get(team, 0) + 1
+        if self.metrics is not None:
+            self._gauge(team).inc()
+        return Slot(self, target, priority, team)
+
+    async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False) -> Slot:
+        """A slot for one request of `key` (body: its JSON, size: its bytes); waits in fair order, or QueueFull."""
+        team = key.team or ""
+        if not self.fq and self.inflight < self.max_inflight:
+            target = self._free()
+            if target is not False:  # the fast path: nothing waits and a slot is free
+                prio = Priority.BATCH if lower else tenancy.of(key)[2]
+                self._observe(prio, 0.0)
+                return self._take(target, prio, team)  # type: ignore[arg-type]
+        tenant, share, prio = tenancy.of(key)
+        if lower:
+            prio = Priority.BATCH  # a request may lower its priority, never raise it
+        if len(self.fq) >= self.max_queue:
+            raise QueueFull(self.retry_after())
+        if self.fq.full_for(tenant):
+            wait = self.retry_after()
+            raise QueueFull(wait, RateLimited(
+                f"{'team' if key.team else 'this key'} already has {self.fq.max_queued} requests waiting for "
+                f"model '{self.model}'; retry later", retry_after=wait, reason="tenant_queue", code="tenant_queue_full"))
+        fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        t = Ticket(tenant, key.id, prio, cost(body, size), share, time.monotonic(), (fut, team))
+        self.fq.push(t)
+        self._depth(prio)
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                slot = await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                fut.result().leave(0.0)  # the slot was handed over as we gave up: pass it on
+            elif self.fq.remove(t):
+                self._depth(prio)
+            if isinstance(exc, TimeoutError):
+                wait = self.retry_after()
+                raise QueueFull(wait, QueueTimeout(
+                    f"model '{self.model}' is busy: the request waited {self.queue_timeout_s:g} s for a slot",
+                    retry_after=wait)) from None
+            raise
+        self._observe(prio, time.monotonic() - t.arrived)
+        return slot
+
+    def release(self, slot: Slot, duration_s: float) -> None:
+        """Give a slot back, then hand free slots to waiters."""
+        if duration_s:
+            self._avg_s += (duration_s - self._avg_s) * 0.05
+        self.inflight -= 1
+        target = slot.target
+        if target is not None:
+            n = self.held.get(target.id, 0) - 1
+            if n > 0:
+                self.held[target.id] = n
+            else:
+                self.held.pop(target.id, None)
+        n = self.team_inflight.get(slot.team, 0) - 1
+        if n > 0:
+            self.team_inflight[slot.team] = n
+        else:
+            self.team_inflight.pop(slot.team, None)
+        if self.metrics is not None:
+            self._gauge(slot.team).dec()
+        if self.fq:
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters in fair order (after a release, a replica becoming ready, a reload)."""
+        fq = self.fq
+        while fq and self.inflight < self.max_inflight:
+            target = self._free()
+            if target is False:
+                return
+            t = fq.pop()
+            assert t is not None
+            self._depth(t.priority)
+            fut, team = t.payload
+            if not fut.done():  # a cancelled waiter is removed at once; this is belt and braces
+                fut.set_result(self._take(target, t.priority, team))  # type: ignore[arg-type]
+
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely free: the line ahead drained at the measured pace."""
+        ready = self.router.ready(self.model)
+        slots = sum(self.slots_of(t) for t in ready) if ready else 1
+        return max(1.0, (len(self.fq) + 1) * self._avg_s / max(1, min(slots, self.max_inflight)))
+
+    def waiting(self, limit: int) -> list[dict[str, Any]]:
+        """Who waits, per tenant and band: at most `limit` rows, the longest lines first."""
+        now = time.monotonic()
+        rows: dict[tuple[str, Priority], dict[str, Any]] = {}
+        for t in self.fq.waiting():
+            row = rows.get((t.tenant, t.priority))
+            if row is None:
+                row = rows[(t.tenant, t.priority)] = {"tenant": t.tenant, "priority": t.priority.label,
+                                                      "waiting": 0, "oldest_s": 0.0, "keys": set()}
+            row["waiting"] += 1
+            row["oldest_s"] = max(row["oldest_s"], round(now - t.arrived, 3))
+            row["keys"].add(t.key)
+        out = sorted(rows.values(), key=lambda r: -r["waiting"])[:limit]
+        for r in out:
+            r["keys"] = len(r["keys"])
+        return out
+
+    # -- metrics (families from node/ops/metrics.py; children cached) -------------------
+    def _gauge(self, team: str) -> Any:
+        g = self._teams.get(team)
+        if g is None:
+            if len(self._teams) >= TEAM_LABELS:
+                return self._teams.get("\0other") or self._teams.setdefault(
+                    "\0other", self.metrics.team_inflight.labels(self.model, "other"))
+            g = self._teams[team] = self.metrics.team_inflight.labels(self.model, team or "none")
+        return g
+
+    def _depth(self, prio: Priority) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.model, prio.label).set(self.fq.depth(prio))
+
+    def _observe(self, prio: Priority, waited: float) -> None:
+        if self.metrics is not None:
+            h = self._waits.get(prio)
+            if h is None:
+                h = self._waits[prio] = self.metrics.queue_wait.labels(self.model, prio.label)
+            h.observe(waited)
+
+
+def cost(body: dict, size: int) -> float:
+    """Tokens a request asks for: its prompt's estimate (from its size) plus its max_tokens."""
+    n = body.get("max_tokens")
+    if n is None:
+        n = body.get("max_completion_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        n = DEFAULT_MAX_TOKENS
+    return size / BYTES_PER_TOKEN + min(n, 1 << 20)
+
+
+class Scheduler:
+    """Every model's queue; wakes a model's waiters when the router says its replicas changed."""
+
+    def __init__(self, router: Router, *, slots_of: Callable[[Target], int] = lambda t: 1 << 30,
+                 tenancy: Tenancy | None = None, batch_min_share: float = 0.1, metrics: Any = None) -> None:
+        self.router, self.slots_of, self.metrics = router, slots_of, metrics
+        self.tenancy = tenancy or Tenancy()
+        self.batch_min_share = batch_min_share
+        self.queues: dict[str, ModelQueue] = {}
+        router.on_ready = self.poke
+
+    def set_models(self, limits: dict[str, tuple[int, int, float, int | None]]) -> dict[str, ModelQueue]:
+        """Queues for these models: name -> (max_inflight, max_queue, queue_timeout_s, max_queued); kept while they stay."""
+        queues = {}
+        for name, (inflight, queue, timeout_s, queued) in limits.items():
+            q = self.queues.get(name) or ModelQueue(name, self.router, self.slots_of, metrics=self.metrics)
+            q.configure(max_inflight=inflight, max_queue=queue, queue_timeout_s=timeout_s, max_queued=queued,
+                        batch_min_share=self.batch_min_share)
+            queues[name] = q
+        self.queues = queues
+        return queues
+
+    def poke(self, model: str) -> None:
+        """A model's replicas changed: free slots may have appeared."""
+        q = self.queues.get(model)
+        if q is not None and q.fq:
+            q.dispatch()
