@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from node.gateway.fairqueue import FairQueue, Priority, Ticket
 
-I, B = Priority.INTERACTIVE, Priority.BATCH
+INT, BAT = Priority.INTERACTIVE, Priority.BATCH
 
 
-def ticket(tenant: str, key: str = "", prio: Priority = I, cost: float = 1.0, share: float = 1.0, n: int = 0) -> Ticket:
+def ticket(tenant: str, key: str = "", prio: Priority = INT, cost: float = 1.0, share: float = 1.0, n: int = 0) -> Ticket:
     return Ticket(tenant, key or tenant, prio, cost, share, float(n), payload=n)
 
 
@@ -89,25 +89,25 @@ def test_an_idle_tenant_cannot_bank_credit():
 def test_batch_waits_for_interactive_but_keeps_its_floor():
     fq = FairQueue(batch_min_share=0.1)
     for i in range(100):
-        fq.push(ticket("i", prio=I, n=i))
-        fq.push(ticket("b", prio=B, n=i))
+        fq.push(ticket("i", prio=INT, n=i))
+        fq.push(ticket("b", prio=BAT, n=i))
     first = drain(fq, 100)
     served = Counter(t.priority for t in first)
-    assert served[B] == 10 and served[I] == 90
-    assert first[0].priority is I
+    assert served[BAT] == 10 and served[INT] == 90
+    assert first[0].priority is INT
 
 
 def test_no_floor_means_strict_priority():
     fq = FairQueue(batch_min_share=0.0)
     for i in range(5):
-        fq.push(ticket("b", prio=B, n=i))
-        fq.push(ticket("i", prio=I, n=i))
-    assert [t.priority for t in drain(fq)] == [I] * 5 + [B] * 5
+        fq.push(ticket("b", prio=BAT, n=i))
+        fq.push(ticket("i", prio=INT, n=i))
+    assert [t.priority for t in drain(fq)] == [INT] * 5 + [BAT] * 5
 
 
 def test_batch_alone_is_served():
     fq = FairQueue()
-    fq.push(ticket("b", prio=B))
+    fq.push(ticket("b", prio=BAT))
     assert fq.pop().tenant == "b" and fq.pop() is None
 
 
@@ -126,10 +126,10 @@ def test_remove_takes_a_waiter_out_at_once():
 
 def test_depth_per_band_and_listing():
     fq = FairQueue()
-    fq.push(ticket("a", prio=I))
-    fq.push(ticket("b", prio=B))
-    fq.push(ticket("b", prio=B))
-    assert (fq.depth(I), fq.depth(B), len(fq)) == (1, 2, 3)
+    fq.push(ticket("a", prio=INT))
+    fq.push(ticket("b", prio=BAT))
+    fq.push(ticket("b", prio=BAT))
+    assert (fq.depth(INT), fq.depth(BAT), len(fq)) == (1, 2, 3)
     assert sorted(t.tenant for t in fq.waiting()) == ["a", "b", "b"]
 
 
@@ -149,7 +149,7 @@ def test_many_tenants_leave_bounded_state():
 
 # -- properties ----------------------------------------------------------------------
 
-arrival = st.tuples(st.sampled_from("abcd"), st.sampled_from(["k1", "k2"]), st.sampled_from([I, B]),
+arrival = st.tuples(st.sampled_from("abcd"), st.sampled_from(["k1", "k2"]), st.sampled_from([INT, BAT]),
                     st.integers(1, 50))
 
 
@@ -194,11 +194,11 @@ def test_backlogged_tenants_get_service_in_proportion_to_shares(wa, wb, ca, cb):
 def test_batch_floor_holds_under_an_interactive_flood(floor, ci, cb):
     fq = FairQueue(batch_min_share=floor)
     for i in range(600):
-        fq.push(ticket("i", prio=I, cost=ci, n=i))
-        fq.push(ticket("b", prio=B, cost=cb, n=i))
-    served = {I: 0.0, B: 0.0}
+        fq.push(ticket("i", prio=INT, cost=ci, n=i))
+        fq.push(ticket("b", prio=BAT, cost=cb, n=i))
+    served = {INT: 0.0, BAT: 0.0}
     for t in drain(fq, 400):
         served[t.priority] += t.cost
-    total = served[I] + served[B]
-    assert served[B] >= floor * total - max(ci, cb)  # within one request of the floor
-    assert served[I] >= (1 - floor) * total - max(ci, cb)  # and no more than the floor taken from interactive
+    total = served[INT] + served[BAT]
+    assert served[BAT] >= floor * total - max(ci, cb)  # within one request of the floor
+    assert served[INT] >= (1 - floor) * total - max(ci, cb)  # and no more than the floor taken from interactive

@@ -60,6 +60,24 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
             "ledger": node.ledger.stats() if node.ledger is not None else None,
         }
 
+    @r.get("/admin/v1/queue")
+    async def queue(model: str | None = Query(None, max_length=200), limit: int = Query(100, ge=1, le=1000),
+                    who: Principal = need(node, "status.read")) -> dict[str, Any]:
+        """Who waits for each model's slots: per tenant and priority, the longest lines first (`limit` rows per model)."""
+        gates = node.gateway.gates if node.gateway is not None else {}
+        if model is not None and model not in gates:
+            raise NotFound(f"no model '{model}'", code="model_not_found")
+        data = []
+        for name, q in gates.items():
+            if model is not None and name != model:
+                continue
+            # A team token sees its own team's line only (tenants are team names, or key:ID for keys without one).
+            rows = [w for w in q.waiting(limit if who.team is None else 1 << 30)
+                    if who.team is None or w["tenant"] == who.team][:limit]
+            data.append({"model": name, "inflight": q.inflight, "queued": q.queued if who.team is None else
+                         sum(w["waiting"] for w in rows), "waiting": rows})
+        return {"object": "list", "data": data}
+
     @r.post("/admin/v1/reload")
     async def reload(request: Request, _: Principal = need(node, "config.reload")) -> dict[str, Any]:
         """Re-read appliance.toml and models.lock; restart only the replicas whose spec changed."""

@@ -38,10 +38,12 @@ def _time(value: Optional[str], flag: str) -> Optional[float]:
     return dt.timestamp()
 
 
-def _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta) -> dict[str, Any]:
+def _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta,
+            share=None, priority=None) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for k, v in (("team", team), ("rpm", rpm), ("tpm", tpm), ("max_parallel", max_parallel), ("budget_tokens", budget),
-                 ("budget_period", period), ("user_rpm", user_rpm), ("user_tpm", user_tpm)):
+                 ("budget_period", period), ("user_rpm", user_rpm), ("user_tpm", user_tpm), ("share", share),
+                 ("priority", priority)):
         if v is not None:
             body[k] = v
     if model:
@@ -68,6 +70,8 @@ BudgetOpt = typer.Option(None, "--budget", help="token budget per period")
 PeriodOpt = typer.Option(None, "--period", help="budget period: day or month (UTC)")
 URpmOpt = typer.Option(None, "--user-rpm", help="requests per minute per end user (`user` field)")
 UTpmOpt = typer.Option(None, "--user-tpm", help="tokens per minute per end user")
+ShareOpt = typer.Option(None, "--share", help="weight when tenants wait for a busy model (default 1)")
+PrioOpt = typer.Option(None, "--priority", help="interactive (default) or batch: served when no interactive request waits")
 ExpOpt = typer.Option(None, "--expires", help="expiry: ISO date/time (UTC) or unix seconds")
 MetaOpt = typer.Option(None, "--meta", help="metadata KEY=VALUE (repeat)")
 
@@ -78,9 +82,11 @@ def create(name: str = typer.Option(..., "--name", help="a name to recognise the
            tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
            period: Optional[str] = PeriodOpt, user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt,
            expires: Optional[str] = ExpOpt, meta: Optional[list[str]] = MetaOpt,
+           share: Optional[float] = ShareOpt, priority: Optional[str] = PrioOpt,
            as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
     """Create a key; its secret is printed once and stored only as a hash."""
-    body = {"name": name, **_fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)}
+    body = {"name": name, **_fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta,
+                                    share, priority)}
     data = AdminClient(config_from(config)).post("/admin/v1/keys", json=body)
     if as_json:
         print(json.dumps(data, indent=2))
@@ -122,9 +128,11 @@ def update(key_id: str, name: Optional[str] = typer.Option(None, "--name"), team
            max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
            user_rpm: Optional[int] = URpmOpt, user_tpm: Optional[int] = UTpmOpt, expires: Optional[str] = ExpOpt,
            meta: Optional[list[str]] = MetaOpt, all_models: bool = typer.Option(False, "--all-models", help="allow every model"),
+           share: Optional[float] = ShareOpt, priority: Optional[str] = PrioOpt,
            config: Optional[str] = ConfigOption) -> None:
     """Change a key's limits; takes effect within a second."""
-    body = _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta)
+    body = _fields(team, model, rpm, tpm, max_parallel, budget, period, user_rpm, user_tpm, expires, meta,
+                   share, priority)
     if name:
         body["name"] = name
     if all_models:
@@ -148,8 +156,8 @@ def rotate(key_id: str, grace: int = typer.Option(0, "--grace", help="seconds th
     print(data["key"])
 
 
-def _team_fields(rpm, tpm, max_parallel, budget, period, meta) -> dict[str, Any]:
-    body = _fields(None, None, rpm, tpm, max_parallel, budget, period, None, None, None, meta)
+def _team_fields(rpm, tpm, max_parallel, budget, period, meta, share=None, priority=None) -> dict[str, Any]:
+    body = _fields(None, None, rpm, tpm, max_parallel, budget, period, None, None, None, meta, share, priority)
     return body
 
 
@@ -169,9 +177,10 @@ def _show_teams(rows: list[dict[str, Any]]) -> None:
 def team_create(name: str = typer.Argument(..., help="the team's name; give it to keys with --team"),
                 rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt, max_parallel: Optional[int] = ParOpt,
                 budget: Optional[int] = BudgetOpt, period: Optional[str] = PeriodOpt,
-                meta: Optional[list[str]] = MetaOpt, config: Optional[str] = ConfigOption) -> None:
+                meta: Optional[list[str]] = MetaOpt, share: Optional[float] = ShareOpt,
+                priority: Optional[str] = PrioOpt, config: Optional[str] = ConfigOption) -> None:
     """Create a team whose limits and budget are shared by all its keys."""
-    body = {"name": name, **_team_fields(rpm, tpm, max_parallel, budget, period, meta)}
+    body = {"name": name, **_team_fields(rpm, tpm, max_parallel, budget, period, meta, share, priority)}
     print(json.dumps(AdminClient(config_from(config)).post("/admin/v1/teams", json=body), indent=2))
 
 
@@ -192,9 +201,10 @@ def team_get(name: str, config: Optional[str] = ConfigOption) -> None:
 def team_update(name: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
                 max_parallel: Optional[int] = ParOpt, budget: Optional[int] = BudgetOpt,
                 period: Optional[str] = PeriodOpt, meta: Optional[list[str]] = MetaOpt,
+                share: Optional[float] = ShareOpt, priority: Optional[str] = PrioOpt,
                 config: Optional[str] = ConfigOption) -> None:
     """Change a team's limits; takes effect within a second."""
-    body = _team_fields(rpm, tpm, max_parallel, budget, period, meta)
+    body = _team_fields(rpm, tpm, max_parallel, budget, period, meta, share, priority)
     print(json.dumps(AdminClient(config_from(config)).patch(f"/admin/v1/teams/{name}", json=body), indent=2))
 
 

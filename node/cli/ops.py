@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import quote
 
 import typer
@@ -143,3 +143,30 @@ def unload(name: str = typer.Argument(..., help="the on-demand model to unload")
     cfg = config_from(config)
     data = AdminClient(cfg, timeout=cfg.supervisor.stop_timeout_s + 90).post(f"/admin/v1/models/{quote(name, safe='')}/unload")
     console.print(f"{escape(data['model'])} unloaded ({data['unloaded']} replica(s) were up)", highlight=False)
+
+
+@app.command()
+def queue(model: Optional[str] = typer.Option(None, "--model", "-m", help="only this model"),
+          limit: int = typer.Option(50, "--limit", min=1, max=1000, help="rows per model"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON"), config: Optional[str] = ConfigOption) -> None:
+    """Who waits for each busy model: per tenant (team, or key:ID) and priority, the longest lines first."""
+    params: dict[str, Any] = {"limit": limit}
+    if model:
+        params["model"] = model
+    data = AdminClient(config_from(config)).get("/admin/v1/queue", params=params)["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    t = Table()
+    for col in ("model", "tenant", "priority", "waiting", "keys", "oldest"):
+        t.add_column(col)
+    for m in data:
+        for w in m["waiting"]:
+            t.add_row(escape(m["model"]), escape(w["tenant"]), w["priority"], str(w["waiting"]), str(w["keys"]),
+                      f"{w['oldest_s']:.1f}s")
+    busy = ", ".join(f"{m['model']} {m['inflight']} in flight" for m in data if m["inflight"] or m["queued"])
+    console.print(busy or "no requests in flight", highlight=False)
+    if t.row_count:
+        console.print(t)
+    else:
+        console.print("nothing waits", highlight=False)
