@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download-dir")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
     return p
 
 
@@ -146,9 +147,31 @@ def main(argv: list[str] | None = None) -> int:
     routes = {("POST", "/v1/responses"): responses, ("GET", "/health"): health, ("GET", "/version"): lambda h: h.send_json(200, {"version": VERSION}),
               ("GET", "/metrics"): metrics}
     add_openai_routes(routes, not_found)
+    add_priority_check(routes, rt, args.scheduling_policy)
     if os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
         add_sleep_routes(routes, rt, enabled=args.enable_sleep_mode)
     return serve(rt, args.host or "0.0.0.0", args.port, routes, bind_after_load=True)
+
+
+def add_priority_check(routes: dict, rt: Runtime, policy: str) -> None:
+    """vLLM's per-request `priority` (an int, default 0, lower served earlier): any value but 0 is refused
+    unless the server runs `--scheduling-policy priority` (vLLM's "Got priority N but Priority scheduling is
+    not enabled."). The stand-in logs each generation's priority (`priority=N`) so a test sees what was sent."""
+    def checked(fn):
+        def call(h: Handler) -> None:
+            prio = h.body().get("priority", 0)  # the body is read once and remembered for the route
+            if not isinstance(prio, int) or isinstance(prio, bool):
+                openai_error(h, 400, "priority: Input should be a valid integer", "BadRequestError")
+                return
+            if prio != 0 and policy != "priority":
+                openai_error(h, 400, f"Got priority {prio} but Priority scheduling is not enabled.", "BadRequestError")
+                return
+            rt.log(f"INFO:     generation request priority={prio}")
+            fn(h)
+        return call
+
+    for key in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+        routes[key] = checked(routes[key])
 
 
 def add_sleep_routes(routes: dict, rt: Runtime, *, enabled: bool) -> None:
