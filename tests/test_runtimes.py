@@ -18,7 +18,7 @@ import pytest
 import runtimes
 from node.workers import probes
 from node.workers.gpus import discover
-from runtimes import LaunchPlan, ModelLayout, Probe, Warmup, WorkerSpec
+from runtimes import LaunchPlan, ModelLayout, Probe, Warmup, WorkerSpec, flag_value
 from runtimes import ollama as ollama_rt
 from runtimes import sglang as sglang_rt
 from runtimes import vllm as vllm_rt
@@ -399,3 +399,37 @@ def test_gpu_model_on_a_box_without_driver_is_unplaceable_not_fatal(node_factory
     assert held["state"] == "pending" and "no NVIDIA driver found" in (held["last_error"] or "")
     ready = httpx.get(node.url + "/readyz", timeout=5)
     assert ready.status_code == 503 and "no NVIDIA driver found" in ready.text
+
+
+@pytest.mark.parametrize("runtime, kw, expected", [
+    ("llamacpp", {}, 1),                                   # llama-cpp-python's server: one generation at a time
+    ("llamacpp", {"concurrency": 4}, 4),                   # the model's concurrency wins
+    ("vllm", {}, 256),                                     # vLLM's own --max-num-seqs default
+    ("vllm", {"concurrency": 8}, 8),
+    ("vllm", {"args": ("--max-num-seqs", "32")}, 32),      # the user's flag wins over everything
+    ("vllm", {"concurrency": 8, "args": ("--max-num-seqs=16",)}, 16),
+    ("sglang", {}, 64),
+    ("sglang", {"concurrency": 5}, 5),
+    ("ollama", {"source": "ollama:tiny"}, 1),
+    ("ollama", {"source": "ollama:tiny", "env": {"OLLAMA_NUM_PARALLEL": "4"}}, 4),
+    ("ollama", {"source": "ollama:tiny", "concurrency": 2}, 2),
+    ("external", {"url": "http://127.0.0.1:9/v1"}, 16),
+    ("external", {"url": "http://127.0.0.1:9/v1", "concurrency": 3}, 3),
+])
+def test_concurrency_from_the_launch_plan(runtime: str, kw: dict, expected: int) -> None:
+    p = runtimes.get(runtime).plan(spec(runtime, **kw))
+    assert p.concurrency == expected
+    if kw.get("concurrency") and runtime in ("vllm", "sglang") and not kw.get("args"):
+        flag = "--max-num-seqs" if runtime == "vllm" else "--max-running-requests"
+        assert flag_value(p.argv, flag) == str(kw["concurrency"])
+    if kw.get("concurrency") and runtime == "ollama":
+        assert p.env["OLLAMA_NUM_PARALLEL"] == str(kw["concurrency"])
+
+
+def test_vllm_priorities_only_with_its_priority_policy() -> None:
+    assert runtimes.get("vllm").plan(spec("vllm")).priorities is None
+    p = runtimes.get("vllm").plan(spec("vllm", args=("--scheduling-policy", "priority")))
+    assert p.priorities == {"interactive": 0, "batch": 1}  # lower is served earlier in vLLM
+    assert runtimes.get("vllm").plan(spec("vllm", args=("--scheduling-policy=fcfs",))).priorities is None
+    for other in ("llamacpp", "sglang"):
+        assert runtimes.get(other).plan(spec(other)).priorities is None

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY_MODEL, run_cli, wait_until
