@@ -45,7 +45,7 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
         return {"object": "list", "driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]}
 
     @r.get("/admin/v1/status")
-    async def status(_: Principal = need(node, "status.read")) -> dict[str, Any]:
+    async def status(who: Principal = need(node, "status.read")) -> dict[str, Any]:
         ok, reasons = node.readiness()
         sup = node.supervisor
         inv = node.sampler.gpus or node.inventory  # the background sampler's latest NVML reading
@@ -58,25 +58,16 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
             "gpus": {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]},
             "traffic": node.sampler.window.traffic().as_dict(),
             "ledger": node.ledger.stats() if node.ledger is not None else None,
+            "queue": [m for m in waiting(node, who, None, 10) if m["inflight"] or m["queued"]],
         }
 
     @r.get("/admin/v1/queue")
     async def queue(model: str | None = Query(None, max_length=200), limit: int = Query(100, ge=1, le=1000),
                     who: Principal = need(node, "status.read")) -> dict[str, Any]:
         """Who waits for each model's slots: per tenant and priority, the longest lines first (`limit` rows per model)."""
-        gates = node.gateway.gates if node.gateway is not None else {}
-        if model is not None and model not in gates:
+        if model is not None and (node.gateway is None or model not in node.gateway.gates):
             raise NotFound(f"no model '{model}'", code="model_not_found")
-        data = []
-        for name, q in gates.items():
-            if model is not None and name != model:
-                continue
-            # A team token sees its own team's line only (tenants are team names, or key:ID for keys without one).
-            rows = [w for w in q.waiting(limit if who.team is None else 1 << 30)
-                    if who.team is None or w["tenant"] == who.team][:limit]
-            data.append({"model": name, "inflight": q.inflight, "queued": q.queued if who.team is None else
-                         sum(w["waiting"] for w in rows), "waiting": rows})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": waiting(node, who, model, limit)}
 
     @r.post("/admin/v1/reload")
     async def reload(request: Request, _: Principal = need(node, "config.reload")) -> dict[str, Any]:
@@ -161,3 +152,22 @@ def add_operation_routes(r: FastAPI, node: Node) -> None:
         deps = desired_deployments(node.config, secret, [m.name for m in node.config.models])
         return {"object": "list", "data": [d.body() for d in deps]}
 
+
+
+def waiting(node: Node, who: Principal, model: str | None, limit: int) -> list[dict[str, Any]]:
+    """Each model's slots in use and who waits for them (at most `limit` rows a model, the longest lines first).
+
+    A team token sees only its own team's line (tenants are team names, or key:ID for keys without a team).
+    """
+    gates = node.gateway.gates if node.gateway is not None else {}
+    data = []
+    for name, q in gates.items():
+        if model is not None and name != model:
+            continue
+        if who.team is None:
+            rows, queued = q.waiting(limit), q.queued
+        else:
+            rows = [w for w in q.waiting(1 << 30) if w["tenant"] == who.team][:limit]
+            queued = sum(w["waiting"] for w in rows)
+        data.append({"model": name, "inflight": q.inflight, "queued": queued, "waiting": rows})
+    return data

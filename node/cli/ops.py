@@ -81,6 +81,11 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
                   str(w["restarts"]), str(w["port"] or "-"), ",".join(g[:12] for g in w["gpus"]) or "cpu",
                   escape((w["last_error"] or "").splitlines()[0][:60]) if w["last_error"] else "")
     console.print(t)
+    for m in data.get("queue") or []:  # busy models: who waits
+        lines = ", ".join(f"{escape(w['tenant'])} {w['waiting']} ({w['priority']}, oldest {w['oldest_s']:.1f}s)"
+                          for w in m["waiting"])
+        console.print(f"queue {escape(m['model'])}: {m['inflight']} in flight, {m['queued']} waiting"
+                      + (f": {lines}" if lines else ""), highlight=False)
     gpus = data["gpus"]
     if gpus["data"]:
         g = Table(title="GPUs", title_justify="left")

@@ -1,4 +1,4 @@
-// Overview: the node, its models and replicas, GPUs and the last minute's traffic, live.
+// Overview: the node, its models and replicas, who waits for them, GPUs and the last minute's traffic, live.
 import { api, badge, content, el, every, fmtAge, fmtBytes, fmtNum, section, setStatus, table } from "./api.js";
 
 function render(s) {
@@ -32,9 +32,19 @@ function render(s) {
     ["Temperature", (x) => x.temperature_c === null || x.temperature_c === undefined ? "–" : `${Math.round(x.temperature_c)} °C`],
     ["Power", (x) => x.power_w === null || x.power_w === undefined ? "–" : `${Math.round(x.power_w)} W`],
   ], g.data) : el("p", { class: "muted" }, g.error ? `No GPUs: ${g.error}` : "No GPUs: models run on the CPU.");
+  const waiting = (s.queue || []).flatMap((m) => m.waiting.map((w) => ({ model: m.model, ...w })));
+  const queue = table([
+    ["Model", (w) => w.model],
+    ["Tenant", (w) => w.tenant],
+    ["Priority", (w) => w.priority],
+    ["Waiting", (w) => fmtNum(w.waiting)],
+    ["Keys", (w) => fmtNum(w.keys)],
+    ["Oldest", (w) => `${w.oldest_s.toFixed(1)} s`],
+  ], waiting, { empty: "Nothing waits: every request has a slot." });
   content().replaceChildren(
     section("Node", summary, reasons),
     section("Models and replicas", workers),
+    section("Waiting tenants", queue),
     section("GPUs", gpus));
   setStatus(`Updated ${new Date().toLocaleTimeString()}`);
 }
