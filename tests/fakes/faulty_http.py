@@ -53,6 +53,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.faults = Faults()
         self.seen: list[Seen] = []
         self.served: dict[str, int] = {}  # body bytes written to clients, per blob key
+        self.sending = self.peak_sending = 0  # blob bodies being sent now, and the most at once
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.tls: ssl.SSLContext | None = None
@@ -86,6 +87,11 @@ class FaultyServer(ThreadingHTTPServer):
     def record(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.seen.append(Seen(h.command, h.path, h.headers.get("range"), h.headers.get("authorization")))
+
+    def sending_body(self, delta: int) -> None:
+        with self._lock:
+            self.sending += delta
+            self.peak_sending = max(self.peak_sending, self.sending)
 
     def count(self, key: str, n: int) -> None:
         with self._lock:
@@ -160,7 +166,14 @@ class FaultyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        body = memoryview(data)[start:end]
+        self.server.sending_body(1)
+        try:
+            self._send_body(key, memoryview(data)[start:end])
+        finally:
+            self.server.sending_body(-1)
+
+    def _send_body(self, key: str, body: memoryview) -> None:
+        f = self.server.faults
         drop = self.server.take(f.drop_after, key)
         stall = self.server.take(f.stall_s, key)
         if drop is not None:
@@ -179,10 +192,10 @@ class FaultyHandler(BaseHTTPRequestHandler):
             body = body[half:]
         step = 64 * 1024
         for i in range(0, len(body), step):
+            if f.rate_bps:  # before the write: the body is over when its last byte is sent
+                time.sleep(len(body[i:i + step]) / f.rate_bps)
             try:
                 self.wfile.write(body[i:i + step])
             except (BrokenPipeError, ConnectionResetError):
                 return
             self.server.count(key, len(body[i:i + step]))
-            if f.rate_bps:
-                time.sleep(step / f.rate_bps)
