@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from node.supply import segments
-from node.supply.download import NetSettings
+from node.supply.download import NetSettings, SettingsError
 from node.supply.progress import JsonProgress
 from node.supply.pull import pull_entries
 from node.supply.store import DigestMismatch, DiskFull, SizeMismatch
@@ -196,3 +196,29 @@ def test_memory_stays_bounded_whatever_the_file_size(tmp_path, hub):
     assert len(cdn(hub, lock.entry("m").files[0].sha256)) > 8
     assert 0 < peak_kib < 96 * 1024, peak_kib  # the interpreter, its imports, one hash window: not the file
     assert store.rehash(lock.entry("m").files[0]) is None
+
+
+def test_an_unreadable_segment_state_starts_the_file_over(tmp_path, hub):
+    cfg, lock, store = setup_box(tmp_path, model_toml("hf:org/big#weights.bin"))
+    f = lock.entry("m").files[0]
+    store.partial_dir.mkdir(parents=True)
+    (store.partial_dir / f.sha256).write_bytes(b"\0" * f.size)  # a preallocated partial ...
+    segments.state_path(store, f).write_text('{"size": 1, "segments": [[0, 9, 99]]}')  # ... and a state not its own
+    assert segments.had(store, f) == 0
+    pull(cfg, lock, store, settings=RANGED)
+    assert store.rehash(f) is None and hub.served[f.sha256] == f.size
+    assert not list(store.partial_dir.iterdir())
+
+
+def test_pull_concurrency_from_the_config_key_and_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("INFERNODE_PULL_CONCURRENCY", raising=False)
+    assert NetSettings.from_env().parallel == 8
+    assert NetSettings.from_env(5).parallel == 5  # [node] pull_concurrency
+    monkeypatch.setenv("INFERNODE_PULL_CONCURRENCY", "12")
+    assert NetSettings.from_env(5).parallel == 12  # the variable wins
+    monkeypatch.setenv("INFERNODE_PULL_SEGMENT_MIB", "0")
+    with pytest.raises(SettingsError, match="INFERNODE_PULL_SEGMENT_MIB='0': must be a whole number from 1 to 4096"):
+        NetSettings.from_env()
+    (tmp_path / "appliance.toml").write_text('[node]\npull_concurrency = 0\n')
+    p = run_cli("lock", config=tmp_path / "appliance.toml")
+    assert p.returncode == 2 and "pull_concurrency" in p.stderr and "Traceback" not in p.stderr
