@@ -11,8 +11,9 @@ from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec
 
 NAME = "external"
 LAYOUT: ModelLayout | None = None  # the node launches nothing and pins no model
-# A server of unknown size: enough that the node adds no latency, few enough that the node's order still counts.
-DEFAULT_CONCURRENCY = 16
+# A server of unknown size: as many as a model's default max_inflight, so the node adds no wait of its own
+# (set the model's `concurrency` to what the server really serves at once, for the node's order to count).
+DEFAULT_CONCURRENCY = 64
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:

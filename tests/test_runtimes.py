@@ -413,7 +413,7 @@ def test_gpu_model_on_a_box_without_driver_is_unplaceable_not_fatal(node_factory
     ("ollama", {"source": "ollama:tiny"}, 1),
     ("ollama", {"source": "ollama:tiny", "env": {"OLLAMA_NUM_PARALLEL": "4"}}, 4),
     ("ollama", {"source": "ollama:tiny", "concurrency": 2}, 2),
-    ("external", {"url": "http://127.0.0.1:9/v1"}, 16),
+    ("external", {"url": "http://127.0.0.1:9/v1"}, 64),
     ("external", {"url": "http://127.0.0.1:9/v1", "concurrency": 3}, 3),
 ])
 def test_concurrency_from_the_launch_plan(runtime: str, kw: dict, expected: int) -> None:
