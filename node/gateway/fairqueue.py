@@ -164,9 +164,10 @@ class FairQueue:
         self._bands = (_Band(), _Band())
         self._tenant_waiting: dict[str, int] = {}
         self._deficit = 0.0              # batch's cost owed under its floor, while both bands wait
+        self.size = 0                    # tickets waiting, both bands (read on the scheduler's fast path)
 
     def __len__(self) -> int:
-        return self._bands[0].waiting + self._bands[1].waiting
+        return self.size
 
     def depth(self, priority: Priority) -> int:
         return self._bands[priority].waiting
@@ -183,6 +184,7 @@ class FairQueue:
         if not t.share > 0 or not t.cost >= 0:
             raise ValueError("a ticket needs share > 0 and cost >= 0")
         self._bands[t.priority].push(t)
+        self.size += 1
         self._tenant_waiting[t.tenant] = self._tenant_waiting.get(t.tenant, 0) + 1
         t.queued = True
 
@@ -226,6 +228,7 @@ class FairQueue:
 
     def _left(self, t: Ticket) -> None:
         t.queued = False
+        self.size -= 1
         n = self._tenant_waiting[t.tenant] - 1
         if n:
             self._tenant_waiting[t.tenant] = n

@@ -79,10 +79,10 @@ class Tenancy:
 class Slot:
     """One request's place on a replica (target None: the model had no ready replica; the caller decides)."""
 
-    __slots__ = ("queue", "target", "priority", "team")
+    __slots__ = ("queue", "target", "priority", "gauge")
 
-    def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, team: str) -> None:
-        self.queue, self.target, self.priority, self.team = queue, target, priority, team
+    def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, gauge: Any) -> None:
+        self.queue, self.target, self.priority, self.gauge = queue, target, priority, gauge  # gauge: its team's
 
     def leave(self, duration_s: float) -> None:
         """Give the slot back: the next waiter in fair order gets it."""
@@ -100,7 +100,6 @@ class ModelQueue:
         self.fq = FairQueue(batch_min_share, max_queued)
         self.inflight = 0
         self.held: dict[str, int] = {}          # replica id -> slots taken
-        self.team_inflight: dict[str, int] = {}
         self._avg_s = 1.0                       # moving average of request time, for Retry-After
         self._teams: dict[str, Any] = {}       # metric children, cached
         self._waits: dict[Priority, Any] = {}
@@ -135,15 +134,15 @@ class ModelQueue:
         self.inflight += 1
         if target is not None:
             self.held[target.id] = self.held.get(target.id, 0) + 1
-        self.team_inflight[team] = self.team_inflight.get(team, 0) + 1
-        if self.metrics is not None:
-            self._gauge(team).inc()
-        return Slot(self, target, priority, team)
+        gauge = self._gauge(team) if self.metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        return Slot(self, target, priority, gauge)
 
     async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False) -> Slot:
         """A slot for one request of `key` (body: its JSON, size: its bytes); waits in fair order, or QueueFull."""
         team = key.team or ""
-        if not self.fq and self.inflight < self.max_inflight:
+        if not self.fq.size and self.inflight < self.max_inflight:
             target = self._free()
             if target is not False:  # the fast path: nothing waits and a slot is free
                 prio = Priority.BATCH if lower else tenancy.of(key)[2]
@@ -187,19 +186,10 @@ class ModelQueue:
         self.inflight -= 1
         target = slot.target
         if target is not None:
-            n = self.held.get(target.id, 0) - 1
-            if n > 0:
-                self.held[target.id] = n
-            else:
-                self.held.pop(target.id, None)
-        n = self.team_inflight.get(slot.team, 0) - 1
-        if n > 0:
-            self.team_inflight[slot.team] = n
-        else:
-            self.team_inflight.pop(slot.team, None)
-        if self.metrics is not None:
-            self._gauge(slot.team).dec()
-        if self.fq:
+            self.held[target.id] -= 1  # (entries stay: one per replica id the model has had)
+        if slot.gauge is not None:
+            slot.gauge.dec()
+        if self.fq.size:
             self.dispatch()
 
     def dispatch(self) -> None:
