@@ -40,7 +40,7 @@ from node.gateway import context, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
 from node.gateway.bodies import usage_of, worker_error
 from node.gateway.httpd import Connection, Request
-from node.gateway.me import self_service
+from node.gateway.me import SelfUsage, self_service
 from node.gateway.sse import SseRelay
 from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
 from node.ops.logs import access as access_log
@@ -135,6 +135,7 @@ class Gateway:
         # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
         self.ensure_loaded = ensure_loaded
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
+        self.me_usage = SelfUsage(ledger)   # /v1/me/usage: cached, paced per key
         self.draining = False
         self.inflight = 0
         self._series: dict[str, ModelSeries] = {}
