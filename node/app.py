@@ -182,18 +182,22 @@ class Node:
         if self.config.fleet.litellm is not None:
             await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
 
-    async def start_fleet(self, *, register: bool) -> None:
-        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
+    def _fleet(self) -> FleetReconciler:
         if self.fleet is None:
             assert self.config.fleet.litellm is not None
             admin = LiteLLMAdmin(self.config.fleet.litellm.url, read_master_key(self.config))
             self.fleet = FleetReconciler(self.config, admin, ready_models=self.ready_models, api_key=self.fleet_key)
+        return self.fleet
+
+    async def start_fleet(self, *, register: bool) -> None:
+        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
+        fleet = self._fleet()
         try:
             await self.fleet_key()
         except StorageUnavailable as exc:
             log.warning("fleet: cannot create the fleet key yet: %s", exc)
         if register:
-            self.fleet.start()
+            fleet.start()
 
     async def fleet_key(self) -> str:
         """The secret of the node key the fleet proxy uses (created once, then reused)."""
@@ -387,7 +391,7 @@ class Node:
 
     async def fleet_deployments(self) -> tuple[str, bool, list[dict[str, Any]]]:
         """The proxy's deployments for every model, with the fleet key (key id, whether minted now, bodies)."""
-        await self.start_fleet(register=False)
+        self._fleet()
         key_id, secret, minted = await self._fleet_key()
         deps = desired_deployments(self.config, secret, [m.name for m in self.config.models])
         return key_id, minted, [d.body() for d in deps]
