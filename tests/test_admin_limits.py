@@ -20,7 +20,7 @@ from node.accounts.reports import Reports, render
 from node.accounts.storage import StorageTimeout, UsageRow, open_storage
 from node.accounts.storage.sql import KEY_COLUMNS, _key_params
 from node.errors import InvalidRequest
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, run_cli, wait_until
 from tests.test_roles import db_extra, healthy, make_token  # noqa: F401  (fixture)
 from tests.test_storage import db_url, storage  # noqa: F401  (fixtures)
 
@@ -132,6 +132,9 @@ def test_a_viewer_pages_ten_thousand_keys_and_a_big_aggregation_stays_bounded(no
         assert len(nxt["data"]) == 10 and nxt["data"][0]["user"] not in {g["user"] for g in body["data"]}
         assert c.get("/admin/v1/usage", params={"limit": 10_001}).status_code == 422
         rss1, hwm = rss_mib(pid), rss_mib(pid, "VmHWM")
+    # The CLI pages through every key.
+    listed = json.loads(run_cli("keys", "list", "--json", config=n.config, check=True).stdout)
+    assert len({k["id"] for k in listed}) == N_KEYS
     print(f"\n[{url.split(':')[0]}] GET /admin/v1/keys ({N_KEYS} keys, page 100): {list_wall * 1000:.1f} ms wall, "
           f"{list_cpu * 1000:.1f} ms node CPU per call; usage group_by=user over {N_ROWS} rows: "
           f"{agg_wall * 1000:.0f} ms wall, {agg_cpu * 1000:.0f} ms node CPU, {len(r.content)} bytes; "

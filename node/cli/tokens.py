@@ -84,7 +84,8 @@ def audit(verify: bool = typer.Option(False, "--verify", help="check the hash ch
                    ("action", action)):
         if val is not None:
             params[k] = val
-    _, rows = client.get_all("/admin/v1/audit", params, page=10_000)
+    # The newest 1000 matching records, shown oldest first (narrow with --since/--until/--actor/--action).
+    rows = client.get("/admin/v1/audit", params={**params, "newest_first": "true", "limit": 1000})["data"][::-1]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
