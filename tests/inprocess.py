@@ -118,8 +118,16 @@ class GatewayApp:
         """What /metrics would show."""
         return self.metrics.render().decode()
 
+    def idle(self) -> None:
+        """Wait until no request is in flight: every answered request has been settled (seen from its loop)."""
+        async def settled() -> None:
+            while self.gateway.inflight:
+                await asyncio.sleep(0.005)
+        self.run(settled())
+
     def ledger_rows(self, **where: Any) -> list[dict]:
-        """The ledger's rows (flushed first), as dicts."""
+        """The ledger's rows (requests settled and the ledger flushed first), as dicts."""
+        self.idle()
         self.ledger.flush()
         with sqlite3.connect(self.tmp / "infernode.db") as db:
             db.row_factory = sqlite3.Row
