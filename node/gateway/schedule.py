@@ -1,7 +1,7 @@
 """Schedule: where an admitted request waits for its turn at a model.
 
-One `Gate` per model, behind a narrow seam: `acquire` (wait for a slot, or ModelOverloaded)
-and `release`. Today a gate is first come, first served with `max_inflight` slots and at
+One `Gate` per model, behind a narrow seam: `acquire` (wait for a slot, or QueueFull, which
+`Gate.overloaded` turns into the client's 429) and `release`. Today a gate is first come, first served with `max_inflight` slots and at
 most `max_queue` waiters; a scheduler that orders waiters by tenant or priority replaces
 the gate's insides, not its callers.
 """
