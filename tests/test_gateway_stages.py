@@ -301,3 +301,24 @@ def test_crlf_and_cr_framed_streams_relayed_event_by_event(stub_node, eol):
                                             stream_options={"include_usage": True}, extra_body={"stub": body["stub"]}))
     assert len(chunks) == 7 and chunks[-1].usage.completion_tokens == 6
 
+
+
+def test_a_stream_is_charged_before_its_end_and_settled_once(stub_node):
+    """relay charges the quotas before the client sees [DONE]; settle then adds one ledger row and charges nothing again."""
+    node, _, _ = stub_node
+    key = node.create_key(tpm=10_000)
+    auth = {"authorization": f"Bearer {key}"}
+
+    def remaining() -> int:
+        return httpx.get(node.url + "/v1/me", headers=auth, timeout=10).json()["limits"]["key"]["remaining_tokens"]
+
+    body = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={**auth, "x-request-id": "charged-once"}) as r:
+        lines = sse_lines(r)
+        assert lines[-1] == "data: [DONE]"
+        assert remaining() == 10_000 - 39  # 7 prompt + 32 completion tokens, counted by the time [DONE] arrived
+    node.idle()
+    assert remaining() == 10_000 - 39
+    [row] = node.ledger_rows(client_request_id="charged-once")
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (200, 7, 32)
