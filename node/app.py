@@ -27,7 +27,8 @@ from node.accounts.tokens import ensure_admin_key
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
 from node.errors import AuthenticationError, NoReadyReplica, OperationFailed, UpstreamError
-from node.gateway.proxy import Gateway, ModelInfo
+from node.gateway.exchange import ModelInfo
+from node.gateway.gateway import Gateway
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
 from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ProxyError, desired_deployments, ensure_fleet_key, read_master_key
@@ -104,12 +105,6 @@ class Node:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream,
-            stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
-            upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
-            uuid_request_ids=lambda target: bool(target.plan and target.plan.uuid_request_ids),
-            upstream_headers=lambda target: target.plan.headers if target.plan else (),
-            serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
-            cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             format_of=self._model_format,
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
         )
@@ -122,8 +117,7 @@ class Node:
 
     def _busy(self, model: str) -> bool:
         """Whether the gateway has requests for `model` in flight or queued (then it is not evicted)."""
-        gate = self.gateway.gates.get(model) if self.gateway is not None else None
-        return gate is not None and (gate.inflight > 0 or gate.queued > 0)
+        return self.gateway is not None and self.gateway.busy(model)
 
     def _build_loader(self, supervisor: Supervisor) -> Loader:
         m = self.metrics
