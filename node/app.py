@@ -24,9 +24,16 @@ from node.accounts.quotas import Quotas
 from node.accounts.roles import Principal
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
 from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
+from node.batches.api import BatchApi, UploadGate
+from node.batches.files import FileStore
+from node.batches.lines import Limits as BatchLimits
+from node.batches.records import BatchRecord
+from node.batches.runner import BatchRunner
+from node.batches.service import Batches
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
 from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
+from node.gateway.inprocess import batch_executor
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
@@ -81,6 +88,8 @@ class Node:
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
         self.gateway: Gateway | None = None
+        self.batches: Batches | None = None
+        self.batch_api: BatchApi | None = None
         self.admin_key = ""
         self.started_at = time.time()
         self.startup_error: str | None = None
@@ -169,6 +178,7 @@ class Node:
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
+        self.batches, self.batch_api = self._build_batches(self.storage, self.gateway)
         self.sampler.start()
         self.alerts.start()
         if self.alerts.enabled:
@@ -176,6 +186,30 @@ class Node:
             self._tasks.append(asyncio.create_task(self.alerts.watch_budgets(
                 lambda: budget_uses(storage, self.keys.all(), budgets=self._budgets_of),
                 self.config.alerts.budget_check_s), name="budget-alerts"))
+
+    def _build_batches(self, storage: Storage, gateway: Gateway) -> tuple[Batches, BatchApi]:
+        """The Files and Batches API: files under data_dir/files, batches run through the gateway."""
+        cfg = self.config.batches
+        limits = BatchLimits(cfg.max_file_bytes, cfg.max_lines)
+        files = FileStore(self.config.data_dir / "files")
+        store: Any = storage  # SqlStorage: the batch tables are a part of it
+        lines = self.metrics.batch_lines
+        runner = BatchRunner(store, files, batch_executor(gateway, self.keys), limits=limits,
+                             model_problem=self._batch_model_problem, concurrency=cfg.concurrency,
+                             on_line=lambda ok: lines.labels("completed" if ok else "failed").inc())
+        self.metrics.batch_counts = store.batch_counts
+        batches = Batches(store, files, runner, limits)
+        return batches, BatchApi(batches, UploadGate(cfg.upload_slots, self.config.node.request_timeout_s + 5),
+                                 admit=self.quotas.admit)
+
+    def _batch_model_problem(self, batch: BatchRecord, model: str) -> str | None:
+        """Why a batch's key may not run `model` here, or None."""
+        key = self.keys.get(batch.key_id) if batch.key_id else None
+        if self.config.model(model) is None:
+            return f"the model '{model[:256]}' does not exist on this node"
+        if key is None or not self.quotas.allows(key, model):
+            return f"this API key may not use model '{model[:256]}'"
+        return None
 
     async def start_workers(self) -> None:
         """Check and pull the store, place and launch (or adopt) workers."""
@@ -197,6 +231,8 @@ class Node:
             log.exception("start-up failed")
         finally:
             self.starting = False
+        if self.batches is not None:  # resume what a previous run left, now that workers start
+            await self.batches.runner.start()
         if self.config.fleet.litellm is not None:
             await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
 
@@ -409,6 +445,8 @@ class Node:
         """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
         for t in self._tasks:
             t.cancel()
+        if self.batches is not None:  # lines in flight are not recorded: the next start runs them again
+            await self.batches.runner.close()
         if self.fleet is not None:
             # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
             await self.fleet.stop(deregister=not detach)

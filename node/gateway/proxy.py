@@ -193,9 +193,9 @@ class Gateway:
                 if req.method != "POST":
                     raise InvalidRequest(f"use POST for {path.decode()}", code="method_not_allowed")
             # Rate admission before the body is decoded or checked: invalid requests count too.
-            adm = self.quotas.admit(key)
+            adm = self.quotas.admit(key, lane=req.lane)
             ex = Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(),
-                          api=route.api if route is not None else "openai", client_rid=client_rid)
+                          api=req.lane or (route.api if route is not None else "openai"), client_rid=client_rid)
             body = _parse(req.body)
             info, body, path, route, call = self._admit_body(body, key, adm, ex, path, route)
             await self._proxy(body, path, req.body, info, adm, ex, ridb, conn, route, call)
