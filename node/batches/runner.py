@@ -218,6 +218,12 @@ class BatchRunner:
             finally:
                 slots.release()
 
+        async def on_cancel() -> None:  # lines in flight are abandoned, and cancelled at the worker
+            await cancel.wait()
+            for t in list(inflight):
+                t.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(on_cancel())
         reader = batch_lines.read(self.files.path(batch.input_file_id))
         try:
             while not cancel.is_set() and not stop:
@@ -237,12 +243,12 @@ class BatchRunner:
                 else:
                     continue
                 break
-            if cancel.is_set():
-                for t in list(inflight):
-                    t.cancel()
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
         finally:
+            watcher.cancel()
+            for t in list(inflight):  # the runner is closing: nothing outlives it (unrecorded lines rerun)
+                t.cancel()
             reader.close()
         if stop:
             await self._fail_rest(batch, stop[0], _STOP_MESSAGES.get(stop[0], stop[0]))
