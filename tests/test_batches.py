@@ -202,3 +202,37 @@ def test_batch_lines_do_not_count_against_rpm(batch_node):
     time.sleep(0.1)
     m = httpx.get(batch_node.url + "/metrics").text
     assert 'infernode_batch_lines_total{result="completed"}' in m and 'infernode_batches{status="completed"}' in m
+
+
+def test_admin_api_and_cli(batch_node):
+    from tests.conftest import run_cli
+    team_key = batch_node.create_key(team="red") if _team(batch_node, "red") else None
+    other = client(batch_node, batch_node.create_key())
+    c = client(batch_node, team_key)
+    f = c.files.create(file=("in.jsonl", io.BytesIO(jsonl(2))), purpose="batch")
+    mine = finish(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    f2 = other.files.create(file=("in.jsonl", io.BytesIO(jsonl(1))), purpose="batch")
+    theirs = other.batches.create(input_file_id=f2.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with batch_node.admin() as a:
+        listed = {b["id"]: b for b in a.get("/admin/v1/batches", params={"limit": 1000}).json()["data"]}
+        assert mine.id in listed and theirs.id in listed and listed[mine.id]["team"] == "red"
+        red = a.post("/admin/v1/tokens", json={"name": "red-viewer", "role": "viewer", "team": "red"}).json()["token"]
+    with httpx.Client(base_url=batch_node.url, headers={"authorization": f"Bearer {red}"}, timeout=10) as t:
+        seen = [b["id"] for b in t.get("/admin/v1/batches").json()["data"]]
+        assert mine.id in seen and theirs.id not in seen
+        assert t.get(f"/admin/v1/batches/{theirs.id}").status_code == 404
+        assert t.post(f"/admin/v1/batches/{mine.id}/cancel").status_code == 403
+        assert t.get("/admin/v1/batches", params={"limit": 0}).status_code == 422
+    out = run_cli("batches", "list", config=batch_node.config, check=True).stdout
+    assert mine.id in out and "completed" in out
+    shown = run_cli("batches", "show", mine.id, "--json", config=batch_node.config, check=True).stdout
+    assert json.loads(shown)["request_counts"]["completed"] == 2
+    bad = run_cli("batches", "cancel", mine.id, config=batch_node.config)
+    assert bad.returncode == 1 and "already completed" in bad.stderr + bad.stdout
+    finish(other, theirs.id)
+
+
+def _team(node, name: str) -> bool:
+    with node.admin() as a:
+        r = a.post("/admin/v1/teams", json={"name": name})
+        return r.status_code in (200, 201, 409)

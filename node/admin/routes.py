@@ -16,6 +16,7 @@ from node.accounts.roles import Principal
 from node.accounts.storage import StorageConflict, StorageUnavailable
 from node.admin.access import bearer, need
 from node.admin.accounts import add_account_routes
+from node.admin.batches import add_batch_routes
 from node.admin.operations import add_operation_routes
 from node.admin.reports import add_report_routes
 from node.errors import AuthenticationError, InvalidRequest, NodeError
@@ -59,6 +60,7 @@ def build_admin(node: Node) -> FastAPI:
     add_account_routes(app, node)
     add_operation_routes(app, node)
     add_report_routes(app, node)
+    add_batch_routes(app, node)
 
     @app.get("/admin/v1/openapi.json", include_in_schema=False)
     async def openapi(_: Principal = need(node, "status.read")) -> dict[str, Any]:
