@@ -100,7 +100,7 @@ def main() -> None:
             node.wait_ready()
             key = node.create_key()
             [w] = node.workers()
-            worker = f"http://127.0.0.1:{w['port']}/v1"
+            worker = f"http://127.0.0.1:{w['port']}"
             http = httpx.Client(base_url=node.url, headers={"authorization": f"Bearer {key}"}, timeout=120)
             print(f"load average {os.getloadavg()[0]:.1f}; {a.lines} lines of {a.tokens} tokens, "
                   f"{a.concurrency} at once", flush=True)

@@ -228,3 +228,33 @@ def test_files_are_owner_only_and_paged(store, tmp_path):
         assert isinstance(made[1], FileRecord)
         await runner.close()
     asyncio.run(go())
+
+
+def test_an_answer_given_is_recorded_even_when_the_runner_stops_meanwhile(store, tmp_path):
+    import threading
+    import time as _time
+
+    class SlowStore:
+        """The real store, with line records that take a while (a busy database)."""
+
+        def __init__(self, inner) -> None:
+            self.inner, self.started = inner, threading.Event()
+
+        def record_line(self, result):
+            self.started.set()
+            _time.sleep(0.3)
+            return self.inner.record_line(result)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    async def go():
+        slow = SlowStore(store)
+        worker = Worker()
+        batches, runner = setup(slow, tmp_path, worker, concurrency=1)
+        b = await create(batches, 5)
+        while not slow.started.is_set():
+            await asyncio.sleep(0.005)
+        await runner.close()          # stops while the first answer is being recorded
+        assert store.recorded_lines(b.id) >= {0}
+    asyncio.run(go())

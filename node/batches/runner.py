@@ -80,6 +80,7 @@ class BatchRunner:
         self.concurrency, self.clock, self.on_line = concurrency, clock, on_line
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
+        self._recording: set[asyncio.Future[bool]] = set()
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -105,6 +106,8 @@ class BatchRunner:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._recording:  # answers already given are recorded before the database closes
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
     def submit(self, batch: BatchRecord) -> None:
         """Run a batch (new, or resumed) in its own task, once."""
@@ -263,7 +266,12 @@ class BatchRunner:
         await self._save(batch)
 
     async def _record(self, batch: BatchRecord, result: LineResult) -> None:
-        if await asyncio.to_thread(self.store.record_line, result):
+        # An answer the worker gave is recorded even when the runner is stopping: shielded, and
+        # `close` waits for it (a cancelled thread job that never started would lose the line).
+        job = asyncio.ensure_future(asyncio.to_thread(self.store.record_line, result))
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+        if await asyncio.shield(job):
             if result.ok:
                 batch.completed += 1
             else:
