@@ -296,12 +296,13 @@ def test_the_batches_page_shows_progress_and_an_operator_cancels(tiny_node, brow
     d.get(url + "/ui/batches")
     wait(d, lambda d: b.id in text_of(d) and d.find_elements(By.CSS_SELECTOR, ".badge.state-in_progress"),
          what="the batch in progress")
-    bar = d.find_element(By.CSS_SELECTOR, f"progress[aria-label='{b.id} progress']")
-    wait(d, lambda d: float(bar.get_attribute("value")) > 0, what="progress")
-    assert bar.get_attribute("max") == "300"
+    bar = f"progress[aria-label='{b.id} progress']"   # the page redraws every 3 s: found afresh each time
+    wait(d, lambda d: float(d.execute_script(f"return document.querySelector(\"{bar}\").value")) > 0,
+         what="progress")
+    assert d.execute_script(f"return document.querySelector(\"{bar}\").max") == 300
     Shots(tmp_path)(d, "batches")
     d.execute_script("window.confirm = () => true")
-    next(btn for btn in d.find_elements(By.CSS_SELECTOR, "button.danger") if btn.text == "Cancel").click()
+    d.execute_script("[...document.querySelectorAll('button.danger')].find((b) => b.textContent === 'Cancel').click()")
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".badge.state-cancelled"), what="the batch cancelled")
     assert c.batches.retrieve(b.id).status == "cancelled"
     no_csp_violations(d)
