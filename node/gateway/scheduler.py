@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from node.accounts.plans import standing
 from node.errors import NodeError, RateLimited
 from node.gateway.fairqueue import FairQueue, Priority, Ticket
-from node.workers.router import Router, Target
+from node.workers.router import Router
+from node.workers.router import WorkerView as Target
 
 DEFAULT_MAX_TOKENS = 256   # the cost of a request that names no max_tokens
 TEAM_LABELS = 32           # teams with a label of their own in infernode_team_inflight; later ones are "other"
@@ -84,9 +85,11 @@ class Slot:
     def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, gauge: Any) -> None:
         self.queue, self.target, self.priority, self.gauge = queue, target, priority, gauge  # gauge: its team's
 
-    def leave(self, duration_s: float) -> None:
+    def release(self, duration_s: float) -> None:
         """Give the slot back: the next waiter in fair order gets it."""
         self.queue.release(self, duration_s)
+
+    leave = release
 
 
 class ModelQueue:
@@ -116,12 +119,12 @@ class ModelQueue:
         self.fq.max_queued, self.fq.batch_min_share = max_queued, batch_min_share
         self.dispatch()
 
-    def _free(self) -> Target | None | bool:
+    def _free(self) -> Target | None | Literal[False]:
         """The least busy ready replica with a free slot; None when none is ready; False when all are full."""
         ready = self.router.ready(self.model)
         if not ready:
             return None
-        best: Target | bool = False
+        best: Target | Literal[False] = False
         held = self.held
         best_n = 0
         for t in ready:
@@ -147,7 +150,7 @@ class ModelQueue:
             if target is not False:  # the fast path: nothing waits and a slot is free
                 prio = Priority.BATCH if lower else tenancy.of(key)[2]
                 self._observe(prio, 0.0)
-                return self._take(target, prio, team)  # type: ignore[arg-type]
+                return self._take(target, prio, team)
         tenant, share, prio = tenancy.of(key)
         if lower:
             prio = Priority.BATCH  # a request may lower its priority, never raise it
@@ -204,7 +207,16 @@ class ModelQueue:
             self._depth(t.priority)
             fut, team = t.payload
             if not fut.done():  # a cancelled waiter is removed at once; this is belt and braces
-                fut.set_result(self._take(target, t.priority, team))  # type: ignore[arg-type]
+                fut.set_result(self._take(target, t.priority, team))
+
+    def overloaded(self, model: str, retry_after: float) -> RateLimited:
+        """429 model_overloaded with the x-ratelimit-* headers of the model's capacity."""
+        return RateLimited(
+            f"model '{model}' is at capacity ({self.max_inflight} in flight, {self.queued} queued); retry later",
+            retry_after=retry_after, reason="model_capacity", code="model_overloaded", headers={
+                "x-ratelimit-limit-requests": str(self.max_inflight + self.max_queue),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": f"{max(1, min(60, int(retry_after + 0.999)))}s"})
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the line ahead drained at the measured pace."""
