@@ -42,6 +42,8 @@ class NodeSection(_Section):
     write_stall_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     # HTTPS on the node's port: the certificate chain, a PEM file (`infernode tls selfsigned` writes one).
     tls_cert: Path | None = None
+    # Seconds a TLS client has, from accept, to finish its handshake (a connection counts against the caps meanwhile).
+    tls_handshake_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     # The certificate's private key, an unencrypted PEM file (may be the same file as tls_cert).
     tls_key: Path | None = None
     # PEM CA certificates: clients must present a certificate one of them signed (mTLS).

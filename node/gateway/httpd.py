@@ -41,7 +41,7 @@ STATUS_LINES = {v: {int(s): f"HTTP/{v} {int(s)} {s.phrase}\r\n".encode() for s i
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, queues them, and is what handlers answer through."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, counted: bool = False) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
@@ -55,7 +55,7 @@ class Connection(asyncio.Protocol):
         self._paused_writing = False
         self._paused_reading = False
         self._closed = False
-        self._counted = False        # counted in the server's admission
+        self._counted = counted      # counted in the server's admission (TLS: from accept, by its handshake)
         self._broken = False         # the parser gave up; nothing more is parsed
         self._lingering = False      # refused: the rest of the request is read and dropped until close
         self._linger_bytes = 0
@@ -78,7 +78,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         server = self.server
-        if not server.admission.enter(self.client[0] if self.client else ""):
+        if not self._counted and not server.admission.enter(self.client[0] if self.client else ""):
             # Cheap: nothing parsed, one prepared write, closed. (A client that already sent a
             # request may see a reset instead: the kernel resets a close with unread data.)
             transport.write(server.busy_answer)  # type: ignore[attr-defined]

@@ -289,13 +289,17 @@ def check_ledger(config: Config, timeout_s: float) -> Check:
     led = status.get("ledger") if isinstance(status, dict) else None
     if isinstance(led, dict):
         detail = (f"{led['written']} rows written, {led['queued']} queued, {led['spilled']} spilled "
-                  f"({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped since start")
+                  f"({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped, "
+                  f"{led.get('quarantined', 0)} quarantined since start")
         if not led["database_up"]:
             return fail("ledger", f"the running node cannot write usage to the database; {detail}",
                         "bring the database back: spilled rows are replayed when it answers")
         if led["dropped"]:
             return warn("ledger", detail, "usage rows were lost (queue or spill file full); check the database's "
                                           "availability and the node's log")
+        if led.get("quarantined"):
+            return warn("ledger", detail, f"the database refused rows (kept in {config.data_dir / 'ledger.quarantine.jsonl'}, "
+                                          "their made-safe copies written); see the node's log for why")
         if led["spill_bytes"]:
             return warn("ledger", detail, "the spill file is replayed as soon as the database takes writes")
         return ok("ledger", detail)

@@ -31,6 +31,10 @@ class StorageConflict(Exception):
     """A write collided with a row that already exists (a duplicate name or id)."""
 
 
+class StorageRejected(Exception):
+    """The database refused a value it was given (text it cannot encode, a NUL byte): the data's fault, not the database's."""
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs the request path ~2 µs per row
 class UsageRow:
     """One ledger row: a finished request.
@@ -164,8 +168,13 @@ class SqlStorage(GovernanceTables):
         try:
             yield
         except Exception as exc:
-            if any(c.__name__ == "IntegrityError" for c in type(exc).__mro__):
+            names = {c.__name__ for c in type(exc).__mro__}
+            if "IntegrityError" in names:
                 raise StorageConflict(str(exc).splitlines()[0]) from exc
+            # a lone surrogate cannot be encoded (UnicodeEncodeError, before the driver sends it); PostgreSQL
+            # refuses NUL in text (DataError): neither means the database is away
+            if isinstance(exc, UnicodeError) or "DataError" in names:
+                raise StorageRejected(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StorageUnavailable(f"sqlite: {exc}") from exc
             if type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
