@@ -19,6 +19,7 @@ import runtimes
 from node.accounts.audit import AuditRecord, scrub
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
 from node.accounts.ledger import Ledger, rebuild_counters
+from node.accounts.pacing import FailurePacer
 from node.accounts.plans import PlanRecord, effective
 from node.accounts.quotas import Quotas
 from node.accounts.roles import Principal
@@ -82,6 +83,9 @@ class Node:
         self.loader: Loader | None = None
         self.gateway: Gateway | None = None
         self.admin_key = ""
+        # failed authentications per client address, across every API
+        self.auth_pacer = FailurePacer(per_minute=config.node.auth_failures_per_minute,
+                                       burst=config.node.auth_failures_per_minute)
         self.started_at = time.time()
         self.startup_error: str | None = None
         self.starting = True

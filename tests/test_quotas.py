@@ -203,3 +203,22 @@ def test_end_user_counters_are_bounded_per_key_and_in_size() -> None:
     for _ in range(4):
         q.admit(flooder, "m", last, now=T0 + 2)
     assert refused(q, flooder, T0 + 2, last).reason == "user_rpm"
+
+
+def test_failure_pacer_is_bounded_and_per_address() -> None:
+    from node.accounts.pacing import FailurePacer
+    t = [0.0]
+    p = FailurePacer(per_minute=20, burst=20, max_addresses=1000, clock=lambda: t[0])
+    for _ in range(20):
+        assert p.retry_after("a") == 0
+        p.failed("a")
+    assert p.retry_after("a") == 3 and p.retry_after("b") == 0
+    for i in range(100_000):                     # a spray of addresses: the table stays bounded
+        p.failed(f"10.{i}")
+    assert len(p) == 1000
+    t[0] += 3
+    assert p.retry_after("a") == 0               # evicted, or refilled: either way it may try again
+    off = FailurePacer(per_minute=0)
+    for _ in range(100):
+        off.failed("a")
+    assert off.retry_after("a") == 0 and len(off) == 0

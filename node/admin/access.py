@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, Request
 
 from node.accounts.roles import ACTIONS, Principal, may
-from node.errors import AuthenticationError, PermissionDenied
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node
@@ -25,9 +25,15 @@ def bearer(request: Request) -> str:
 
 
 def authenticate(node: Node, request: Request) -> Principal:
-    """The caller, or 401 (no token, unknown, revoked)."""
+    """The caller, or 401 (no token, unknown, revoked); 429 first for an address past its failed tries."""
+    source = request.client.host if request.client else ""
+    wait = node.auth_pacer.retry_after(source)
+    if wait:
+        raise RateLimited("too many failed authentications from this address; retry later", retry_after=wait,
+                          reason="auth_failures", code="too_many_auth_failures")
     principal = node.tokens.principal(bearer(request))
     if principal is None:
+        node.auth_pacer.failed(source)
         raise AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
     return principal
 

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse
 
 from node.accounts.roles import Principal
 from node.accounts.storage import StorageConflict, StorageUnavailable
-from node.admin.access import bearer, need
+from node.admin.access import authenticate, need
 from node.admin.accounts import add_account_routes
 from node.admin.operations import add_operation_routes
 from node.admin.reports import add_report_routes
-from node.errors import AuthenticationError, InvalidRequest, NodeError
+from node.errors import AuthenticationError, InvalidRequest, NodeError, RateLimited
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
     from node.app import Node
@@ -50,10 +50,12 @@ def build_admin(node: Node) -> FastAPI:
 
     @app.middleware("http")
     async def _authenticated_first(request: Request, call_next: Any) -> Any:
-        # 401 before FastAPI reads or validates a body: a stranger learns nothing of the routes.
-        if node.tokens.principal(bearer(request)) is None:
-            err = AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
-            return JSONResponse(status_code=401, content=json.loads(err.body()))
+        # 401 before FastAPI reads or validates a body: a stranger learns nothing of the routes. A failure
+        # counts against the client's address; past its pace, 429 without the token being looked at.
+        try:
+            authenticate(node, request)
+        except (AuthenticationError, RateLimited) as err:
+            return JSONResponse(status_code=err.status, content=json.loads(err.body()), headers=err.headers)
         return await call_next(request)
 
     add_account_routes(app, node)

@@ -67,6 +67,9 @@ class Connection(asyncio.Protocol):
         self._version = "1.1"        # the HTTP version of the request being answered
         self._keep_alive = True
         self._done_waiters: list[asyncio.Future[None]] | None = None
+        # Headers the dispatcher puts on this one answer, replacing the handler's of the same names
+        # (the console's security headers on the API answers it forwards); reset per request.
+        self.override_headers: list[tuple[bytes, bytes]] | None = None
         self.reader = RequestReader(self)
         self._sock: Any = None
         self._acked = -1             # the client's acknowledged bytes when last looked
@@ -201,6 +204,7 @@ class Connection(asyncio.Protocol):
             self._queued_bytes -= len(req.body)
             self._keep_alive = self._keep_alive and req.keep_alive
             self._busy, self._complete, self._started, self._chunked = True, False, False, False
+            self.override_headers = None
             self._head_only = req.method == "HEAD"
             self._version = "1.0" if req.http_version == "1.0" else "1.1"
             try:
@@ -256,6 +260,9 @@ class Connection(asyncio.Protocol):
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         lines = STATUS_LINES[self._version]
         parts = [lines.get(status) or f"HTTP/{self._version} {status} Unknown\r\n".encode(), self.server.date_header]
+        if self.override_headers is not None:
+            names = {k for k, _ in self.override_headers}
+            headers = [h for h in headers if h[0].lower() not in names] + self.override_headers
         for k, v in headers:
             parts += (k, b": ", v, b"\r\n")
         parts.append(framing)
