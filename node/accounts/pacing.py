@@ -46,7 +46,7 @@ class FailurePacer:
         if not self.enabled or ip not in self._buckets:   # the common case: an address that has not failed lately
             return 0
         tokens = self._tokens(ip, self.clock())
-        if tokens >= 1.0:
+        if tokens >= 1.0 - 1e-9:   # float rounding must not cost a whole Retry-After
             return 0
         self.refused += 1
         return max(1, math.ceil((1.0 - tokens) / self.rate))
