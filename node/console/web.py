@@ -100,10 +100,10 @@ class Console:
     def __init__(self, identify: Identify, *, secure: bool, node_name: str, sessions: Sessions | None = None,
                  pacer: FailurePacer | None = None) -> None:
         self.identify = identify
-        self.pacer = pacer or FailurePacer()
+        self.pacer = pacer if pacer is not None else FailurePacer()
         self.secure = secure
         self.node_name = node_name
-        self.sessions = sessions or Sessions()
+        self.sessions = sessions if sessions is not None else Sessions()  # an empty one is falsy
         self._env = jinja2.Environment(loader=jinja2.PackageLoader("node.console", "templates"),
                                        autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self._static = _static_files()   # a few small files, read once
