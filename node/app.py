@@ -24,10 +24,10 @@ from node.accounts.plans import PlanRecord, effective
 from node.accounts.quotas import Quotas
 from node.accounts.roles import Principal
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
-from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
+from node.accounts.tokens import ADMIN_KEY_FIX, TokenRecord, TokenRing, admin_key_problem, new_token_id, new_token_secret
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
-from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
+from node.errors import AuthenticationError, ConfigError, NoReadyReplica, OperationFailed
 from node.gateway.proxy import Gateway, ModelInfo
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
@@ -51,9 +51,14 @@ log = logging.getLogger("infernode.node")
 
 
 def ensure_admin_key(config: Config) -> tuple[str, bool]:
-    """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
+    """The admin key, generating one into data_dir/admin.key (0600) when none is set; a short one is refused."""
     key = config.admin_key()
     if key:
+        problem = admin_key_problem(key)
+        if problem:
+            where = (f"${config.node.admin_key_env}" if os.environ.get(config.node.admin_key_env)
+                     else str(config.admin_key_path))
+            raise ConfigError(where, "admin key", problem, ADMIN_KEY_FIX)
         return key, False
     path = config.admin_key_path
     path.parent.mkdir(parents=True, exist_ok=True)

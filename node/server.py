@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     writer = setup_logging(cfg.node.log_format)
     try:
         uvloop.run(serve(cfg))
+    except ConfigError as exc:   # found at start (a short admin key, a bad models.lock): bad config, exit 2
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
     except NodeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(1)

@@ -58,6 +58,18 @@ class TokenRecord:
         return replace(self, **changes, updated_at=time.time())
 
 
+MIN_ADMIN_KEY_CHARS = 32   # the bootstrap admin key: shorter ones are refused at start (a guessable master key)
+ADMIN_KEY_FIX = ("set a random key of 32 characters or more (e.g. `openssl rand -base64 32`), or unset it and "
+                 "the node generates one into data_dir/admin.key")
+
+
+def admin_key_problem(key: str) -> str | None:
+    """Why a bootstrap admin key is refused, or None when it is long enough."""
+    if len(key) < MIN_ADMIN_KEY_CHARS:
+        return f"is {len(key)} characters long; at least {MIN_ADMIN_KEY_CHARS} are needed"
+    return None
+
+
 class TokenRing:
     """Every admin token plus the bootstrap key, for constant-time lookups."""
 

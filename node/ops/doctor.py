@@ -24,6 +24,7 @@ import httpx
 
 from node.accounts.storage import open_storage
 from node.accounts.storage.migrations import MIGRATIONS
+from node.accounts.tokens import ADMIN_KEY_FIX, admin_key_problem
 from node.admin.client import node_tls
 from node.config import Config
 from node.errors import ConfigError
@@ -316,9 +317,15 @@ def check_ledger(config: Config, timeout_s: float) -> Check:
 
 
 def check_admin_key(config: Config) -> Check:
+    where = (f"${config.node.admin_key_env}" if os.environ.get(config.node.admin_key_env)
+             else str(config.admin_key_path))
+    key = config.admin_key()
+    problem = admin_key_problem(key) if key else None
+    if problem:
+        return fail("admin key", f"the key in {where} {problem}; `infernode up` refuses it", ADMIN_KEY_FIX)
     if os.environ.get(config.node.admin_key_env):
         return ok("admin key", f"set in ${config.node.admin_key_env}")
-    if config.admin_key():
+    if key:
         return ok("admin key", f"set in {config.admin_key_path}")
     return warn("admin key", "not set; the node generates one into data_dir/admin.key on first start",
                 f"set ${config.node.admin_key_env} or [node].admin_key_file to choose it yourself")
