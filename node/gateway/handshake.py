@@ -57,6 +57,8 @@ class TlsAcceptor:
                 conn.close()   # over a cap: nothing can be said in clear text to a TLS client
                 continue
             conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as plain connections have
             task = self.loop.create_task(self._handshake(conn, ip))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
