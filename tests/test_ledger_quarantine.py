@@ -98,14 +98,29 @@ def test_budgets_survive_a_restart_with_a_refused_row(tmp_path: Path) -> None:
     storage.close()
 
 
-def _rows(data_dir: Path) -> int:
+def _rows(data_dir: Path, db_url: str | None = None) -> int:
+    if db_url:
+        storage = open_storage(db_url)
+        try:
+            return len(storage.usage_since(0))
+        finally:
+            storage.close()
     with sqlite3.connect(data_dir / "infernode.db") as db:
         return db.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
 
 
-def test_node_keeps_every_row_with_lone_surrogates_in_user(node_factory) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def node_db(request, tmp_path: Path) -> Iterator[str | None]:
+    """None for the node's default SQLite, else a fresh PostgreSQL schema's URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    yield from make_db_url("postgresql", tmp_path)
+
+
+def test_node_keeps_every_row_with_lone_surrogates_in_user(node_factory, node_db) -> None:
     """End to end: many keys' requests, some with a lone surrogate in `user` or Anthropic's metadata.user_id."""
-    node = node_factory()
+    node = node_factory(extra=f'[database]\nurl = "{node_db}"\n' if node_db else "")
     keys = [node.create_key(rpm=10_000) for _ in range(4)]
     sent = 0
     raw_bad = b'"\\ud800"'                         # valid JSON, an unencodable string once decoded
@@ -126,10 +141,10 @@ def test_node_keeps_every_row_with_lone_surrogates_in_user(node_factory) -> None
             sent += 1
         status = c.get("/admin/v1/status", headers={"authorization": f"Bearer {node.admin_key}"}).json()
     node.stop()
-    assert _rows(node.data_dir) == sent, "a ledger row was lost"
+    assert _rows(node.data_dir, node_db) == sent, "a ledger row was lost"
     led = status["ledger"]
     assert led["dropped"] == 0
-    print(f"{sent} requests, {_rows(node.data_dir)} rows, {led.get('quarantined')} quarantined "
+    print(f"{'PostgreSQL' if node_db else 'SQLite'}: {sent} requests, {_rows(node.data_dir, node_db)} rows, {led.get('quarantined')} quarantined "
           f"(0 when the door already refuses lone surrogates with 400)")
 
 
