@@ -1,6 +1,6 @@
 """The node's one HTTP port: what each path is answered by, and who may send it a body.
 
-`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
+`/v1/*` goes to the gateway (the hot path, node/gateway/gateway.py), and so do the paths of the
 other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
 Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
@@ -30,8 +30,8 @@ from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway import anthropic, ollama, responses
 from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
+from node.gateway.exchange import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Refusal, Request
-from node.gateway.proxy import JSON_CT, error_headers
 from node.ops.metrics import refusal_reason
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
@@ -53,7 +53,7 @@ class NodeApp:
         self.server_addr = server_addr
         self.scheme = node.config.node.scheme
         self.console = Console(node.identify, secure=self.scheme == "https", node_name=node.config.node.name,
-                               pacer=node.auth_pacer)
+                               pacer=node.accounts.pacer)
         env = node.config.node.metrics_token_env
         self.metrics_token: bytes | None = None
         if env:
@@ -75,7 +75,7 @@ class NodeApp:
                 return Refusal(paced.status, error_headers(paced, _request_id(req)), paced.body())
             presented = bearer(req) or b""
             if not self.metrics_token or not hmac.compare_digest(presented, self.metrics_token):
-                self.node.auth_pacer.failed(req.client)
+                self.node.accounts.pacer.failed(req.client)
                 err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
                                           code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
@@ -94,7 +94,7 @@ class NodeApp:
 
     def _paced(self, req: Request) -> RateLimited | None:
         """429 for an address past its failed authentications (node/accounts/pacing.py), before any credential is read."""
-        wait = self.node.auth_pacer.retry_after(req.client)
+        wait = self.node.accounts.pacer.retry_after(req.client)
         if not wait:
             return None
         return RateLimited("too many failed authentications from this address; retry later", retry_after=wait,
@@ -110,7 +110,7 @@ class NodeApp:
                 req.auth = gateway.authenticate(req, route)
                 return None
             except AuthenticationError as exc:
-                self.node.auth_pacer.failed(req.client)
+                self.node.accounts.pacer.failed(req.client)
                 err = exc
         gateway.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
         rid = _request_id(req)
