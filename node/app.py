@@ -24,6 +24,9 @@ from node.accounts.reports import Reports
 from node.accounts.service import Accounts
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
 from node.accounts.tokens import ensure_admin_key
+from node.batches.api import BatchApi
+from node.batches.build import build_batches
+from node.batches.service import Batches
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
 from node.errors import AuthenticationError, NoReadyReplica, OperationFailed, UpstreamError
@@ -68,6 +71,7 @@ class Node:
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
         self.gateway: Gateway | None = None
+        self.batch_api: BatchApi | None = None   # OpenAI's Files and Batches API (node/batches/)
         self.admin_key = ""
         self.started_at = time.time()
         self.startup_error: str | None = None
@@ -86,11 +90,7 @@ class Node:
                                on_gpus=self.alerts.check_gpus)
 
     def model_infos(self) -> dict[str, ModelInfo]:
-        return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
-                                  read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
-                                  on_demand=m.on_demand, fallbacks=tuple(m.fallbacks))
-                for m in self.config.models}
+        return {m.name: ModelInfo.of(m) for m in self.config.models}
 
     def prices(self) -> dict[str, tuple[float, float]]:
         return {m.name: (m.price_input, m.price_output) for m in self.config.models}
@@ -146,6 +146,7 @@ class Node:
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
+        self.batch_api = build_batches(self.config, self.storage, self.gateway, self.keys, self.quotas, self.metrics)
         self.sampler.start()
         self.alerts.start()
         if self.alerts.enabled:
@@ -174,6 +175,8 @@ class Node:
             log.exception("start-up failed")
         finally:
             self.starting = False
+        if self.batch_api is not None:  # resume what a previous run left, now that workers start
+            await self.batch_api.batches.runner.start()
         if self.config.fleet.litellm is not None:
             await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
 
@@ -349,6 +352,9 @@ class Node:
     def has_model(self, name: str) -> bool:
         return self.config.model(name) is not None
 
+    def batch_jobs(self) -> Batches | None:
+        return self.batch_api.batches if self.batch_api is not None else None
+
     def restart_model(self, name: str) -> int:
         return self.supervisor.restart_model(name) if self.supervisor else 0
 
@@ -422,6 +428,8 @@ class Node:
         """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
         for t in self._tasks:
             t.cancel()
+        if self.batch_api is not None:  # lines in flight are not recorded: the next start runs them again
+            await self.batch_api.batches.runner.close()
         if self.fleet is not None:
             # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
             await self.fleet.stop(deregister=not detach)
