@@ -139,7 +139,8 @@ class Node:
         # Before the gateway exists: a restart must reset neither a rate window nor a budget.
         rows = await asyncio.to_thread(rebuild_counters, self.storage, self.quotas, time.time())
         log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
-        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill")
+        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill",
+                             quarantine_path=self.config.data_dir / "ledger.quarantine.jsonl")
         self.ledger.start()
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))

@@ -32,6 +32,7 @@ class Request:
         "auth",
         "body",
         "body_limit",
+        "client",
         "headers",
         "http_version",
         "keep_alive",
@@ -50,6 +51,7 @@ class Request:
         self.refusal: Refusal | None = None  # set when the server answers this request itself
         self.auth: Any = None                # what the head check established (e.g. the API key's record)
         self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
+        self.client = ""                     # the client's address (for pacing failed authentication)
         self.lane: str | None = None         # "batch" for the node's own batch lines (node/gateway/inprocess.py)
 
     def header(self, name: bytes) -> bytes | None:
