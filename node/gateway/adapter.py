@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import InvalidRequest, NodeError
+from node.supply.modelcard import ModelCard
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class ModelView:
     context_len: int | None
     loaded: bool
     format: str = ""        # the weights' file format ("gguf", "safetensors"), as its runtime's adapter says
+    card: ModelCard | None = None  # what its locked files say it is (size, digest, family, kind); None: no files
 
 
 class StreamTranslator(Protocol):

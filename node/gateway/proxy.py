@@ -36,8 +36,8 @@ from node.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from node.gateway import context, translated
-from node.gateway.adapter import Call, ModelView, Route, bearer
+from node.gateway import catalog, context, dialect, translated
+from node.gateway.adapter import Call, ModelView, Route
 from node.gateway.bodies import usage_of, worker_error
 from node.gateway.httpd import Connection, Request
 from node.gateway.me import self_service
@@ -60,6 +60,7 @@ OPENAI_ENDPOINTS = frozenset(PROXIED.values())
 JSON_CT = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 QUEUE_WAIT_S = 30.0
+NO_RETRY = [(b"x-should-retry", b"false")]  # the official SDKs' word for "do not send this again"
 
 
 class WorkerUnreachable(UpstreamError):
@@ -67,7 +68,8 @@ class WorkerUnreachable(UpstreamError):
 
 
 def error_headers(err: NodeError, rid: bytes) -> list[tuple[bytes, bytes]]:
-    return JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    out = JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    return out if err.retryable else out + NO_RETRY
 
 
 @dataclass
@@ -117,7 +119,9 @@ class Gateway:
                  serves_api: Callable[[Any, str], bool] = lambda t, api: False,
                  cannot: Callable[[Any, str], str | None] = lambda t, endpoint: None,
                  format_of: Callable[[str], str] = lambda model: "",
+                 card_of: Callable[[str], Any] = lambda model: None,
                  upstream_headers: Callable[[Any], tuple[tuple[str, str], ...]] = lambda t: (),
+                 dialect_of: Callable[[Any], Any] = lambda t: None,
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
                  ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
@@ -129,7 +133,9 @@ class Gateway:
         self.serves_api = serves_api    # (target, api name): the runtime serves that API itself
         self.cannot = cannot            # (target, endpoint): why its runtime cannot serve that endpoint, or None
         self.format_of = format_of      # model name: its weights' file format
+        self.card_of = card_of          # model name: its node.supply.modelcard.ModelCard, None when unknown
         self.upstream_headers = upstream_headers  # e.g. an external model's Authorization (api_key_env)
+        self.dialect_of = dialect_of    # target: its runtime's runtimes.Dialect, None when it speaks OpenAI's
         self.queue_wait_s = queue_wait_s
         self.log_prompts = log_prompts
         # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
@@ -183,8 +189,8 @@ class Gateway:
                     return self._local(route, key, req, ridb, conn)
                 endpoint = ""
             else:
-                if path == b"/v1/models" and req.method == "GET":
-                    return self._list_models(key, ridb, conn)
+                if req.method == "GET" and catalog.is_catalog(path):
+                    return catalog.answer(self, key, req, ridb, conn)
                 if path in (b"/v1/me", b"/v1/me/usage") and req.method == "GET":
                     return await self_service(self, key, req, ridb, conn)
                 endpoint = PROXIED.get(path)  # type: ignore[assignment]
@@ -286,7 +292,7 @@ class Gateway:
         """The key's record for a request; AuthenticationError when it has none or a bad one."""
         if req.auth is not None:  # authenticated from the head, before the body was read (dispatch.py)
             return req.auth
-        secret = route.credential(req) if route is not None else bearer(req)
+        secret = route.credential(req) if route is not None else catalog.credential(req)
         if not secret:
             hint = "x-api-key or Authorization: Bearer" if route is not None and route.api == "anthropic" else \
                 "Authorization: Bearer"
@@ -295,15 +301,6 @@ class Gateway:
         if record is None:
             raise AuthenticationError("invalid API key")
         return record
-
-    def _list_models(self, key, ridb: bytes, conn: Connection) -> None:
-        data = [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
-             "max_model_len": self.context_len(m)}
-            for m in self.models.values() if self.quotas.allows(key, m.name)
-        ]
-        body = json.dumps({"object": "list", "data": data}).encode()
-        conn.respond(200, JSON_CT + [(b"x-request-id", ridb)], body)
 
     def _worker_rid(self, rid: str, target: Any) -> str:
         """The request id for the worker: the client's, unless the runtime insists on a UUID and it is not one."""
@@ -332,7 +329,7 @@ class Gateway:
         assert route.local is not None  # only routes the node answers itself come here
         parsed = _parse(req.body) if route.method == "POST" else None
         views = [ModelView(m.name, m.created, self.context_len(m), bool(self.router.ready(m.name)),
-                           self.format_of(m.name)) for m in self.models.values()
+                           self.format_of(m.name), self.card_of(m.name)) for m in self.models.values()
                  if self.quotas.allows(key, m.name)]
         conn.respond(200, [(b"content-type", route.content_type), (b"x-request-id", ridb)], route.local(views, parsed))
 
@@ -403,6 +400,9 @@ class Gateway:
         changed = False
         if ex.stream and worker_usage and not client_wants_usage and endpoint in ("chat", "completions"):
             req["stream_options"] = {**(req.get("stream_options") or {}), "include_usage": True}
+            changed = True
+        spoken = self.dialect_of(target)
+        if spoken is not None and endpoint in ("chat", "completions") and dialect.adapt(req, spoken):
             changed = True
         name = self.upstream_model(target) or ex.model
         if name != req.get("model"):  # the worker's own name, or the fallback's
