@@ -11,8 +11,7 @@ import pytest
 import runtimes
 from node.errors import InvalidRequest
 from node.gateway.dialect import adapt
-from runtimes import OPENAI, Dialect, SchemaOutput
-from runtimes import llamacpp, ollama, vllm
+from runtimes import OPENAI, Dialect, SchemaOutput, llamacpp, ollama, vllm
 
 TOOL_TURN = [{"role": "user", "content": "weather?"},
              {"role": "assistant", "content": None,
