@@ -151,8 +151,14 @@ class NoReadyReplica(NodeError):
     type = "service_unavailable"
     code = "model_not_ready"
 
-    def __init__(self, message: str, *, retry_after: int = 5, **kw) -> None:
+    def __init__(self, message: str, *, retry_after: int = 5, cures_soon: bool = True, **kw) -> None:
+        # cures_soon=False: only an operator can help (a failed load, a model that never fits): not retried.
+        self.cures_soon = cures_soon
         super().__init__(message, headers={"retry-after": str(min(retry_after, RETRY_AFTER_CAP_S))}, **kw)
+
+    @property
+    def retryable(self) -> bool:
+        return self.cures_soon
 
 
 class UpstreamError(NodeError):
