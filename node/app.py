@@ -36,7 +36,7 @@ from node.ops.metrics import Metrics
 from node.ops.sampler import Sampler
 from node.supply.lockfile import LockFile, read_lock
 from node.supply.modelcard import ModelCard, card
-from node.supply.pull import pull_entry
+from node.supply.pull import pull_entries
 from node.supply.store import Store
 from node.workers.gpus import Inventory, discover
 from node.workers.handles import claim_workers
@@ -235,16 +235,24 @@ class Node:
         return [m for m in self.router.models() if self.router.ready(m) or (sup is not None and sup.loadable(m))]
 
     async def _pull_missing(self) -> None:
+        jobs = []
         for m in self.config.models:
             entry = self.lock.entry(m.name)
             if entry is None or not m.launched or entry.source != m.source:
                 continue
             if self.store.missing(entry):
                 log.info("pulling %s (%d bytes)", m.name, entry.total_size)
-                try:
-                    await asyncio.to_thread(pull_entry, self.store, entry, m, self.config)
-                except Exception as exc:
-                    log.error("pull of %s failed: %s", m.name, exc)
+                jobs.append((entry, m))
+        if not jobs:
+            return
+        try:  # every model at once, under the pull's one connection limit
+            results = await asyncio.to_thread(pull_entries, self.store, jobs, self.config)
+        except Exception as exc:
+            log.error("pull failed: %s", exc)
+            return
+        for (entry, _), res in zip(jobs, results):
+            if isinstance(res, BaseException):
+                log.error("pull of %s failed: %s", entry.name, res)
 
     def _replica_changed(self, replica: Replica) -> None:
         labels = (replica.spec.model, str(replica.spec.replica), replica.spec.runtime)

@@ -27,7 +27,7 @@ from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
 from runtimes import ModelLayout
 
 CHUNK = 1024 * 1024
-HASH_WINDOW = 64 * 1024 * 1024  # mapped at a time by hash_through
+HASH_WINDOW = 16 * 1024 * 1024  # mapped at a time by hash_through: what hashing adds to RSS, per file
 
 
 class DigestMismatch(StoreError):
