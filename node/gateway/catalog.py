@@ -16,7 +16,6 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from node.errors import InvalidRequest, ModelNotFound, NodeError
 from node.gateway import anthropic
-from node.gateway.adapter import bearer
 from node.gateway.httpd import Connection, Request
 
 JSON_CT = [(b"content-type", b"application/json")]
@@ -27,15 +26,6 @@ MAX_ID_BYTES = 1024
 def is_catalog(path: bytes) -> bool:
     """Whether a /v1 path is the model listing or one model's card."""
     return path == b"/v1/models" or path.startswith(PREFIX)
-
-
-def credential(req: Request) -> bytes | None:
-    """A bearer token, or on the model routes the `x-api-key` the anthropic SDK sends."""
-    token = bearer(req)
-    if token is None and is_catalog(req.path):
-        key = req.header(b"x-api-key")
-        return key.strip() if key else None
-    return token
 
 
 def _anthropic(req: Request) -> bool:
