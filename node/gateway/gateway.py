@@ -118,7 +118,7 @@ class Gateway:
             endpoint = self._endpoint(req, api)
             if endpoint is None:
                 return await self._local(api, key, req, ridb, conn)
-            adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid)
+            adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid, req.lane)
             settlement = self.books.open(ex, adm, self.models)
             a = self.admitter.check(req, api, key, adm, ex, self.models, ridb)
             api = a.route  # a runtime that serves the API itself gets it passed through (errors in OpenAI's shape)
