@@ -282,7 +282,7 @@ class Quotas:
             reset = _period_end(lim.budget_period, now)
             raise RateLimited(f"{who} has used its budget of {lim.budget_tokens} tokens for this "
                               f"{lim.budget_period} (UTC)", retry_after=reset - now, reason=f"{lim.label}_budget",
-                              code="budget_exceeded", cap=None, headers={
+                              code="budget_exceeded", cap=None, cures_soon=False, headers={
                                   **_header_dict(plan, now), "x-ratelimit-limit-budget-tokens": str(lim.budget_tokens),
                                   "x-ratelimit-remaining-budget-tokens": "0",
                                   "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})
@@ -290,7 +290,7 @@ class Quotas:
             reset = _period_end(lim.budget_period, now)
             raise RateLimited(f"{who} has spent its budget of ${lim.budget_usd:g} for this {lim.budget_period} "
                               f"(UTC)", retry_after=reset - now, reason=f"{lim.label}_budget_usd",
-                              code="budget_exceeded", cap=None, headers={
+                              code="budget_exceeded", cap=None, cures_soon=False, headers={
                                   **_header_dict(plan, now), "x-ratelimit-limit-budget-usd": f"{lim.budget_usd:g}",
                                   "x-ratelimit-remaining-budget-usd": "0",
                                   "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from node.errors import OperationFailed, RequestTimeout
 from node.gateway.limits import delivery
 from node.gateway.reader import MAX_HEAD_BYTES, RequestReader
-from node.gateway.request import JSON, Handler, HeadCheck, Refusal, Request
+from node.gateway.request import Handler, HeadCheck, Refusal, Request
 
 __all__ = ["MAX_HEAD_BYTES", "Connection", "Handler", "HeadCheck", "Refusal", "Request"]
 
@@ -221,7 +221,7 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("error answering %s %s", req.method, req.path[:200])
                 if not self._started:
-                    self.respond(500, JSON, OperationFailed("internal error in the node; see its log").body())
+                    self.respond(*Refusal.of(OperationFailed("internal error in the node; see its log")))
             finally:
                 self._busy = False
             if not self._complete:
@@ -265,6 +265,8 @@ class Connection(asyncio.Protocol):
             headers = [h for h in headers if h[0].lower() not in names] + self.override_headers
         for k, v in headers:
             parts += (k, b": ", v, b"\r\n")
+            if k == b"x-request-id":  # the anthropic SDK reads `request-id` (message._request_id)
+                parts += (b"request-id: ", v, b"\r\n")
         parts.append(framing)
         if not self._keep_alive or self.server.closing:
             self._keep_alive = False

@@ -281,9 +281,31 @@ class NdjsonStream:
 
 
 # -- listings (answered by the node) ----------------------------------------------
+class ManagedByConfig(NodeError):
+    """Models come and go through appliance.toml and models.lock, never through a client."""
+
+    status = 403
+    type = "permission_error"
+    code = "models_managed_by_config"
+
+
+def tagged(name: str) -> str:
+    """The name as Ollama lists it: with its tag (`:latest` when it has none)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 def _details(v: ModelView) -> dict[str, Any]:
-    return {"parent_model": "", "format": v.format or "unknown",
-            "family": "", "families": None, "parameter_size": "", "quantization_level": ""}
+    c = v.card
+    family = c.family if c is not None else ""
+    return {"parent_model": "", "format": v.format or "unknown", "family": family,
+            "families": [family] if family else None, "parameter_size": c.parameter_size if c is not None else "",
+            "quantization_level": c.quantization if c is not None else ""}
+
+
+def _listed(v: ModelView) -> dict[str, Any]:
+    name = tagged(v.name)
+    return {"name": name, "model": name, "size": v.card.size if v.card is not None else 0,
+            "digest": v.card.digest if v.card is not None else "", "details": _details(v)}
 
 
 def version(models: list[ModelView], body: Any) -> bytes:
@@ -291,15 +313,20 @@ def version(models: list[ModelView], body: Any) -> bytes:
 
 
 def tags(models: list[ModelView], body: Any) -> bytes:
-    return json.dumps({"models": [{"name": v.name, "model": v.name, "modified_at": _iso(v.created), "size": 0,
-                                   "digest": "", "details": _details(v)} for v in models]}).encode()
+    return json.dumps({"models": [{**_listed(v), "modified_at": _iso(v.created)} for v in models]}).encode()
 
 
 def ps(models: list[ModelView], body: Any) -> bytes:
     forever = "2318-01-01T00:00:00Z"  # loaded for as long as the node runs, as Ollama shows keep_alive=-1
-    return json.dumps({"models": [{"name": v.name, "model": v.name, "size": 0, "digest": "", "details": _details(v),
-                                   "expires_at": forever, "size_vram": 0, "context_length": v.context_len or 0}
-                                  for v in models if v.loaded]}).encode()
+    return json.dumps({"models": [{**_listed(v), "expires_at": forever, "size_vram": 0,
+                                   "context_length": v.context_len or 0} for v in models if v.loaded]}).encode()
+
+
+def capabilities(v: ModelView) -> list[str]:
+    """What Ollama's /api/show says a model can do: from its kind and its chat template."""
+    if v.card is not None and v.card.embedding:
+        return ["embedding"]
+    return ["completion", "tools"] if v.card is not None and v.card.tools else ["completion"]
 
 
 def show(models: list[ModelView], body: Any) -> bytes:
@@ -309,12 +336,21 @@ def show(models: list[ModelView], body: Any) -> bytes:
         raise InvalidRequest("'model' is required", param="model")
     found = next((v for v in models if v.name in (name, name.removesuffix(":latest"))), None)
     if found is None:
-        raise ModelNotFound(f"model '{name}' not found")
-    info: dict[str, Any] = {"general.architecture": "unknown"}
+        raise ModelNotFound(f"model '{name[:256]}' not found")
+    arch = found.card.family if found.card is not None and found.card.family else "unknown"
+    info: dict[str, Any] = {"general.architecture": arch}
     if found.context_len:
-        info["unknown.context_length"] = found.context_len
+        info[f"{arch}.context_length"] = found.context_len
     return json.dumps({"modelfile": "", "parameters": "", "template": "", "details": _details(found),
-                       "model_info": info, "capabilities": ["completion"], "modified_at": _iso(found.created)}).encode()
+                       "model_info": info, "capabilities": capabilities(found),
+                       "modified_at": _iso(found.created)}).encode()
+
+
+def managed(models: list[ModelView], body: Any) -> bytes:
+    """/api/pull, /api/delete, /api/create, /api/copy, /api/push: refused, saying where models are managed."""
+    raise ManagedByConfig("models on this node are managed in its appliance.toml: add the model there, then run "
+                          "`infernode lock` and `infernode pull` (an admin's job); clients cannot pull, create, "
+                          "copy, push or delete models")
 
 
 def _route(**kw: Any) -> Route:
@@ -332,4 +368,9 @@ ROUTES = {
     b"/api/tags": _route(local=tags, method="GET"),
     b"/api/ps": _route(local=ps, method="GET"),
     b"/api/show": _route(local=show),
+    b"/api/pull": _route(local=managed),
+    b"/api/push": _route(local=managed),
+    b"/api/create": _route(local=managed),
+    b"/api/copy": _route(local=managed),
+    b"/api/delete": _route(local=managed, method="DELETE"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,7 +23,12 @@ class Refusal(NamedTuple):
 
     @classmethod
     def of(cls, err: NodeError) -> Refusal:
-        return cls(err.status, JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()], err.body())
+        """The answer of an error found before the request was handed on (it gets a request id of its own)."""
+        headers = JSON + [(b"x-request-id", uuid.uuid4().hex.encode())]
+        headers += [(k.encode(), v.encode()) for k, v in err.headers.items()]
+        if not err.retryable:
+            headers.append((b"x-should-retry", b"false"))
+        return cls(err.status, headers, err.body())
 
 
 class Request:
