@@ -36,10 +36,11 @@ from node.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from node.gateway import context, translated
+from node.gateway import context, fields, translated
 from node.gateway.adapter import Call, ModelView, Route, bearer
 from node.gateway.bodies import usage_of, worker_error
 from node.gateway.httpd import Connection, Request
+from node.gateway.intake import Intake
 from node.gateway.me import self_service
 from node.gateway.sse import SseRelay
 from node.gateway.upstream import BrokenResponse, ConnectFailed, Pool, Response, TimedOut, UpstreamFailure
@@ -135,6 +136,7 @@ class Gateway:
         # Loads an on-demand model that has no ready replica, or raises NoReadyReplica (node/workers/loader.py).
         self.ensure_loaded = ensure_loaded
         self.gates = {name: Gate(m.max_inflight, m.max_queue) for name, m in models.items()}
+        self.intake = Intake()  # bodies decoded, checked and (when large) translated off the loop
         self.draining = False
         self.inflight = 0
         self._series: dict[str, ModelSeries] = {}
@@ -167,7 +169,7 @@ class Gateway:
         """
         nid = self.new_id()
         rid_in = req.header(b"x-request-id")
-        client_rid = rid_in.decode("latin-1")[:128] if rid_in else None
+        client_rid = fields.request_id(rid_in)
         rid = client_rid or nid
         ridb = rid.encode("latin-1")
         ex: Exchange | None = None
@@ -196,7 +198,7 @@ class Gateway:
             adm = self.quotas.admit(key)
             ex = Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(),
                           api=route.api if route is not None else "openai", client_rid=client_rid)
-            body = _parse(req.body)
+            body, route = await self.intake.read(req.body, ex.api, route)
             info, body, path, route, call = self._admit_body(body, key, adm, ex, path, route)
             await self._proxy(body, path, req.body, info, adm, ex, ridb, conn, route, call)
         except NodeError as err:

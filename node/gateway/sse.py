@@ -28,7 +28,7 @@ class SseRelay:
 
     def __init__(self, *, drop_usage: bool, count_content: bool) -> None:
         self.drop_usage, self.count_content = drop_usage, count_content
-        self.buf = b""
+        self.buf: bytes | bytearray = b""
         self.usage: dict[str, Any] | None = None
         self.content_events = 0
         self.first_content = False
@@ -45,7 +45,19 @@ class SseRelay:
         if b"\r" in chunk:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        data = self.buf + chunk if self.buf else chunk
+        if self.buf:
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and self.buf[-1:] == b"\n"):
+                # Still inside one event: grow it in place (joining the held part per chunk is quadratic).
+                if not isinstance(self.buf, bytearray):
+                    self.buf = bytearray(self.buf)
+                self.buf += chunk
+                if len(self.buf) > MAX_PENDING:  # a pathological event: pass it on rather than grow
+                    data, self.buf = bytes(self.buf), b""
+                    return data
+                return b""
+            data = bytes(self.buf) + chunk
+        else:
+            data = chunk
         if data.endswith(b"\n\n"):  # the common case: one or more whole events
             out, self.buf = data, b""
         else:

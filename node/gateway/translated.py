@@ -16,6 +16,7 @@ from typing import Any
 
 from node.errors import NodeError, UpstreamError, UpstreamTimeout
 from node.gateway.adapter import Call, Route, sse_chunks
+from node.gateway.bodies import scrub
 from node.gateway.httpd import Connection
 from node.gateway.sse import SseRelay
 from node.gateway.upstream import BrokenResponse, Response, TimedOut, UpstreamFailure
@@ -35,10 +36,14 @@ class WorkerRefused(NodeError):
 
 
 def worker_message(raw: bytes) -> str:
-    """The message of a worker's error body (OpenAI's shape, FastAPI's `detail`, or text)."""
+    """The message of a worker's error body (OpenAI's shape, FastAPI's `detail`, or text), scrubbed of internals."""
+    return scrub(_message_of(raw))
+
+
+def _message_of(raw: bytes) -> str:
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace")[:2000]
     if isinstance(obj, dict):
         err = obj.get("error")
