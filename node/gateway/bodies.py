@@ -63,7 +63,8 @@ def worker_error(raw: bytes, status: int) -> bytes:
     kind = "invalid_request_error" if status < 500 else "upstream_error"
     if isinstance(err, dict):
         message, param, code = err.get("message"), err.get("param"), err.get("code")
-        kind = err.get("type") if isinstance(err.get("type"), str) and status < 500 else kind
+        if isinstance(err.get("type"), str) and status < 500:
+            kind = err["type"]
     else:
         message = obj.get("detail") if isinstance(obj, dict) and "detail" in obj else err
         param, code = None, str(status)

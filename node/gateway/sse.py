@@ -28,7 +28,7 @@ class SseRelay:
 
     def __init__(self, *, drop_usage: bool, count_content: bool) -> None:
         self.drop_usage, self.count_content = drop_usage, count_content
-        self.buf: bytes | bytearray = b""
+        self.buf: bytes = b""  # a bytearray while one event arrives in pieces
         self.usage: dict[str, Any] | None = None
         self.content_events = 0
         self.first_content = False
