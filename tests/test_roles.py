@@ -46,7 +46,7 @@ ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("POST", "/admin/v1/models/nope/unload", None, OP, False),
     ("POST", "/admin/v1/fleet/register", None, OP, False),
     ("POST", "/admin/v1/fleet/deregister", None, OP, False),
-    ("GET", "/admin/v1/fleet/config", None, OP, False),
+    ("GET", "/admin/v1/fleet/config", None, A, False),   # it carries the fleet key's secret
     ("POST", "/admin/v1/keys", {"name": "made", "team": "red"}, A, True),
     ("PATCH", "/admin/v1/keys/{red_key}", {"rpm": 7}, A, True),
     ("POST", "/admin/v1/keys/{red_key}/rotate", {"grace_s": 60}, A, True),

@@ -95,15 +95,17 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.wire_headers}
 
-    def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None) -> None:
-        """Charge the worker's reported usage and release the parallel slot."""
+    def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None,
+               cost: float | None = None) -> None:
+        """Charge the worker's reported usage and release the parallel slot (`cost`: already priced by the caller)."""
         if self._done:
             return
         self._done = True
         now = time.time() if now is None else now
         prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
-        price = self.quotas.prices.get(self.model)
-        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 if price else 0.0
+        if cost is None:
+            price = self.quotas.prices.get(self.model)
+            cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 if price else 0.0
         self.quotas._finish(self, prompt_tokens + completion_tokens, cost, now)
 
 

@@ -1,6 +1,6 @@
 """The node's one HTTP port: what each path is answered by, and who may send it a body.
 
-`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
+`/v1/*` goes to the gateway (the hot path, node/gateway/gateway.py), and so do the paths of the
 other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
 Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
@@ -30,8 +30,8 @@ from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
 from node.gateway import anthropic, fields, ollama, responses
 from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
+from node.gateway.exchange import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Refusal, Request
-from node.gateway.proxy import JSON_CT, error_headers
 from node.ops.metrics import refusal_reason
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring

@@ -85,7 +85,8 @@ def stop_list(v: Any, param: str) -> None:
 def ident(limit: int) -> Rule:
     """A string of at most `limit` characters without control characters (it is stored, counted or logged)."""
     def rule(v: Any, param: str) -> None:
-        if not isinstance(v, str) or len(v) > limit or _CONTROL.search(v):
+        # isprintable() is the fast yes (no control, format or surrogate character); the regex the exact test.
+        if not isinstance(v, str) or len(v) > limit or (not v.isprintable() and _CONTROL.search(v)):
             raise _bad(param, f"a string of at most {limit} characters without control characters")
     return rule
 

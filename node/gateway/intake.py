@@ -136,9 +136,9 @@ class _Translated:
         return self.result
 
 
-def _read_large(raw: bytes, api: str, route: Route | None) -> tuple[dict[str, Any], Route | None]:
+def _read_large(raw: bytes, api: str, route: Route) -> tuple[dict[str, Any], Route]:
     body = decode(raw, api)
-    if route is None or route.to_openai is None:
+    if route.to_openai is None:
         return body, route
     try:
         done: tuple[str, dict[str, Any]] | NodeError = route.to_openai(body)
@@ -157,7 +157,7 @@ class Intake:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None  # started by the first large body
 
-    async def read(self, raw: bytes, api: str, route: Route | None) -> tuple[dict[str, Any], Route | None]:
+    async def read(self, raw: bytes, api: str, route: Route) -> tuple[dict[str, Any], Route]:
         """(the body, the route to translate it with: for a large body, one whose translation is already done)."""
         if len(raw) < self.offload_bytes:
             return decode(raw, api), route
