@@ -189,7 +189,7 @@ def test_worker_refusals_keep_their_4xx_without_internals(api_node):
 
 def test_translated_routes_scrub_worker_errors_too():
     from node.gateway import anthropic, ollama
-    from node.gateway.translated import WorkerRefused, worker_message
+    from node.gateway.bodies import WorkerRefused, worker_message
 
     raw = json.dumps({"error": {"message": 'bad\n  File "/opt/x/app.py", line 3\nTraceback (most recent call last)',
                                 "type": "internal_server_error"}}).encode()
