@@ -17,22 +17,24 @@ import httpx
 
 import runtimes
 from node import __version__
-from node.accounts.keys import KeyRecord
 from node.accounts.ledger import Ledger, rebuild_counters
 from node.accounts.quotas import Quotas
 from node.accounts.reports import Reports
 from node.accounts.service import Accounts
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
 from node.accounts.tokens import ensure_admin_key
+from node.batches.api import BatchApi
+from node.batches.build import build_batches
+from node.batches.service import Batches
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
-from node.errors import AuthenticationError, NoReadyReplica, OperationFailed, UpstreamError
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.gateway.exchange import ModelInfo
 from node.gateway.gateway import Gateway
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
-from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ProxyError, desired_deployments, ensure_fleet_key, read_master_key
 from node.ops.logs import ACCESS_LOGGER
+from node.ops.membership import Membership
 from node.ops.metrics import Metrics
 from node.ops.sampler import Sampler
 from node.supply.lockfile import LockFile, read_lock
@@ -68,13 +70,14 @@ class Node:
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
         self.gateway: Gateway | None = None
+        self.batch_api: BatchApi | None = None   # OpenAI's Files and Batches API (node/batches/)
         self.admin_key = ""
         self.started_at = time.time()
         self.startup_error: str | None = None
         self.starting = True
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
-        self.fleet: FleetReconciler | None = None
+        self.membership = Membership(config, self.accounts, self.ready_models)   # the LiteLLM fleet
         # idle_expiry under uvicorn's 5 s keep-alive (vLLM, SGLang): a pooled connection is dropped
         # before its worker closes it, so a POST is rarely written into a closing connection.
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=4.0)
@@ -86,11 +89,7 @@ class Node:
                                on_gpus=self.alerts.check_gpus)
 
     def model_infos(self) -> dict[str, ModelInfo]:
-        return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
-                                  read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
-                                  on_demand=m.on_demand, fallbacks=tuple(m.fallbacks))
-                for m in self.config.models}
+        return {m.name: ModelInfo.of(m) for m in self.config.models}
 
     def prices(self) -> dict[str, tuple[float, float]]:
         return {m.name: (m.price_input, m.price_output) for m in self.config.models}
@@ -145,6 +144,7 @@ class Node:
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
+        self.batch_api = build_batches(self.config, self.storage, self.gateway, self.keys, self.quotas, self.metrics)
         self.sampler.start()
         self.alerts.start()
         if self.alerts.enabled:
@@ -173,44 +173,10 @@ class Node:
             log.exception("start-up failed")
         finally:
             self.starting = False
+        if self.batch_api is not None:  # resume what a previous run left, now that workers start
+            await self.batch_api.batches.runner.start()
         if self.config.fleet.litellm is not None:
-            await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
-
-    def _fleet(self) -> FleetReconciler:
-        if self.fleet is None:
-            assert self.config.fleet.litellm is not None
-            admin = LiteLLMAdmin(self.config.fleet.litellm.url, read_master_key(self.config))
-            self.fleet = FleetReconciler(self.config, admin, ready_models=self.ready_models, api_key=self.fleet_key)
-        return self.fleet
-
-    async def start_fleet(self, *, register: bool) -> None:
-        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
-        fleet = self._fleet()
-        try:
-            await self.fleet_key()
-        except StorageUnavailable as exc:
-            log.warning("fleet: cannot create the fleet key yet: %s", exc)
-        if register:
-            fleet.start()
-
-    async def fleet_key(self) -> str:
-        """The secret of the node key the fleet proxy uses (created once, then reused)."""
-        return (await self._fleet_key())[1]
-
-    async def _fleet_key(self) -> tuple[str, str, bool]:
-        """(key id, secret, whether it was minted now); every mint is an audit record."""
-        minted = False
-
-        async def mint(**fields: Any) -> tuple[KeyRecord, str]:
-            nonlocal minted
-            record, secret = await self.accounts.create_key(**fields)
-            minted = True
-            await self.accounts.audit_as("node", "node", "node", "fleet.key.create", record.id, record.public(), "")
-            return record, secret
-        key_id, secret = await ensure_fleet_key(self.config, self.keys.get, mint)
-        if self.fleet is not None:
-            self.fleet.status.key_id = key_id
-        return key_id, secret, minted
+            await self.membership.start(register=self.config.fleet.litellm.register_on_start)
 
     def ready_models(self) -> list[str]:
         """Models the node serves now: ready ones, and on-demand ones while they can be loaded."""
@@ -248,8 +214,7 @@ class Node:
             self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
         if replica.state is WorkerState.FAILED:
             self.alerts.replica_failed(replica.id, replica.spec.model, replica.spec.replica, replica.last_error)
-        if self.fleet is not None:
-            self.fleet.poke()
+        self.membership.poke()
         log.info("replica %s %s%s", replica.id, replica.state.value,
                  f": {replica.last_error.splitlines()[0]}" if replica.last_error and replica.state is not WorkerState.READY else "")
 
@@ -265,10 +230,7 @@ class Node:
                 notes.append("[node] changes take effect at the next restart")
                 config = config.model_copy(update={"node": self.config.node})
             self.config, self.lock = config, lock
-            if self.fleet is not None and config.fleet.litellm is not None:
-                # Per-model rpm/tpm/order/tags may have changed; the proxy URL and key stay until restart.
-                self.fleet.config = config.model_copy(update={"fleet": self.fleet.config.fleet})
-                self.fleet.poke()
+            self.membership.reconfigure(config)
             self.quotas.set_prices(self.prices())
             self.accounts.configure(config)
             if self.gateway is not None:
@@ -348,6 +310,9 @@ class Node:
     def has_model(self, name: str) -> bool:
         return self.config.model(name) is not None
 
+    def batch_jobs(self) -> Batches | None:
+        return self.batch_api.batches if self.batch_api is not None else None
+
     def restart_model(self, name: str) -> int:
         return self.supervisor.restart_model(name) if self.supervisor else 0
 
@@ -362,41 +327,19 @@ class Node:
         return await self.loader.unload(name)
 
     def fleet_proxy(self) -> str | None:
-        """The fleet proxy's URL, or None without [fleet.litellm]."""
-        return self.config.fleet.litellm.url if self.config.fleet.litellm is not None else None
+        return self.membership.proxy()
 
     def fleet_status(self) -> dict[str, Any]:
-        if self.fleet is None:
-            return {"enabled": False, "reason": "no [fleet.litellm] section in appliance.toml"}
-        return {**dataclasses.asdict(self.fleet.status), "ready_models": self.ready_models()}
+        return self.membership.status()
 
     async def fleet_register(self) -> dict[str, Any]:
-        """Register this node's models with the proxy now (and keep them true from then on)."""
-        await self.start_fleet(register=True)
-        assert self.fleet is not None
-        try:
-            registered = await self.fleet.sync()
-        except ProxyError as exc:
-            self.fleet.status.last_error = str(exc)
-            raise UpstreamError(str(exc), code="fleet_proxy_error", source="proxy") from None
-        return {**dataclasses.asdict(self.fleet.status), "registered": registered}
+        return await self.membership.register()
 
     async def fleet_deregister(self) -> int:
-        """Remove this node's deployments from the proxy; the number removed."""
-        if self.fleet is None:
-            return 0
-        self.fleet.status.registering = True  # deregister even when it was never started here
-        removed = await self.fleet.stop(deregister=True, timeout=15.0)
-        if self.fleet.status.last_error and self.fleet.status.last_error.startswith("deregistration failed"):
-            raise UpstreamError(self.fleet.status.last_error, code="fleet_proxy_error", source="proxy")
-        return removed
+        return await self.membership.deregister()
 
     async def fleet_deployments(self) -> tuple[str, bool, list[dict[str, Any]]]:
-        """The proxy's deployments for every model, with the fleet key (key id, whether minted now, bodies)."""
-        self._fleet()
-        key_id, secret, minted = await self._fleet_key()
-        deps = desired_deployments(self.config, secret, [m.name for m in self.config.models])
-        return key_id, minted, [d.body() for d in deps]
+        return await self.membership.deployments()
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
@@ -421,10 +364,9 @@ class Node:
         """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
         for t in self._tasks:
             t.cancel()
-        if self.fleet is not None:
-            # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
-            await self.fleet.stop(deregister=not detach)
-            await self.fleet.admin.aclose()
+        if self.batch_api is not None:  # lines in flight are not recorded: the next start runs them again
+            await self.batch_api.batches.runner.close()
+        await self.membership.stop(detach=detach)  # leave the fleet before the workers go
         if self.supervisor is not None:
             if detach:
                 await self.supervisor.detach_all()

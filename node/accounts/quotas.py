@@ -27,7 +27,7 @@ import calendar
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from node.accounts.counters import WINDOW, Counter
@@ -89,6 +89,7 @@ class Admission:
     model: str                    # the model charged: set to the one that served it (fallbacks)
     wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent
     scopes: list[tuple[Counter, Limits]] = field(default_factory=list)
+    batch: bool = False           # a batch line: charged to budgets only, never to rate windows or parallel
     _done: bool = False
 
     @property
@@ -161,7 +162,7 @@ class Quotas:
 
     # -- the hot path ------------------------------------------------------------
     def admit(self, key: KeyRecord, model: str | None = None, user: str | None = None,
-              now: float | None = None) -> Admission:
+              now: float | None = None, lane: str | None = None) -> Admission:
         """Admit one request or raise AuthenticationError, PermissionDenied or RateLimited.
 
         The gateway admits before it reads the body (model None, no end user), so every
@@ -177,6 +178,11 @@ class Quotas:
         cached = self._plans.get(key.id)
         plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key)[1])
         day, month = self._periods(now)
+        if lane == "batch":  # a batch line: budgets apply; rpm, tpm and parallel do not (the scheduler paces it)
+            for c, lim in plan:
+                c.roll(day, month)
+                self._check(c, replace(lim, rpm=None, tpm=None, max_parallel=None), now, plan)
+            return Admission(self, key, model or "", [], plan, batch=True)
         for c, lim in plan:
             c.prune(now)
             c.roll(day, month)
@@ -201,7 +207,7 @@ class Quotas:
     def admit_user(self, adm: Admission, user: str, now: float | None = None) -> None:
         """Add the end user's scope (`user` field) to an admitted request, or raise RateLimited."""
         key = adm.key
-        if key.user_rpm is None and key.user_tpm is None:
+        if adm.batch or (key.user_rpm is None and key.user_tpm is None):
             return
         now = time.time() if now is None else now
         c = self.counter("user", key.id, user)
@@ -288,6 +294,11 @@ class Quotas:
 
     def _finish(self, adm: Admission, tokens: int, cost: float, now: float) -> None:
         day, month = self._periods(now)
+        if adm.batch:
+            for c, lim in adm.scopes:
+                c.roll(day, month)
+                c.charge_budget(tokens, lim.budget, cost)
+            return
         for c, lim in adm.scopes:
             c.parallel = max(0, c.parallel - 1)
             c.roll(day, month)

@@ -57,6 +57,8 @@ ACTIONS: dict[str, Rule] = {
     "teams.manage": Rule(Role.ADMIN, False),
     "plans.manage": Rule(Role.ADMIN, False),
     "tokens.manage": Rule(Role.ADMIN, False),      # tokens are node-wide power: never team-scoped
+    "batches.read": Rule(Role.VIEWER, True),       # a team token sees only its team's batches
+    "batches.manage": Rule(Role.OPERATOR, True),   # cancel; a team token only its team's
 }
 
 

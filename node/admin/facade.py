@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from node.accounts.reports import Reports
 from node.accounts.service import Accounts
+from node.batches.service import Batches
 
 
 class Operations(Protocol):
@@ -31,6 +32,7 @@ class Operations(Protocol):
     async def fleet_register(self) -> dict[str, Any]: ...
     async def fleet_deregister(self) -> int: ...
     async def fleet_deployments(self) -> tuple[str, bool, list[dict[str, Any]]]: ...
+    def batch_jobs(self) -> Batches | None: ...
 
 
 class AdminNode(Operations, Protocol):

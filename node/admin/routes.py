@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from node.accounts.roles import Principal
 from node.accounts.service import StorageConflict, StorageUnavailable
 from node.admin.access import bearer, need
+from node.admin.batches import add_batch_routes
 from node.admin.facade import AdminNode
 from node.admin.fleet import add_fleet_routes
 from node.admin.keys import add_key_routes
@@ -69,6 +70,7 @@ def build_admin(node: AdminNode) -> FastAPI:
     add_status_routes(app, accounts, node)
     add_model_routes(app, accounts, node)
     add_fleet_routes(app, accounts, node)
+    add_batch_routes(app, accounts, node)
 
     @app.get("/admin/v1/openapi.json", include_in_schema=False)
     async def openapi(_: Principal = need(accounts, "status.read")) -> dict[str, Any]:

@@ -55,11 +55,14 @@ class Admitter:
             raise AuthenticationError("invalid API key")
         return record
 
-    def admit(self, key: KeyRecord, endpoint: str, route: Route, client_rid: str | None, nid: str) -> tuple[Admission, Exchange]:
-        """Rate admission, before the body is decoded or checked: invalid requests count too."""
-        adm = self.quotas.admit(key)
+    def admit(self, key: KeyRecord, endpoint: str, route: Route, client_rid: str | None, nid: str,
+              lane: str | None = None) -> tuple[Admission, Exchange]:
+        """Rate admission, before the body is decoded or checked: invalid requests count too.
+
+        `lane` "batch" (the node's own batch lines, node/gateway/inprocess.py): budgets only, api = batch."""
+        adm = self.quotas.admit(key, lane=lane)
         return adm, Exchange(nid, "", endpoint, key.id, key.team, None, time.perf_counter(),
-                             api=route.api, client_rid=client_rid)
+                             api=lane or route.api, client_rid=client_rid)
 
     def check(self, req: Request, route: Route, key: KeyRecord, adm: Admission, ex: Exchange,
               models: Mapping[str, ModelInfo], ridb: bytes, body: dict[str, Any] | None = None) -> Admitted:

@@ -49,6 +49,14 @@ class ModelInfo:
     fallbacks: tuple[str, ...] = ()   # models that take what this one cannot, in order
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @classmethod
+    def of(cls, m: Any) -> ModelInfo:
+        """From a `[[models]]` entry (node/config/models.py's ModelConfig)."""
+        return cls(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
+                   price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
+                   read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
+                   on_demand=m.on_demand, fallbacks=tuple(m.fallbacks))
+
 
 @dataclass(slots=True)
 class Exchange:

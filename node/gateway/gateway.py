@@ -116,7 +116,7 @@ class Gateway:
             endpoint = self._endpoint(req, api)
             if endpoint is None:
                 return await self._local(api, key, req, ridb, conn)
-            adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid)
+            adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid, req.lane)
             settlement = self.books.open(ex, adm, self.models)
             body, api = await self.admitter.intake.read(req.body, api.api, api)
             a = self.admitter.check(req, api, key, adm, ex, self.models, ridb, body)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from node.accounts.audit import AuditRecord
 from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord
+from node.accounts.storage.batches import BatchTables
 from node.accounts.storage.governance import GovernanceTables
 from node.accounts.storage.migrations import MIGRATIONS
 from node.accounts.teams import TeamRecord
@@ -157,7 +158,7 @@ _BUCKETS = {
 }
 
 
-class SqlStorage(GovernanceTables):
+class SqlStorage(GovernanceTables, BatchTables):
     """Keys, teams, tokens, plans, audit and ledger on a SQL backend."""
 
     def __init__(self, backend: Backend) -> None:
