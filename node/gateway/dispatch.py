@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from node.admin.routes import build_admin
 from node.console.web import FORWARD_HEADERS, Answer, Console
 from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound, RateLimited
-from node.gateway import anthropic, ollama, responses
+from node.gateway import anthropic, fields, ollama, responses
 from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
 from node.gateway.exchange import JSON_CT, error_headers
@@ -170,5 +170,5 @@ class NodeApp:
 
 
 def _request_id(req: Request) -> bytes:
-    rid = req.header(b"x-request-id")
-    return rid[:128] if rid else uuid.uuid4().hex.encode()
+    rid = fields.request_id(req.header(b"x-request-id"))  # printable ASCII only: it reaches logs
+    return rid.encode() if rid else uuid.uuid4().hex.encode()

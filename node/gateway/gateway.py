@@ -21,7 +21,7 @@ from node.accounts.keys import KeyRecord, KeyRing
 from node.accounts.ledger import Ledger
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest, NodeError, NotFound, RateLimited
-from node.gateway import catalog
+from node.gateway import catalog, fields
 from node.gateway.adapter import OPENAI, ModelView, Route
 from node.gateway.admit import Admitter, parse
 from node.gateway.call import Caller
@@ -108,7 +108,7 @@ class Gateway:
         """Answer one `/v1` request, or one of another client API's (`route`: how to translate it)."""
         nid = self.new_id()
         rid_in = req.header(b"x-request-id")
-        client_rid = rid_in.decode("latin-1")[:128] if rid_in else None
+        client_rid = fields.request_id(rid_in)
         rid = client_rid or nid
         ridb = rid.encode("latin-1")
         api = route or OPENAI
@@ -120,7 +120,8 @@ class Gateway:
                 return await self._local(api, key, req, ridb, conn)
             adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid, req.lane)
             settlement = self.books.open(ex, adm, self.models)
-            a = self.admitter.check(req, api, key, adm, ex, self.models, ridb)
+            body, api = await self.admitter.intake.read(req.body, api.api, api)
+            a = self.admitter.check(req, api, key, adm, ex, self.models, ridb, body)
             api = a.route  # a runtime that serves the API itself gets it passed through (errors in OpenAI's shape)
             await self._serve(a, settlement, conn)
         except NodeError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from typing import Any
 
 from node.errors import InvalidRequest, ModelNotFound, NodeError
@@ -81,13 +82,46 @@ def _images(images: Any, param: str) -> list[dict[str, Any]]:
     return parts
 
 
+class _Pending:
+    """Tool calls not yet answered: a result takes the oldest call of its tool's name, else the oldest call.
+
+    Each call is queued once and skipped at most once when answered by the other route, so a
+    chat with N calls and N results costs O(N) (a list searched per result was O(N²)).
+    """
+
+    __slots__ = ("order", "by_name", "answered", "seq")
+
+    def __init__(self) -> None:
+        self.order: deque[tuple[int, str]] = deque()             # (seq, call id), oldest first
+        self.by_name: dict[Any, deque[tuple[int, str]]] = {}     # tool name -> its calls, oldest first
+        self.answered: set[int] = set()
+        self.seq = 0
+
+    def add(self, call_id: str, name: str) -> None:
+        entry = (self.seq, call_id)
+        self.seq += 1
+        self.order.append(entry)
+        self.by_name.setdefault(name, deque()).append(entry)
+
+    def answer(self, name: Any) -> str | None:
+        """The call id a result for `name` answers, or None when no call waits."""
+        queue = self.by_name.get(name) if isinstance(name, str) else None
+        for q in (queue, self.order):
+            while q:
+                seq, call_id = q.popleft()
+                if seq not in self.answered:
+                    self.answered.add(seq)
+                    return call_id
+        return None
+
+
 def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """An /api/chat request as a chat completions request."""
     out: dict[str, Any] = {"model": body.get("model")}
     _common(body, out)
     raw = expect(body, "messages", list) or []
     messages: list[dict[str, Any]] = []
-    pending: list[tuple[str, str]] = []  # (call id, tool name) not yet answered
+    pending = _Pending()
     for i, msg in enumerate(raw):
         where = f"messages.{i}"
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant", "tool"):
@@ -98,9 +132,7 @@ def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise InvalidRequest(f"{where}.content must be a string", param=where)
         role = msg["role"]
         if role == "tool":
-            name = msg.get("tool_name") or msg.get("name")
-            at = next((j for j, (_, n) in enumerate(pending) if n == name), 0 if pending else -1)
-            call_id = msg.get("tool_call_id") or (pending.pop(at)[0] if at >= 0 else f"call_{i}")
+            call_id = msg.get("tool_call_id") or pending.answer(msg.get("tool_name") or msg.get("name")) or f"call_{i}"
             messages.append({"role": "tool", "tool_call_id": call_id, "content": content or ""})
             continue
         turn: dict[str, Any] = {"role": role, "content": content or ""}
@@ -119,7 +151,7 @@ def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 args = fn.get("arguments")
                 turn["tool_calls"].append({"id": call_id, "type": "function", "function": {
                     "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args or {})}})
-                pending.append((call_id, fn["name"]))
+                pending.add(call_id, fn["name"])
             turn["content"] = content or None
         messages.append(turn)
     out["messages"] = messages
@@ -252,19 +284,21 @@ class NdjsonStream:
             return self._line(choice["text"]) if choice["text"] else b""
         delta = choice.get("delta") or {}
         for tc in delta.get("tool_calls") or ():
-            held = self.calls.setdefault(tc.get("index", 0), {"id": None, "function": {"name": "", "arguments": ""}})
+            # Name and argument pieces kept as lists, joined once at the end (+= on a held string is quadratic).
+            held = self.calls.setdefault(tc.get("index", 0), {"id": None, "name": [], "arguments": []})
             fn = tc.get("function") or {}
             held["id"] = held["id"] or tc.get("id")
-            held["function"]["name"] += fn.get("name") or ""
-            held["function"]["arguments"] += fn.get("arguments") or ""
+            held["name"].append(fn.get("name") or "")
+            held["arguments"].append(fn.get("arguments") or "")
         text = delta.get("content")
         return self._line(text) if text else b""
 
     def finish(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         out = b""
         if self.calls:
-            message = {"role": "assistant", "content": "",
-                       "tool_calls": _tool_calls([self.calls[k] for k in sorted(self.calls)])}
+            calls = [{"id": c["id"], "function": {"name": "".join(c["name"]), "arguments": "".join(c["arguments"])}}
+                     for c in (self.calls[k] for k in sorted(self.calls))]
+            message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls)}
             out = json.dumps({"model": self.call.model, "created_at": _iso(self.call.created), "message": message,
                               "done": False}).encode() + b"\n"
         last: dict[str, Any] = {"model": self.call.model, "created_at": _iso(time.time())}
