@@ -201,8 +201,8 @@ def test_missing_tools_are_named_with_the_fix(served: Served, tmp_path: Path) ->
         cache_at(tmp_path / "cache", {"PATH": str(empty)}).ensure(server)
 
 
-def test_gpu_variant_when_its_compiler_is_present(served: Served, tmp_path: Path) -> None:
-    """A GPU compiler on PATH adds the GPU flags, under a key of its own (the CPU build stays)."""
+def test_gpu_variant_on_a_gpu_box_with_its_compiler(served: Served, tmp_path: Path) -> None:
+    """GPUs and a GPU compiler on PATH add the GPU flags, under a key of its own (the CPU build stays)."""
     server = recipe(served, tarball(hello_sources()), gpu_tool="fakenvcc")
     bindir = tmp_path / "gpu-bin"
     bindir.mkdir()
@@ -210,8 +210,15 @@ def test_gpu_variant_when_its_compiler_is_present(served: Served, tmp_path: Path
     (bindir / "fakenvcc").chmod(0o755)
     env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
     assert build_key(server.build, True) != build_key(server.build, False)  # type: ignore[arg-type]
-    assert wants_gpu(server.build, {**os.environ, **env}) and not wants_gpu(server.build, os.environ)  # type: ignore[arg-type]
-    built = cache_at(tmp_path / "cache", env).ensure(server)
+    b = server.build
+    assert b is not None
+    assert wants_gpu(b, {**os.environ, **env}, gpus=True)
+    assert not wants_gpu(b, {**os.environ, **env}, gpus=False)  # a compiler alone (pip's nvcc) is not a GPU box
+    assert not wants_gpu(b, {"PATH": str(tmp_path)}, gpus=True)
+    assert wants_gpu(b, {"INFERNODE_BUILD_GPU": "1"}) and not wants_gpu(b, {**env, "INFERNODE_BUILD_GPU": "0"}, gpus=True)
+    with pytest.raises(BuildError, match="INFERNODE_BUILD_GPU='yes'"):
+        wants_gpu(b, {"INFERNODE_BUILD_GPU": "yes"})
+    built = ServerCache(tmp_path / "cache", env={**os.environ, **env}, gpus=True).ensure(server)
     assert subprocess.run([built], capture_output=True, text=True, check=True).stdout == "hello gpu\n"
     assert cache_at(tmp_path / "cache").find(server) is None  # the CPU variant is not built yet
 

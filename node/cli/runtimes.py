@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,6 +12,7 @@ from node.cli.root import app, console, err_console
 from node.errors import OperationFailed
 from node.supply.builds import ServerCache, build_key, cache_root, locate, wants_gpu
 from node.supply.progress import RichBuildProgress
+from node.workers.gpus import discover
 
 runtimes_app = typer.Typer(help="The runtimes' server executables the node builds itself.", no_args_is_help=True)
 app.add_typer(runtimes_app, name="runtimes")
@@ -22,14 +24,20 @@ def _buildable() -> list[str]:
 
 @runtimes_app.command("build")
 def build(names: Optional[list[str]] = typer.Argument(None, help="runtimes to build (default: every one the node can build)"),
-          force: bool = typer.Option(False, "--force", help="build into the cache even when the server is on PATH")) -> None:
+          force: bool = typer.Option(False, "--force", help="build into the cache even when the server is on PATH"),
+          sources: Optional[Path] = typer.Option(None, "--sources", help="a local copy of the pinned source archive "
+                                                 "(air-gapped boxes); checked against its sha256 like a download")) -> None:
     """Fetch a runtime's pinned sources, verify their sha256, build its server and cache it (once per machine)."""
     buildable = _buildable()
+    if sources is not None and len(names or buildable) != 1:
+        err_console.print("infernode runtimes build: --sources is the archive of one runtime; name it")
+        raise typer.Exit(2)
     for name in names or buildable:
         if name not in buildable:
             err_console.print(f"infernode runtimes build: no runtime {name!r} to build; use one of {', '.join(buildable)}")
             raise typer.Exit(2)
-    cache = ServerCache(cache_root())
+    gpus = bool(discover().gpus)
+    cache = ServerCache(cache_root(), gpus=gpus)
     for name in names or buildable:
         server = adapters.server_binary(name)
         assert server is not None and server.build is not None
@@ -37,11 +45,11 @@ def build(names: Optional[list[str]] = typer.Argument(None, help="runtimes to bu
         if found is not None:
             console.print(f"{name}: {server.name} is {found}; nothing to build")
             continue
-        gpu = wants_gpu(server.build)
+        gpu = wants_gpu(server.build, gpus=gpus)
         console.print(f"{name}: building {server.name} ({'CUDA' if gpu else 'CPU'}, key {build_key(server.build, gpu)}) "
                       f"from {server.build.url}, sha256 {server.build.sha256[:12]}...")
         with RichBuildProgress(console) as progress:
-            built = cache.ensure(server, progress)
+            built = cache.ensure(server, progress, sources=sources)
         console.print(f"{name}: {built}")
 
 
@@ -52,7 +60,7 @@ def path(name: str = typer.Argument(..., help="the runtime")) -> None:
     if server is None:
         err_console.print(f"infernode runtimes path: {name!r} has no server executable; use one of {', '.join(_buildable())}")
         raise typer.Exit(2)
-    found = locate(server, None, ServerCache(cache_root()))
+    found = locate(server, None, ServerCache(cache_root(), gpus=bool(discover().gpus)))
     if found is None:
         raise OperationFailed(f"{server.name} is neither on PATH nor built yet; run `infernode runtimes build {name}`")
     console.print(str(found), soft_wrap=True)

@@ -66,6 +66,9 @@ class Config(_Section):
             if settings.server is not None and server_binary(name) is None:
                 raise ValueError(f"@runtimes.{name}.server: {name} has no server executable of its own; "
                                  "remove it (set python or binary instead)")
+            if settings.python is not None and server_binary(name) is not None:
+                raise ValueError(f"@runtimes.{name}.python: {name} runs its own server executable, not a Python "
+                                 "module; remove python (set server = PATH to choose the executable)")
         return v
 
     @model_validator(mode="after")

@@ -104,20 +104,28 @@ def _tool(name: str, env: Mapping[str, str]) -> str | None:
     return str(here) if os.access(here, os.X_OK) else None
 
 
-def wants_gpu(build: SourceBuild, env: Mapping[str, str] = os.environ) -> bool:
-    """Whether this machine can build the GPU variant (its GPU compiler is on PATH or in /usr/local/cuda)."""
+def wants_gpu(build: SourceBuild, env: Mapping[str, str] = os.environ, *, gpus: bool = False) -> bool:
+    """Whether to build the GPU variant: $INFERNODE_BUILD_GPU (1 or 0) says so, else when the box
+    has GPUs and the GPU compiler is on PATH or in /usr/local/cuda (a compiler alone is not enough:
+    Python wheels install nvcc without the GPU libraries a build links)."""
     if not build.gpu_tool:
         return False
-    return _tool(build.gpu_tool, env) is not None or os.access(f"/usr/local/cuda/bin/{build.gpu_tool}", os.X_OK)
+    forced = env.get("INFERNODE_BUILD_GPU", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise BuildError(f"INFERNODE_BUILD_GPU={forced!r}: use 1 (build for the GPU) or 0 (CPU only)")
+    return gpus and (_tool(build.gpu_tool, env) is not None or os.access(f"/usr/local/cuda/bin/{build.gpu_tool}", os.X_OK))
 
 
 class ServerCache:
     """Built runtime servers under `root` (see the module's docstring for the layout)."""
 
     def __init__(self, root: Path, *, env: Mapping[str, str] = os.environ,
-                 net: NetSettings | None = None) -> None:
+                 net: NetSettings | None = None, gpus: bool = False) -> None:
         self.root = root
         self.env = env
+        self.gpus = gpus  # whether the box has GPUs (then a GPU variant is built where it can be)
         self.net = net or NetSettings()
         self.sources = Store(root / "sources")
 
@@ -129,25 +137,26 @@ class ServerCache:
         """The cached build for this machine (GPU variant where it can build one), if it is there."""
         if server.build is None:
             return None
-        p = self.path(server, wants_gpu(server.build, self.env))
+        p = self.path(server, wants_gpu(server.build, self.env, gpus=self.gpus))
         return p if os.access(p, os.X_OK) else None
 
     def ensure(self, server: ServerBinary, progress: BuildProgress | None = None,
-               cancel: threading.Event | None = None) -> Path:
+               cancel: threading.Event | None = None, sources: Path | None = None) -> Path:
         """The cached build, building it first if needed (waits for another process's build).
 
-        Setting `cancel` stops a download or build in flight (BuildError); the next call resumes.
+        `sources`: a local copy of the archive (an air-gapped box), checked against the pinned
+        sha256 like a download. Setting `cancel` stops a download or build in flight (BuildError).
         """
         if server.build is None:
             raise BuildError(f"{server.name} is not on PATH and the node has no recipe to build it")
         build, progress = server.build, progress or NullBuildProgress()
-        gpu = wants_gpu(build, self.env)
+        gpu = wants_gpu(build, self.env, gpus=self.gpus)
         final = self.path(server, gpu)
         final.parent.parent.mkdir(parents=True, exist_ok=True)
         with _locked(final.parent.parent / "build.lock"):
             if os.access(final, os.X_OK):
                 return final
-            archive = self._fetch(build, progress, cancel)
+            archive = self._fetch(build, progress, cancel, sources)
             with tempfile.TemporaryDirectory(prefix="build-", dir=final.parent.parent) as tmp:
                 work = Path(tmp)
                 progress.stage(f"unpack {PurePosixPath(build.url).name}", 0)
@@ -163,11 +172,20 @@ class ServerCache:
                 {"source": build.url, "sha256": build.sha256, "gpu": gpu, "built_at": time.time()}) + "\n")
             return final
 
-    def _fetch(self, build: SourceBuild, progress: BuildProgress, cancel: threading.Event | None) -> Path:
+    def _fetch(self, build: SourceBuild, progress: BuildProgress, cancel: threading.Event | None,
+               local: Path | None) -> Path:
         """The verified source archive in the cache's store (downloaded, or resumed, when missing)."""
         locked = LockedFile(path=PurePosixPath(build.url).name, size=build.size, sha256=build.sha256)
         if self.sources.has(locked):
             return self.sources.blob_path(build.sha256)
+        if local is not None:
+            progress.stage(f"verify {local}", 0)
+            try:
+                return self.sources.import_file(local, locked)
+            except StoreError as exc:
+                raise BuildError(f"{local} is not the pinned source of {build.target}: {exc.message}") from None
+            except OSError as exc:
+                raise BuildError(f"cannot read {local}: {exc.strerror or exc}") from None
         progress.stage(f"download {locked.path}", build.size)
         with self.sources.writer(locked) as w:
             if not w.present:

@@ -62,7 +62,7 @@ class Supervisor:
         self.runtime_checks: dict[str, RuntimeCheck] = {}
         self._store_problems: dict[str, str] = {}
         self.clock = clock  # the idle timers' clock (tests pass their own)
-        self.server_cache = ServerCache(cache_root())
+        self.server_cache = ServerCache(cache_root(), gpus=bool(inventory.gpus))
         self.servers: dict[str, str] = {}  # runtime -> the server executable found or built for it
 
     # -- building specs ----------------------------------------------------------
@@ -131,8 +131,10 @@ class Supervisor:
                                                             stderr=asyncio.subprocess.STDOUT)
                 out, _ = await asyncio.wait_for(proc.communicate(), 60)
                 text = out.decode(errors="replace").strip().splitlines()
+                # The line naming the version (a server may print its compiler after it), else the last.
+                named = [ln for ln in text if ln.lower().startswith("version")]
                 if proc.returncode == 0:
-                    check = RuntimeCheck(True, text[-1] if text else "installed")
+                    check = RuntimeCheck(True, (named or text or ["installed"])[-1])
                 else:
                     check = RuntimeCheck(False, f"{runtime} is not installed in {argv[0]}: {text[-1] if text else proc.returncode}")
             except (TimeoutError, OSError) as exc:
