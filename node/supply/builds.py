@@ -261,7 +261,7 @@ def run_cmake(build: SourceBuild, source: Path, out: Path, *, gpu: bool, env: Ma
         raise BuildError(f"building {build.target} needs a C++ compiler: apt install g++ (or set CXX)")
     args = [*build.cmake_args, *(build.gpu_cmake_args if gpu else ())]
     jobs = str(max(os.cpu_count() or 1, 1))
-    with log_path.open("wb") as log:
+    with log_path.open("wb", buffering=0) as log:  # unbuffered: `tail -f` shows the build as it goes
         progress.stage(f"configure {build.target}" + (" (CUDA)" if gpu else ""), 0)
         _run([cmake, "-S", str(source), "-B", str(out), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *args],
              env, log, log_path, None, cancel)
