@@ -288,3 +288,20 @@ def test_cache_root_follows_the_environment(tmp_path: Path) -> None:
     assert cache_root({"INFERNODE_CACHE_DIR": str(tmp_path / "c")}) == tmp_path / "c"
     assert cache_root({"XDG_CACHE_HOME": str(tmp_path / "x")}) == tmp_path / "x" / "infernode"
     assert cache_root({}) == Path.home() / ".cache" / "infernode"
+
+
+def test_cli_names_bad_runtimes_and_says_when_nothing_is_built(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    bare = {"INFERNODE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    p = run_cli("runtimes", "build", "vllm", env=bare)
+    assert p.returncode == 2 and "no runtime 'vllm' to build; use one of llamacpp" in p.stderr
+    p = run_cli("runtimes", "build", "--sources", str(tmp_path / "x.tar.gz"), "llamacpp", "llamacpp", env=bare)
+    assert p.returncode == 2 and "--sources is the archive of one runtime" in p.stderr
+    p = run_cli("runtimes", "path", "llamacpp", env=bare)
+    assert p.returncode == 1 and "infernode runtimes build llamacpp" in p.stderr
+    # A copy of the archive that is not the pinned one is refused before anything is unpacked.
+    (tmp_path / "x.tar.gz").write_bytes(tarball(hello_sources()))
+    p = run_cli("runtimes", "build", "llamacpp", "--sources", str(tmp_path / "x.tar.gz"), "--force", env=bare)
+    assert p.returncode == 1 and "is not the pinned source of llama-server" in p.stderr, p.stderr
+    assert not list((tmp_path / "cache").rglob("CMakeLists.txt"))
