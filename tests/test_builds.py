@@ -305,3 +305,47 @@ def test_cli_names_bad_runtimes_and_says_when_nothing_is_built(tmp_path: Path) -
     p = run_cli("runtimes", "build", "llamacpp", "--sources", str(tmp_path / "x.tar.gz"), "--force", env=bare)
     assert p.returncode == 1 and "is not the pinned source of llama-server" in p.stderr, p.stderr
     assert not list((tmp_path / "cache").rglob("CMakeLists.txt"))
+
+
+def test_the_node_builds_a_missing_server_before_it_launches_one(served: Served, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """What `infernode up` does on a fresh machine, with the small project in llama-server's place."""
+    import asyncio
+    import logging
+
+    import httpx
+
+    from node.config import parse_config
+    from node.supply.lockfile import LockFile
+    from node.supply.store import Store
+    from node.workers.gpus import Inventory
+    from node.workers.router import Router
+    from node.workers.supervisor import Supervisor
+    from runtimes import llamacpp
+
+    hello = recipe(served, tarball(hello_sources()))
+    monkeypatch.setattr(llamacpp, "SERVER", hello)
+    monkeypatch.setenv("INFERNODE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # cmake, ninja and cc; no `hello`
+    config = parse_config({"node": {"data_dir": str(tmp_path / "data")},
+                           "models": [{"name": "m", "source": "file:x.gguf", "runtime": "llamacpp"}]},
+                          tmp_path / "appliance.toml")
+
+    async def check(build: bool) -> tuple[bool, str, dict[str, str]]:
+        async with httpx.AsyncClient() as client:
+            sup = Supervisor(config, LockFile(), Store(tmp_path / "store"), Inventory(()), Router(()), client)
+            c = await sup.check_runtime("llamacpp", build=build)
+            return c.ok, c.detail, sup.servers
+
+    ok, detail, _ = asyncio.run(check(build=False))  # doctor: says what to run, never builds
+    assert not ok and "run `infernode runtimes build llamacpp`" in detail and not served.gets
+    with caplog.at_level(logging.INFO, logger="infernode.supervisor"):
+        ok, detail, servers = asyncio.run(check(build=True))
+    built = tmp_path / "cache" / "runtimes" / "hello" / build_key(hello.build, False) / "bin" / "hello"  # type: ignore[arg-type]
+    assert ok and detail == "hello cpu" and servers == {"llamacpp": str(built)}  # `hello --version` ran
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("hello is not on PATH and not built yet: building it" in ln for ln in lines)
+    assert any(ln.startswith("llamacpp: hello: compile hello 100%") for ln in lines)
+    assert len([ln for ln in lines if "compile hello" in ln]) <= 12  # a line per tenth, not per step
+    assert asyncio.run(check(build=False))[:2] == (True, "hello cpu")  # cached: found without a build
