@@ -41,6 +41,22 @@ def llama_server() -> Path:
     return found
 
 
+# What a test module names when it runs the real tiny model (directly or through a fixture).
+USES_LLAMA_SERVER = ("TINY_MODEL", "tiny_node", "node_factory", "api_node", "llama_server(")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build llama-server once, before the first test, when the chosen tests need it and it is missing.
+
+    Here rather than inside a test: a cold build takes minutes, past any one test's timeout.
+    """
+    if session.config.option.collectonly:
+        return
+    files = {Path(str(item.fspath)) for item in session.items}
+    if any(word in f.read_text(errors="replace") for f in files if f.suffix == ".py" for word in USES_LLAMA_SERVER):
+        llama_server()
+
+
 def ensure_llama_server(config_text: str) -> None:
     """Build llama-server first (not inside a node's startup timeout) when a config runs the default llamacpp."""
     if 'runtime = "llamacpp"' in config_text and "[runtimes.llamacpp]" not in config_text:
