@@ -132,7 +132,7 @@ class Supervisor:
                 out, _ = await asyncio.wait_for(proc.communicate(), 60)
                 text = out.decode(errors="replace").strip().splitlines()
                 # The line naming the version (a server may print its compiler after it), else the last.
-                named = [ln for ln in text if ln.lower().startswith("version")]
+                named = [ln[len("version"):].lstrip(": ") for ln in text if ln.lower().startswith("version")]
                 if proc.returncode == 0:
                     check = RuntimeCheck(True, (named or text or ["installed"])[-1])
                 else:
