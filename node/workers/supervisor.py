@@ -79,7 +79,10 @@ class Supervisor:
     async def _find_server(self, runtime: str, server: runtimes.ServerBinary, build: bool) -> RuntimeCheck | None:
         """Find the runtime's server (configured, PATH, cache), building it when allowed; a failed check if not."""
         configured = self.config.runtime_settings(runtime).server
-        found = locate(server, str(configured) if configured else None, self.server_cache)
+        try:
+            found = locate(server, str(configured) if configured else None, self.server_cache)
+        except BuildError as exc:  # e.g. a bad INFERNODE_BUILD_GPU
+            return RuntimeCheck(False, f"{runtime}: {exc.message}")
         if found is None and configured is None and build:
             log.info("%s: %s is not on PATH and not built yet: building it from pinned sources "
                      "(once per machine; minutes)", runtime, server.name)
