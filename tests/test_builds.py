@@ -279,7 +279,8 @@ def test_locate_prefers_config_then_path_then_cache(served: Served, tmp_path: Pa
     (on_path / "hello").write_text("#!/bin/sh\n")
     (on_path / "hello").chmod(0o755)
     assert locate(server, None, cache, {"PATH": str(on_path)}) == on_path / "hello"
-    assert locate(server, "/opt/mine/hello", cache, {"PATH": str(on_path)}) == Path("/opt/mine/hello")
+    assert locate(server, str(built), cache, {"PATH": str(on_path)}) == built  # the configured one wins
+    assert locate(server, "/opt/mine/hello", cache, {"PATH": str(on_path)}) is None  # configured, not there
     assert locate(server, "hello", cache, {"PATH": str(on_path)}) == on_path / "hello"
     assert locate(server, "absent-name", cache, {"PATH": str(on_path)}) is None
 

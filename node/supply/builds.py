@@ -312,8 +312,8 @@ def _run(argv: list[str], env: Mapping[str, str], log: IO[bytes], log_path: Path
 def locate(server: ServerBinary, configured: str | None, cache: ServerCache,
            env: Mapping[str, str] = os.environ) -> Path | None:
     """The server to run: the configured path (or name on PATH), else `name` on PATH, else a cached build."""
-    if configured:
+    if configured:  # never built in its place: a configured server that is not there is an error to report
         found = shutil.which(configured, path=env.get("PATH")) if "/" not in configured else configured
-        return Path(found) if found else None
+        return Path(found) if found and os.access(found, os.X_OK) else None
     on_path = shutil.which(server.name, path=env.get("PATH"))
     return Path(on_path) if on_path else cache.find(server)

@@ -127,7 +127,7 @@ class Supervisor:
         missing = not argv or (shutil.which(exe) is None if not Path(exe).is_absolute() else not os.access(exe, os.X_OK))
         if missing:
             check = RuntimeCheck(False, f"{runtime} is not installed: {exe} not found; "
-                                        f"install it or set [runtimes.{runtime}] python/binary in appliance.toml")
+                                        f"install it or set [runtimes.{runtime}] {'server' if server else 'python/binary'} in appliance.toml")
         else:
             try:
                 proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
