@@ -11,7 +11,7 @@ client, for 1 and for 8 concurrent clients, on each runtime in turn (the order a
 between rounds); tokens/s is completion tokens (the servers' own usage) over wall time.
 Printed: the median over rounds per runtime and client count, and llama-server's ratio.
 
-Run: `.venv/bin/python bench/runtimes.py [--rounds 3] [--old-python /path/to/venv/bin/python]`.
+Run: `.venv/bin/python bench/runtimes.py [--rounds 3] [--threads 1] [--old-python /path/to/venv/bin/python]`.
 """
 
 from __future__ import annotations
@@ -116,10 +116,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client per measurement")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--old-python", default=sys.executable, help="an interpreter with llama-cpp-python[server]")
+    ap.add_argument("--threads", help="threads for both servers (default: the default config's -t)")
     args = ap.parse_args()
     if subprocess.run([args.old_python, "-c", "import llama_cpp.server"], capture_output=True).returncode != 0:
         sys.exit(f"{args.old_python} has no llama-cpp-python[server]; pass --old-python PATH")
-    threads = default_threads()
+    threads = args.threads or default_threads()
     launchers: dict[str, Callable[[int], tuple[tuple[str, ...], dict[str, str]]]] = {
         "llama-server": lambda port: llama_server_argv(port, threads),
         "llama-cpp-python": lambda port: old_server_argv(args.old_python, port, threads),
