@@ -16,6 +16,9 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests that fake GPUs (tests/fakes/nvml.py) must not make a node build a CUDA llama-server:
+# the tiny model runs on the CPU, and this box's CUDA compiler (from a wheel) has no cuBLAS.
+os.environ.setdefault("INFERNODE_BUILD_GPU", "0")
 INFERNODE = [sys.executable, "-m", "node"]
 _llama_server: list[Path] = []
 

@@ -209,18 +209,19 @@ def test_gpu_variant_on_a_gpu_box_with_its_compiler(served: Served, tmp_path: Pa
     (bindir / "fakenvcc").write_text("#!/bin/sh\nexit 0\n")
     (bindir / "fakenvcc").chmod(0o755)
     env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    base = {k: v for k, v in os.environ.items() if k != "INFERNODE_BUILD_GPU"}  # the test session sets 0
     assert build_key(server.build, True) != build_key(server.build, False)  # type: ignore[arg-type]
     b = server.build
     assert b is not None
-    assert wants_gpu(b, {**os.environ, **env}, gpus=True)
-    assert not wants_gpu(b, {**os.environ, **env}, gpus=False)  # a compiler alone (pip's nvcc) is not a GPU box
+    assert wants_gpu(b, {**base, **env}, gpus=True)
+    assert not wants_gpu(b, {**base, **env}, gpus=False)  # a compiler alone (pip's nvcc) is not a GPU box
     assert not wants_gpu(b, {"PATH": str(tmp_path)}, gpus=True)
     assert wants_gpu(b, {"INFERNODE_BUILD_GPU": "1"}) and not wants_gpu(b, {**env, "INFERNODE_BUILD_GPU": "0"}, gpus=True)
     with pytest.raises(BuildError, match="INFERNODE_BUILD_GPU='yes'"):
         wants_gpu(b, {"INFERNODE_BUILD_GPU": "yes"})
-    built = ServerCache(tmp_path / "cache", env={**os.environ, **env}, gpus=True).ensure(server)
+    built = ServerCache(tmp_path / "cache", env={**base, **env}, gpus=True).ensure(server)
     assert subprocess.run([built], capture_output=True, text=True, check=True).stdout == "hello gpu\n"
-    assert cache_at(tmp_path / "cache").find(server) is None  # the CPU variant is not built yet
+    assert ServerCache(tmp_path / "cache", env=base).find(server) is None  # the CPU variant is not built yet
 
 
 def test_two_processes_build_once(served: Served, tmp_path: Path) -> None:

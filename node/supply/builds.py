@@ -262,9 +262,15 @@ def run_cmake(build: SourceBuild, source: Path, out: Path, *, gpu: bool, env: Ma
     args = [*build.cmake_args, *(build.gpu_cmake_args if gpu else ())]
     jobs = str(max(os.cpu_count() or 1, 1))
     with log_path.open("wb", buffering=0) as log:  # unbuffered: `tail -f` shows the build as it goes
-        progress.stage(f"configure {build.target}" + (" (CUDA)" if gpu else ""), 0)
-        _run([cmake, "-S", str(source), "-B", str(out), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *args],
-             env, log, log_path, None, cancel)
+        progress.stage(f"configure {build.target}" + (" (GPU)" if gpu else ""), 0)
+        configure = [cmake, "-S", str(source), "-B", str(out), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *args]
+        try:
+            _run(configure, env, log, log_path, None, cancel)
+        except BuildError as exc:
+            if gpu:  # say how to get a working CPU build rather than leave the box without one
+                raise BuildError(f"{exc.message}; the GPU build needs the full GPU toolkit (libraries and "
+                                 "headers, not only the compiler); INFERNODE_BUILD_GPU=0 builds for the CPU") from None
+            raise
         progress.stage(f"compile {build.target}", 0)
         _run([cmake, "--build", str(out), "--target", build.target, "-j", jobs], env, log, log_path, progress, cancel)
     built = out / build.artifact
