@@ -1,21 +1,21 @@
 """Pull throughput: `infernode pull` (verified, into the store) against curl, same files, same run.
 
-    .venv/bin/python bench/pull.py [--size-mb 1024] [--model-mb 1024] [--files 16] [--rounds 3] [--conn-mbps N]
+    .venv/bin/python bench/pull.py [--cases capped,uncapped] [--conn-mbps 32] [--rounds 2]
+                                   [--models 16] [--model-mb 64] [--big-mb 1024] [--uncapped-mb 2048]
 
-Generates random files in a temporary folder and serves them from one loopback HTTP
-server in its own process (sendfile, Range supported). Two measurements, alternated
-round by round:
-- one large file: `curl -o` against a pull of an `http://...#sha256=` source through
-  node.supply.pull (spliced into store/partial/, hashed on another thread, fsynced,
-  renamed when the digest matches);
-- a model of `--files` files: one `curl` process fetching them one after another (one
-  connection, reused) against a pull of an `hf:` source of those files from the same
-  server (INFERNODE_PULL_CONCURRENCY at once, default 4).
+Generates random files in a temporary folder and serves them from loopback: nginx when it
+is installed (`--server nginx`, the default when found: one server block whose every
+connection is capped with `limit_rate`, as a CDN edge caps it, and one without a cap),
+else a Python server in its own process that sleeps to hold each connection to the cap.
+Measurements, each alternating curl and the pull round by round:
+- capped: `--models` models of one `--model-mb` file each (`http://...#sha256=` sources),
+  one curl process fetching them one after another against one pull of all of them;
+  and one `--big-mb` file, `curl -o` against a pull of it (byte ranges on several
+  connections);
+- uncapped: one `--uncapped-mb` file, `curl -o` against a pull of it.
 Every pulled blob is re-hashed against its digest afterwards (outside the timing), and
-every curl output checked for its size. `--conn-mbps` caps each connection's rate, as a
-CDN edge or a long link does, which is where fetching files in parallel pays most; by
-default loopback runs as fast as the CPUs let it. Prints MB/s per round, the best of each, and
-the ratios. Deletes everything.
+every curl output checked for its size. Prints MB/s per round, the best of each, and the
+ratios. INFERNODE_PULL_CONCURRENCY applies as in `infernode pull` (default 8). Deletes everything.
 """
 
 from __future__ import annotations
@@ -50,23 +50,24 @@ class _Files(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.root / self.path.rsplit("/", 1)[-1]
         size = path.stat().st_size
-        start = 0
-        m = re.match(r"bytes=(\d+)-$", self.headers.get("range", ""))
+        start, end = 0, size
+        m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("range", ""))
         if m:
-            start = int(m.group(1))
+            start, end = int(m.group(1)), min(size, int(m.group(2) or size - 1) + 1)
             self.send_response(206)
-            self.send_header("content-range", f"bytes {start}-{size - 1}/{size}")
+            self.send_header("content-range", f"bytes {start}-{end - 1}/{size}")
         else:
             self.send_response(200)
-        self.send_header("content-length", str(size - start))
+        self.send_header("accept-ranges", "bytes")
+        self.send_header("content-length", str(end - start))
         self.end_headers()
         if self.command == "HEAD":
             return
         with path.open("rb") as f:
             offset, t0 = start, time.monotonic()
-            step = size if not self.rate else max(64 * 1024, self.rate // 50)
-            while offset < size:
-                offset += os.sendfile(self.connection.fileno(), f.fileno(), offset, min(step, size - offset))
+            step = end if not self.rate else max(64 * 1024, self.rate // 50)
+            while offset < end:
+                offset += os.sendfile(self.connection.fileno(), f.fileno(), offset, min(step, end - offset))
                 if self.rate:  # a link that carries `rate` bytes/s per connection, as a CDN edge may
                     time.sleep(max(0.0, t0 + (offset - start) / self.rate - time.monotonic()))
 
@@ -132,57 +133,76 @@ def _served_path(url: str) -> Path:
     return _ROOT / url.rsplit("/", 1)[-1]
 
 
-def time_pull(box: Path, models: str, name: str, entry_of: object) -> tuple[float, float]:
-    """Pull model `name` into a fresh store: (seconds, CPU seconds of every thread); then re-hash (not timed)."""
+def time_pull(box: Path, models: str, names: list[str]) -> tuple[float, float]:
+    """Lock, then pull models `names` into a fresh store in one pull: (seconds, CPU seconds of every thread)."""
     from node.config import load_config
-    from node.supply.pull import pull_entry
+    from node.supply.lockfile import read_lock, write_lock
+    from node.supply.pull import pull_entries
+    from node.supply.resolve import build_lock
     from node.supply.store import Store
 
     shutil.rmtree(box, ignore_errors=True)
     box.mkdir(parents=True)
     (box / "appliance.toml").write_text(f'[node]\ndata_dir = "data"\n\n{models}')
     cfg = load_config(str(box / "appliance.toml"))
-    entry = entry_of(cfg)  # type: ignore[operator]
+    write_lock(cfg.lock_path, build_lock(cfg))
+    lock = read_lock(cfg.lock_path)
+    jobs = [(lock.entry(n), cfg.model(n)) for n in names]
     store = Store(cfg.data_dir / "store")
-    model = cfg.model(name)
-    assert model is not None
     c, t = _cpu(resource.RUSAGE_SELF), time.perf_counter()
-    pull_entry(store, entry, model, cfg)
+    results = pull_entries(store, jobs, cfg)  # type: ignore[arg-type]
     dt, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_SELF) - c
-    problems = store.verify(entry)
-    assert not problems and len(list(store.blobs())) == len({f.sha256 for f in entry.files}), problems
+    bad = [r for r in results if isinstance(r, BaseException)]
+    assert not bad, bad
+    for entry, _ in jobs:
+        problems = store.verify(entry)  # type: ignore[union-attr]
+        assert not problems, problems
     shutil.rmtree(box)
     return dt, cpu
 
 
-def big_file_entry(url: str):  # type: ignore[no-untyped-def]
-    """The lock entry `infernode lock` writes for an http://...#sha256= source."""
-    def entry_of(cfg):  # type: ignore[no-untyped-def]
-        from node.supply.lockfile import read_lock, write_lock
-        from node.supply.resolve import build_lock
-        write_lock(cfg.lock_path, build_lock(cfg))
-        return read_lock(cfg.lock_path).entry("big")
-    return entry_of
+NGINX_CONF = """daemon off; worker_processes 2; pid {work}/nginx.pid; error_log {work}/nginx.err warn;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; tcp_nopush on; default_type application/octet-stream; client_body_temp_path {work}/tmp;
+  proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+  server {{ listen 127.0.0.1:{capped}; root {root}; limit_rate {rate}; }}
+  server {{ listen 127.0.0.1:{free}; root {root}; }}
+}}
+"""
 
 
-def model_entry(files: list[tuple[str, int, str]]):  # type: ignore[no-untyped-def]
-    """The lock entry of an hf: model of `files` (path, size, sha256) at a fixed commit."""
-    def entry_of(cfg):  # type: ignore[no-untyped-def]
-        from node.supply.lockfile import LockedFile, LockEntry
-        return LockEntry(name="model", source="hf:bench/model", revision="0" * 40,
-                         files=[LockedFile(path=p, size=n, sha256=h) for p, n, h in files]).sealed()
-    return entry_of
+def start_servers(kind: str, root: Path, work: Path, rate: int) -> tuple[list[subprocess.Popen], int, int]:
+    """(processes, capped port, uncapped port): nginx, or this file's Python server twice."""
+    capped, free = free_port(), free_port()
+    if kind == "nginx":
+        (work / "tmp").mkdir(exist_ok=True)
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=work, root=root, capped=capped, free=free, rate=rate))
+        procs = [subprocess.Popen([shutil.which("nginx") or "nginx", "-c", str(conf), "-p", str(work)])]
+    else:
+        procs = [subprocess.Popen([sys.executable, __file__, "--serve", str(root), str(port), str(r)])
+                 for port, r in ((capped, rate), (free, 0))]
+    for port in (capped, free):
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    return procs, capped, free
 
 
 def main() -> None:
     global _ROOT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=1024, help="the large file, MiB")
-    ap.add_argument("--model-mb", type=int, default=1024, help="the model, MiB in all")
-    ap.add_argument("--files", type=int, default=16, help="files in the model")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--conn-mbps", type=float, default=0,
-                    help="cap each connection at this many MB/s (a CDN edge's per-connection rate); default: no cap")
+    ap.add_argument("--cases", default="capped,uncapped")
+    ap.add_argument("--models", type=int, default=16, help="one-file models pulled at once (capped case)")
+    ap.add_argument("--model-mb", type=int, default=64, help="each model's file, MiB")
+    ap.add_argument("--big-mb", type=int, default=1024, help="the one large file of the capped case, MiB")
+    ap.add_argument("--uncapped-mb", type=int, default=2048, help="the one file of the uncapped case, MiB")
+    ap.add_argument("--conn-mbps", type=int, default=32, help="each capped connection's rate, MiB/s (nginx's `limit_rate 32m`)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--server", choices=("auto", "nginx", "python"), default="auto")
     ap.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "RATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -190,78 +210,68 @@ def main() -> None:
         return
     if not shutil.which("curl"):
         sys.exit("curl is not installed")
+    kind = args.server if args.server != "auto" else ("nginx" if shutil.which("nginx") else "python")
+    cases = set(args.cases.split(","))
     work = Path(tempfile.mkdtemp(prefix="infernode-bench-pull-", dir="/tmp"))
+    os.chmod(work, 0o755)
     _ROOT = work / "srv"
     _ROOT.mkdir()
-    server = None
+    os.chmod(_ROOT, 0o755)
+    procs: list[subprocess.Popen] = []
     try:
-        big = args.size_mb * 1024 * 1024
-        hexd = make_file(_ROOT / "blob.bin", big)
-        # A model as the Hub has them: shards of one size, the last one shorter.
-        shard = args.model_mb * 1024 * 1024 // args.files
-        files = []
-        for i in range(args.files):
-            name = f"model-{i + 1:05d}-of-{args.files:05d}.safetensors"
-            n = shard if i < args.files - 1 else args.model_mb * 1024 * 1024 - shard * (args.files - 1)
-            files.append((name, n, make_file(_ROOT / name, n)))
-        port = free_port()
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(_ROOT), str(port),
-                                   str(int(args.conn_mbps * 1e6))])
-        base = f"http://127.0.0.1:{port}"
-        os.environ["HF_ENDPOINT"] = base
-        os.environ.pop("HF_TOKEN", None)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        files: dict[str, tuple[int, str]] = {}
+        if "capped" in cases:
+            for i in range(args.models):
+                files[f"m{i}.bin"] = (args.model_mb * MiB, make_file(_ROOT / f"m{i}.bin", args.model_mb * MiB))
+            files["big.bin"] = (args.big_mb * MiB, make_file(_ROOT / "big.bin", args.big_mb * MiB))
+        if "uncapped" in cases:
+            files["huge.bin"] = (args.uncapped_mb * MiB, make_file(_ROOT / "huge.bin", args.uncapped_mb * MiB))
+        for name in files:
+            os.chmod(_ROOT / name, 0o644)
+        procs, capped, free = start_servers(kind, _ROOT, work, args.conn_mbps * MiB)
         import node.supply.pull
         import node.supply.remote  # noqa: F401
-        big_toml = f'[[models]]\nname = "big"\nsource = "{base}/blob.bin#sha256={hexd}"\nruntime = "llamacpp"\n'
-        model_toml = '[[models]]\nname = "model"\nsource = "hf:bench/model"\nruntime = "vllm"\n'
-        model_urls = [f"{base}/bench/model/resolve/{'0' * 40}/{name}" for name, _, _ in files]
-        mb_big, mb_model = big / 1e6, sum(n for _, n, _ in files) / 1e6
-        runs: dict[str, list[tuple[float, float]]] = {}  # name -> [(MB/s, CPU seconds per GB)]
 
-        def note(name: str, mb: float, timed: tuple[float, float]) -> str:
-            runs.setdefault(name, []).append((mb / timed[0], timed[1] / mb * 1000))
-            return f"{name} {runs[name][-1][0]:6.1f} MB/s"
+        def toml(port: int, names: list[str]) -> str:
+            return "".join(f'[[models]]\nname = "{n.removesuffix(".bin")}"\nsource = "http://127.0.0.1:{port}/{n}'
+                           f'#sha256={files[n][1]}"\nruntime = "llamacpp"\n' for n in names)
 
-        big_url = [f"{base}/blob.bin"]
-        cap = f"each connection capped at {args.conn_mbps:g} MB/s" if args.conn_mbps else "no cap per connection"
-        print(f"load average before: {os.getloadavg()[0]:.2f}; {cap}", flush=True)
+        measures = []  # (title, curl urls, pull toml, model names, MB)
+        if "capped" in cases:
+            ms = [f"m{i}.bin" for i in range(args.models)]
+            measures.append((f"{args.models} one-file models of {args.model_mb} MiB, capped",
+                             [f"http://127.0.0.1:{capped}/{n}" for n in ms], toml(capped, ms),
+                             [n.removesuffix(".bin") for n in ms], sum(files[n][0] for n in ms) / 1e6))
+            measures.append((f"1 file of {args.big_mb} MiB, capped", [f"http://127.0.0.1:{capped}/big.bin"],
+                             toml(capped, ["big.bin"]), ["big"], files["big.bin"][0] / 1e6))
+        if "uncapped" in cases:
+            measures.append((f"1 file of {args.uncapped_mb} MiB, uncapped", [f"http://127.0.0.1:{free}/huge.bin"],
+                             toml(free, ["huge.bin"]), ["huge"], files["huge.bin"][0] / 1e6))
+        print(f"server: {kind}; capped connections at {args.conn_mbps} MiB/s; load average before: "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        runs: dict[tuple[str, str], list[float]] = {}
         for i in range(args.rounds):
-            line = [note("1 file: curl -o", mb_big, time_curl(big_url, work / "curl")),
-                    note("infernode pull", mb_big, time_pull(work / "box", big_toml, "big", big_file_entry(big_url[0]))),
-                    note("curl -o + fsync", mb_big, time_curl(big_url, work / "curl", fsync=True)),
-                    note(f"{args.files} files: curl one after another", mb_model, time_curl(model_urls, work / "curl")),
-                    note("infernode pull ", mb_model, time_pull(work / "box", model_toml, "model", model_entry(files))),
-                    note("curl + fsync", mb_model, time_curl(model_urls, work / "curl", fsync=True))]
-            print(f"round {i + 1}: " + " | ".join(line[:3]) + "\n         " + " | ".join(line[3:]), flush=True)
+            for title, urls, models, names, mb in measures:
+                c = time_curl(urls, work / "curl")
+                p = time_pull(work / "box", models, names)
+                runs.setdefault((title, "curl"), []).append(mb / c[0])
+                runs.setdefault((title, "pull"), []).append(mb / p[0])
+                print(f"round {i + 1}: {title}: curl {mb / c[0]:7.1f} MB/s | infernode pull {mb / p[0]:7.1f} MB/s "
+                      f"({p[1] / mb * 1000:.2f} s/GB CPU)", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-
-        def best(name: str) -> float:
-            return max(r[0] for r in runs[name])
-
-        def cpu(name: str) -> float:
-            return min(r[1] for r in runs[name])
-
-        print(f"best of {args.rounds} (MB/s), least CPU (s per GB; curl's own, or every thread of the pull), "
-              f"over loopback, every pulled blob re-hashed afterwards:")
-        for title, c, p, cs in ((f"1 file of {mb_big:.0f} MB", "1 file: curl -o", "infernode pull", "curl -o + fsync"),
-                                (f"{args.files} files, {mb_model:.0f} MB", f"{args.files} files: curl one after another",
-                                 "infernode pull ", "curl + fsync")):
-            target = "0.9" if c.startswith("1 file") else "1.5"
-            print(f"  {title}: curl {best(c):.1f} MB/s ({cpu(c):.2f} s/GB CPU), infernode pull {best(p):.1f} MB/s "
-                  f"({cpu(p):.2f} s/GB CPU): ratio {best(p) / best(c):.2f} (target >= {target}); "
-                  f"against curl + fsync {best(cs):.1f} MB/s: ratio {best(p) / best(cs):.2f}")
+        print(f"best of {args.rounds} (MB/s), every pulled blob re-hashed afterwards:")
+        for title, *_ in measures:
+            c, p = max(runs[(title, "curl")]), max(runs[(title, "pull")])
+            target = "0.9" if "uncapped" in title else "4"
+            print(f"  {title}: curl {c:.1f}, infernode pull {p:.1f}: ratio {p / c:.2f} (target >= {target})")
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
         shutil.rmtree(work, ignore_errors=True)
 
+
+MiB = 1024 * 1024
 
 if __name__ == "__main__":
     main()

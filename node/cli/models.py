@@ -96,7 +96,7 @@ def pull(names: Optional[list[str]] = typer.Argument(None, help="models to pull 
          config: Optional[str] = ConfigOption) -> None:
     """Download what models.lock pins into the store and verify every digest."""
     from node.supply.progress import JsonProgress, RichProgress
-    from node.supply.pull import pull_entry
+    from node.supply.pull import pull_entries
     from node.supply.resolve import stale_models
 
     cfg = config_from(config)
@@ -118,29 +118,32 @@ def pull(names: Optional[list[str]] = typer.Argument(None, help="models to pull 
     total = sum(sum(f.size for f in store.missing(e)) for m, e in jobs if e is not None and m.name not in stale)
     reporter = JsonProgress() if json_ else RichProgress(err_console, total)
     say = (lambda msg, ok=True: None) if json_ else (lambda msg, ok=True: (console if ok else err_console).print(msg, highlight=False, soft_wrap=True))
+
+    def fail(name: str, why: str) -> None:
+        say(f"{name}: {why}", False)
+        if json_:
+            reporter.event(event="error", model=name, error=why)  # type: ignore[union-attr]
+
+    ready = []
+    for model, entry in jobs:
+        if model.name in stale or entry is None:
+            fail(model.name, stale.get(model.name, "not in models.lock; run `infernode lock`"))
+            failed += 1
+        else:
+            ready.append((entry, model))
     with contextlib.ExitStack() as stack:
         if isinstance(reporter, RichProgress):
             stack.enter_context(reporter)
-        for model, entry in jobs:
-            if model.name in stale or entry is None:
-                why = stale.get(model.name, "not in models.lock; run `infernode lock`")
-                say(f"{model.name}: {why}", False)
-                if json_:
-                    reporter.event(event="error", model=model.name, error=why)  # type: ignore[union-attr]
-                failed += 1
-                continue
-            try:
-                res = pull_entry(store, entry, model, cfg, progress=reporter, from_=from_)
-            except StoreError as exc:
-                say(f"{model.name}: {exc.message}", False)
-                if json_:
-                    reporter.event(event="error", model=model.name, error=exc.message)  # type: ignore[union-attr]
-                failed += 1
-                continue
-            say(f"{model.name}: {res.fetched} fetched, {res.present} already present, verified")
-            if json_:
-                reporter.event(event="model", model=model.name, fetched=res.fetched,  # type: ignore[union-attr]
-                               present=res.present, revision=entry.revision)
+        results = pull_entries(store, ready, cfg, progress=reporter, from_=from_)  # every model at once
+    for (entry, model), res in zip(ready, results):
+        if isinstance(res, BaseException):
+            fail(model.name, getattr(res, "message", None) or str(res))
+            failed += 1
+            continue
+        say(f"{model.name}: {res.fetched} fetched, {res.present} already present, verified")
+        if json_:
+            reporter.event(event="model", model=model.name, fetched=res.fetched,  # type: ignore[union-attr]
+                           present=res.present, revision=entry.revision)
     if failed:
         raise typer.Exit(1)
 

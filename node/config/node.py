@@ -24,6 +24,8 @@ class NodeSection(_Section):
     admin_key_file: Path | None = None
     # Pull what models.lock pins before launching, when the store lacks it.
     pull_on_start: bool = True
+    # Connections one pull opens at once, over every file of every model (INFERNODE_PULL_CONCURRENCY wins; default 8).
+    pull_concurrency: Annotated[int, Field(ge=1, le=64)] | None = None
     # Seconds SIGTERM waits for in-flight requests before stopping workers.
     drain_grace_s: float = 30.0
     # Seconds a worker outlives a vanished node, waiting to be adopted by its successor.

@@ -21,12 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from node.errors import StoreError
 from node.supply.bulkhttp import BulkClient, BulkResponse, ProxyRefused
+from node.supply.lockfile import LockedFile
 from node.supply.proxies import ProxyConfigError
 from node.supply.store import BlobWriter, SizeMismatch
 
@@ -55,26 +56,50 @@ class PullCancelled(StoreError):
     """The pull was interrupted (Ctrl-C, shutdown); what arrived is kept for a resume."""
 
 
-class _Retry(Exception):
+class Flag(Protocol):
+    """What stops a download when set: an Event, or anything else that answers is_set()."""
+
+    def is_set(self) -> bool: ...
+
+
+class Sink(Protocol):
+    """Where a body's bytes go: a blob's partial file, or one byte range of it."""
+
+    locked: LockedFile
+
+    @property
+    def offset(self) -> int: ...
+    def append(self, data: bytes | bytearray | memoryview) -> None: ...
+    def splice_in(self, pipe_r: int, n: int) -> None: ...
+
+
+class Retry(Exception):
     """A failure worth another attempt (5xx, 429, a reset, a stall, a short body)."""
 
 
 @dataclass(frozen=True)
 class NetSettings:
-    """How hard to try: files at once, attempts, backoff and the stall timeout."""
+    """How hard to try: connections at once (all files of a pull), attempts, backoff, stall timeout.
 
-    parallel: int = 4
+    `min_segment` is the smallest byte range a file is split into; a file no bigger
+    than it (or a server without Range) is fetched over one connection.
+    """
+
+    parallel: int = 8
     retries: int = 8
     backoff_s: float = 0.5
     backoff_max_s: float = 15.0
     stall_timeout_s: float = 30.0
     connect_timeout_s: float = 15.0
+    min_segment: int = 16 * 1024 * 1024
 
     @classmethod
-    def from_env(cls) -> NetSettings:
-        """Defaults, overridden by INFERNODE_PULL_{CONCURRENCY,RETRIES,BACKOFF_S,STALL_S}."""
+    def from_env(cls, parallel: int | None = None) -> NetSettings:
+        """Defaults (`parallel` from `[node] pull_concurrency` when set), overridden by
+        INFERNODE_PULL_{CONCURRENCY,RETRIES,BACKOFF_S,STALL_S,SEGMENT_MIB}."""
         return cls(
-            parallel=_env_number("INFERNODE_PULL_CONCURRENCY", int, cls.parallel, 1, 64),
+            parallel=_env_number("INFERNODE_PULL_CONCURRENCY", int, parallel or cls.parallel, 1, 64),
+            min_segment=_env_number("INFERNODE_PULL_SEGMENT_MIB", int, cls.min_segment >> 20, 1, 4096) << 20,
             retries=_env_number("INFERNODE_PULL_RETRIES", int, cls.retries, 0, 1000),
             backoff_s=_env_number("INFERNODE_PULL_BACKOFF_S", float, cls.backoff_s, 0.0, 3600.0),
             stall_timeout_s=_env_number("INFERNODE_PULL_STALL_S", float, cls.stall_timeout_s, 0.1, 86400.0),
@@ -114,40 +139,47 @@ def _env_number(name: str, kind: type[int | float], default: float, low: float, 
 
 def fetch_into(client: BulkClient, url: str, writer: BlobWriter, settings: NetSettings, *,
                headers: dict[str, str] | None = None, on_bytes: Callable[[int], None] | None = None,
-               cancel: threading.Event | None = None) -> None:
+               cancel: Flag | None = None) -> None:
     """Fill `writer` from `url` up to the locked size, resuming and retrying as needed."""
-    size = writer.locked.size
+    retrying(writer.locked.path, url, settings, cancel, lambda: writer.offset, writer.locked.size,
+             lambda: _one_attempt(client, url, writer, settings, headers or {}, on_bytes, cancel))
+
+
+def retrying(path: str, url: str, settings: NetSettings, cancel: Flag | None,
+             position: Callable[[], int], end: int, attempt_once: Callable[[], None]) -> None:
+    """Call `attempt_once` until `position()` reaches `end`: transient failures are retried
+    with backoff (the count restarts whenever bytes arrived), the others raised as they are."""
     attempt, last = 0, ""
-    while writer.offset < size:
+    while position() < end:
         if cancel is not None and cancel.is_set():
-            raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
-        before = writer.offset
+            raise PullCancelled(f"{path}: interrupted at byte {position()}; pull again to resume")
+        before = position()
         try:
-            _one_attempt(client, url, writer, settings, headers or {}, on_bytes, cancel)
+            attempt_once()
         except ProxyRefused as exc:
-            raise RemoteError(f"{writer.locked.path}: {exc}{PROXY_HINT if ' 407 ' in str(exc) else ''}") from None
+            raise RemoteError(f"{path}: {exc}{PROXY_HINT if ' 407 ' in str(exc) else ''}") from None
         except ProxyConfigError as exc:
             raise RemoteError(str(exc)) from None
         except ssl.SSLCertVerificationError as exc:  # no retry will make the certificate trusted
-            raise RemoteError(f"{writer.locked.path}: {url}: {exc.verify_message or exc}; for a private CA, "
+            raise RemoteError(f"{path}: {url}: {exc.verify_message or exc}; for a private CA, "
                               "point SSL_CERT_FILE at a bundle that includes it") from None
-        except _Retry as exc:
+        except Retry as exc:
             last = str(exc)
         except (OSError, http.client.HTTPException) as exc:  # reset, refused, stall (timeout), TLS, short body
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if writer.offset >= size:
+        if position() >= end:
             return
-        if writer.offset > before:
+        if position() > before:
             attempt = 0  # progress was made: a flaky link is not a dead one
         attempt += 1
         if attempt > settings.retries:
-            raise RemoteError(f"{writer.locked.path}: {url}: gave up after {settings.retries} retries "
-                              f"at byte {writer.offset} of {size}: {last}")
+            raise RemoteError(f"{path}: {url}: gave up after {settings.retries} retries "
+                              f"at byte {position()} of {end}: {last}")
         settings.sleep_before(attempt)
 
 
 def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, settings: NetSettings, headers: dict[str, str],
-                 on_bytes: Callable[[int], None] | None, cancel: threading.Event | None) -> None:
+                 on_bytes: Callable[[int], None] | None, cancel: Flag | None) -> None:
     size, path = writer.locked.size, writer.locked.path
     h = dict(headers)
     if writer.offset:
@@ -156,30 +188,47 @@ def _one_attempt(client: BulkClient, url: str, writer: BlobWriter, settings: Net
         code = r.status
         if code == 416 and writer.offset:
             _restart(writer, on_bytes)  # our partial is longer than what the server has: start over
-            raise _Retry("HTTP 416 for our resume offset")
+            raise Retry("HTTP 416 for our resume offset")
         if code >= 500 or code in (408, 429):
-            raise _Retry(f"HTTP {code}")
+            raise Retry(f"HTTP {code}")
         if code == 206:
             m = CONTENT_RANGE.match(r.header("content-range") or "")
             if not m or int(m.group(1)) != writer.offset:
                 _restart(writer, on_bytes)
-                raise _Retry(f"bad Content-Range {r.header('content-range')!r}")
+                raise Retry(f"bad Content-Range {r.header('content-range')!r}")
             if m.group(3) != "*" and int(m.group(3)) != size:
                 writer.discard()
                 raise SizeMismatch(f"{path}: the server has {m.group(3)} bytes, models.lock pins {size}; the source changed")
         elif code == 200:
-            if writer.offset:
-                _restart(writer, on_bytes)  # Range ignored: the body starts at byte 0
-            length = r.header("content-length")
-            if length is not None and int(length) != size:
-                writer.discard()
-                raise SizeMismatch(f"{path}: the server has {length} bytes, models.lock pins {size}; the source changed")
+            take_whole(r, writer, settings, on_bytes, cancel)
+            return _check_complete(writer)
         else:
-            hint = {401: HF_HINT, 403: HF_HINT, 407: PROXY_HINT}.get(code, "")
-            raise RemoteError(f"{path}: {url}: HTTP {code}{hint}")
-        _pump(r, writer, on_bytes, cancel, settings.stall_timeout_s)
-    if writer.offset < size:
-        raise _Retry(f"connection closed at byte {writer.offset} of {size}")
+            raise refused(path, url, code)
+        pump(r, writer, on_bytes, cancel, settings.stall_timeout_s)
+    _check_complete(writer)
+
+
+def _check_complete(writer: BlobWriter) -> None:
+    if writer.offset < writer.locked.size:
+        raise Retry(f"connection closed at byte {writer.offset} of {writer.locked.size}")
+
+
+def refused(path: str, url: str, code: int) -> RemoteError:
+    """The error for an answer no retry changes (4xx), with a hint where one helps."""
+    hint = {401: HF_HINT, 403: HF_HINT, 407: PROXY_HINT}.get(code, "")
+    return RemoteError(f"{path}: {url}: HTTP {code}{hint}")
+
+
+def take_whole(r: BulkResponse, writer: BlobWriter, settings: NetSettings,
+               on_bytes: Callable[[int], None] | None, cancel: Flag | None) -> None:
+    """Receive a 200 answer: the whole body from byte 0 (what a server that ignores Range sends)."""
+    if writer.offset:
+        _restart(writer, on_bytes)  # our partial bytes are thrown away: the body starts at byte 0
+    size, length = writer.locked.size, r.header("content-length")
+    if length is not None and int(length) != size:
+        writer.discard()
+        raise SizeMismatch(f"{writer.locked.path}: the server has {length} bytes, models.lock pins {size}; the source changed")
+    pump(r, writer, on_bytes, cancel, settings.stall_timeout_s)
 
 
 def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None:
@@ -190,8 +239,8 @@ def _restart(writer: BlobWriter, on_bytes: Callable[[int], None] | None) -> None
         on_bytes(-had)
 
 
-def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
-          cancel: threading.Event | None, stall_s: float) -> None:
+def pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] | None,
+          cancel: Flag | None, stall_s: float) -> None:
     """Receive into the partial file on this thread while another hashes what has landed there.
 
     A plain-TCP body is spliced from the socket into the file in the kernel; a TLS body
@@ -240,9 +289,9 @@ def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] |
     try:
         raw = r.raw_body()
         if raw is not None:
-            _splice_body(*raw, writer, arrived, failed, cancel, stall_s)
+            splice_body(*raw, writer, arrived, failed, cancel, stall_s)
         else:
-            _read_body(r, writer, arrived, failed, cancel)
+            read_body(r, writer, arrived, failed, cancel)
     finally:
         done.set()
         landed.set()
@@ -253,13 +302,13 @@ def _pump(r: BulkResponse, writer: BlobWriter, on_bytes: Callable[[int], None] |
         raise failed[0]
 
 
-def _cancelled(writer: BlobWriter, cancel: threading.Event | None) -> None:
+def _cancelled(writer: Sink, cancel: Flag | None) -> None:
     if cancel is not None and cancel.is_set():
         raise PullCancelled(f"{writer.locked.path}: interrupted at byte {writer.offset}; pull again to resume")
 
 
-def _splice_body(sock: int, pre: bytes, remaining: int, writer: BlobWriter, arrived: Callable[[int], None],
-                 failed: list[BaseException], cancel: threading.Event | None, stall_s: float) -> None:
+def splice_body(sock: int, pre: bytes, remaining: int, writer: Sink, arrived: Callable[[int], None],
+                 failed: list[BaseException], cancel: Flag | None, stall_s: float) -> None:
     """socket -> pipe -> file with splice(2): the bytes never pass through Python."""
     if pre:
         writer.append(pre)
@@ -293,8 +342,8 @@ def _splice_body(sock: int, pre: bytes, remaining: int, writer: BlobWriter, arri
         os.close(pipe_w)
 
 
-def _read_body(r: BulkResponse, writer: BlobWriter, arrived: Callable[[int], None],
-               failed: list[BaseException], cancel: threading.Event | None) -> None:
+def read_body(r: BulkResponse, writer: Sink, arrived: Callable[[int], None],
+               failed: list[BaseException], cancel: Flag | None) -> None:
     """TLS (or unsized) bodies: decrypt into one large buffer, write it, repeat."""
     buf = bytearray(READ_SIZE)
     with memoryview(buf) as view:

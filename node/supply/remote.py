@@ -14,7 +14,6 @@ import json
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
@@ -22,11 +21,13 @@ import httpx
 
 from node.config import ModelConfig
 from node.errors import StoreError
-from node.supply.bulkhttp import BulkClient
-from node.supply.download import NetSettings, RemoteError, fetch_into, get_with_retries
+from node.supply.download import NetSettings, RemoteError, get_with_retries
+from node.supply.fetchpool import FetchPool
 from node.supply.lockfile import LockedFile, LockEntry
 from node.supply.manifest import MANIFEST_V2, check_manifest, is_ollama_entry
 from node.supply.progress import NullProgress, PullProgress
+from node.supply.ranged import FileJob, fetch_file
+from node.supply.segments import had
 from node.supply.sources import HfSource, OllamaSource, Source, UrlSource, registry_host
 from node.supply.store import Store
 
@@ -40,6 +41,7 @@ class Download:
     locked: LockedFile
     url: str
     headers: dict[str, str]
+    label: str = ""
 
 
 # -- Hugging Face Hub ---------------------------------------------------------------
@@ -219,46 +221,73 @@ def downloads(entry: LockEntry, src: Source, files: list[LockedFile]) -> list[Do
 
 def pull(store: Store, entry: LockEntry, src: Source, progress: PullProgress | None = None,
          settings: NetSettings | None = None) -> None:
-    """Download every missing file, a few at a time; raise the first failure after all end."""
+    """Download every missing file of one model; raise its first failure after all end."""
+    error = pull_many(store, [(entry, src)], progress, settings)[entry.name]
+    if error is not None:
+        raise error
+
+
+def pull_many(store: Store, items: list[tuple[LockEntry, Source]], progress: PullProgress | None = None,
+              settings: NetSettings | None = None) -> dict[str, BaseException | None]:
+    """Download the missing files of every model at once, under one connection limit, largest first.
+
+    A blob two models share is fetched once. Returns each model's first failure (None: all
+    its files are in the store); one model failing leaves the others to finish.
+    """
     settings = settings or NetSettings.from_env()
     progress = progress or NullProgress()
-    missing = store.missing(entry)
-    store.check_space(sum(f.size - store.partial_size(f) for f in missing))
-    # Largest first, so the last file to finish is a small one and all connections stay busy.
-    jobs = sorted(downloads(entry, src, missing), key=lambda d: store.partial_size(d.locked) - d.locked.size)
-    if isinstance(src, OllamaSource) and jobs:
-        # Only the registry needs httpx here (a client costs tens of ms to make: not for every pull).
-        with settings.client() as client:
-            # httpx drops the token on the registry's cross-origin redirect to its storage.
-            auth = registry_token(client, src, settings)
-        jobs = [replace(d, headers={**d.headers, **auth}) for d in jobs]
-    with ThreadPoolExecutor(settings.parallel, thread_name_prefix="pull") as pool:
-        cancel = threading.Event()
-        bulk = settings.bulk_client()
-        futures = [pool.submit(_fetch_one, store, bulk, d, settings, progress, entry.name, cancel) for d in jobs]
-        try:
-            errors = [f.exception() for f in futures]
-        except BaseException:  # Ctrl-C: stop the other downloads at their next chunk
-            cancel.set()
-            raise
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-    if is_ollama_entry(entry):
-        check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
+    jobs: dict[str, Download] = {}  # by sha256: one fetch per blob
+    needs: dict[str, list[str]] = {}  # model -> the blobs it waits for
+    for entry, src in items:
+        missing = store.missing(entry)
+        ds = downloads(entry, src, missing)
+        if isinstance(src, OllamaSource) and ds:
+            # Only the registry needs httpx here (a client costs tens of ms to make: not for every pull).
+            with settings.client() as client:
+                # httpx drops the token on the registry's cross-origin redirect to its storage.
+                auth = registry_token(client, src, settings)
+            ds = [replace(d, headers={**d.headers, **auth}) for d in ds]
+        for d in ds:
+            jobs.setdefault(d.locked.sha256, replace(d, label=f"{entry.name}/{d.locked.path}"))
+        needs[entry.name] = [d.locked.sha256 for d in ds]
+    store.check_space(sum(d.locked.size - had(store, d.locked) for d in jobs.values()))
+    results = _fetch_all(store, sorted(jobs.values(), key=lambda d: had(store, d.locked) - d.locked.size),
+                         settings, progress)
+    out: dict[str, BaseException | None] = {}
+    for entry, _ in items:
+        out[entry.name] = next((results[h] for h in needs[entry.name] if results.get(h) is not None), None)
+        left = store.missing(entry)
+        if out[entry.name] is None and left:  # never reached: every job reports; but never call a model whole that is not
+            out[entry.name] = StoreError(f"{entry.name}: {left[0].path} was not fetched; pull again")
+        if out[entry.name] is None and is_ollama_entry(entry):
+            try:
+                check_manifest(entry, store.blob_path(entry.files[0].sha256).read_bytes())
+            except StoreError as exc:
+                out[entry.name] = exc
+    return out
 
 
-def _fetch_one(store: Store, client: BulkClient, d: Download, settings: NetSettings,
-               progress: PullProgress, model: str, cancel: threading.Event) -> None:
-    label = f"{model}/{d.locked.path}"
-    with store.writer(d.locked) as w:
-        progress.start(label, d.locked.size, w.offset if not w.present else d.locked.size)
-        try:
-            if not w.present:
-                fetch_into(client, d.url, w, settings, headers=d.headers,
-                           on_bytes=lambda n: progress.advance(label, n), cancel=cancel)
-                w.commit()
-        except BaseException as exc:
-            progress.finish(label, False, getattr(exc, "message", str(exc)))
-            raise
-        progress.finish(label, True)
+def _fetch_all(store: Store, ds: list[Download], settings: NetSettings,
+               progress: PullProgress) -> dict[str, BaseException | None]:
+    """Every download on one pool of `settings.parallel` connections; each blob's error, or None."""
+    results: dict[str, BaseException | None] = {}
+    cancel = threading.Event()
+    bulk = settings.bulk_client()
+    pool = FetchPool(settings.parallel)
+    try:
+        for rank, d in enumerate(ds):
+            job = FileJob(d.locked, d.url, d.headers, d.label, rank)
+
+            def done(err: BaseException | None, hexd: str = d.locked.sha256) -> None:
+                results[hexd] = err
+
+            pool.submit((rank, 0), lambda job=job, done=done: fetch_file(  # type: ignore[misc]
+                store, bulk, job, settings, progress, pool.submit, cancel, done))
+        pool.wait()
+    except BaseException:  # Ctrl-C: every transfer stops at its next chunk, keeping what arrived
+        cancel.set()
+        pool.wait()
+        raise
+    finally:
+        pool.close()
+    return results

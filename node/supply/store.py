@@ -27,7 +27,7 @@ from node.supply.lockfile import SHA256_RE, LockedFile, LockEntry
 from runtimes import ModelLayout
 
 CHUNK = 1024 * 1024
-HASH_WINDOW = 64 * 1024 * 1024  # mapped at a time by hash_through
+HASH_WINDOW = 16 * 1024 * 1024  # mapped at a time by hash_through: what hashing adds to RSS, per file
 
 
 class DigestMismatch(StoreError):
@@ -281,18 +281,6 @@ class Store:
 
     def writer(self, locked: LockedFile) -> BlobWriter:
         return BlobWriter(self, locked)
-
-    def import_file(self, src: Path, locked: LockedFile) -> Path:
-        """Copy a local file into the store, hashing while copying."""
-        if self.has(locked):
-            return self.blob_path(locked.sha256)
-        with self.writer(locked) as w, src.open("rb") as f:
-            if self.has(locked):  # another pull finished it while we waited for the lock
-                return self.blob_path(locked.sha256)
-            w.reset()
-            while chunk := f.read(CHUNK):
-                w.write(chunk)
-            return w.commit()
 
     def rehash(self, locked: LockedFile) -> Problem | None:
         """Re-read one blob and compare with the lock; None when it is good."""

@@ -1,7 +1,9 @@
 """A loopback HTTP server base for the Hub and registry fakes: blobs with Range, and faults.
 
-Range handling follows RFC 9110 section 14 (`Range: bytes=N-` -> 206 with
-`Content-Range: bytes N-M/TOTAL`; an unsatisfiable start -> 416). Faults are how real
+Range handling follows RFC 9110 section 14 (`Range: bytes=N-` or `bytes=N-M` -> 206 with
+`Content-Range: bytes N-M/TOTAL`, an end past the last byte meaning the last byte; an
+unsatisfiable start -> 416). `served` counts the body bytes sent per blob, so tests can
+say what a resume fetched again. Faults are how real
 downloads go wrong: a connection dropped mid-file, a corrupt byte, a wrong size, 5xx
 answers, a stall, a server that ignores Range, and a slow link.
 """
@@ -50,6 +52,8 @@ class FaultyServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), handler)
         self.faults = Faults()
         self.seen: list[Seen] = []
+        self.served: dict[str, int] = {}  # body bytes written to clients, per blob key
+        self.sending = self.peak_sending = 0  # blob bodies being sent now, and the most at once
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.tls: ssl.SSLContext | None = None
@@ -83,6 +87,15 @@ class FaultyServer(ThreadingHTTPServer):
     def record(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.seen.append(Seen(h.command, h.path, h.headers.get("range"), h.headers.get("authorization")))
+
+    def sending_body(self, delta: int) -> None:
+        with self._lock:
+            self.sending += delta
+            self.peak_sending = max(self.peak_sending, self.sending)
+
+    def count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.served[key] = self.served.get(key, 0) + n
 
     def take(self, table: dict, key: str) -> object:
         """Pop a one-shot fault (or decrement a counted one) atomically."""
@@ -129,34 +142,44 @@ class FaultyHandler(BaseHTTPRequestHandler):
             data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
         if key in f.extra_bytes:
             data = data + b"\0" * f.extra_bytes[key]
-        total, start = len(data), 0
+        total, start, end = len(data), 0, len(data)
         m = RANGE.match(self.headers.get("range") or "")
         if m and not f.ignore_range:
             start = int(m.group(1))
-            if start >= total:
+            end = min(total, int(m.group(2)) + 1) if m.group(2) else total
+            if start >= total or end <= start:
                 self.send_response(416)
                 self.send_header("content-range", f"bytes */{total}")
                 self.send_header("content-length", "0")
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("content-range", f"bytes {start}-{total - 1}/{total}")
+            self.send_header("content-range", f"bytes {start}-{end - 1}/{total}")
         else:
             self.send_response(200)
-        self.send_header("accept-ranges", "bytes")
+        if not f.ignore_range:
+            self.send_header("accept-ranges", "bytes")
         self.send_header("content-type", content_type)
-        self.send_header("content-length", str(total - start))
+        self.send_header("content-length", str(end - start))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
             return
-        body = memoryview(data)[start:]
+        self.server.sending_body(1)
+        try:
+            self._send_body(key, memoryview(data)[start:end])
+        finally:
+            self.server.sending_body(-1)
+
+    def _send_body(self, key: str, body: memoryview) -> None:
+        f = self.server.faults
         drop = self.server.take(f.drop_after, key)
         stall = self.server.take(f.stall_s, key)
         if drop is not None:
             self.wfile.write(body[:int(drop)])  # type: ignore[call-overload]
             self.wfile.flush()
+            self.server.count(key, len(body[:int(drop)]))  # type: ignore[call-overload]
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # a reset mid-file, as a flaky link does
             return
@@ -164,13 +187,15 @@ class FaultyHandler(BaseHTTPRequestHandler):
             half = len(body) // 2
             self.wfile.write(body[:half])
             self.wfile.flush()
+            self.server.count(key, half)
             time.sleep(float(stall))  # type: ignore[arg-type]
             body = body[half:]
         step = 64 * 1024
         for i in range(0, len(body), step):
+            if f.rate_bps:  # before the write: the body is over when its last byte is sent
+                time.sleep(len(body[i:i + step]) / f.rate_bps)
             try:
                 self.wfile.write(body[i:i + step])
             except (BrokenPipeError, ConnectionResetError):
                 return
-            if f.rate_bps:
-                time.sleep(step / f.rate_bps)
+            self.server.count(key, len(body[i:i + step]))
