@@ -351,3 +351,12 @@ def test_the_node_builds_a_missing_server_before_it_launches_one(served: Served,
     assert any(ln.startswith("llamacpp: hello: compile hello 100%") for ln in lines)
     assert len([ln for ln in lines if "compile hello" in ln]) <= 12  # a line per tenth, not per step
     assert asyncio.run(check(build=False))[:2] == (True, "hello cpu")  # cached: found without a build
+
+
+def test_a_local_copy_of_the_sources_builds_without_the_network(served: Served, tmp_path: Path) -> None:
+    archive = tarball(hello_sources())
+    server = recipe(served, archive)
+    (tmp_path / "copy.tar.gz").write_bytes(archive)
+    built = cache_at(tmp_path / "cache").ensure(server, sources=tmp_path / "copy.tar.gz")
+    assert subprocess.run([built], capture_output=True, text=True, check=True).stdout == "hello cpu\n"
+    assert served.gets == []  # verified from the copy, never downloaded

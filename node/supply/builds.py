@@ -181,7 +181,12 @@ class ServerCache:
         if local is not None:
             progress.stage(f"verify {local}", 0)
             try:
-                return self.sources.import_file(local, locked)
+                with self.sources.writer(locked) as w, local.open("rb") as f:
+                    if not w.present:  # hashed while copied, renamed in only when the sha256 matches
+                        w.reset()
+                        while chunk := f.read(1 << 20):
+                            w.write(chunk)
+                    return w.commit()
             except StoreError as exc:
                 raise BuildError(f"{local} is not the pinned source of {build.target}: {exc.message}") from None
             except OSError as exc:
