@@ -39,6 +39,7 @@ from node.ops.membership import Membership
 from node.ops.metrics import Metrics
 from node.ops.sampler import Sampler
 from node.supply.lockfile import LockFile, read_lock
+from node.supply.modelcard import ModelCard, card
 from node.supply.pull import pull_entries
 from node.supply.store import Store
 from node.workers.gpus import Inventory, discover
@@ -67,6 +68,7 @@ class Node:
         self.storage: Storage | None = None
         self.ledger: Ledger | None = None
         self.lock = LockFile()
+        self.cards: dict[str, ModelCard] = {}  # what each pinned model is (Ollama's listings), read at start and reload
         self.inventory = Inventory(())
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
@@ -101,11 +103,16 @@ class Node:
         layout = runtimes.get(m.runtime).LAYOUT if m is not None else None
         return layout.file_format if layout is not None else ""
 
+    def _read_cards(self, lock: LockFile) -> dict[str, ModelCard]:
+        """Each pinned model's card, from its locked files in the store (file reads: call off the loop)."""
+        return {m.name: card(entry, self.store.blob_path) for m in self.config.models
+                if (entry := lock.entry(m.name)) is not None}
+
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream,
-            format_of=self._model_format,
+            format_of=self._model_format, card_of=lambda name: self.cards.get(name),
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
             scheduler=Scheduler(self.router, slots_of=lambda target: target.concurrency,
                                 tenancy=Tenancy(self.quotas), batch_min_share=self.config.node.batch_min_share,
@@ -143,7 +150,8 @@ class Node:
         # Before the gateway exists: a restart must reset neither a rate window nor a budget.
         rows = await asyncio.to_thread(rebuild_counters, self.storage, self.quotas, time.time())
         log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
-        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill")
+        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill",
+                             quarantine_path=self.config.data_dir / "ledger.quarantine.jsonl")
         self.ledger.start()
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
@@ -167,6 +175,7 @@ class Node:
             self.inventory = await asyncio.to_thread(discover, self.nvml)
             if self.config.node.pull_on_start:
                 await self._pull_missing()
+            self.cards = await asyncio.to_thread(self._read_cards, self.lock)
             self.supervisor = Supervisor(self.config, self.lock, self.store, self.inventory, self.router,
                                          self.probe_client, on_change=self._replica_changed)
             self.loader = self._build_loader(self.supervisor)
@@ -241,6 +250,7 @@ class Node:
                 self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:
                 await self._pull_missing()
+            self.cards = await asyncio.to_thread(self._read_cards, lock)
             summary = await self.supervisor.reload(config, lock)
             log.info("reloaded %s: %s", config.path, summary)
             return {**summary, "notes": notes}

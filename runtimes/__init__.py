@@ -1,7 +1,8 @@
 """Runtime adapters: each turns a worker spec into a launch plan.
 
 An adapter is a plain module with `NAME`, `LAYOUT`, `plan(spec) -> LaunchPlan` and
-`version_argv(spec)`. It never starts a process, opens a socket or imports `node`:
+`version_argv(spec)`; a runtime whose server is one executable the node can build also
+has `SERVER` (a `ServerBinary`: its name on PATH and the pinned sources it builds from). It never starts a process, opens a socket or imports `node`:
 the supervisor does the doing, the adapter only describes. Everything that differs
 between runtimes is said here (the plan's fields, the module's attributes), so the
 node never compares a runtime's name.
@@ -82,6 +83,39 @@ class SleepControl:
     is_sleeping: str                # GET: JSON {"is_sleeping": bool}
 
 
+class SchemaOutput(str, Enum):
+    """How a runtime takes `response_format: {"type": "json_schema"}`."""
+
+    NATIVE = "native"              # as OpenAI sends it (enforced by the runtime)
+    JSON_OBJECT_SCHEMA = "json_object_schema"  # as {"type": "json_object", "schema": S} (llama-cpp-python's grammar)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Where a runtime's chat/completions dialect differs from OpenAI's; the node maps requests to it.
+
+    The default speaks OpenAI's as is. Each field says what the runtime does differently,
+    so that nothing a client asks for is silently ignored: mapped, or refused with a 400.
+    """
+
+    # The content an assistant turn holding only tool calls must carry (None: `null` is accepted).
+    tool_turn_content: str | None = None
+    # False: the runtime ignores `max_completion_tokens`; the node sends it as `max_tokens`.
+    max_completion_tokens: bool = True
+    schema_output: SchemaOutput = SchemaOutput.NATIVE
+    # Fields the runtime ignores, with the value it always behaves as: another value is a 400 naming the field.
+    ignores: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def native(self) -> bool:
+        """Whether requests go to the runtime unchanged."""
+        return (self.tool_turn_content is None and self.max_completion_tokens
+                and self.schema_output is SchemaOutput.NATIVE and not self.ignores)
+
+
+OPENAI = Dialect()
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: tuple[str, ...]           # empty for a worker the node does not launch (external)
@@ -108,11 +142,37 @@ class LaunchPlan:
     # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
     # the node answers those with a 400 instead of passing the worker's internal error on.
     cannot: Mapping[str, str] = field(default_factory=dict)
-    # Requests the worker serves well at once: the node sends it no more and queues the rest itself.
-    concurrency: int = 1
+    dialect: Dialect = OPENAI          # how its chat/completions differ from OpenAI's
+    # Requests the worker serves well at once (e.g. llama-server's parallel slots): the node sends it no more and
+    # queues the rest itself, in fair order; None: no cap but the model's max_inflight.
+    concurrency: int | None = None
     # Where the runtime schedules by a per-request `priority` in the body: its value per band
     # ("interactive", "batch"); None when it has no such scheduling (then the field is not sent).
     priorities: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class SourceBuild:
+    """How a runtime's server is built from pinned sources with CMake: data only, node/ does the work."""
+
+    url: str                        # the source archive (a .tar.gz)
+    sha256: str                     # of that archive: nothing else is ever built
+    size: int
+    project: str                    # the CMake project's folder inside the archive
+    target: str                     # what `cmake --build --target` builds
+    artifact: str                   # the built executable, relative to the build folder
+    cmake_args: tuple[str, ...]     # configure flags for every build
+    # Added when `gpu_tool` (a GPU compiler, e.g. nvcc) is found, so the server can offload to the GPU.
+    gpu_cmake_args: tuple[str, ...] = ()
+    gpu_tool: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    """A runtime's server executable: looked up on PATH by `name`, else built from `build`."""
+
+    name: str
+    build: SourceBuild | None = None
 
 
 class Runtime(Protocol):
@@ -133,6 +193,12 @@ def get(name: str) -> Runtime:
         raise KeyError(name)
     module: ModuleType = importlib.import_module(f"runtimes.{name}")
     return module
+
+
+def server_binary(name: str) -> ServerBinary | None:
+    """The server executable a runtime runs, when it is one the node finds or builds (else None)."""
+    found: ServerBinary | None = getattr(get(name), "SERVER", None)
+    return found
 
 
 def launched(name: str) -> bool:

@@ -32,7 +32,7 @@ def gpu_model(name: str, memory: str = "8GiB") -> str:
 name = "{name}"
 source = "builtin:tiny-chat#*.gguf"
 runtime = "llamacpp"
-args = ["--n_threads", "1"]
+args = ["-t", "1"]
 load = "on_demand"
 gpus = 1
 gpu_memory = "{memory}"
@@ -105,6 +105,7 @@ def test_memory_aware_eviction_counts_a_foreign_process(tmp_path: Path) -> None:
             with pytest.raises(NoReadyReplica) as e:
                 await node.loader.ensure_loaded("huge")
             assert "needs 30 GiB" in e.value.message and e.value.headers["retry-after"] == "30"
+            assert not e.value.retryable   # only an operator can help: clients get x-should-retry: false
             assert states(node)["a"] == "ready" and evicted == ["a", "b", "c"]
 
             # The foreign process exits: two fit again, nothing is evicted.

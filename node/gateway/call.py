@@ -18,6 +18,7 @@ from typing import Any
 
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest, NoReadyReplica, UpstreamTimeout
+from node.gateway.dialect import adapt
 from node.gateway.exchange import Admitted, Exchange, ModelInfo, Upstream, WorkerUnreachable
 from node.gateway.schedule import QueueFull, Schedule
 from node.gateway.scheduler import Slot
@@ -151,6 +152,9 @@ def _body(a: Admitted, ex: Exchange, target: WorkerView) -> tuple[bytes, bool, b
     changed = False
     if ex.stream and target.stream_usage and not wants_usage and ex.endpoint in ("chat", "completions"):
         req["stream_options"] = {**(options or {}), "include_usage": True}
+        changed = True
+    spoken = target.dialect
+    if spoken is not None and ex.endpoint in ("chat", "completions") and adapt(req, spoken):
         changed = True
     levels = target.priorities
     if levels and ex.slot is not None:  # the runtime orders by it: the node's band, never the client's

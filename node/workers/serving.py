@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtimes import LaunchPlan
+    from runtimes import Dialect, LaunchPlan
 
 
 class Serving:
@@ -55,9 +55,13 @@ class Serving:
         return self.plan.headers if self.plan else ()
 
     @property
+    def dialect(self) -> Dialect | None:
+        return self.plan.dialect if self.plan and not self.plan.dialect.native else None
+
+    @property
     def concurrency(self) -> int:
         """Requests it serves well at once (the node sends no more)."""
-        return self.plan.concurrency if self.plan else 1
+        return (self.plan.concurrency if self.plan else None) or 1 << 30  # None: no cap but max_inflight
 
     @property
     def priorities(self) -> Mapping[str, int] | None:
