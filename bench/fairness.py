@@ -1,8 +1,8 @@
 """Sharing one worker between tenants: a quiet tenant beside a noisy one, shares, and a batch flood.
 
-A real `infernode up` with one llama.cpp worker (the tiny GGUF, one thread; its server
-runs one generation at a time, so the model's concurrency is 1 and every other request
-waits in the node, in the scheduler's order). Teams: quiet, noisy, s3 (share 3), s1
+A real `infernode up` with one llama.cpp worker (the tiny GGUF, one thread) and the
+model's `concurrency = 1` (one llama-server slot): one generation at a time, and every
+other request waits in the node, in the scheduler's order. Teams: quiet, noisy, s3 (share 3), s1
 (share 1), inter; and a key of its own with priority batch. Measured in one run:
 
 - S: one noisy request (256 tokens) alone; the quiet tenant's requests (16 tokens, one
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each loaded phase")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fair-") as tmp:
-        cfg = write_config(Path(tmp), TINY_MODEL + "max_queue = 1000\nqueue_timeout_s = 300\n")
+        cfg = write_config(Path(tmp), TINY_MODEL + "concurrency = 1\nmax_queue = 1000\nqueue_timeout_s = 300\n")
         node = start_node(cfg)
         try:
             node.wait_ready(120)

@@ -35,7 +35,7 @@ async def ask(c: httpx.AsyncClient, key: str, max_tokens: int, **headers: str) -
 
 
 def test_a_quiet_tenant_goes_ahead_of_a_noisy_backlog(node_factory):
-    node = node_factory(TINY_MODEL)
+    node = node_factory(TINY_MODEL + "concurrency = 1\n")
     with node.admin() as a:
         for team in ("quiet", "noisy"):
             assert a.post("/admin/v1/teams", json={"name": team}).status_code == 201
@@ -69,17 +69,18 @@ def test_a_quiet_tenant_goes_ahead_of_a_noisy_backlog(node_factory):
 
 
 def test_bounded_waiting_and_clients_that_leave(node_factory):
-    node = node_factory(TINY_MODEL + "max_queued = 2\nqueue_timeout_s = 1.5\n")
+    node = node_factory(TINY_MODEL + "concurrency = 1\nmax_queued = 2\nqueue_timeout_s = 1.5\n")
     key = node.create_key()
     other = node.create_key()
 
     async def main():
         async with httpx.AsyncClient(base_url=node.url, timeout=120) as c:
-            busy = asyncio.create_task(ask(c, other, 200))  # holds the one slot for a while
+            busy = asyncio.create_task(ask(c, other, 1900))  # holds the one slot for a while
             assert await asyncio.to_thread(wait_until, lambda: metric(
-                node, "infernode_team_inflight", model="tiny-chat", team="none") == 1, 30)
-            waiting = [asyncio.create_task(ask(c, key, 4)) for _ in range(2)]
-            await asyncio.to_thread(wait_until, lambda: metric(node, "infernode_queue_depth", model="tiny-chat") == 2, 10)
+                node, "infernode_team_inflight", model="tiny-chat", team="none") == 1, 30, 0.01)
+            waiting = [asyncio.create_task(ask(c, key, 1900)) for _ in range(2)]
+            await asyncio.to_thread(wait_until, lambda: metric(node, "infernode_queue_depth", model="tiny-chat") == 2,
+                                    10, 0.01)
             _, refused = await ask(c, key, 4)  # a third from the same tenant: over its max_queued
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "tenant_queue_full"
             assert int(refused.headers["retry-after"]) >= 1
@@ -102,7 +103,7 @@ def test_bounded_waiting_and_clients_that_leave(node_factory):
 
 def test_a_stream_whose_client_leaves_gives_its_slot_back(node_factory):
     """The slot is held while the stream runs; a client leaving frees it and stops the worker's generation."""
-    node = node_factory(TINY_MODEL)
+    node = node_factory(TINY_MODEL + "concurrency = 1\n")
     key = node.create_key()
     auth = {"authorization": f"Bearer {key}"}
     body = {"model": "tiny-chat", "max_tokens": 1500, "temperature": 0, "messages": [{"role": "user", "content": "go"}]}
