@@ -43,10 +43,10 @@ def test_a_quiet_tenant_goes_ahead_of_a_noisy_backlog(node_factory):
 
     async def main():
         async with httpx.AsyncClient(base_url=node.url, timeout=120) as c:
-            flood = [asyncio.create_task(ask(c, noisy, 96)) for _ in range(8)]
+            flood = [asyncio.create_task(ask(c, noisy, 600)) for _ in range(8)]
             # The worker takes one at a time: the rest of the flood waits in the node.
             assert await asyncio.to_thread(wait_until, lambda: metric(
-                node, "infernode_queue_depth", model="tiny-chat", priority="interactive") >= 5, 30)
+                node, "infernode_queue_depth", model="tiny-chat", priority="interactive") >= 5, 30, 0.01)
             admin = {"authorization": f"Bearer {node.admin_key}"}
             [m] = (await c.get("/admin/v1/queue", headers=admin)).json()["data"]  # (async: the flood's clock runs on)
             assert m["model"] == "tiny-chat" and m["inflight"] == 1
