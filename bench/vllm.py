@@ -10,10 +10,15 @@ with a key. Then, in one process of the vLLM environment (vLLM imports once, not
 round), it runs vLLM's benchmark (openai-chat backend, random dataset, 64 input and 32
 output tokens, `--ignore-eos`, 300 prompts, concurrency 8) in alternating rounds, direct
 first, each round on prompts of its own seed (so vLLM's prefix cache favours no round),
-and prints per round: req/s, median TTFT and inter-token latency, and the CPU seconds
+and prints per round: req/s, median TTFT, median time per output token (TPOT) and mean
+inter-token latency (ITL; its median is ~0 here: the client often reads several events at
+once, direct as through the node), and the CPU seconds
 the node, vLLM (its api server, engine core and worker) and the benchmark client took;
-then the medians and the node/direct ratios. The load average is printed with each
-round: on a shared machine, compare runs only at a similar load.
+then the medians and the node/direct ratios. Last, a small aiohttp client that reads
+like vLLM's (`iter_any`) counts what one streamed request delivers, direct and through
+the node: reads, SSE events, body bytes, and the bytes and TCP segments on the wire
+(`TCP_INFO`), figures the machine's load does not change much. The load average is
+printed with each round: on a shared machine, compare runs only at a similar load.
 
 Run: `.venv/bin/python bench/vllm.py [--rounds 4] [--prompts 300] [--vllm-python .venv-vllm/bin/python]`.
 """
@@ -21,11 +26,13 @@ Run: `.venv/bin/python bench/vllm.py [--rounds 4] [--prompts 300] [--vllm-python
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -136,20 +143,29 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"\n{'round':>5} {'target':7}{'req/s':>8}{'TTFT ms':>9}{'ITL ms':>8}{'wall s':>8}"
+    wire = [r for r in rows if "probe" in r]
+    rows = [r for r in rows if "probe" not in r]
+    print(f"\n{'round':>5} {'target':7}{'req/s':>8}{'TTFT ms':>9}{'TPOT ms':>9}{'ITL ms':>8}{'wall s':>8}"
           f"{'node CPU s':>11}{'vLLM CPU s':>11}{'client CPU s':>13}{'load':>6}{'failed':>7}")
     for r in rows:
-        print(f"{r['round']:>5} {r['target']:7}{r['rps']:>8.1f}{r['ttft']:>9.1f}{r['itl']:>8.2f}{r['wall']:>8.1f}"
+        print(f"{r['round']:>5} {r['target']:7}{r['rps']:>8.1f}{r['ttft']:>9.1f}{r['tpot']:>9.2f}{r['itl']:>8.2f}{r['wall']:>8.1f}"
               f"{r['cpu_node']:>11.2f}{r['cpu_vllm']:>11.2f}{r['cpu_client']:>13.2f}{r['load']:>6.1f}{r['failed']:>7}")
     med = {t: {k: statistics.median(r[k] for r in rows if r["target"] == t)
-               for k in ("rps", "ttft", "itl", "cpu_node", "cpu_vllm", "cpu_client")} for t in ("direct", "node")}
+               for k in ("rps", "ttft", "tpot", "itl", "cpu_node", "cpu_vllm", "cpu_client")} for t in ("direct", "node")}
     d, n = med["direct"], med["node"]
-    print(f"\nmedians: direct {d['rps']:.1f} req/s, TTFT {d['ttft']:.1f} ms, ITL {d['itl']:.2f} ms; "
-          f"node {n['rps']:.1f} req/s, TTFT {n['ttft']:.1f} ms, ITL {n['itl']:.2f} ms")
+    print(f"\nmedians of the rounds: direct {d['rps']:.1f} req/s, TTFT {d['ttft']:.1f} ms, TPOT {d['tpot']:.2f} ms, "
+          f"ITL {d['itl']:.2f} ms; node {n['rps']:.1f} req/s, TTFT {n['ttft']:.1f} ms, TPOT {n['tpot']:.2f} ms, "
+          f"ITL {n['itl']:.2f} ms")
     print(f"node/direct throughput {n['rps'] / d['rps']:.2f}x (target >= 0.90x); "
           f"added median TTFT {n['ttft'] - d['ttft']:+.1f} ms (target <= +5 ms)")
     print(f"CPU s per round (median): node {n['cpu_node']:.2f}; vLLM {d['cpu_vllm']:.2f} direct, "
           f"{n['cpu_vllm']:.2f} through the node; client {d['cpu_client']:.2f} direct, {n['cpu_client']:.2f} through the node")
+    if wire:
+        print("\nper streamed request, as an aiohttp client reading like vLLM's receives it (160 requests, same concurrency):")
+        print(f"{'target':8}{'reads':>7}{'events':>8}{'body B':>8}{'wire B':>8}{'TCP segments':>14}")
+        for w in wire:
+            print(f"{w['probe']:8}{w['reads']:>7.1f}{w['events']:>8.1f}{w['body']:>8.0f}{w['wire']:>8.0f}"
+                  f"{w['segments']:>14.1f}")
 
 
 # -- the benchmark client (the vLLM environment; imports nothing of the node) ---------
@@ -171,6 +187,47 @@ def tree(pid: int) -> list[int]:
         for task in Path(f"/proc/{p}/task").glob("*/children"):
             todo += [int(c) for c in task.read_text().split()]
     return out
+
+
+def tcp_received(sock: socket.socket) -> tuple[int, int]:
+    """(bytes received, segments received) on a connection: struct tcp_info's tcpi_bytes_received, tcpi_segs_in."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("Q", info, 128)[0], struct.unpack_from("I", info, 140)[0]
+
+
+async def wire(base: str, key: str | None, plan: dict, requests: int = 160) -> dict:
+    """What a client reading like vLLM's (aiohttp, `iter_any`) receives per streamed request: reads, SSE
+    events, body bytes, and the bytes and TCP segments on the wire; independent of the machine's load."""
+    import aiohttp
+    conc = plan["concurrency"]
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * plan["input_len"]}],
+               "max_completion_tokens": plan["output_len"], "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+    n = {"reads": 0, "events": 0, "body": 0}
+    socks: dict[int, socket.socket] = {}
+    gate = asyncio.Semaphore(conc)
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with gate, session.post(base + "/v1/chat/completions", json=payload, headers=headers) as r:
+            if r.connection is not None:
+                sock = r.connection.transport.get_extra_info("socket")
+                socks[sock.fileno()] = sock
+            async for data in r.content.iter_any():
+                n["reads"] += 1
+                n["events"] += data.count(b"\n\n")
+                n["body"] += len(data)
+
+    connector = aiohttp.TCPConnector(limit=conc, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one(session) for _ in range(conc)))  # open the connections
+        before = {fd: tcp_received(s) for fd, s in socks.items()}
+        n.update(reads=0, events=0, body=0)
+        await asyncio.gather(*(one(session) for _ in range(requests)))
+        after = {fd: tcp_received(s) for fd, s in socks.items()}
+    got = [tuple(a - b for a, b in zip(after[fd], before.get(fd, (0, 0)))) for fd in after]
+    return {"reads": n["reads"] / requests, "events": n["events"] / requests, "body": n["body"] / requests,
+            "wire": sum(g[0] for g in got) / requests, "segments": sum(g[1] for g in got) / requests}
 
 
 def client(plan: dict) -> None:
@@ -219,12 +276,16 @@ def client(plan: dict) -> None:
             wall = time.monotonic() - t0
             c1 = (proc_cpu(plan["node_pid"]), sum(proc_cpu(p) for p in vllm_pids), sum(os.times()[:2]))
             row = {"round": i + 1, "target": target, "rps": res["request_throughput"], "ttft": res["median_ttft_ms"],
-                   "itl": res["median_itl_ms"], "wall": wall, "failed": plan["prompts"] - res["completed"],
+                   "tpot": res["median_tpot_ms"], "itl": res["mean_itl_ms"], "wall": wall, "failed": plan["prompts"] - res["completed"],
                    "cpu_node": c1[0] - c0[0], "cpu_vllm": c1[1] - c0[1], "cpu_client": c1[2] - c0[2],
                    "load": os.getloadavg()[0]}
             with open(plan["rows"], "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"round {i + 1} {target}: {row['rps']:.1f} req/s, TTFT {row['ttft']:.1f} ms", file=sys.stderr)
+    for target, base in plan["targets"].items():
+        row = {"probe": target, **asyncio.run(wire(base, plan["key"] if target == "node" else None, plan))}
+        with open(plan["rows"], "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
