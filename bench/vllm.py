@@ -14,7 +14,8 @@ and prints per round: req/s, median TTFT, median time per output token (TPOT) an
 inter-token latency (ITL; its median is ~0 here: the client often reads several events at
 once, direct as through the node), and the CPU seconds
 the node, vLLM (its api server, engine core and worker) and the benchmark client took;
-then the medians and the node/direct ratios. Last, a small aiohttp client that reads
+then the medians and the node/direct ratios, and how long the node, vLLM's API server
+and the client were runnable but waiting for a CPU per request (`/proc` schedstat). Last, a small aiohttp client that reads
 like vLLM's (`iter_any`) counts what one streamed request delivers, direct and through
 the node: reads, SSE events, body bytes, and the bytes and TCP segments on the wire
 (`TCP_INFO`), figures the machine's load does not change much. The load average is
@@ -151,7 +152,8 @@ def report(rows: list[dict]) -> None:
         print(f"{r['round']:>5} {r['target']:7}{r['rps']:>8.1f}{r['ttft']:>9.1f}{r['tpot']:>9.2f}{r['itl']:>8.2f}{r['wall']:>8.1f}"
               f"{r['cpu_node']:>11.2f}{r['cpu_vllm']:>11.2f}{r['cpu_client']:>13.2f}{r['load']:>6.1f}{r['failed']:>7}")
     med = {t: {k: statistics.median(r[k] for r in rows if r["target"] == t)
-               for k in ("rps", "ttft", "tpot", "itl", "cpu_node", "cpu_vllm", "cpu_client")} for t in ("direct", "node")}
+               for k in ("rps", "ttft", "tpot", "itl", "cpu_node", "cpu_vllm", "cpu_client", "wait_node", "wait_api",
+                         "wait_client")} for t in ("direct", "node")}
     d, n = med["direct"], med["node"]
     print(f"\nmedians of the rounds: direct {d['rps']:.1f} req/s, TTFT {d['ttft']:.1f} ms, TPOT {d['tpot']:.2f} ms, "
           f"ITL {d['itl']:.2f} ms; node {n['rps']:.1f} req/s, TTFT {n['ttft']:.1f} ms, TPOT {n['tpot']:.2f} ms, "
@@ -160,6 +162,10 @@ def report(rows: list[dict]) -> None:
           f"added median TTFT {n['ttft'] - d['ttft']:+.1f} ms (target <= +5 ms)")
     print(f"CPU s per round (median): node {n['cpu_node']:.2f}; vLLM {d['cpu_vllm']:.2f} direct, "
           f"{n['cpu_vllm']:.2f} through the node; client {d['cpu_client']:.2f} direct, {n['cpu_client']:.2f} through the node")
+    print("time runnable but waiting for a CPU, ms per request (median of the rounds; /proc schedstat): "
+          f"node {n['wait_node']:.2f} through the node ({d['wait_node']:.2f} idle during direct rounds); "
+          f"vLLM's API server {d['wait_api']:.2f} direct, {n['wait_api']:.2f} through the node; "
+          f"client {d['wait_client']:.2f} direct, {n['wait_client']:.2f} through the node")
     if wire:
         print("\nper streamed request, as an aiohttp client reading like vLLM's receives it (160 requests, same concurrency):")
         print(f"{'target':8}{'reads':>7}{'events':>8}{'body B':>8}{'wire B':>8}{'TCP segments':>14}")
@@ -176,6 +182,18 @@ def proc_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def run_wait(pids: list[int]) -> float:
+    """Seconds the processes' threads spent runnable but waiting for a CPU (/proc/PID/task/TID/schedstat)."""
+    ns = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                ns += int(task.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return ns / 1e9
 
 
 def tree(pid: int) -> list[int]:
@@ -271,13 +289,18 @@ def client(plan: dict) -> None:
         for j, (target, base) in enumerate(plan["targets"].items()):
             use(target)
             c0 = (proc_cpu(plan["node_pid"]), sum(proc_cpu(p) for p in vllm_pids), sum(os.times()[:2]))
+            w0 = (run_wait([plan["node_pid"]]), run_wait(vllm_pids[:1]), run_wait([os.getpid()]))
             t0 = time.monotonic()
             res = bench(base, 2 * i + j, plan["prompts"])
             wall = time.monotonic() - t0
             c1 = (proc_cpu(plan["node_pid"]), sum(proc_cpu(p) for p in vllm_pids), sum(os.times()[:2]))
+            w1 = (run_wait([plan["node_pid"]]), run_wait(vllm_pids[:1]), run_wait([os.getpid()]))
+            done = max(res["completed"], 1)
             row = {"round": i + 1, "target": target, "rps": res["request_throughput"], "ttft": res["median_ttft_ms"],
                    "tpot": res["median_tpot_ms"], "itl": res["mean_itl_ms"], "wall": wall, "failed": plan["prompts"] - res["completed"],
                    "cpu_node": c1[0] - c0[0], "cpu_vllm": c1[1] - c0[1], "cpu_client": c1[2] - c0[2],
+                   "wait_node": (w1[0] - w0[0]) * 1000 / done, "wait_api": (w1[1] - w0[1]) * 1000 / done,
+                   "wait_client": (w1[2] - w0[2]) * 1000 / done,
                    "load": os.getloadavg()[0]}
             with open(plan["rows"], "a") as f:
                 f.write(json.dumps(row) + "\n")
