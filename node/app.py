@@ -7,30 +7,34 @@ and pulls the store, places and launches workers; `shutdown` drains and stops th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import os
-import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 import runtimes
-from node.accounts.audit import AuditRecord, scrub
-from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node import __version__
+from node.accounts.keys import KeyRecord
 from node.accounts.ledger import Ledger, rebuild_counters
-from node.accounts.plans import PlanRecord, effective
 from node.accounts.quotas import Quotas
-from node.accounts.roles import Principal
+from node.accounts.reports import Reports
+from node.accounts.service import Accounts
 from node.accounts.storage import Storage, StorageUnavailable, open_storage
-from node.accounts.tokens import TokenRecord, TokenRing, new_token_id, new_token_secret
+from node.accounts.tokens import ensure_admin_key
+from node.batches.api import BatchApi
+from node.batches.build import build_batches
+from node.batches.service import Batches
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
-from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
-from node.gateway.proxy import Gateway, ModelInfo
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed, UpstreamError
+from node.gateway.exchange import ModelInfo
+from node.gateway.gateway import Gateway
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
-from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ensure_fleet_key, read_master_key
+from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ProxyError, desired_deployments, ensure_fleet_key, read_master_key
 from node.ops.logs import ACCESS_LOGGER
 from node.ops.metrics import Metrics
 from node.ops.sampler import Sampler
@@ -49,29 +53,15 @@ from node.workers.supervisor import Supervisor
 log = logging.getLogger("infernode.node")
 
 
-def ensure_admin_key(config: Config) -> tuple[str, bool]:
-    """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
-    key = config.admin_key()
-    if key:
-        return key, False
-    path = config.admin_key_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = "sk-admin-" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key, True
-
-
 class Node:
     def __init__(self, config: Config, *, nvml: Any = None) -> None:
         self.config = config
         self.nvml = nvml
         self.metrics = Metrics()
-        self.keys = KeyRing()
-        self.tokens = TokenRing()
-        self._stored_plans: dict[str, PlanRecord] = {}
         self.quotas = Quotas()
+        self.accounts = Accounts(config, self.quotas)
+        self.keys = self.accounts.keys          # the gateway's view: the ring the service keeps current
+        self.reports = Reports(lambda: self.accounts.storage, self._flush_ledger)
         self.router = Router(m.name for m in config.models)
         self.store = Store(config.data_dir / "store")
         self.storage: Storage | None = None
@@ -81,14 +71,12 @@ class Node:
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
         self.gateway: Gateway | None = None
+        self.batch_api: BatchApi | None = None   # OpenAI's Files and Batches API (node/batches/)
         self.admin_key = ""
         self.started_at = time.time()
         self.startup_error: str | None = None
         self.starting = True
         self._tasks: list[asyncio.Task] = []
-        self._keys_version: int | None = None
-        # A refresh reads the database then swaps the ring; a key written in between must not be lost.
-        self._keys_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self.fleet: FleetReconciler | None = None
         # idle_expiry under uvicorn's 5 s keep-alive (vLLM, SGLang): a pooled connection is dropped
@@ -102,11 +90,7 @@ class Node:
                                on_gpus=self.alerts.check_gpus)
 
     def model_infos(self) -> dict[str, ModelInfo]:
-        return {m.name: ModelInfo(name=m.name, max_model_len=m.max_model_len, price_input=m.price_input,
-                                  price_output=m.price_output, max_inflight=m.max_inflight, max_queue=m.max_queue,
-                                  read_timeout_s=m.read_timeout_s, connect_timeout_s=m.connect_timeout_s,
-                                  on_demand=m.on_demand, fallbacks=tuple(m.fallbacks))
-                for m in self.config.models}
+        return {m.name: ModelInfo.of(m) for m in self.config.models}
 
     def prices(self) -> dict[str, tuple[float, float]]:
         return {m.name: (m.price_input, m.price_output) for m in self.config.models}
@@ -121,12 +105,6 @@ class Node:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream,
-            stream_usage=lambda target: bool(target.plan and target.plan.stream_usage),
-            upstream_model=lambda target: target.plan.upstream_model if target.plan else None,
-            uuid_request_ids=lambda target: bool(target.plan and target.plan.uuid_request_ids),
-            upstream_headers=lambda target: target.plan.headers if target.plan else (),
-            serves_api=lambda target, api: bool(target.plan and api in target.plan.native_apis),
-            cannot=lambda target, endpoint: target.plan.cannot.get(endpoint) if target.plan else None,
             format_of=self._model_format,
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
         )
@@ -139,8 +117,7 @@ class Node:
 
     def _busy(self, model: str) -> bool:
         """Whether the gateway has requests for `model` in flight or queued (then it is not evicted)."""
-        gate = self.gateway.gates.get(model) if self.gateway is not None else None
-        return gate is not None and (gate.inflight > 0 or gate.queued > 0)
+        return self.gateway is not None and self.gateway.busy(model)
 
     def _build_loader(self, supervisor: Supervisor) -> Loader:
         m = self.metrics
@@ -154,13 +131,12 @@ class Node:
         """What must work before the API answers: admin key, database, keys."""
         logging.getLogger(ACCESS_LOGGER).disabled = not self.config.node.access_log
         self.admin_key, generated = ensure_admin_key(self.config)
-        self.tokens.set_bootstrap(self.admin_key)
         if generated:
             log.warning("no admin key was set; generated one in %s", self.config.admin_key_path)
         self.quotas.set_prices(self.prices())
         self.storage = open_storage(self.config.database_url())
         await asyncio.to_thread(self.storage.migrate)
-        await self.refresh_keys(force=True)
+        await self.accounts.open(self.storage, self.admin_key)
         # Before the gateway exists: a restart must reset neither a rate window nor a budget.
         rows = await asyncio.to_thread(rebuild_counters, self.storage, self.quotas, time.time())
         log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
@@ -169,12 +145,13 @@ class Node:
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
         self.gateway = self.build_gateway(self.ledger)
+        self.batch_api = build_batches(self.config, self.storage, self.gateway, self.keys, self.quotas, self.metrics)
         self.sampler.start()
         self.alerts.start()
         if self.alerts.enabled:
             storage = self.storage
             self._tasks.append(asyncio.create_task(self.alerts.watch_budgets(
-                lambda: budget_uses(storage, self.keys.all(), budgets=self._budgets_of),
+                lambda: budget_uses(storage, self.keys.all(), budgets=self.accounts.budgets_of),
                 self.config.alerts.budget_check_s), name="budget-alerts"))
 
     async def start_workers(self) -> None:
@@ -197,28 +174,46 @@ class Node:
             log.exception("start-up failed")
         finally:
             self.starting = False
+        if self.batch_api is not None:  # resume what a previous run left, now that workers start
+            await self.batch_api.batches.runner.start()
         if self.config.fleet.litellm is not None:
             await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
 
-    async def start_fleet(self, *, register: bool) -> None:
-        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
+    def _fleet(self) -> FleetReconciler:
         if self.fleet is None:
             assert self.config.fleet.litellm is not None
             admin = LiteLLMAdmin(self.config.fleet.litellm.url, read_master_key(self.config))
             self.fleet = FleetReconciler(self.config, admin, ready_models=self.ready_models, api_key=self.fleet_key)
+        return self.fleet
+
+    async def start_fleet(self, *, register: bool) -> None:
+        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
+        fleet = self._fleet()
         try:
             await self.fleet_key()
         except StorageUnavailable as exc:
             log.warning("fleet: cannot create the fleet key yet: %s", exc)
         if register:
-            self.fleet.start()
+            fleet.start()
 
     async def fleet_key(self) -> str:
         """The secret of the node key the fleet proxy uses (created once, then reused)."""
-        key_id, secret = await ensure_fleet_key(self.config, self.keys.get, self.create_key)
+        return (await self._fleet_key())[1]
+
+    async def _fleet_key(self) -> tuple[str, str, bool]:
+        """(key id, secret, whether it was minted now); every mint is an audit record."""
+        minted = False
+
+        async def mint(**fields: Any) -> tuple[KeyRecord, str]:
+            nonlocal minted
+            record, secret = await self.accounts.create_key(**fields)
+            minted = True
+            await self.accounts.audit_as("node", "node", "node", "fleet.key.create", record.id, record.public(), "")
+            return record, secret
+        key_id, secret = await ensure_fleet_key(self.config, self.keys.get, mint)
         if self.fleet is not None:
             self.fleet.status.key_id = key_id
-        return secret
+        return key_id, secret, minted
 
     def ready_models(self) -> list[str]:
         """Models the node serves now: ready ones, and on-demand ones while they can be loaded."""
@@ -278,7 +273,7 @@ class Node:
                 self.fleet.config = config.model_copy(update={"fleet": self.fleet.config.fleet})
                 self.fleet.poke()
             self.quotas.set_prices(self.prices())
-            self.quotas.set_teams(self.quotas.teams(), self.plans(), config.model_groups)
+            self.accounts.configure(config)
             if self.gateway is not None:
                 self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:
@@ -288,22 +283,6 @@ class Node:
             return {**summary, "notes": notes}
 
     # -- keys ------------------------------------------------------------------
-    async def refresh_keys(self, force: bool = False) -> None:
-        """Reload keys and teams when the database says they changed (other nodes' changes too)."""
-        assert self.storage is not None
-        async with self._keys_lock:
-            version = await asyncio.to_thread(self.storage.keys_version)
-            if force or version != self._keys_version:
-                records = await asyncio.to_thread(self.storage.list_keys)
-                teams = await asyncio.to_thread(self.storage.list_teams)
-                tokens = await asyncio.to_thread(self.storage.list_tokens)
-                plans = await asyncio.to_thread(self.storage.list_plans)
-                self.keys.replace_all(records)
-                self._stored_plans = {p.name: p for p in plans}
-                self.quotas.set_teams(teams, self.plans(), self.config.model_groups)
-                self.tokens.replace_all(tokens)
-                self._keys_version = version
-
     async def _keys_loop(self) -> None:
         """Poll the settings version every 0.5 s, so a change on any node applies within a second."""
         ticks = 0
@@ -313,16 +292,17 @@ class Node:
             if ticks % 60 == 0:
                 self.quotas.sweep()
             try:
-                await self.refresh_keys()
+                await self.accounts.refresh()
             except StorageUnavailable as exc:
                 if ticks % 20 == 1:
                     log.warning("key refresh failed (keys stay as they were): %s", exc)
 
     def identify(self, secret: str) -> SignedIn | None:
         """Who a console sign-in is: an admin token (the bootstrap key included) or an API key in good standing."""
-        who = self.tokens.principal(secret)
+        tokens = self.accounts.tokens
+        who = tokens.principal(secret)
         if who is not None:
-            record = self.tokens.get(who.id)
+            record = tokens.get(who.id)
             name = record.name if record is not None else "admin key"
             return SignedIn("admin", who.role.label, who.id, name, who.team, secret)
         try:
@@ -333,66 +313,96 @@ class Node:
             return None
         return SignedIn("key", "key", key.id, key.name, key.team, secret)
 
-    async def create_key(self, **fields: Any) -> tuple[KeyRecord, str]:
-        """A new key and its secret (returned once, stored as a hash)."""
-        assert self.storage is not None
-        if fields.get("plan") is None:  # [quotas.default] is for keys without a plan
-            q = self.config.default_quota
-            defaults = {"rpm": q.rpm, "tpm": q.tpm, "max_parallel": q.max_parallel, "budget_tokens": q.budget_tokens,
-                        "budget_period": q.budget_period, "user_rpm": q.user_rpm, "user_tpm": q.user_tpm}
-            for k, v in defaults.items():
-                if fields.get(k) is None:
-                    fields[k] = v
-        secret = new_secret()
-        record = KeyRecord(id=new_key_id(), secret_hash=hash_secret(secret), prefix=secret[:8], **fields)
-        async with self._keys_lock:
-            await asyncio.to_thread(self.storage.insert_key, record)
-            self.keys.put(record)
-        return record, secret
+    def _flush_ledger(self) -> None:
+        """Write the ledger's pending rows (before a report reads the database)."""
+        if self.ledger is not None:
+            self.ledger.flush()
 
-    async def save_key(self, record: KeyRecord) -> None:
-        assert self.storage is not None
-        async with self._keys_lock:
-            await asyncio.to_thread(self.storage.save_key, record)
-            self.keys.put(record)
+    # -- operations: what the admin API may do (node/admin/facade.py) -------------
+    def status(self) -> dict[str, Any]:
+        """The node, its models, workers, GPUs, traffic and ledger, as `infernode status` shows them."""
+        ok, reasons = self.readiness()
+        return {
+            "node": {"name": self.config.node.name, "listen": self.config.node.listen, "version": __version__,
+                     "uptime_s": round(time.time() - self.started_at, 1), "ready": ok, "reasons": reasons,
+                     "keys": len(self.keys)},
+            "models": [{"name": m.name, "runtime": m.runtime, "load": m.load} for m in self.config.models],
+            "workers": self.workers(),
+            "gpus": self.gpus(),
+            "traffic": self.sampler.window.traffic().as_dict(),
+            "ledger": self.ledger.stats() if self.ledger is not None else None,
+        }
 
-    def _budgets_of(self, scope: str, record: Any) -> tuple[int | None, float | None, str]:
-        """A key's or team's budgets with its plan folded in (for budget alerts)."""
-        e = effective(record, self.plans().get(record.plan) if record.plan else None, {})
-        return e.budget_tokens, e.budget_usd, e.budget_period
+    def workers(self) -> list[dict[str, Any]]:
+        sup = self.supervisor
+        return [dataclasses.asdict(x.status()) for x in sup.replicas.values()] if sup else []
 
-    def plans(self) -> dict[str, PlanRecord]:
-        """Every plan: appliance.toml's [plans.*], overridden by the stored ones of the same name."""
-        plans = {name: PlanRecord(name=name, models=tuple(p.models) if p.models is not None else None, rpm=p.rpm,
-                                  tpm=p.tpm, max_parallel=p.max_parallel, budget_tokens=p.budget_tokens,
-                                  budget_usd=p.budget_usd, budget_period=p.budget_period, created_at=0, updated_at=0)
-                 for name, p in self.config.plans.items()}
-        return {**plans, **self._stored_plans}
+    def worker_log(self, replica_id: str) -> Path | None:
+        replica = self.supervisor.replicas.get(replica_id) if self.supervisor else None
+        return replica.log_path if replica is not None else None
 
-    async def create_token(self, name: str, role: str, team: str | None, created_by: str) -> tuple[TokenRecord, str]:
-        """A new admin token and its secret (returned once, stored as a hash)."""
-        assert self.storage is not None
-        secret = new_token_secret()
-        record = TokenRecord(id=new_token_id(), name=name, role=role, team=team, secret_hash=hash_secret(secret),
-                             prefix=secret[:11], created_by=created_by)
-        async with self._keys_lock:  # a refresh reading meanwhile would drop it from the ring
-            await asyncio.to_thread(self.storage.insert_token, record)
-            self.tokens.put(record)
-        return record, secret
+    def gpus(self) -> dict[str, Any]:
+        inv = self.sampler.gpus or self.inventory  # the background sampler's latest NVML reading
+        return {"driver": inv.driver, "error": inv.error, "data": [g.as_dict() for g in inv.gpus]}
 
-    async def save_token(self, record: TokenRecord) -> None:
-        assert self.storage is not None
-        async with self._keys_lock:
-            await asyncio.to_thread(self.storage.save_token, record)
-            self.tokens.put(record)
+    def config_path(self) -> str:
+        return str(self.config.path)
 
-    async def audit(self, who: Principal, source: str, action: str, target: str, changes: dict[str, Any],
-                    request_id: str) -> AuditRecord:
-        """Append one record to the hash-chained audit log (secrets scrubbed from `changes`)."""
-        assert self.storage is not None
-        record = AuditRecord(seq=0, ts=time.time(), actor_id=who.id, actor_role=who.role.label, source=source,
-                             action=action, target=target, changes=scrub(changes), request_id=request_id)
-        return await asyncio.to_thread(self.storage.append_audit, record)
+    def has_model(self, name: str) -> bool:
+        return self.config.model(name) is not None
+
+    def batch_jobs(self) -> Batches | None:
+        return self.batch_api.batches if self.batch_api is not None else None
+
+    def restart_model(self, name: str) -> int:
+        return self.supervisor.restart_model(name) if self.supervisor else 0
+
+    async def load_model(self, name: str) -> float:
+        if self.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        return await self.loader.load(name)
+
+    async def unload_model(self, name: str) -> int:
+        if self.loader is None:
+            raise NoReadyReplica("the node is starting", retry_after=2)
+        return await self.loader.unload(name)
+
+    def fleet_proxy(self) -> str | None:
+        """The fleet proxy's URL, or None without [fleet.litellm]."""
+        return self.config.fleet.litellm.url if self.config.fleet.litellm is not None else None
+
+    def fleet_status(self) -> dict[str, Any]:
+        if self.fleet is None:
+            return {"enabled": False, "reason": "no [fleet.litellm] section in appliance.toml"}
+        return {**dataclasses.asdict(self.fleet.status), "ready_models": self.ready_models()}
+
+    async def fleet_register(self) -> dict[str, Any]:
+        """Register this node's models with the proxy now (and keep them true from then on)."""
+        await self.start_fleet(register=True)
+        assert self.fleet is not None
+        try:
+            registered = await self.fleet.sync()
+        except ProxyError as exc:
+            self.fleet.status.last_error = str(exc)
+            raise UpstreamError(str(exc), code="fleet_proxy_error", source="proxy") from None
+        return {**dataclasses.asdict(self.fleet.status), "registered": registered}
+
+    async def fleet_deregister(self) -> int:
+        """Remove this node's deployments from the proxy; the number removed."""
+        if self.fleet is None:
+            return 0
+        self.fleet.status.registering = True  # deregister even when it was never started here
+        removed = await self.fleet.stop(deregister=True, timeout=15.0)
+        if self.fleet.status.last_error and self.fleet.status.last_error.startswith("deregistration failed"):
+            raise UpstreamError(self.fleet.status.last_error, code="fleet_proxy_error", source="proxy")
+        return removed
+
+    async def fleet_deployments(self) -> tuple[str, bool, list[dict[str, Any]]]:
+        """The proxy's deployments for every model, with the fleet key (key id, whether minted now, bodies)."""
+        self._fleet()
+        key_id, secret, minted = await self._fleet_key()
+        deps = desired_deployments(self.config, secret, [m.name for m in self.config.models])
+        return key_id, minted, [d.body() for d in deps]
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
@@ -417,6 +427,8 @@ class Node:
         """Stop (or, with detach, leave for adoption) the workers; flush the ledger."""
         for t in self._tasks:
             t.cancel()
+        if self.batch_api is not None:  # lines in flight are not recorded: the next start runs them again
+            await self.batch_api.batches.runner.close()
         if self.fleet is not None:
             # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
             await self.fleet.stop(deregister=not detach)

@@ -276,3 +276,33 @@ def test_an_operator_loads_and_unloads_an_on_demand_model(node_factory, browser)
     d.switch_to.alert.accept()
     wait(d, lambda d: not d.find_elements(By.CSS_SELECTOR, ".badge.state-ready"), timeout=60, what="the model unloaded")
     assert not any(w["state"] == "ready" for w in n.workers())
+
+
+def test_the_batches_page_shows_progress_and_an_operator_cancels(tiny_node, browser, tmp_path):
+    import io
+    import json as _json
+
+    import openai
+    key = tiny_node.create_key()
+    c = openai.OpenAI(base_url=tiny_node.url + "/v1", api_key=key, max_retries=0)
+    lines = b"".join(_json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"model": "tiny-chat", "max_tokens": 64,
+                                           "messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
+                     for i in range(300))
+    f = c.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    d, url = browser, tiny_node.url
+    sign_in(d, url, tiny_node.admin_key)
+    d.get(url + "/ui/batches")
+    wait(d, lambda d: b.id in text_of(d) and d.find_elements(By.CSS_SELECTOR, ".badge.state-in_progress"),
+         what="the batch in progress")
+    bar = f"progress[aria-label='{b.id} progress']"   # the page redraws every 3 s: found afresh each time
+    wait(d, lambda d: float(d.execute_script(f"return document.querySelector(\"{bar}\").value")) > 0,
+         what="progress")
+    assert d.execute_script(f"return document.querySelector(\"{bar}\").max") == 300
+    Shots(tmp_path)(d, "batches")
+    d.execute_script("window.confirm = () => true")
+    d.execute_script("[...document.querySelectorAll('button.danger')].find((b) => b.textContent === 'Cancel').click()")
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".badge.state-cancelled"), what="the batch cancelled")
+    assert c.batches.retrieve(b.id).status == "cancelled"
+    no_csp_violations(d)

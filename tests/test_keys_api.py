@@ -219,10 +219,10 @@ def test_a_key_created_during_a_key_refresh_is_not_lost(tmp_path, monkeypatch):
     node = Node(load_config(write_config(tmp_path, TINY_MODEL)))
     from node.accounts.storage import open_storage
 
-    node.storage = open_storage(node.config.database_url())
-    node.storage.migrate()
+    storage = open_storage(node.config.database_url())
+    storage.migrate()
     listing, release = threading.Event(), threading.Event()
-    real_list = node.storage.list_keys
+    real_list = storage.list_keys
 
     def slow_list():
         rows = real_list()           # read before the new key is written...
@@ -231,10 +231,11 @@ def test_a_key_created_during_a_key_refresh_is_not_lost(tmp_path, monkeypatch):
         return rows
 
     async def race() -> str:
-        monkeypatch.setattr(node.storage, "list_keys", slow_list)
-        refresh = asyncio.create_task(node.refresh_keys(force=True))
+        await node.accounts.open(storage, "sk-admin-" + "x" * 40)
+        monkeypatch.setattr(storage, "list_keys", slow_list)
+        refresh = asyncio.create_task(node.accounts.refresh(force=True))
         await asyncio.to_thread(listing.wait, 5)
-        create = asyncio.create_task(node.create_key(name="new"))
+        create = asyncio.create_task(node.accounts.create_key(name="new"))
         await asyncio.sleep(0.2)
         release.set()
         await refresh
@@ -242,5 +243,5 @@ def test_a_key_created_during_a_key_refresh_is_not_lost(tmp_path, monkeypatch):
         return secret
 
     secret = asyncio.run(race())
-    assert node.keys.lookup(secret) is not None
-    node.storage.close()
+    assert node.accounts.keys.lookup(secret) is not None
+    storage.close()

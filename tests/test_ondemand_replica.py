@@ -72,11 +72,11 @@ def test_one_start_for_many_loads_and_idle_unload_by_the_injected_clock(tmp_path
         await asyncio.sleep(1.5)
         assert r.state is S.READY
         # A request in flight holds it however long it lasts.
-        r.inflight += 1
+        r.begin()
         clock.now += 3600
         await asyncio.sleep(1.5)
         assert r.state is S.READY
-        r.inflight -= 1  # the request ends: that was a use, the timer starts again
+        r.end()  # the request ends: that was a use, the timer starts again
         await asyncio.sleep(1.5)
         assert r.state is S.READY
         clock.now += 61

@@ -46,7 +46,10 @@ ROUTES: list[tuple[str, str, dict | None, Role, bool]] = [
     ("POST", "/admin/v1/models/nope/unload", None, OP, False),
     ("POST", "/admin/v1/fleet/register", None, OP, False),
     ("POST", "/admin/v1/fleet/deregister", None, OP, False),
-    ("GET", "/admin/v1/fleet/config", None, OP, False),
+    ("GET", "/admin/v1/fleet/config", None, A, False),   # it carries the fleet key's secret
+    ("GET", "/admin/v1/batches", None, V, True),
+    ("GET", "/admin/v1/batches/batch_nope", None, V, True),
+    ("POST", "/admin/v1/batches/batch_nope/cancel", None, OP, True),
     ("POST", "/admin/v1/keys", {"name": "made", "team": "red"}, A, True),
     ("PATCH", "/admin/v1/keys/{red_key}", {"rpm": 7}, A, True),
     ("POST", "/admin/v1/keys/{red_key}/rotate", {"grace_s": 60}, A, True),
@@ -91,7 +94,7 @@ def test_every_admin_route_checks_a_role() -> None:
             seen.add((method, route.path))
     covered = {(m, p.replace("{red_key}", "{key_id}").replace("{victim}", "{token_id}").replace("/red", "/{name}")
                 .replace("/basic", "/{name}").replace("/gone", "/{name}").replace("/nope/", "/{name}/")
-                .replace("/nope-0/", "/{replica_id}/"))
+                .replace("/nope-0/", "/{replica_id}/").replace("/batch_nope", "/{batch_id}"))
                for m, p, *_ in ROUTES}
     assert seen == covered
 

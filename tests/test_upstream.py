@@ -19,13 +19,16 @@ from node.accounts.keys import KeyRecord, KeyRing, hash_secret
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest
 from node.gateway.context import check
+from node.gateway.exchange import ModelInfo
+from node.gateway.gateway import Gateway
 from node.gateway.listener import Server
-from node.gateway.proxy import Gateway, ModelInfo
+from node.gateway.schedule import Gate, QueueFull
 from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut, Unanswered
 from node.ops.metrics import Metrics
-from node.workers.router import Gate, QueueFull, Router
+from node.workers.router import Router
 from tests.conftest import free_port
 from tests.fakes import openai_worker
+from tests.inprocess import external_replica
 
 BODY = b'data: {"a":1}\n\n' * 20
 
@@ -389,35 +392,35 @@ def test_https(tmp_path, monkeypatch):
 def test_gate_queues_in_order_and_refuses_beyond():
     async def main():
         gate = Gate(max_inflight=1, max_queue=2)
-        await gate.enter(1)
+        await gate.acquire(1)
         order = []
 
         async def waiter(i):
-            await gate.enter(5)
+            await gate.acquire(5)
             order.append(i)
         tasks = [asyncio.create_task(waiter(i)) for i in range(2)]
         await asyncio.sleep(0.01)
         assert gate.queued == 2
         with pytest.raises(QueueFull) as e:
-            await gate.enter(1)
+            await gate.acquire(1)
         assert e.value.retry_after > 0
-        gate.leave(0.1)
+        gate.release(0.1)
         await asyncio.sleep(0.01)
-        gate.leave(0.1)
+        gate.release(0.1)
         await asyncio.gather(*tasks)
         assert order == [0, 1] and gate.inflight == 1
-        gate.leave(0.1)
+        gate.release(0.1)
         assert gate.inflight == 0
         # A waiter that gives up leaves the line; one that times out gets QueueFull.
-        await gate.enter(1)
-        t = asyncio.create_task(gate.enter(5))
+        await gate.acquire(1)
+        t = asyncio.create_task(gate.acquire(5))
         await asyncio.sleep(0.01)
         t.cancel()
         await asyncio.sleep(0.01)
         assert gate.queued == 0
         with pytest.raises(QueueFull):
-            await gate.enter(0.05)
-        gate.leave(0)
+            await gate.acquire(0.05)
+        gate.release(0)
         assert gate.inflight == 0
     asyncio.run(main())
 
@@ -465,12 +468,13 @@ def test_gateway_retries_a_dead_replica_once(tmp_path):
         secret = "sk-test-1234567890"
         keys = KeyRing([KeyRecord(id="k1", name="t", secret_hash=hash_secret(secret), prefix=secret[:8])])
         router = Router(["stub-model"])
-        dead = FakeTarget("dead", f"http://127.0.0.1:{free_port()}/v1")
-        live = FakeTarget("live", f"http://127.0.0.1:{port}/v1", inflight=1)  # busier, so picked second
+        dead = external_replica("stub-model", f"http://127.0.0.1:{free_port()}/v1", 0)
+        live = external_replica("stub-model", f"http://127.0.0.1:{port}/v1", 1)
+        live.begin()  # busier, so picked second
         router.set_ready("stub-model", [dead, live])
         ledger = Ledger()
         gw = Gateway(keys=keys, quotas=Quotas(), router=router, ledger=ledger, metrics=Metrics(),  # type: ignore[arg-type]
-                     models={"stub-model": ModelInfo("stub-model")}, client=Pool(), stream_usage=lambda t: True)
+                     models={"stub-model": ModelInfo("stub-model")}, client=Pool())
 
         async def main():
             sock = socket.socket()
@@ -589,12 +593,13 @@ def test_gateway_does_not_resend_to_another_replica_after_writing(tmp_path):
         router = Router(["stub-model"])
         ledger = Ledger()
         gw = Gateway(keys=keys, quotas=Quotas(), router=router, ledger=ledger, metrics=Metrics(),  # type: ignore[arg-type]
-                     models={"stub-model": ModelInfo("stub-model")}, client=Pool(), stream_usage=lambda t: True)
+                     models={"stub-model": ModelInfo("stub-model")}, client=Pool())
 
         async def main():
             dying = await asyncio.start_server(taker, "127.0.0.1", 0)
-            dead = FakeTarget("dying", f"http://127.0.0.1:{dying.sockets[0].getsockname()[1]}/v1")
-            live = FakeTarget("live", f"http://127.0.0.1:{port}/v1", inflight=1)
+            dead = external_replica("stub-model", f"http://127.0.0.1:{dying.sockets[0].getsockname()[1]}/v1", 0)
+            live = external_replica("stub-model", f"http://127.0.0.1:{port}/v1", 1)
+            live.begin()
             router.set_ready("stub-model", [dead, live])
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))

@@ -59,6 +59,15 @@ class Counter:
             self.day_used += tokens
             self.month_used += tokens
 
+    def charge_budget(self, tokens: int, budget: bool, cost: float = 0.0) -> None:
+        """Charge budgets only (a batch line): the rate window is left to interactive traffic."""
+        if not budget:
+            return
+        self.day_usd += max(0.0, cost)
+        self.month_usd += max(0.0, cost)
+        self.day_used += max(0, tokens)
+        self.month_used += max(0, tokens)
+
     def add_tokens(self, ts: float, tokens: int) -> None:
         sec = int(ts)
         toks = self.tokens

@@ -27,7 +27,7 @@ import calendar
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from node.accounts.counters import WINDOW, Counter
@@ -89,21 +89,24 @@ class Admission:
     model: str                    # the model charged: set to the one that served it (fallbacks)
     wire_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # x-ratelimit-*, as sent
     scopes: list[tuple[Counter, Limits]] = field(default_factory=list)
+    batch: bool = False           # a batch line: charged to budgets only, never to rate windows or parallel
     _done: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.wire_headers}
 
-    def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None) -> None:
-        """Charge the worker's reported usage and release the parallel slot."""
+    def finish(self, prompt_tokens: int, completion_tokens: int, now: float | None = None,
+               cost: float | None = None) -> None:
+        """Charge the worker's reported usage and release the parallel slot (`cost`: already priced by the caller)."""
         if self._done:
             return
         self._done = True
         now = time.time() if now is None else now
         prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
-        price = self.quotas.prices.get(self.model)
-        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 if price else 0.0
+        if cost is None:
+            price = self.quotas.prices.get(self.model)
+            cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 if price else 0.0
         self.quotas._finish(self, prompt_tokens + completion_tokens, cost, now)
 
 
@@ -159,7 +162,7 @@ class Quotas:
 
     # -- the hot path ------------------------------------------------------------
     def admit(self, key: KeyRecord, model: str | None = None, user: str | None = None,
-              now: float | None = None) -> Admission:
+              now: float | None = None, lane: str | None = None) -> Admission:
         """Admit one request or raise AuthenticationError, PermissionDenied or RateLimited.
 
         The gateway admits before it reads the body (model None, no end user), so every
@@ -175,6 +178,11 @@ class Quotas:
         cached = self._plans.get(key.id)
         plan = list(cached[1] if cached is not None and cached[0] is key else self._key_plan(key)[1])
         day, month = self._periods(now)
+        if lane == "batch":  # a batch line: budgets apply; rpm, tpm and parallel do not (the scheduler paces it)
+            for c, lim in plan:
+                c.roll(day, month)
+                self._check(c, replace(lim, rpm=None, tpm=None, max_parallel=None), now, plan)
+            return Admission(self, key, model or "", [], plan, batch=True)
         for c, lim in plan:
             c.prune(now)
             c.roll(day, month)
@@ -199,7 +207,7 @@ class Quotas:
     def admit_user(self, adm: Admission, user: str, now: float | None = None) -> None:
         """Add the end user's scope (`user` field) to an admitted request, or raise RateLimited."""
         key = adm.key
-        if key.user_rpm is None and key.user_tpm is None:
+        if adm.batch or (key.user_rpm is None and key.user_tpm is None):
             return
         now = time.time() if now is None else now
         c = self.counter("user", key.id, user)
@@ -286,6 +294,11 @@ class Quotas:
 
     def _finish(self, adm: Admission, tokens: int, cost: float, now: float) -> None:
         day, month = self._periods(now)
+        if adm.batch:
+            for c, lim in adm.scopes:
+                c.roll(day, month)
+                c.charge_budget(tokens, lim.budget, cost)
+            return
         for c, lim in adm.scopes:
             c.parallel = max(0, c.parallel - 1)
             c.roll(day, month)

@@ -51,11 +51,14 @@ ACTIONS: dict[str, Rule] = {
     "fleet.read": Rule(Role.VIEWER, False),
     "models.operate": Rule(Role.OPERATOR, False),  # load, unload, restart
     "config.reload": Rule(Role.OPERATOR, False),
-    "fleet.manage": Rule(Role.OPERATOR, False),    # register, deregister, config (makes a key)
+    "fleet.manage": Rule(Role.OPERATOR, False),    # register, deregister
+    "fleet.secret": Rule(Role.ADMIN, False),       # the proxy's config: reveals (or mints) the fleet key's secret
     "keys.manage": Rule(Role.ADMIN, True),         # a team admin: only its team's keys
     "teams.manage": Rule(Role.ADMIN, False),
     "plans.manage": Rule(Role.ADMIN, False),
     "tokens.manage": Rule(Role.ADMIN, False),      # tokens are node-wide power: never team-scoped
+    "batches.read": Rule(Role.VIEWER, True),       # a team token sees only its team's batches
+    "batches.manage": Rule(Role.OPERATOR, True),   # cancel; a team token only its team's
 }
 
 

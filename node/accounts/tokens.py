@@ -9,6 +9,7 @@ principal `bootstrap` with role admin.
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 from node.accounts.keys import hash_secret
 from node.accounts.roles import Principal, Role
+from node.config import Config
 
 TOKEN_PREFIX = "sk-tok-"
 BOOTSTRAP_ID = "bootstrap"
@@ -102,3 +104,17 @@ class TokenRing:
 
     def all(self) -> list[TokenRecord]:
         return sorted(self._by_id.values(), key=lambda r: r.created_at)
+
+
+def ensure_admin_key(config: Config) -> tuple[str, bool]:
+    """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
+    key = config.admin_key()
+    if key:
+        return key, False
+    path = config.admin_key_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "sk-admin-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True

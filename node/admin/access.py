@@ -1,6 +1,6 @@
 """Who may call an admin route: authentication, the role check, and the audit record of a write.
 
-Every route declares the action it performs with `need(node, ACTION)`; the action's
+Every route declares the action it performs with `need(accounts, ACTION)`; the action's
 lowest role lives in node/accounts/roles.py (one table). A test walks every route and
 checks that it has one.
 """
@@ -8,15 +8,13 @@ checks that it has one.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Depends, Request
 
 from node.accounts.roles import ACTIONS, Principal, may
+from node.accounts.service import Accounts
 from node.errors import AuthenticationError, PermissionDenied
-
-if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
-    from node.app import Node
 
 
 def bearer(request: Request) -> str:
@@ -24,21 +22,21 @@ def bearer(request: Request) -> str:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
 
-def authenticate(node: Node, request: Request) -> Principal:
+def authenticate(accounts: Accounts, request: Request) -> Principal:
     """The caller, or 401 (no token, unknown, revoked)."""
-    principal = node.tokens.principal(bearer(request))
+    principal = accounts.principal(bearer(request))
     if principal is None:
         raise AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
     return principal
 
 
-def need(node: Node, action: str) -> Any:
+def need(accounts: Accounts, action: str) -> Any:
     """A FastAPI dependency: authenticate, then 403 permission_denied unless the role may do `action`."""
     if action not in ACTIONS:
         raise ValueError(f"unknown admin action {action!r}")
 
     async def check(request: Request) -> Principal:
-        principal = authenticate(node, request)
+        principal = authenticate(accounts, request)
         if not may(principal, action):
             scope = f" bound to team '{principal.team}'" if principal.team else ""
             raise PermissionDenied(f"a {principal.role.label} token{scope} may not do {action}",
@@ -56,9 +54,9 @@ def own_team(who: Principal, team: str | None, what: str) -> None:
         raise PermissionDenied(f"a token bound to team '{who.team}' may not touch {what}", code="permission_denied")
 
 
-async def audited(node: Node, request: Request, action: str, target: str, changes: dict[str, Any]) -> None:
-    """Append the audit record of a write that has just succeeded."""
+async def audited(accounts: Accounts, request: Request, action: str, target: str, changes: dict[str, Any]) -> None:
+    """Append the audit record of a write (or a secret's reveal) that has just succeeded."""
     who: Principal = request.state.principal
     source = request.client.host if request.client else ""
     rid = request.scope.get("state", {}).get("request_id") or request.headers.get("x-request-id") or uuid.uuid4().hex
-    await node.audit(who, source, action, target, changes, rid)
+    await accounts.audit(who, source, action, target, changes, rid)

@@ -69,6 +69,18 @@ class AdminClient:
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
 
+    def get_all(self, path: str, params: dict[str, Any] | None = None, *, page: int = 1000) -> tuple[dict[str, Any], list[Any]]:
+        """Every row of a paged admin list, a page at a time: (the first page's answer, all rows)."""
+        params = dict(params or {})
+        first: dict[str, Any] | None = None
+        rows: list[Any] = []
+        while True:
+            data = self.get(path, params={**params, "limit": page, "offset": len(rows)})
+            first = first or data
+            rows += data["data"]
+            if not data.get("has_more") or not data["data"]:
+                return first, rows
+
     def post(self, path: str, **kw: Any) -> Any:
         return self.request("POST", path, **kw)
 

@@ -6,26 +6,31 @@ Every route checks the caller's role (node/admin/access.py, node/accounts/roles.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from node.accounts.roles import Principal
-from node.accounts.storage import StorageConflict, StorageUnavailable
+from node.accounts.service import StorageConflict, StorageUnavailable
 from node.admin.access import bearer, need
-from node.admin.accounts import add_account_routes
-from node.admin.operations import add_operation_routes
-from node.admin.reports import add_report_routes
+from node.admin.batches import add_batch_routes
+from node.admin.facade import AdminNode
+from node.admin.fleet import add_fleet_routes
+from node.admin.keys import add_key_routes
+from node.admin.operations import add_model_routes, add_status_routes
+from node.admin.plans import add_plan_routes
+from node.admin.reports import add_audit_routes, add_usage_routes
+from node.admin.teams import add_team_routes
+from node.admin.tokens import add_token_routes
 from node.errors import AuthenticationError, InvalidRequest, NodeError
 
-if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
-    from node.app import Node
 
-
-def build_admin(node: Node) -> FastAPI:
+def build_admin(node: AdminNode) -> FastAPI:
+    """The admin app over the node's services (accounts, reports) and its operations."""
     app = FastAPI(title="infernode admin", openapi_url=None, docs_url=None, redoc_url=None)
+    accounts, reports = node.accounts, node.reports
 
     @app.exception_handler(NodeError)
     async def _node_error(_: Request, err: NodeError) -> JSONResponse:
@@ -51,17 +56,24 @@ def build_admin(node: Node) -> FastAPI:
     @app.middleware("http")
     async def _authenticated_first(request: Request, call_next: Any) -> Any:
         # 401 before FastAPI reads or validates a body: a stranger learns nothing of the routes.
-        if node.tokens.principal(bearer(request)) is None:
+        if accounts.principal(bearer(request)) is None:
             err = AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
             return JSONResponse(status_code=401, content=json.loads(err.body()))
         return await call_next(request)
 
-    add_account_routes(app, node)
-    add_operation_routes(app, node)
-    add_report_routes(app, node)
+    add_key_routes(app, accounts)
+    add_team_routes(app, accounts)
+    add_token_routes(app, accounts)
+    add_plan_routes(app, accounts)
+    add_usage_routes(app, accounts, reports)
+    add_audit_routes(app, accounts, reports)
+    add_status_routes(app, accounts, node)
+    add_model_routes(app, accounts, node)
+    add_fleet_routes(app, accounts, node)
+    add_batch_routes(app, accounts, node)
 
     @app.get("/admin/v1/openapi.json", include_in_schema=False)
-    async def openapi(_: Principal = need(node, "status.read")) -> dict[str, Any]:
+    async def openapi(_: Principal = need(accounts, "status.read")) -> dict[str, Any]:
         return app.openapi()  # the API's own description is for admin tokens only
 
     return app

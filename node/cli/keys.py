@@ -106,7 +106,7 @@ def _show(rows: list[dict[str, Any]]) -> None:
 @keys_app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
     """List keys (never their secrets)."""
-    rows = AdminClient(config_from(config)).get("/admin/v1/keys")["data"]
+    _, rows = AdminClient(config_from(config)).get_all("/admin/v1/keys")
     print(json.dumps(rows, indent=2)) if as_json else _show(rows)
 
 
@@ -178,7 +178,7 @@ def team_create(name: str = typer.Argument(..., help="the team's name; give it t
 @teams_app.command("list")
 def team_list(as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
     """List teams and their limits."""
-    rows = AdminClient(config_from(config)).get("/admin/v1/teams")["data"]
+    _, rows = AdminClient(config_from(config)).get_all("/admin/v1/teams")
     print(json.dumps(rows, indent=2)) if as_json else _show_teams(rows)
 
 
@@ -230,8 +230,7 @@ def usage(key: Optional[str] = typer.Option(None, "--key", help="only this key i
             sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
         return
-    data = AdminClient(config_from(config)).get("/admin/v1/usage", params=params)
-    rows = data["data"]
+    data, rows = AdminClient(config_from(config)).get_all("/admin/v1/usage", params, page=10_000)
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return

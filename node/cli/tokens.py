@@ -41,7 +41,7 @@ def create(role: str = typer.Option(..., "--role", help="admin, operator or view
 @tokens_app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json"), config: Optional[str] = ConfigOption) -> None:
     """List admin tokens (never their secrets)."""
-    rows = AdminClient(config_from(config)).get("/admin/v1/tokens")["data"]
+    _, rows = AdminClient(config_from(config)).get_all("/admin/v1/tokens")
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -84,7 +84,8 @@ def audit(verify: bool = typer.Option(False, "--verify", help="check the hash ch
                    ("action", action)):
         if val is not None:
             params[k] = val
-    rows = client.get("/admin/v1/audit", params=params)["data"]
+    # The newest 1000 matching records, shown oldest first (narrow with --since/--until/--actor/--action).
+    rows = client.get("/admin/v1/audit", params={**params, "newest_first": "true", "limit": 1000})["data"][::-1]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

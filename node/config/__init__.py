@@ -17,6 +17,7 @@ from pydantic_core import ErrorDetails
 
 from node.config.accounts import PlanSettings, QuotaSettings
 from node.config.base import GiB, _Section, parse_size
+from node.config.batches import BatchesSection
 from node.config.models import GpuSelector, ModelConfig, RuntimeSettings
 from node.config.node import DatabaseSection, NodeSection
 from node.config.ops import AlertsSection, FleetSection, LiteLLMFleet, SupervisorSection
@@ -25,7 +26,7 @@ from runtimes import NAMES as RUNTIMES
 
 __all__ = ["CONFIG_ENV", "SYSTEM_CONFIG", "GiB", "parse_size", "NodeSection", "DatabaseSection", "GpuSelector",
            "ModelConfig", "RuntimeSettings", "QuotaSettings", "PlanSettings", "LiteLLMFleet", "FleetSection",
-           "AlertsSection", "SupervisorSection", "Config", "find_config", "parse_config", "load_config"]
+           "AlertsSection", "SupervisorSection", "BatchesSection", "Config", "find_config", "parse_config", "load_config"]
 
 CONFIG_ENV = "INFERNODE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/infernode/appliance.toml")
@@ -53,6 +54,8 @@ class Config(_Section):
     fleet: FleetSection = FleetSection()
     # Signed webhooks: a replica failed, a GPU is hot, a budget passed a threshold.
     alerts: AlertsSection = AlertsSection()
+    # Batch jobs: limits of OpenAI's Files and Batches API.
+    batches: BatchesSection = BatchesSection()
     # Set by load_config, not read from the file.
     path: Path = Field(default=Path("appliance.toml"), exclude=True)
 

@@ -59,6 +59,7 @@ PAGES = [
     Page("/ui/teams", "Teams and plans", "teams.js", _STAFF),
     Page("/ui/usage", "Usage", "usage.js", _STAFF | {"key"}),
     Page("/ui/audit", "Audit", "audit.js", _STAFF),
+    Page("/ui/batches", "Batches", "batches.js", _STAFF),
     Page("/ui/playground", "Playground", "playground.js", _STAFF | {"key"}),
 ]
 _PAGE_BY_PATH = {p.path: p for p in PAGES}

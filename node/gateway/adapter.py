@@ -1,9 +1,10 @@
-"""The seam between the gateway's core (node/gateway/proxy.py) and the client APIs it translates.
+"""The seam between the gateway's stages and the client APIs it serves.
 
-Each translated path is a `Route`: pure functions from the client's request to an
+Each client API's path is a `Route`: pure functions from the client's request to an
 OpenAI one and from OpenAI's answer back, a stream translator fed one upstream chunk
-at a time, and the API's own error shape. The core keeps auth, quotas, routing,
-accounting and metrics; a Route only reshapes bodies.
+at a time, and the API's own error shape. OpenAI's own `/v1` paths are the `OPENAI`
+route, which passes bodies through. The stages keep auth, quotas, routing, accounting
+and metrics; a Route only reshapes bodies.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Route:
     native: str | None = None                  # this API's name for runtimes that serve it themselves
     native_path: str = ""                      # its path under the runtime's /v1
     prompt_only: bool = False                  # counts tokens, generates nothing (completion not charged)
+    passthrough: bool = False                  # OpenAI's own API: bodies go both ways unchanged
 
 
 def bearer(req: Any) -> bytes | None:
@@ -78,6 +80,14 @@ def bearer(req: Any) -> bytes | None:
     if auth and auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
     return None
+
+
+def _openai_error(err: NodeError, rid: str) -> tuple[int, bytes]:
+    return err.status, err.body()
+
+
+# OpenAI's /v1 paths: the worker speaks the API already, so bodies pass through (node/gateway/relay.py).
+OPENAI = Route(api="openai", error=_openai_error, credential=bearer, passthrough=True)
 
 
 def sse_chunks(out: bytes) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The node's one HTTP port: what each path is answered by, and who may send it a body.
 
-`/v1/*` goes to the gateway (the hot path, node/gateway/proxy.py), and so do the paths of the
+`/v1/*` goes to the gateway (the hot path, node/gateway/gateway.py), and so do the paths of the
 other client APIs it translates (API_ROUTES: Anthropic's Messages, OpenAI's Responses,
 Ollama's API, each a Route of node/gateway/adapter.py); `/healthz`, `/readyz` and
 `/metrics` are answered here; `/admin/*` goes to the FastAPI admin app through the
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
 from node.console.web import Answer, Console
-from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound
+from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound, RateLimited
 from node.gateway import anthropic, ollama, responses
 from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
+from node.gateway.exchange import JSON_CT, error_headers
 from node.gateway.httpd import Connection, Refusal, Request
-from node.gateway.proxy import JSON_CT, error_headers
 from node.ops.metrics import refusal_reason
 
 if TYPE_CHECKING:  # the running Node is handed in; only node/app.py and node/server.py import the wiring
@@ -67,7 +67,7 @@ class NodeApp:
         path = req.path
         route = API_ROUTES.get(path)
         if route is not None or path.startswith(b"/v1/"):
-            return self._authenticate(req, route)
+            return self._authenticate(req, route) or self._batch_head(req)
         if path == b"/metrics" and self.metrics_token is not None:
             presented = bearer(req) or b""
             if not self.metrics_token or not hmac.compare_digest(presented, self.metrics_token):
@@ -85,6 +85,19 @@ class NodeApp:
             if path.startswith(b"/admin/v1/") and req.header(b"authorization") is None:
                 err = AuthenticationError("admin key required: send Authorization: Bearer <admin key>")
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
+        return None
+
+    def _batch_head(self, req: Request) -> Refusal | None:
+        """A file upload gets the upload limit as its body limit, while an upload slot is free (node/batches/api.py)."""
+        batch_api = self.node.batch_api
+        if batch_api is None or not batch_api.handles(req.path):
+            return None
+        limit = batch_api.head_limit(req, self.node.config.batches.max_file_bytes)
+        if limit == 0:
+            err = RateLimited("too many file uploads at once; retry shortly", retry_after=2, reason="uploads")
+            return Refusal(429, error_headers(err, _request_id(req)), err.body())
+        if limit is not None:
+            req.body_limit = limit
         return None
 
     def _authenticate(self, req: Request, route: Route | None) -> Refusal | None:
@@ -111,6 +124,9 @@ class NodeApp:
         gateway = self.node.gateway
         route = API_ROUTES.get(path)
         if (route is not None or path.startswith(b"/v1/")) and gateway is not None:
+            batch_api = self.node.batch_api
+            if route is None and batch_api is not None and req.auth is not None and batch_api.handles(path):
+                return await batch_api.handle(req, conn, req.auth, _request_id(req))
             return await gateway.handle(req, conn, route)  # the hot path sets its own x-request-id
         rid = _request_id(req)
         if route is not None or path.startswith(b"/v1/"):

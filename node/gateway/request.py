@@ -35,6 +35,7 @@ class Request:
         "headers",
         "http_version",
         "keep_alive",
+        "lane",
         "method",
         "path",
         "query",
@@ -49,6 +50,7 @@ class Request:
         self.refusal: Refusal | None = None  # set when the server answers this request itself
         self.auth: Any = None                # what the head check established (e.g. the API key's record)
         self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
+        self.lane: str | None = None         # "batch" for the node's own batch lines (node/gateway/inprocess.py)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:

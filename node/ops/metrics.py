@@ -67,6 +67,10 @@ class Metrics:
                                    ["reason"], r)
         self.ledger_stats: Callable[[], Mapping[str, Any]] | None = None  # set once the ledger runs
         r.register(_LedgerCollector(self))
+        self.batch_lines = Counter("infernode_batch_lines", "Batch lines recorded, by result (completed|failed).",
+                                   ["result"], registry=r)
+        self.batch_counts: Callable[[], Mapping[str, int]] | None = None  # batches by status, read at scrape time
+        r.register(_BatchCollector(self))
         gpu = ["gpu", "uuid"]
         self.gpu_memory_used = Gauge("infernode_gpu_memory_used_bytes", "GPU memory in use (NVML).", gpu, registry=r)
         self.gpu_memory_total = Gauge("infernode_gpu_memory_total_bytes", "GPU memory in all (NVML).", gpu, registry=r)
@@ -176,6 +180,27 @@ def refusal_reason(status: int, code: str | None) -> str:
     if status == 400:
         return "context_length" if code == "context_length_exceeded" else "invalid_request"
     return REFUSAL_REASONS.get(status, "other")
+
+
+class _BatchCollector:
+    """infernode_batches{status}: batches by status, read from the database at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily("infernode_batches", "Batches by status.", labels=["status"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("infernode_batches", "Batches by status.", labels=["status"])
+        counts = self.metrics.batch_counts
+        if counts is not None:
+            try:
+                for status, n in sorted(counts().items()):
+                    family.add_metric([status], float(n))
+            except Exception:  # the database is away: the scrape still answers
+                pass
+        yield family
 
 
 class _LedgerCollector:

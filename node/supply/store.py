@@ -282,18 +282,6 @@ class Store:
     def writer(self, locked: LockedFile) -> BlobWriter:
         return BlobWriter(self, locked)
 
-    def import_file(self, src: Path, locked: LockedFile) -> Path:
-        """Copy a local file into the store, hashing while copying."""
-        if self.has(locked):
-            return self.blob_path(locked.sha256)
-        with self.writer(locked) as w, src.open("rb") as f:
-            if self.has(locked):  # another pull finished it while we waited for the lock
-                return self.blob_path(locked.sha256)
-            w.reset()
-            while chunk := f.read(CHUNK):
-                w.write(chunk)
-            return w.commit()
-
     def rehash(self, locked: LockedFile) -> Problem | None:
         """Re-read one blob and compare with the lock; None when it is good."""
         path = self.blob_path(locked.sha256)

@@ -49,15 +49,14 @@ class OnDemandReplica(Replica):
         self.load_started: float | None = None
         self.last_load_s: float | None = None
 
-    # The gateway counts requests in `inflight` on the replica it routes to; each change
-    # is a use, which is all the idle timer and LRU eviction need (no extra hot-path call).
-    @property
-    def inflight(self) -> int:
-        return self._inflight
+    # Each request's start and end is a use, which is all the idle timer and LRU eviction need
+    # (no extra hot-path call).
+    def begin(self) -> None:
+        super().begin()
+        self.last_used = self.clock()
 
-    @inflight.setter
-    def inflight(self, n: int) -> None:
-        self._inflight = n
+    def end(self) -> None:
+        super().end()
         self.last_used = self.clock()
 
     # -- requests from outside -------------------------------------------------

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -31,7 +30,9 @@ from node.config import SupervisorSection
 from node.workers import probes
 from node.workers.handles import Adoptable, KeeperHandle
 from node.workers.keeper import owner_token
+from node.workers.serving import Serving
 from node.workers.states import WorkerState, check_transition
+from node.workers.worklog import exit_summary, tail_lines
 from runtimes import LaunchPlan, WorkerSpec
 
 S = WorkerState
@@ -39,7 +40,6 @@ S = WorkerState
 # backing off; the cap bounds what polling adds to a load (bench/swap.py measures it).
 READY_POLL_FIRST_S = 0.02
 READY_POLL_MAX_S = 0.1
-_ERROR_LINE = re.compile(r"Error\b|(?i:\berror\b)|\bfatal\b")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,20 +58,6 @@ def spec_hash(spec: WorkerSpec) -> str:
         del body["sleep"]
     body["env"] = dict(sorted(spec.env.items()))
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def tail_lines(path: Path, n: int = 20, max_bytes: int = 16384) -> list[str]:
-    """The last n lines of a log file (cheaply, from its end)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    lines = data.decode("utf-8", "replace").splitlines()
-    return [ln for ln in lines if not ln.startswith("[keeper]")][-n:]
 
 
 @dataclass
@@ -95,7 +81,7 @@ class ReplicaStatus:
 
 
 @dataclass
-class Replica:
+class Replica(Serving):
     """A model replica and the task that keeps it running."""
 
     spec: WorkerSpec
@@ -111,7 +97,6 @@ class Replica:
     since: float = field(default_factory=time.time)
     restarts: int = 0
     last_error: str = ""
-    inflight: int = 0
     plan: LaunchPlan | None = None
     keeper: KeeperHandle | None = None
     adopted: bool = False
@@ -147,11 +132,6 @@ class Replica:
     @property
     def started(self) -> bool:
         return self._task is not None
-
-    @property
-    def openai_base(self) -> str:
-        assert self.plan is not None
-        return self.plan.openai_base
 
     def hold(self, state: WorkerState, reason: str) -> None:
         """Keep a replica that cannot start in `pending` or `failed`, saying why."""
@@ -326,21 +306,8 @@ class Replica:
             self.worker_pid = json.loads(self.state_file.read_text())["worker_pid"]
 
     def _exit_summary(self) -> str:
-        try:
-            info = json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            info = {}
-        code = info.get("exit_code")
-        if code is None and self.keeper and self.keeper.popen is not None:
-            code = self.keeper.popen.returncode
-        what = f"worker exited with code {code}" if code is not None and code >= 0 else (
-            f"worker killed by signal {-code}" if code is not None else "worker exited")
-        last = tail_lines(self.log_path, 8)
-        # The line that names the error, when a traceback's footer follows it (pydantic's "For further
-        # information visit ..."); else the last line.
-        named = [ln for ln in last if _ERROR_LINE.search(ln)]
-        line = (named or last or [""])[-1].strip()
-        return what + (f": {line}" if line else "")
+        popen = self.keeper.popen if self.keeper else None
+        return exit_summary(self.state_file, self.log_path, popen.returncode if popen is not None else None)
 
     async def _probe(self, probe: runtimes.Probe) -> str:
         """'' when the probe passes, else why not."""

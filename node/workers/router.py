@@ -1,29 +1,59 @@
-"""The router: a read-only view of ready replicas, picking the least busy one; and per-model backpressure."""
+"""The router: a read-only view of ready replicas, picking the least busy one."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 
-class Target(Protocol):
-    """What the gateway needs of a replica."""
-
-    id: str
-    inflight: int
+class WorkerView(Protocol):
+    """What the gateway may know of a ready replica, and the only thing it may tell it (begin/end of a request)."""
 
     @property
-    def openai_base(self) -> str: ...
+    def id(self) -> str: ...
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight to it (what least-outstanding routing compares)."""
+
+    @property
+    def openai_base(self) -> str:
+        """Where its /v1 traffic goes (no trailing slash)."""
+
+    @property
+    def stream_usage(self) -> bool:
+        """Whether its streams carry a usage chunk when asked for one."""
+
+    @property
+    def upstream_model(self) -> str | None:
+        """The model name it expects, when it differs from the configured one."""
+
+    @property
+    def uuid_request_ids(self) -> bool:
+        """Whether it rejects an x-request-id that is not a UUID."""
+
+    @property
+    def upstream_headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers sent with every request to it (e.g. an external server's key)."""
+
+    def serves_api(self, api: str) -> bool:
+        """Whether it serves that client API (e.g. "responses") itself."""
+
+    def cannot(self, endpoint: str) -> str | None:
+        """Why it cannot serve that OpenAI endpoint, with the fix; None when it can."""
+
+    def begin(self) -> None:
+        """A request to it starts (counted from before the connection, for routing and idle timers)."""
+
+    def end(self) -> None:
+        """A request to it ended, however it ended."""
 
 
 class Router:
     """Which replicas of which model are ready; updated by the supervisor."""
 
     def __init__(self, models: Iterable[str] = ()) -> None:
-        self._ready: dict[str, list[Target]] = {m: [] for m in models}
+        self._ready: dict[str, list[WorkerView]] = {m: [] for m in models}
         self.context: dict[str, int | None] = {m: None for m in models}
 
     def set_models(self, models: Iterable[str]) -> None:
@@ -31,7 +61,7 @@ class Router:
         self._ready = {m: self._ready.get(m, []) for m in models}
         self.context = {m: self.context.get(m) for m in models}
 
-    def set_ready(self, model: str, targets: Sequence[Target]) -> None:
+    def set_ready(self, model: str, targets: Sequence[WorkerView]) -> None:
         if model in self._ready:
             self._ready = {**self._ready, model: list(targets)}
 
@@ -41,74 +71,15 @@ class Router:
     def models(self) -> list[str]:
         return list(self._ready)
 
-    def ready(self, model: str) -> list[Target]:
+    def ready(self, model: str) -> list[WorkerView]:
         return self._ready.get(model, [])
 
-    def pick(self, model: str, exclude: Target | None = None) -> Target | None:
+    def pick(self, model: str, exclude: WorkerView | None = None) -> WorkerView | None:
         """The ready replica with the fewest requests in flight (None if none)."""
-        best: Target | None = None
+        best: WorkerView | None = None
         for t in self._ready.get(model, ()):
             if t is exclude:
                 continue
             if best is None or t.inflight < best.inflight:
                 best = t
         return best
-
-
-class QueueFull(Exception):
-    """A model's in-flight slots and its queue are all taken."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("queue full")
-        self.retry_after = retry_after
-
-
-class Gate:
-    """Backpressure for one model: `max_inflight` slots, then at most `max_queue` waiters (FIFO)."""
-
-    def __init__(self, max_inflight: int, max_queue: int) -> None:
-        self.max_inflight, self.max_queue = max_inflight, max_queue
-        self.inflight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._avg_s = 1.0  # moving average of request time, for Retry-After
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    async def enter(self, wait_s: float) -> None:
-        """Take a slot, waiting in line up to wait_s; QueueFull when the line is full or too slow."""
-        if self.inflight < self.max_inflight and not self._waiters:
-            self.inflight += 1
-            return
-        if len(self._waiters) >= self.max_queue:
-            raise QueueFull(self.retry_after())
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), wait_s)
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self.leave(0.0)  # the slot was handed over as we gave up: pass it on
-            else:
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise QueueFull(self.retry_after()) from None
-            raise
-
-    def leave(self, duration_s: float) -> None:
-        """Give the slot back, or hand it straight to the next waiter."""
-        if duration_s:
-            self._avg_s += (duration_s - self._avg_s) * 0.05
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.inflight -= 1
-
-    def retry_after(self) -> float:
-        """Seconds until a slot is likely free: the queue ahead drained at the measured pace."""
-        return (len(self._waiters) + 1) * self._avg_s / max(1, self.max_inflight)

@@ -1,4 +1,4 @@
-"""A stand-in for the few `pynvml` (nvidia-ml-py) calls node/gpus.py makes.
+"""A stand-in for the few `pynvml` (nvidia-ml-py) calls node/workers/gpus.py makes.
 
 It follows nvidia-ml-py's module (pynvml.py, NVML API reference at
 docs.nvidia.com/deploy/nvml-api): `nvmlInit` raises `NVMLError_LibraryNotFound`

@@ -115,8 +115,9 @@ class GovernanceTables:
         return record
 
     def list_audit(self, since: float | None = None, until: float | None = None, actor: str | None = None,
-                   action: str | None = None, limit: int = 1000) -> list[AuditRecord]:
-        """Records in seq order, filtered; an `action` ending in '.' matches every action it starts."""
+                   action: str | None = None, limit: int = 1000, offset: int = 0,
+                   newest_first: bool = False) -> list[AuditRecord]:
+        """Records in seq order (or newest first), filtered; an `action` ending in '.' matches every action it starts."""
         where: list[str] = []
         params: list[Any] = []
         if since is not None:
@@ -136,8 +137,8 @@ class GovernanceTables:
                 where.append("action = ?")
                 params.append(action)
         sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY seq LIMIT ?"
-        params.append(limit)
+        sql += " ORDER BY seq" + (" DESC" if newest_first else "") + " LIMIT ? OFFSET ?"
+        params += [limit, offset]
         with self._guard():
             return [_row_to_audit(r) for r in self.backend.query(self._sql(sql), params)]
 

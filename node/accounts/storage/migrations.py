@@ -113,6 +113,61 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE teams ADD COLUMN plan TEXT",
         "ALTER TABLE teams ADD COLUMN budget_usd DOUBLE PRECISION",
     ]),
+    # Batch jobs (OpenAI's Files and Batches API): stored files, batches, and each line's result,
+    # recorded once (its primary key), which is what keeps a recorded line from running again.
+    ("009_files_batches", [
+        """CREATE TABLE batch_files (
+            id TEXT PRIMARY KEY,
+            key_id TEXT,
+            team TEXT,
+            purpose TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            bytes BIGINT NOT NULL,
+            lines BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL
+        )""",
+        "CREATE INDEX batch_files_key ON batch_files (key_id, created_at)",
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            key_id TEXT,
+            team TEXT,
+            input_file_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            metadata TEXT NOT NULL,
+            errors TEXT NOT NULL,
+            total BIGINT NOT NULL,
+            completed BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            in_progress_at DOUBLE PRECISION,
+            finalizing_at DOUBLE PRECISION,
+            completed_at DOUBLE PRECISION,
+            failed_at DOUBLE PRECISION,
+            expired_at DOUBLE PRECISION,
+            cancelling_at DOUBLE PRECISION,
+            cancelled_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX batches_key ON batches (key_id, created_at)",
+        "CREATE INDEX batches_status ON batches (status)",
+        """CREATE TABLE batch_lines (
+            batch_id TEXT NOT NULL,
+            line BIGINT NOT NULL,
+            custom_id TEXT NOT NULL,
+            status_code INTEGER NOT NULL,
+            body TEXT,
+            error_code TEXT,
+            error_message TEXT,
+            request_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        )""",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -59,12 +59,18 @@ class PostgresBackend:
                 cur.executemany(sql, rows)
         self._run(go)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Sequence[Any] = (), timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts; with timeout_s, the server cancels the statement past it (psycopg QueryCanceled)."""
         def go(c: psycopg.Connection) -> list[dict[str, Any]]:
             cur = c.execute(sql, params)
             cols = [d.name for d in cur.description or ()]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
-        return self._run(go)
+        if timeout_s is None:
+            return self._run(go)
+        with self.transaction():
+            # SET LOCAL: the limit ends with this transaction, the pooled connection keeps its default.
+            self.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
+            return self._run(go)
 
     @contextmanager
     def migration_lock(self) -> Iterator[None]:

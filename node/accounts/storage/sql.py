@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from node.accounts.audit import AuditRecord
 from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord
+from node.accounts.storage.batches import BatchTables
 from node.accounts.storage.governance import GovernanceTables
 from node.accounts.storage.migrations import MIGRATIONS
 from node.accounts.teams import TeamRecord
@@ -29,6 +30,10 @@ class StorageUnavailable(Exception):
 
 class StorageConflict(Exception):
     """A write collided with a row that already exists (a duplicate name or id)."""
+
+
+class StorageTimeout(Exception):
+    """A read ran past its time limit and was stopped (ask for less)."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs the request path ~2 µs per row
@@ -69,7 +74,7 @@ class Backend(Protocol):
     def migration_lock(self) -> AbstractContextManager[None]: ...
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None: ...
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+    def query(self, sql: str, params: Sequence[Any] = (), timeout_s: float | None = None) -> list[dict[str, Any]]: ...
     def table_exists(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
@@ -97,15 +102,17 @@ class Storage(Protocol):
     def list_plans(self) -> list[PlanRecord]: ...
     def append_audit(self, record: AuditRecord) -> AuditRecord: ...
     def list_audit(self, since: float | None = None, until: float | None = None, actor: str | None = None,
-                   action: str | None = None, limit: int = 1000) -> list[AuditRecord]: ...
+                   action: str | None = None, limit: int = 1000, offset: int = 0,
+                   newest_first: bool = False) -> list[AuditRecord]: ...
     def iter_audit(self, batch: int = 1000) -> Iterator[AuditRecord]: ...
     def insert_usage(self, rows: list[UsageRow]) -> None: ...
     def usage_since(self, since: float) -> list[UsageRow]: ...
     def usage_totals(self, since: float, column: str) -> dict[str, int]: ...
     def cost_totals(self, since: float, column: str) -> dict[str, float]: ...
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
-                     key_id: str | None = None, team: str | None = None,
-                     model: str | None = None) -> list[dict[str, Any]]: ...
+                     key_id: str | None = None, team: str | None = None, model: str | None = None,
+                     limit: int | None = None, offset: int = 0,
+                     timeout_s: float | None = None) -> list[dict[str, Any]]: ...
     def usage_rows(self, since: float | None = None, until: float | None = None, key_id: str | None = None,
                    team: str | None = None, model: str | None = None, after: tuple[float, str] | None = None,
                    limit: int = 1000) -> list[UsageRow]: ...
@@ -151,7 +158,7 @@ _BUCKETS = {
 }
 
 
-class SqlStorage(GovernanceTables):
+class SqlStorage(GovernanceTables, BatchTables):
     """Keys, teams, tokens, plans, audit and ledger on a SQL backend."""
 
     def __init__(self, backend: Backend) -> None:
@@ -166,6 +173,9 @@ class SqlStorage(GovernanceTables):
         except Exception as exc:
             if any(c.__name__ == "IntegrityError" for c in type(exc).__mro__):
                 raise StorageConflict(str(exc).splitlines()[0]) from exc
+            # sqlite3's progress handler stops a statement as "interrupted"; PostgreSQL cancels it.
+            if (isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted") or type(exc).__name__ == "QueryCanceled":
+                raise StorageTimeout(str(exc).splitlines()[0]) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StorageUnavailable(f"sqlite: {exc}") from exc
             if type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
@@ -288,9 +298,13 @@ class SqlStorage(GovernanceTables):
         return {r["k"]: float(r["n"] or 0) for r in rows}
 
     def usage_report(self, group_by: list[str], since: float | None = None, until: float | None = None,
-                     key_id: str | None = None, team: str | None = None,
-                     model: str | None = None) -> list[dict[str, Any]]:
-        """Totals grouped by any of key, team, model, user, api, day, month (UTC)."""
+                     key_id: str | None = None, team: str | None = None, model: str | None = None,
+                     limit: int | None = None, offset: int = 0,
+                     timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Totals grouped by any of key, team, model, user, api, day, month (UTC), at most `limit` groups.
+
+        Past timeout_s the database stops the query (StorageTimeout).
+        """
         select: list[str] = []
         group: list[str] = []
         for g in group_by:
@@ -311,8 +325,11 @@ class SqlStorage(GovernanceTables):
             sql += " WHERE " + " AND ".join(where)
         if group:
             sql += " GROUP BY " + ", ".join(group) + " ORDER BY " + ", ".join(group)
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [limit, offset]
         with self._guard():
-            rows = self.backend.query(self._sql(sql), params)
+            rows = self.backend.query(self._sql(sql), params, timeout_s)
         for r in rows:
             for k in ("requests", "prompt_tokens", "completion_tokens", "errors"):
                 r[k] = int(r[k] or 0)

@@ -14,8 +14,10 @@ async function load() {
   if (d.actor) q.set("actor", d.actor);
   if (d.action) q.set("action", d.action);
   if (d.since) q.set("since", String(Date.parse(d.since) / 1000));
+  q.set("newest_first", "true");
+  q.set("limit", "1000");
   const r = await api(`/admin/v1/audit?${q}`);
-  const rows = (r.data || []).slice().reverse();
+  const rows = r.data || [];
   results.replaceChildren(table([
     ["Time", (a) => fmtTime(a.ts ?? a.time)],
     ["Actor", (a) => `${a.actor ?? a.actor_id ?? ""}${a.role ? ` (${a.role})` : ""}`],

@@ -5,14 +5,13 @@ const PAGE = 50;
 let keys = [];
 let total = 0;
 let query = "";
-let shown = PAGE;
 let secretBox = null;   // the one place a new secret appears, until the page is left
 const search = el("input", { type: "search", placeholder: "Search name, id, team", id: "key-search",
                              "aria-label": "Search keys" });
 let typing = null;
 search.addEventListener("input", () => {
   clearTimeout(typing);
-  typing = setTimeout(() => { query = search.value; shown = PAGE; load().catch((e) => setStatus(e.message, true)); }, 200);
+  typing = setTimeout(() => { query = search.value; load().catch((e) => setStatus(e.message, true)); }, 200);
 });
 const listBox = el("div", {});
 
@@ -114,7 +113,7 @@ function render() {
     ["", (k) => row_actions(k)],
   ], keys, { empty: "No keys match." });
   const more = total > keys.length
-    ? action(`Show more (${total - keys.length} left)`, async () => { shown += PAGE; await load(); }) : null;
+    ? action(`Show more (${total - keys.length} left)`, async () => { await load(true); }) : null;
   listBox.replaceChildren(el("p", { class: "muted" }, `${total} keys${query ? " match" : ""}`), list, more || "");
 }
 
@@ -128,12 +127,12 @@ function layout() {
     section("Keys", search, listBox));
 }
 
-async function load() {
+async function load(more = false) {
   // One page at a time from the node, newest first: a box may hold tens of thousands of keys.
-  const q = new URLSearchParams({ limit: String(shown), newest_first: "true" });
+  const q = new URLSearchParams({ limit: String(PAGE), offset: String(more ? keys.length : 0), newest_first: "true" });
   if (query) q.set("q", query);
   const r = await api(`/admin/v1/keys?${q}`);
-  keys = r.data;
+  keys = more ? keys.concat(r.data) : r.data;
   total = r.total;
   if (!laidOut) layout();
   render();

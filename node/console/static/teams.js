@@ -30,9 +30,9 @@ const limitCols = [
 ];
 
 async function load() {
-  const teams = (await api("/admin/v1/teams")).data;
+  const teams = (await api("/admin/v1/teams?limit=1000")).data;
   let plans = null, plansNote = null;
-  try { plans = (await api("/admin/v1/plans")).data; }
+  try { plans = (await api("/admin/v1/plans?limit=1000")).data; }
   catch (e) { if (!(e instanceof ApiError && e.status === 404)) throw e; plansNote = "Plans are not available on this node."; }
   const teamTable = table([["Team", (t) => t.name], ["Plan", (t) => t.plan || "–"], ...limitCols,
     ["", (t) => can.manage ? action("Delete", async () => {

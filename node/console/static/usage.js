@@ -2,16 +2,28 @@
 import { api, barChart, content, csv, download, el, fmtNum, role, section, setStatus, table } from "./api.js";
 
 const DAY = 86400;
+const MAX_PAGES = 20;   // usage pages of up to 10,000 groups each, fetched one after another
+
+// Every group of a usage report: the node answers a page at a time.
+async function allGroups(query) {
+  let rows = [];
+  for (let i = 0; i < MAX_PAGES; i++) {
+    const r = await api(`/admin/v1/usage?${query}&limit=10000&offset=${rows.length}`);
+    rows = rows.concat(r.data);
+    if (!r.has_more) break;
+  }
+  return rows;
+}
 const tokens = (r) => (r.prompt_tokens || 0) + (r.completion_tokens || 0);
 
 async function staff(days) {
   const since = Math.floor(Date.now() / 1000 / DAY - days + 1) * DAY;
-  const by = async (g) => (await api(`/admin/v1/usage?group_by=${g}&since=${since}`)).data;
+  const by = (g) => allGroups(`group_by=${g}&since=${since}`);
   const [byDay, byModel, byKey, byTeam] = await Promise.all([by("day"), by("model"), by("key"), by("team")]);
   const chart = (title, rows, label) => barChart(title, rows.map((r) => [label(r), tokens(r)]).sort((a, b) => b[1] - a[1]), " tok");
   const exportBtn = el("button", { type: "button", id: "export-csv" }, "Export CSV (by key and model)");
   exportBtn.addEventListener("click", async () => {
-    const rows = (await api(`/admin/v1/usage?group_by=day,key,model&since=${since}`)).data;
+    const rows = await allGroups(`group_by=day,key,model&since=${since}`);
     const cols = rows.length ? Object.keys(rows[0]) : ["day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens"];
     download(`usage-${days}d.csv`, csv(rows, cols));
   });
