@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -274,7 +275,8 @@ def client(plan: dict) -> None:
             "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(plan["concurrency"]),
             "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl",
             "--ready-check-timeout-sec", "60"])
-        return main(args)
+        with contextlib.redirect_stdout(sys.stderr):  # vLLM's own report: our stdout is the summary
+            return main(args)
 
     def use(target: str) -> None:
         if target == "node":
