@@ -82,9 +82,9 @@ def start_node(work: Path, port: int, vllm_python: Path) -> subprocess.Popen:
     py = sys.executable
     (work / "appliance.toml").write_text(node_config(port, vllm_python))
     cfg = str(work / "appliance.toml")
-    subprocess.run([py, "-m", "node", "lock", "--config", cfg], check=True, cwd=work, capture_output=True)
+    subprocess.run([py, "-m", "node", "lock", "--config", cfg], check=True, cwd=REPO, capture_output=True)
     log = (work / "node.log").open("ab")
-    return subprocess.Popen([py, "-m", "node", "up", "--config", cfg], cwd=work, stdout=log,
+    return subprocess.Popen([py, "-m", "node", "up", "--config", cfg], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
