@@ -17,7 +17,6 @@ import httpx
 
 import runtimes
 from node import __version__
-from node.accounts.keys import KeyRecord
 from node.accounts.ledger import Ledger, rebuild_counters
 from node.accounts.quotas import Quotas
 from node.accounts.reports import Reports
@@ -29,16 +28,17 @@ from node.batches.build import build_batches
 from node.batches.service import Batches
 from node.config import Config, load_config
 from node.console.sessions import SignedIn
-from node.errors import AuthenticationError, NoReadyReplica, OperationFailed, UpstreamError
+from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.gateway.exchange import ModelInfo
 from node.gateway.gateway import Gateway
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
-from node.ops.fleet import FleetReconciler, LiteLLMAdmin, ProxyError, desired_deployments, ensure_fleet_key, read_master_key
 from node.ops.logs import ACCESS_LOGGER
+from node.ops.membership import Membership
 from node.ops.metrics import Metrics
 from node.ops.sampler import Sampler
 from node.supply.lockfile import LockFile, read_lock
+from node.supply.modelcard import ModelCard, card
 from node.supply.pull import pull_entries
 from node.supply.store import Store
 from node.workers.gpus import Inventory, discover
@@ -67,6 +67,7 @@ class Node:
         self.storage: Storage | None = None
         self.ledger: Ledger | None = None
         self.lock = LockFile()
+        self.cards: dict[str, ModelCard] = {}  # what each pinned model is (Ollama's listings), read at start and reload
         self.inventory = Inventory(())
         self.supervisor: Supervisor | None = None
         self.loader: Loader | None = None
@@ -78,7 +79,7 @@ class Node:
         self.starting = True
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
-        self.fleet: FleetReconciler | None = None
+        self.membership = Membership(config, self.accounts, self.ready_models)   # the LiteLLM fleet
         # idle_expiry under uvicorn's 5 s keep-alive (vLLM, SGLang): a pooled connection is dropped
         # before its worker closes it, so a POST is rarely written into a closing connection.
         self.upstream = Pool(connect_timeout=5.0, read_timeout=600.0, max_idle=256, idle_expiry=4.0)
@@ -101,11 +102,16 @@ class Node:
         layout = runtimes.get(m.runtime).LAYOUT if m is not None else None
         return layout.file_format if layout is not None else ""
 
+    def _read_cards(self, lock: LockFile) -> dict[str, ModelCard]:
+        """Each pinned model's card, from its locked files in the store (file reads: call off the loop)."""
+        return {m.name: card(entry, self.store.blob_path) for m in self.config.models
+                if (entry := lock.entry(m.name)) is not None}
+
     def build_gateway(self, ledger: Ledger) -> Gateway:
         return Gateway(
             keys=self.keys, quotas=self.quotas, router=self.router, ledger=ledger, metrics=self.metrics,
             models=self.model_infos(), client=self.upstream,
-            format_of=self._model_format,
+            format_of=self._model_format, card_of=lambda name: self.cards.get(name),
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
         )
 
@@ -140,7 +146,8 @@ class Node:
         # Before the gateway exists: a restart must reset neither a rate window nor a budget.
         rows = await asyncio.to_thread(rebuild_counters, self.storage, self.quotas, time.time())
         log.info("quota counters rebuilt from the ledger (%d rows in the last minute)", rows)
-        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill")
+        self.ledger = Ledger(self.storage, spill_path=self.config.data_dir / "ledger.spill",
+                             quarantine_path=self.config.data_dir / "ledger.quarantine.jsonl")
         self.ledger.start()
         self.metrics.ledger_stats = self.ledger.stats
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="keys-refresh"))
@@ -164,6 +171,7 @@ class Node:
             self.inventory = await asyncio.to_thread(discover, self.nvml)
             if self.config.node.pull_on_start:
                 await self._pull_missing()
+            self.cards = await asyncio.to_thread(self._read_cards, self.lock)
             self.supervisor = Supervisor(self.config, self.lock, self.store, self.inventory, self.router,
                                          self.probe_client, on_change=self._replica_changed)
             self.loader = self._build_loader(self.supervisor)
@@ -177,43 +185,7 @@ class Node:
         if self.batch_api is not None:  # resume what a previous run left, now that workers start
             await self.batch_api.batches.runner.start()
         if self.config.fleet.litellm is not None:
-            await self.start_fleet(register=self.config.fleet.litellm.register_on_start)
-
-    def _fleet(self) -> FleetReconciler:
-        if self.fleet is None:
-            assert self.config.fleet.litellm is not None
-            admin = LiteLLMAdmin(self.config.fleet.litellm.url, read_master_key(self.config))
-            self.fleet = FleetReconciler(self.config, admin, ready_models=self.ready_models, api_key=self.fleet_key)
-        return self.fleet
-
-    async def start_fleet(self, *, register: bool) -> None:
-        """Make (or reuse) the fleet key; with register, keep the proxy's deployments true."""
-        fleet = self._fleet()
-        try:
-            await self.fleet_key()
-        except StorageUnavailable as exc:
-            log.warning("fleet: cannot create the fleet key yet: %s", exc)
-        if register:
-            fleet.start()
-
-    async def fleet_key(self) -> str:
-        """The secret of the node key the fleet proxy uses (created once, then reused)."""
-        return (await self._fleet_key())[1]
-
-    async def _fleet_key(self) -> tuple[str, str, bool]:
-        """(key id, secret, whether it was minted now); every mint is an audit record."""
-        minted = False
-
-        async def mint(**fields: Any) -> tuple[KeyRecord, str]:
-            nonlocal minted
-            record, secret = await self.accounts.create_key(**fields)
-            minted = True
-            await self.accounts.audit_as("node", "node", "node", "fleet.key.create", record.id, record.public(), "")
-            return record, secret
-        key_id, secret = await ensure_fleet_key(self.config, self.keys.get, mint)
-        if self.fleet is not None:
-            self.fleet.status.key_id = key_id
-        return key_id, secret, minted
+            await self.membership.start(register=self.config.fleet.litellm.register_on_start)
 
     def ready_models(self) -> list[str]:
         """Models the node serves now: ready ones, and on-demand ones while they can be loaded."""
@@ -251,8 +223,7 @@ class Node:
             self.metrics.worker_restarts.labels(replica.spec.model, str(replica.spec.replica)).inc()
         if replica.state is WorkerState.FAILED:
             self.alerts.replica_failed(replica.id, replica.spec.model, replica.spec.replica, replica.last_error)
-        if self.fleet is not None:
-            self.fleet.poke()
+        self.membership.poke()
         log.info("replica %s %s%s", replica.id, replica.state.value,
                  f": {replica.last_error.splitlines()[0]}" if replica.last_error and replica.state is not WorkerState.READY else "")
 
@@ -268,16 +239,14 @@ class Node:
                 notes.append("[node] changes take effect at the next restart")
                 config = config.model_copy(update={"node": self.config.node})
             self.config, self.lock = config, lock
-            if self.fleet is not None and config.fleet.litellm is not None:
-                # Per-model rpm/tpm/order/tags may have changed; the proxy URL and key stay until restart.
-                self.fleet.config = config.model_copy(update={"fleet": self.fleet.config.fleet})
-                self.fleet.poke()
+            self.membership.reconfigure(config)
             self.quotas.set_prices(self.prices())
             self.accounts.configure(config)
             if self.gateway is not None:
                 self.gateway.set_models(self.model_infos())
             if config.node.pull_on_start:
                 await self._pull_missing()
+            self.cards = await asyncio.to_thread(self._read_cards, lock)
             summary = await self.supervisor.reload(config, lock)
             log.info("reloaded %s: %s", config.path, summary)
             return {**summary, "notes": notes}
@@ -368,41 +337,19 @@ class Node:
         return await self.loader.unload(name)
 
     def fleet_proxy(self) -> str | None:
-        """The fleet proxy's URL, or None without [fleet.litellm]."""
-        return self.config.fleet.litellm.url if self.config.fleet.litellm is not None else None
+        return self.membership.proxy()
 
     def fleet_status(self) -> dict[str, Any]:
-        if self.fleet is None:
-            return {"enabled": False, "reason": "no [fleet.litellm] section in appliance.toml"}
-        return {**dataclasses.asdict(self.fleet.status), "ready_models": self.ready_models()}
+        return self.membership.status()
 
     async def fleet_register(self) -> dict[str, Any]:
-        """Register this node's models with the proxy now (and keep them true from then on)."""
-        await self.start_fleet(register=True)
-        assert self.fleet is not None
-        try:
-            registered = await self.fleet.sync()
-        except ProxyError as exc:
-            self.fleet.status.last_error = str(exc)
-            raise UpstreamError(str(exc), code="fleet_proxy_error", source="proxy") from None
-        return {**dataclasses.asdict(self.fleet.status), "registered": registered}
+        return await self.membership.register()
 
     async def fleet_deregister(self) -> int:
-        """Remove this node's deployments from the proxy; the number removed."""
-        if self.fleet is None:
-            return 0
-        self.fleet.status.registering = True  # deregister even when it was never started here
-        removed = await self.fleet.stop(deregister=True, timeout=15.0)
-        if self.fleet.status.last_error and self.fleet.status.last_error.startswith("deregistration failed"):
-            raise UpstreamError(self.fleet.status.last_error, code="fleet_proxy_error", source="proxy")
-        return removed
+        return await self.membership.deregister()
 
     async def fleet_deployments(self) -> tuple[str, bool, list[dict[str, Any]]]:
-        """The proxy's deployments for every model, with the fleet key (key id, whether minted now, bodies)."""
-        self._fleet()
-        key_id, secret, minted = await self._fleet_key()
-        deps = desired_deployments(self.config, secret, [m.name for m in self.config.models])
-        return key_id, minted, [d.body() for d in deps]
+        return await self.membership.deployments()
 
     # -- state -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
@@ -429,10 +376,7 @@ class Node:
             t.cancel()
         if self.batch_api is not None:  # lines in flight are not recorded: the next start runs them again
             await self.batch_api.batches.runner.close()
-        if self.fleet is not None:
-            # Leave the fleet before the workers go; a detach (upgrade) keeps the ids for the successor.
-            await self.fleet.stop(deregister=not detach)
-            await self.fleet.admin.aclose()
+        await self.membership.stop(detach=detach)  # leave the fleet before the workers go
         if self.supervisor is not None:
             if detach:
                 await self.supervisor.detach_all()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 
+# The longest Retry-After the node sends: the official SDKs sleep for whatever it says
+# (the anthropic SDK without a cap), so a longer wait is said in a header of its own.
+RETRY_AFTER_CAP_S = 60
+
 
 class NodeError(Exception):
     """Base of every error the node reports to a user or client."""
@@ -32,6 +36,11 @@ class NodeError(Exception):
             self.code = code
         self.source = source
         self.headers = headers or {}
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed if sent again (else clients get `x-should-retry: false`)."""
+        return self.status in (408, 409, 429) or self.status >= 500
 
     def body(self) -> bytes:
         """The OpenAI-shaped error body; `source` says whether node or worker produced it."""
@@ -110,20 +119,31 @@ class BodyTooLarge(NodeError):
 
 
 class RateLimited(NodeError):
-    """429: a quota, rate limit or backpressure limit; always carries an integer Retry-After."""
+    """429: a quota, rate limit or backpressure limit; always carries an integer Retry-After.
+
+    `retry_after` is the wait until the limit frees (a budget's period may end in weeks:
+    cap=None); the Retry-After header says at most RETRY_AFTER_CAP_S. A refusal that
+    waiting a minute cannot cure (`cures_soon=False`: a spent budget) also says
+    `x-should-retry: false`, which the official SDKs obey instead of retrying.
+    """
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, reason: str, cap: float | None = 60, **kw) -> None:
-        # Rate windows end within a minute; a budget's period may end in weeks (cap=None).
+    def __init__(self, message: str, *, retry_after: float, reason: str, cap: float | None = 60,
+                 cures_soon: bool = True, **kw) -> None:
         wait = int(retry_after + 0.999)
         self.retry_after = max(1, wait if cap is None else min(int(cap), wait))
         self.reason = reason
+        self.cures_soon = cures_soon
         headers = dict(kw.pop("headers", None) or {})
-        headers["retry-after"] = str(self.retry_after)
+        headers["retry-after"] = str(min(self.retry_after, RETRY_AFTER_CAP_S))
         super().__init__(message, headers=headers, **kw)
+
+    @property
+    def retryable(self) -> bool:
+        return self.cures_soon
 
 
 class NoReadyReplica(NodeError):
@@ -131,8 +151,14 @@ class NoReadyReplica(NodeError):
     type = "service_unavailable"
     code = "model_not_ready"
 
-    def __init__(self, message: str, *, retry_after: int = 5, **kw) -> None:
-        super().__init__(message, headers={"retry-after": str(retry_after)}, **kw)
+    def __init__(self, message: str, *, retry_after: int = 5, cures_soon: bool = True, **kw) -> None:
+        # cures_soon=False: only an operator can help (a failed load, a model that never fits): not retried.
+        self.cures_soon = cures_soon
+        super().__init__(message, headers={"retry-after": str(min(retry_after, RETRY_AFTER_CAP_S))}, **kw)
+
+    @property
+    def retryable(self) -> bool:
+        return self.cures_soon
 
 
 class UpstreamError(NodeError):

@@ -92,7 +92,8 @@ def make_server(node: Node, config: Config, sock: socket.socket) -> Server:
     app = NodeApp(node, sock.getsockname()[:2])
     return Server(app, max_body_bytes=n.max_body_bytes, request_timeout_s=n.request_timeout_s,
                   keep_alive_s=n.keep_alive_s, write_stall_s=n.write_stall_s, max_connections=n.max_connections,
-                  max_connections_per_ip=n.max_connections_per_ip, head_check=app.check_head)
+                  max_connections_per_ip=n.max_connections_per_ip, head_check=app.check_head,
+                  handshake_timeout_s=n.tls_handshake_timeout_s)
 
 
 def _status_line(node: Node, config: Config) -> str:
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     writer = setup_logging(cfg.node.log_format)
     try:
         uvloop.run(serve(cfg))
+    except ConfigError as exc:   # found at start (a short admin key, a bad models.lock): bad config, exit 2
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
     except NodeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(1)

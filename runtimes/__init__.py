@@ -81,6 +81,39 @@ class SleepControl:
     is_sleeping: str                # GET: JSON {"is_sleeping": bool}
 
 
+class SchemaOutput(str, Enum):
+    """How a runtime takes `response_format: {"type": "json_schema"}`."""
+
+    NATIVE = "native"              # as OpenAI sends it (enforced by the runtime)
+    JSON_OBJECT_SCHEMA = "json_object_schema"  # as {"type": "json_object", "schema": S} (llama-cpp-python's grammar)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Where a runtime's chat/completions dialect differs from OpenAI's; the node maps requests to it.
+
+    The default speaks OpenAI's as is. Each field says what the runtime does differently,
+    so that nothing a client asks for is silently ignored: mapped, or refused with a 400.
+    """
+
+    # The content an assistant turn holding only tool calls must carry (None: `null` is accepted).
+    tool_turn_content: str | None = None
+    # False: the runtime ignores `max_completion_tokens`; the node sends it as `max_tokens`.
+    max_completion_tokens: bool = True
+    schema_output: SchemaOutput = SchemaOutput.NATIVE
+    # Fields the runtime ignores, with the value it always behaves as: another value is a 400 naming the field.
+    ignores: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def native(self) -> bool:
+        """Whether requests go to the runtime unchanged."""
+        return (self.tool_turn_content is None and self.max_completion_tokens
+                and self.schema_output is SchemaOutput.NATIVE and not self.ignores)
+
+
+OPENAI = Dialect()
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: tuple[str, ...]           # empty for a worker the node does not launch (external)
@@ -107,6 +140,7 @@ class LaunchPlan:
     # OpenAI endpoints ("embeddings", ...) this worker cannot serve, with why and the fix:
     # the node answers those with a 400 instead of passing the worker's internal error on.
     cannot: Mapping[str, str] = field(default_factory=dict)
+    dialect: Dialect = OPENAI          # how its chat/completions differ from OpenAI's
 
 
 class Runtime(Protocol):

@@ -14,19 +14,38 @@ the running stream. So the node launches it with `--interrupt_requests False`
 (concurrent requests queue instead of cutting each other short) and probes liveness
 on `/docs`, a static page that does not wait for the lock, so a long generation
 never looks like a dead worker.
+
+Its OpenAI dialect (`DIALECT`, llama-cpp-python 0.3.x): an assistant turn with
+`tool_calls` must carry string content (`null` is a 422); `max_completion_tokens` is
+ignored (`max_tokens` is honoured); `response_format` takes `json_object` with a
+`schema` (grammar-enforced) but not `json_schema`; `n` is ignored (one choice).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from runtimes import LaunchPlan, ModelLayout, Probe, WorkerSpec, flag_value, has_flag, int_or_none, local_plan, python_module_version_argv
+from runtimes import (
+    Dialect,
+    LaunchPlan,
+    ModelLayout,
+    Probe,
+    SchemaOutput,
+    WorkerSpec,
+    flag_value,
+    has_flag,
+    int_or_none,
+    local_plan,
+    python_module_version_argv,
+)
 
 NAME = "llamacpp"
 LAYOUT = ModelLayout.GGUF_FILE
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 DEFAULT_N_CTX = 2048
 USAGE_SHIM = str(Path(__file__).with_name("llamacpp_usage.py"))
+DIALECT = Dialect(tool_turn_content="", max_completion_tokens=False, schema_output=SchemaOutput.JSON_OBJECT_SCHEMA,
+                  ignores={"n": 1})
 
 
 def plan(spec: WorkerSpec) -> LaunchPlan:
@@ -59,6 +78,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         cannot={} if has_flag(spec.args, "--embedding") else {
             "embeddings": "llama.cpp makes embeddings only when started with --embedding; add "
                           "\"--embedding\" to this model's args (and use an embedding model)"},
+        dialect=DIALECT,
     )
 
 

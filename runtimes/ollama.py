@@ -8,11 +8,14 @@ the server has read its manifests, then a warm-up loads it with `keep_alive=-1`
 (`POST /api/generate` with an empty prompt, which the worker sends), and traffic goes to its
 OpenAI-compatible `/v1`. Ollama knows the model as NAME:TAG, which `upstream_model`
 carries when it differs from the served name.
+
+Its OpenAI dialect (`DIALECT`, Ollama's docs/openai.md): `max_tokens` but not
+`max_completion_tokens`, and one choice (`n` is not supported).
 """
 
 from __future__ import annotations
 
-from runtimes import LaunchPlan, ModelLayout, Probe, Warmup, WorkerSpec, int_or_none, local_plan
+from runtimes import Dialect, LaunchPlan, ModelLayout, Probe, Warmup, WorkerSpec, int_or_none, local_plan
 
 NAME = "ollama"
 LAYOUT = ModelLayout.OLLAMA_TREE
@@ -21,6 +24,7 @@ DEFAULT_REGISTRY = "registry.ollama.ai"
 # Requests through /v1 carry no keep_alive: without this default Ollama would unload
 # the model after 5 idle minutes. NOPRUNE keeps it from deleting blobs it did not pull.
 BASE_ENV = {"OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NOPRUNE": "1"}
+DIALECT = Dialect(max_completion_tokens=False, ignores={"n": 1})
 
 
 def ollama_name(source: str) -> str:
@@ -80,6 +84,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         stream_usage=True,
         upstream_model=upstream if upstream != spec.model else None,
         context_length=int_or_none(env.get("OLLAMA_CONTEXT_LENGTH")),
+        dialect=DIALECT,
     )
 
 

@@ -13,11 +13,15 @@ vLLM serves only with `VLLM_SERVER_DEV_MODE=1` (the worker listens on loopback o
 `POST /sleep?level=1` moves the weights to CPU memory and drops the KV cache,
 `POST /wake_up` restores them, `GET /is_sleeping` answers `{"is_sleeping": bool}`.
 vLLM supports it on CUDA and ROCm only; the CPU build refuses the flag at start.
+
+Its chat dialect is OpenAI's: `content: null` tool-call turns, `max_completion_tokens`,
+`response_format: json_schema` (structured outputs) and `n` are all honoured.
 """
 
 from __future__ import annotations
 
 from runtimes import (
+    OPENAI,
     LaunchPlan,
     ModelLayout,
     Probe,
@@ -73,6 +77,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         context_length=int_or_none(flag_value(tuple(argv), "--max-model-len")),
         sleep=SLEEP if spec.sleep else None,
         native_apis=("responses",),  # vLLM's OpenAI server has POST /v1/responses
+        dialect=OPENAI,
     )
 
 

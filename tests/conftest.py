@@ -47,6 +47,9 @@ listen = "127.0.0.1:{port}"
 data_dir = "data"
 adopt_grace_s = 3
 drain_grace_s = 5
+# pacing of failed authentication off: tests send many bad credentials from 127.0.0.1 (on in
+# tests/test_frontdoor_tenants.py)
+auth_failures_per_minute = 0
 
 [supervisor]
 backoff_initial_s = 0.2

@@ -23,9 +23,9 @@ def test_listings(api_node):
     c = client(node, key)
     assert httpx.get(node.url + "/api/version", headers={"authorization": f"Bearer {key}"}).json()["version"]
     names = sorted(m.model for m in c.list().models)
-    assert names == ["stub-model", "tiny-chat", "tiny-vllm"]
+    assert names == ["stub-model:latest", "tiny-chat:latest", "tiny-vllm:latest"]  # Ollama's names carry a tag
     loaded = {m.model: m for m in c.ps().models}
-    assert set(loaded) == {"stub-model", "tiny-chat", "tiny-vllm"} and loaded["tiny-chat"].context_length == 2048
+    assert set(loaded) == set(names) and loaded["tiny-chat:latest"].context_length == 2048
     shown = c.show("tiny-chat")
     assert shown.details.format == "gguf" and "completion" in shown.capabilities
     with pytest.raises(ollama.ResponseError) as e:

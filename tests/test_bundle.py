@@ -138,3 +138,31 @@ def test_export_refuses_an_incomplete_store(tmp_path):
     p = run_cli("bundle", "export", str(tmp_path / "b.tar"), config=tmp_path / "appliance.toml")
     assert p.returncode == 1 and "run `infernode pull` first" in p.stderr
     assert not (tmp_path / "b.tar").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_a_link_member_is_refused_in_one_line(online_box, tmp_path, kind):
+    """A bundle whose blob is a symbolic or hard link (to a missing or an outside file) dies with one clear line."""
+    cfg = load_config(str(online_box / "appliance.toml"))
+    lock = read_lock(cfg.lock_path)
+    entry = lock.entry("tiny-chat")
+    good = tmp_path / "good.tar"
+    export_bundle(Store(cfg.data_dir / "store"), lock.model_copy(update={"models": [entry]}), good)
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as out:
+        for m in src.getmembers():
+            if m.name.startswith("blobs/"):
+                link = tarfile.TarInfo(m.name)
+                link.type, link.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "blobs/nowhere"
+                out.addfile(link)
+            else:
+                out.addfile(m, src.extractfile(m))
+    box = offline_copy(online_box, tmp_path)
+    p = run_cli("pull", "tiny-chat", "--from", str(bad), config=box / "appliance.toml")
+    assert p.returncode == 1, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    word = "symbolic link" if kind == tarfile.SYMTYPE else "hard link"
+    assert "Traceback" not in p.stderr and "KeyError" not in p.stderr, p.stderr
+    assert any(word in ln and "regular files only" in ln for ln in lines), p.stderr
+    partial = Store(box / "data" / "store").partial_dir
+    assert not partial.exists() or not list(partial.iterdir())

@@ -119,3 +119,28 @@ def test_relative_alert_secret_file_signs_from_the_config_folder(tmp_path, monke
     raw = {"node": {"data_dir": "data"}, "alerts": {"webhook_urls": ["http://h/x"], "secret_file": "alert.key"}}
     check = check_alerts(parse_config(raw, tmp_path / "appliance.toml"))
     assert check.level.value == "ok" and "signed" in check.detail
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("x/../../../../outside", False), ("a/b", False), ("..", False), ("a..b", False), ("/abs", False),
+    ("a\\b", False), ("x" * 129, False), ("llama3:8b", True), ("qwen2.5-7b-instruct", True), ("tiny_chat", True),
+])
+def test_model_names_never_leave_the_store(name, ok):
+    """A model name becomes a folder: no separator, no `..`; Ollama's NAME:TAG keeps working."""
+    raw = {"models": [{**M, "name": name}]}
+    if ok:
+        assert parse_config(raw, P).models[0].name == name
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, P)
+    assert "models[0].name" in e.value.message and "\n" not in e.value.message
+
+
+def test_a_hand_edited_lock_cannot_name_a_folder_outside_the_store(tmp_path):
+    from node.supply.lockfile import read_lock
+    lock = tmp_path / "models.lock"
+    lock.write_text('version = 1\n[[models]]\nname = "x/../../../../outside"\nsource = "file:x"\nrevision = "r"\n'
+                    'digest = ""\nfiles = []\n')
+    with pytest.raises(ConfigError) as e:
+        read_lock(lock)
+    assert "name" in e.value.message

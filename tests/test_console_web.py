@@ -203,3 +203,69 @@ def test_the_head_check_refuses_api_calls_without_a_session_and_bounds_bodies():
     assert refused is None and limit == 0               # 0: the admin API's own bound applies
     refused, limit = c.check_head("POST", "/ui/api/v1/chat/completions", h)
     assert refused is None and limit > 1 << 30          # the node's max_body_bytes applies
+
+
+def test_only_our_cookies_are_read_and_in_linear_time():
+    """Seven 8 KiB headers of backslashes took http.cookies 1.1 s; a plain split is linear in them."""
+    import time
+
+    from node.console.web import _cookies
+    c = console()
+    _, cookie = sign_in(c, "sk-admin-secret")
+
+    def cost(n: int) -> float:
+        junk = [(b"cookie", b'a="' + b"\\" * n + b'"; b=' + b"\\;" * (n // 4)) for _ in range(7)]
+        t = time.perf_counter()
+        for _ in range(20):
+            _cookies(junk + [(b"cookie", cookie.encode())])
+        return time.perf_counter() - t
+
+    small, big = min(cost(4000) for _ in range(3)), min(cost(8000) for _ in range(3))
+    assert big < 2.5 * small + 0.002 and big < 0.05, (small, big)
+    h = [(b"cookie", b'x="\\\\\\\\"; ' + cookie.encode() + b"; y=" + b"z" * 5000)]
+    assert c.handle("GET", "/ui/api/session", h, b"").status == 200      # ours found among junk
+    too_long = [(b"cookie", cookie.encode() + b"x" * 200)]
+    assert c.handle("GET", "/ui/api/session", too_long, b"").status == 401
+    assert _cookies([(b"cookie", b"infernode_session=" + b"a" * 129)]) == {}
+    assert _cookies([(b"cookie", b"other=1; infernode_login=tok")]) == {"infernode_login": "tok"}
+
+
+def test_one_principal_cannot_evict_the_sessions_of_others():
+    """10,052 sign-ins with one API key: its own oldest sessions go, every admin's stay."""
+    from node.console.sessions import MAX_PER_PRINCIPAL
+    s = Sessions(max_sessions=10_000)
+    admin_sid, _ = s.open(ADMIN)
+    other = SignedIn("key", "key", "key_2", "bob", None, "sk-bob")
+    bob_sid, _ = s.open(other)
+    mine = [s.open(KEY)[0] for _ in range(10_052)]
+    assert s.get(admin_sid) is not None and s.get(bob_sid) is not None
+    assert len(s) == 2 + MAX_PER_PRINCIPAL
+    assert s.get(mine[-1]) is not None and s.get(mine[0]) is None
+    assert s.close_principal("key_1") == MAX_PER_PRINCIPAL and len(s) == 2
+    # a full table: keys' sign-ins evict the oldest key session, never an admin token's
+    small = Sessions(max_sessions=3)
+    a, _ = small.open(ADMIN)
+    for i in range(10):
+        small.open(SignedIn("key", "key", f"key_{i}", "k", None, "s"))
+    assert small.get(a) is not None and len(small) == 3
+
+
+def test_console_sign_in_is_paced_per_address():
+    from node.accounts.pacing import FailurePacer
+    clock = Clock()
+    c = console(pacer=FailurePacer(per_minute=20, burst=20, clock=clock))
+
+    def attempt(token: str, client: str) -> Answer:
+        form = c.handle("GET", "/ui/login", [], b"")
+        login_cookie = header(form, b"set-cookie")[0].split(b";")[0]
+        csrf = re.search(rb'name="csrf" value="([^"]+)"', form.body).group(1).decode()
+        return c.handle("POST", "/ui/login", [(b"cookie", login_cookie)], f"csrf={csrf}&token={token}".encode(),
+                        client=client)
+
+    statuses = [attempt(f"guess{i}", "10.0.0.9").status for i in range(22)]
+    assert statuses[:20] == [401] * 20 and statuses[20:] == [429, 429]
+    refused = attempt("sk-admin-secret", "10.0.0.9")
+    assert refused.status == 429 and header(refused, b"retry-after") == [b"3"]   # 20/min: one try per 3 s
+    assert attempt("sk-admin-secret", "10.0.0.10").status == 303                # another address signs in
+    clock.t += 3
+    assert attempt("sk-admin-secret", "10.0.0.9").status == 303                 # the bucket refills

@@ -36,7 +36,7 @@ def test_good_setup_passes(tmp_path: Path):
     storage = open_storage(load_config(cfg).database_url())
     storage.migrate()
     storage.close()
-    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456"})
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456-0123456789abcdef"})
     assert rc == 0, text
     assert {c["level"] for c in checks.values()} <= {"ok", "warn"}
     assert checks["runtime llamacpp"]["level"] == "ok" and checks["runtime llamacpp"]["detail"].startswith("installed, version 0.")
@@ -47,7 +47,7 @@ def test_good_setup_passes(tmp_path: Path):
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert all(ln.split()[0] in ("ok", "warn") for ln in lines[:-1]), text   # one line per check
     assert lines[-1].startswith(f"{len(checks)} checks: 0 failed")
-    assert "sk-admin-test-123456" not in text
+    assert "sk-admin-test-123456-0123456789abcdef" not in text
 
 
 def test_broken_setup_fails_and_says_what_to_fix(tmp_path: Path):
@@ -174,11 +174,27 @@ def test_fleet_check_against_a_real_litellm_proxy(tmp_path: Path):
 
 def test_ledger_check_reports_a_spill_file_left_behind(tmp_path: Path):
     cfg = write_config(tmp_path, "")
-    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456"})
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456-0123456789abcdef"})
     assert checks["ledger"]["level"] == "ok" and "no usage rows" in checks["ledger"]["detail"]
     spill = load_config(cfg).data_dir / "ledger.spill"
     spill.parent.mkdir(parents=True, exist_ok=True)
     spill.write_text('{"request_id": "a"}\n{"request_id": "b"}\n{"request_id": "c"}\n')
-    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456"})
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "sk-admin-test-123456-0123456789abcdef"})
     assert checks["ledger"]["level"] == "warn" and "3 usage rows" in checks["ledger"]["detail"]
     assert "ledger" in text and "next start" in text
+
+
+def test_a_short_bootstrap_admin_key_is_refused_by_up_and_named_by_doctor(tmp_path: Path):
+    cfg = write_config(tmp_path, "")
+    rc, checks, text = doctor(cfg, env={"INFERNODE_ADMIN_KEY": "hunter2"})
+    assert checks["admin key"]["level"] == "fail" and "7 characters" in checks["admin key"]["detail"]
+    assert "openssl rand" in text and "hunter2" not in text
+    p = run_cli("up", config=cfg, env={"INFERNODE_ADMIN_KEY": "hunter2"}, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "$INFERNODE_ADMIN_KEY" in lines[0] and "at least 32" in lines[0], p.stderr
+    assert "hunter2" not in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "short.key").write_text("sk-admin-short\n")       # from a file: the file is named
+    cfg.write_text(cfg.read_text().replace("drain_grace_s = 5\n", 'drain_grace_s = 5\nadmin_key_file = "short.key"\n'))
+    p = run_cli("up", config=cfg, env={"INFERNODE_ADMIN_KEY": ""}, timeout=60)
+    assert p.returncode == 2 and "short.key" in p.stderr and "Traceback" not in p.stderr, p.stderr

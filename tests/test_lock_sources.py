@@ -271,3 +271,52 @@ def test_hf_token_is_not_sent_to_the_cdn(tmp_path, monkeypatch):
     finally:
         hub.stop()
         cdn.stop()
+
+
+def test_lock_streams_a_url_when_head_is_refused(tmp_path):
+    """A server that refuses HEAD and gzips a body anyway (597 KiB inflating to ~600 MB took 1.2 GB of RSS):
+    `lock` hashes the bytes as they come, in bounded memory, and they are what `pull` stores."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)          # gzip, made a MiB at a time (no peak in this process:
+    zero = b"\0" * (1 << 20)                           # a child inherits its parent's RSS high-water mark)
+    bomb = b"".join(z.compress(zero) for _ in range(600)) + z.flush()
+    digest = hashlib.sha256(bomb).hexdigest()
+
+    class NoHead(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(405)
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-encoding", "gzip")
+            self.send_header("content-length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoHead)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/m.gguf"
+        box = write_box(tmp_path, model(f"{url}#sha256={digest}"))
+        # in a child, so its peak RSS is its own
+        code = ("import resource, sys; from node.config import load_config; from node.supply.resolve import build_lock;"
+                f"lock = build_lock(load_config({str(box)!r})); f = lock.models[0].files[0];"
+                "print(f.size, f.sha256, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        assert p.returncode == 0, p.stderr
+        size, sha, peak_kb = p.stdout.split()
+        assert int(size) == len(bomb) and sha == digest
+        print(f"lock of a {len(bomb) >> 10} KiB gzip body (600 MiB inflated), HEAD refused: peak RSS {int(peak_kb) >> 10} MiB")
+        assert int(peak_kb) < 200 << 10
+    finally:
+        srv.shutdown()

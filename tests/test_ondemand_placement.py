@@ -105,6 +105,7 @@ def test_memory_aware_eviction_counts_a_foreign_process(tmp_path: Path) -> None:
             with pytest.raises(NoReadyReplica) as e:
                 await node.loader.ensure_loaded("huge")
             assert "needs 30 GiB" in e.value.message and e.value.headers["retry-after"] == "30"
+            assert not e.value.retryable   # only an operator can help: clients get x-should-retry: false
             assert states(node)["a"] == "ready" and evicted == ["a", "b", "c"]
 
             # The foreign process exits: two fit again, nothing is evicted.

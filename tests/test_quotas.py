@@ -92,11 +92,12 @@ def test_budget_per_day_and_month_utc() -> None:
     q.admit(month, "m", now=T0 + 3601)
     mid_month = float(calendar.timegm((2026, 4, 10, 12, 0, 0)))
     q.admit(month, "m", now=mid_month).finish(100, 0, now=mid_month)
-    # Retry-After: the seconds to the period's end (May 1st), not a minute.
+    # The wait is the seconds to the period's end (May 1st), said in x-ratelimit-reset-budget; Retry-After stays
+    # within the SDKs' sane cap (the anthropic SDK sleeps for any value), and the refusal is not retryable.
     err = refused(q, month, mid_month + 86400 * 2)
     may1 = float(calendar.timegm((2026, 5, 1, 0, 0, 0)))
     assert err.retry_after == int(may1 - (mid_month + 86400 * 2))
-    assert err.headers["retry-after"] == str(err.retry_after)
+    assert err.headers["retry-after"] == "60" and not err.retryable
     assert err.headers["x-ratelimit-reset-budget"] == f"{err.retry_after}s"
     assert err.headers["x-ratelimit-limit-budget-tokens"] == "100"
     assert err.headers["x-ratelimit-remaining-budget-tokens"] == "0"
@@ -177,3 +178,48 @@ def test_rebuild_from_ledger_rows() -> None:
     q.admit(key(id="k1", budget_tokens=901, budget_period="month"), "m", now=now)
     assert refused(q, key(id="k2", team="red"), now).reason == "team_budget"
     q.admit(key(id="k1", budget_tokens=501), "m", now=now)
+
+
+def test_end_user_counters_are_bounded_per_key_and_in_size() -> None:
+    """1,500 end users of 200 KB each under one key: at most MAX_PER_KEY counters, none holding the name."""
+    import tracemalloc
+
+    from node.accounts.endusers import MAX_PER_KEY
+    q = Quotas()
+    flooder, other = key(id="flood", user_rpm=5, rpm=100_000), key(id="other", user_rpm=1)
+    q.admit(other, "m", "victim", now=T0).finish(1, 1, now=T0)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(1500):
+        name = f"{i:06d}" + "x" * 200_000
+        q.admit(flooder, "m", name, now=T0 + i * 0.001).finish(1, 1, now=T0 + i * 0.001)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert len(q) <= 2 + MAX_PER_KEY + 1                  # key scopes, the flooder's end users, the victim
+    assert grown < 8 << 20, f"end-user table grew {grown / 2**20:.1f} MiB"
+    # the other key's end user was not evicted by the flood: its limit still holds
+    assert refused(q, other, T0 + 2, "victim").reason == "user_rpm"
+    # the most recent end user of the flooder is still counted
+    last = "001499" + "x" * 200_000
+    for _ in range(4):
+        q.admit(flooder, "m", last, now=T0 + 2)
+    assert refused(q, flooder, T0 + 2, last).reason == "user_rpm"
+
+
+def test_failure_pacer_is_bounded_and_per_address() -> None:
+    from node.accounts.pacing import FailurePacer
+    t = [0.0]
+    p = FailurePacer(per_minute=20, burst=20, max_addresses=1000, clock=lambda: t[0])
+    for _ in range(20):
+        assert p.retry_after("a") == 0
+        p.failed("a")
+    assert p.retry_after("a") == 3 and p.retry_after("b") == 0
+    for i in range(100_000):                     # a spray of addresses: the table stays bounded
+        p.failed(f"10.{i}")
+    assert len(p) == 1000
+    t[0] += 3
+    assert p.retry_after("a") == 0               # evicted, or refilled: either way it may try again
+    off = FailurePacer(per_minute=0)
+    for _ in range(100):
+        off.failed("a")
+    assert off.retry_after("a") == 0 and len(off) == 0

@@ -9,6 +9,7 @@ import pytest
 from node.errors import InvalidRequest, ModelNotFound, RateLimited
 from node.gateway import ollama
 from node.gateway.adapter import Call, ModelView
+from node.supply.modelcard import ModelCard
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -148,19 +149,54 @@ def test_generate_stream_from_completions():
 
 
 VIEWS = [ModelView("a", 0, 2048, True, "gguf"), ModelView("b", 0, None, False, "safetensors")]
+CHAT_CARD = ModelCard(size=1234, digest="ab" * 32, family="llama", parameter_size="0.5M", quantization="F16",
+                      tools=True)
+EMBED_CARD = ModelCard(size=99, digest="cd" * 32, family="bert", embedding=True)
 
 
 def test_listings():
     assert json.loads(ollama.version(VIEWS, None)) == {"version": ollama.VERSION}
-    assert [m["name"] for m in json.loads(ollama.tags(VIEWS, None))["models"]] == ["a", "b"]
+    # Ollama lists names with their tag (Open WebUI tells them apart from the OpenAI connection's by it).
+    assert [m["name"] for m in json.loads(ollama.tags(VIEWS, None))["models"]] == ["a:latest", "b:latest"]
     [loaded] = json.loads(ollama.ps(VIEWS, None))["models"]
-    assert loaded["name"] == "a" and loaded["context_length"] == 2048
+    assert loaded["name"] == "a:latest" and loaded["context_length"] == 2048
     shown = json.loads(ollama.show(VIEWS, {"model": "a:latest"}))
     assert shown["details"]["format"] == "gguf" and shown["model_info"]["unknown.context_length"] == 2048
     with pytest.raises(ModelNotFound):
         ollama.show(VIEWS, {"model": "zzz"})
     with pytest.raises(InvalidRequest):
         ollama.show(VIEWS, {})
+
+
+@pytest.mark.parametrize("name, listed", [("a", "a:latest"), ("qwen2.5:0.5b", "qwen2.5:0.5b"),
+                                          ("hf.co/org/m", "hf.co/org/m:latest"), ("host:5000/m", "host:5000/m:latest")])
+def test_tagged_names(name, listed):
+    assert ollama.tagged(name) == listed
+
+
+def test_listings_from_cards():
+    views = [ModelView("chat", 0, 4096, True, "gguf", CHAT_CARD), ModelView("emb", 0, 512, True, "gguf", EMBED_CARD),
+             ModelView("ext", 0, None, True, "", None)]
+    listed = {m["name"]: m for m in json.loads(ollama.tags(views, None))["models"]}
+    assert listed["chat:latest"]["size"] == 1234 and listed["chat:latest"]["digest"] == "ab" * 32
+    assert listed["chat:latest"]["details"] == {"parent_model": "", "format": "gguf", "family": "llama",
+                                                "families": ["llama"], "parameter_size": "0.5M",
+                                                "quantization_level": "F16"}
+    assert listed["ext:latest"]["size"] == 0 and listed["ext:latest"]["details"]["format"] == "unknown"
+    assert json.loads(ollama.ps(views, None))["models"][1]["digest"] == "cd" * 32
+    chat = json.loads(ollama.show(views, {"model": "chat"}))
+    assert chat["capabilities"] == ["completion", "tools"]
+    assert chat["model_info"] == {"general.architecture": "llama", "llama.context_length": 4096}
+    assert json.loads(ollama.show(views, {"name": "emb:latest"}))["capabilities"] == ["embedding"]
+    assert json.loads(ollama.show(views, {"model": "ext"}))["capabilities"] == ["completion"]
+
+
+def test_model_management_is_refused():
+    with pytest.raises(ollama.ManagedByConfig) as caught:
+        ollama.managed([], {"model": "llama3"})
+    assert caught.value.status == 403 and "appliance.toml" in caught.value.message
+    status, body = ollama.error(caught.value, "r")
+    assert status == 403 and list(json.loads(body)) == ["error"]
 
 
 def test_error_shape():

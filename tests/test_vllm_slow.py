@@ -1,5 +1,6 @@
 """A real vLLM (the CPU build, in its own venv made by .ci/setup-vllm.sh) serving the tiny
-model in HF format through a real node: chat completion, and a stream with usage."""
+model in HF format through a real node: chat completion, a stream with usage, tool results sent
+back through every translated API, and schema-shaped output."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import os
 import signal
 import time
 
+import anthropic
+import ollama
 import openai
 import pytest
+from pydantic import BaseModel
 
 from node.workers.keeper import process_start_time
 from tests.conftest import REPO
@@ -62,10 +66,43 @@ def test_real_vllm_through_the_node(node_factory):
         rows = c.get("/admin/v1/usage", params={"group_by": "model"}).json()["data"]
     [row] = [r for r in rows if r["model"] == "tiny-vllm"]
     assert row["completion_tokens"] >= usage.completion_tokens + chat.usage.completion_tokens
+    _agent_and_schema_paths(node, key, client)
     print(f"vLLM ready through the node in {ready_s:.1f}s")
 
     assert node.stop(signal.SIGTERM, timeout=60) == 0
     assert process_start_time(w["pid"]) is None
+
+
+def _agent_and_schema_paths(node, key: str, client: openai.OpenAI) -> None:
+    """Tool results sent back (a tool-call-only assistant turn) and schema output, on vLLM's own dialect."""
+    loop = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model="tiny-vllm", messages=loop, max_completion_tokens=6, temperature=0)
+    assert 0 < r.usage.completion_tokens <= 6
+    a = anthropic.Anthropic(base_url=node.url, api_key=key, max_retries=0, timeout=120).messages.create(
+        model="tiny-vllm", max_tokens=6, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}])
+    assert a.usage.output_tokens > 0 and a._request_id
+    o = ollama.Client(host=node.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    reply = o.chat(model="tiny-vllm", options={"num_predict": 6}, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}])
+    assert reply.done and reply.eval_count > 0
+    parsed = client.chat.completions.parse(model="tiny-vllm", messages=[{"role": "user", "content": "ok?"}],
+                                           response_format=_Verdict, max_tokens=48, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, _Verdict)
+    shaped = o.chat(model="tiny-vllm", messages=[{"role": "user", "content": "ok?"}],
+                    format=_Verdict.model_json_schema(), options={"num_predict": 48, "temperature": 0})
+    assert _Verdict.model_validate_json(shaped.message.content)
+
+
+class _Verdict(BaseModel):
+    ok: bool
 
 
 SLEEPY = """

@@ -6,6 +6,9 @@ When the database is unavailable the thread appends the rows to a bounded spill 
 (JSON lines) and replays it, oldest first, once the database answers again; inserts
 are idempotent on the node-made request_id, so a replay interrupted half way is simply repeated.
 After SIGKILL at most the rows of one interval (those still in memory) are lost.
+A batch the database refuses (not unavailable: one row it cannot store) is written row by
+row; a row refused alone is quarantined (node/accounts/quarantine.py) and never costs the
+others their place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from node.accounts.quarantine import Quarantine, safe_row
 from node.accounts.quotas import WINDOW, Quotas, day_id, month_start
 from node.accounts.storage import Storage, StorageUnavailable, UsageRow
 
@@ -28,7 +32,8 @@ class Ledger:
     """Batches ledger rows off the request path; spills to disk while the database is away."""
 
     def __init__(self, storage: Storage, *, interval: float = 0.25, batch: int = 500, max_queued: int = 200_000,
-                 spill_path: Path | None = None, max_spill_bytes: int = 256 << 20) -> None:
+                 spill_path: Path | None = None, max_spill_bytes: int = 256 << 20,
+                 quarantine_path: Path | None = None) -> None:
         self.storage = storage
         self.interval, self.batch, self.max_queued = interval, batch, max_queued
         self.spill_path = spill_path
@@ -43,6 +48,7 @@ class Ledger:
         self.dropped = 0
         self.spilled = 0
         self.db_ok = True
+        self.quarantine = Quarantine(quarantine_path)  # rows the database refused, kept aside
 
     def start(self) -> None:
         self._thread.start()
@@ -63,7 +69,8 @@ class Ledger:
     def stats(self) -> dict[str, float | int | bool]:
         """The ledger's health: rows queued now, written, spilled and dropped since start, spill size, database state."""
         return {"queued": len(self._queue), "written": self.written, "spilled": self.spilled, "dropped": self.dropped,
-                "spill_bytes": self.spill_bytes(), "write_failures": self.failures, "database_up": self.db_ok}
+                "spill_bytes": self.spill_bytes(), "write_failures": self.failures, "database_up": self.db_ok,
+                "quarantined": self.quarantine.count, "quarantine_bytes": self.quarantine.size()}
 
     def spill_bytes(self) -> int:
         try:
@@ -86,15 +93,50 @@ class Ledger:
             while self._queue:
                 rows = self._take()
                 try:
-                    self.storage.insert_usage(rows)
+                    self.written += self._write(rows)
                 except StorageUnavailable as exc:
                     self._went_away(exc)
                     self._queue.extendleft(reversed(rows))
                     self._spill_queue()
                     return False
-                self.written += len(rows)
             self.db_ok = True
             return True
+
+    def _write(self, rows: list[UsageRow]) -> int:
+        """Insert a batch; when the database refuses it (a bad row, not an outage), insert row by row.
+
+        Returns the rows that reached the database (a quarantined row's made-safe copy counts)."""
+        try:
+            self.storage.insert_usage(rows)
+            return len(rows)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:  # any refusal: find the row(s) at fault rather than lose the batch
+            if len(rows) > 1:
+                log.warning("a ledger batch of %d rows was refused (%s); writing it row by row", len(rows), exc)
+        written = 0
+        for row in rows:
+            try:
+                self.storage.insert_usage([row])
+                written += 1
+            except StorageUnavailable:
+                raise
+            except Exception as exc:
+                written += self._quarantine(row, exc)
+        return written
+
+    def _quarantine(self, row: UsageRow, exc: Exception) -> bool:
+        """Keep the refused row aside and write its made-safe copy, so usage and budgets still count it."""
+        self.failures += 1
+        try:
+            self.storage.insert_usage([safe_row(row)])
+            written = True
+        except StorageUnavailable:
+            raise  # the row goes back to the queue with its batch, and is tried again later
+        except Exception:
+            written = False
+        self.quarantine.keep(row, str(exc) or type(exc).__name__, written=written)
+        return written
 
     def _went_away(self, exc: Exception) -> None:
         self.failures += 1
@@ -138,13 +180,14 @@ class Ledger:
                     rows.append(UsageRow(**json.loads(line)))
                 except (ValueError, TypeError):
                     log.warning("skipping a torn line in %s", self.spill_path)  # a crash mid-append
+        written = 0
         try:
             for i in range(0, len(rows), self.batch * 4):
-                self.storage.insert_usage(rows[i:i + self.batch * 4])
+                written += self._write(rows[i:i + self.batch * 4])
         except StorageUnavailable as exc:
             self._went_away(exc)
             return False
-        self.written += len(rows)
+        self.written += written
         self.spill_path.unlink()
         log.warning("database is back: replayed %d ledger rows from %s", len(rows), self.spill_path)
         return True

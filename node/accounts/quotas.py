@@ -18,7 +18,8 @@ Semantics (see docs/keys-and-quotas.md):
 - plans: a key or team with a plan takes the plan's value for every limit it does not
   set itself, and the plan's models (with `group:NAME` expanded) unless it lists its own.
 - scopes: the key; its team (the team's limits are shared by all its keys); and, when
-  the key sets user_rpm/user_tpm, each end user (the request's `user` field) under it.
+  the key sets user_rpm/user_tpm, each end user (the request's `user` field) under it
+  (at most endusers.MAX_PER_KEY per key, least recently used out).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from node.accounts.counters import WINDOW, Counter
+from node.accounts.endusers import EndUsers
 from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord, effective
 from node.accounts.teams import TeamRecord
@@ -114,7 +116,8 @@ class Quotas:
     """Per-key, per-team and per-end-user limits held in memory (event loop only, no locks)."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, ...], Counter] = {}
+        self._counters: dict[tuple[str, ...], Counter] = {}   # key and team scopes
+        self._users = EndUsers()                                # end-user scopes, bounded per key
         self.prices: dict[str, tuple[float, float]] = {}   # model -> USD per million (input, output)
         self._teams: dict[str, TeamRecord] = {}
         self._plan_records: dict[str, PlanRecord] = {}
@@ -210,7 +213,7 @@ class Quotas:
         if adm.batch or (key.user_rpm is None and key.user_tpm is None):
             return
         now = time.time() if now is None else now
-        c = self.counter("user", key.id, user)
+        c = self._users.counter(key.id, user)
         lim = Limits("user", key.user_rpm, key.user_tpm, None, None, "day", False)
         plan = adm.scopes + [(c, lim)]
         day, month = self._periods(now)
@@ -279,7 +282,7 @@ class Quotas:
             reset = _period_end(lim.budget_period, now)
             raise RateLimited(f"{who} has used its budget of {lim.budget_tokens} tokens for this "
                               f"{lim.budget_period} (UTC)", retry_after=reset - now, reason=f"{lim.label}_budget",
-                              code="budget_exceeded", cap=None, headers={
+                              code="budget_exceeded", cap=None, cures_soon=False, headers={
                                   **_header_dict(plan, now), "x-ratelimit-limit-budget-tokens": str(lim.budget_tokens),
                                   "x-ratelimit-remaining-budget-tokens": "0",
                                   "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})
@@ -287,7 +290,7 @@ class Quotas:
             reset = _period_end(lim.budget_period, now)
             raise RateLimited(f"{who} has spent its budget of ${lim.budget_usd:g} for this {lim.budget_period} "
                               f"(UTC)", retry_after=reset - now, reason=f"{lim.label}_budget_usd",
-                              code="budget_exceeded", cap=None, headers={
+                              code="budget_exceeded", cap=None, cures_soon=False, headers={
                                   **_header_dict(plan, now), "x-ratelimit-limit-budget-usd": f"{lim.budget_usd:g}",
                                   "x-ratelimit-remaining-budget-usd": "0",
                                   "x-ratelimit-reset-budget": f"{int(reset - now + 0.999)}s"})
@@ -337,14 +340,14 @@ class Quotas:
             if row.key_id:
                 scopes.append(self.counter("key", row.key_id))
                 if row.end_user:
-                    scopes.append(self.counter("user", row.key_id, row.end_user))
+                    scopes.append(self._users.counter(row.key_id, row.end_user))
             if row.team:
                 scopes.append(self.counter("team", row.team))
             for c in scopes:
                 c.hits.append(started)
                 if tokens > 0:
                     c.add_tokens(row.ts, tokens)
-        for c in self._counters.values():
+        for c in (*self._counters.values(), *self._users.counters()):
             # Sort: rows end in a different order than they started.
             if c.hits and any(a > b for a, b in zip(c.hits, list(c.hits)[1:])):
                 c.hits = deque(sorted(c.hits))
@@ -353,17 +356,12 @@ class Quotas:
     def sweep(self, now: float | None = None) -> int:
         """Forget idle end-user counters (they carry no budget); returns how many."""
         now = time.time() if now is None else now
-        gone = []
-        for scope, c in self._counters.items():
+        for c in self._counters.values():
             c.prune(now)
-            if scope[0] == "user" and c.idle():
-                gone.append(scope)
-        for scope in gone:
-            del self._counters[scope]
-        return len(gone)
+        return self._users.sweep(now)
 
     def __len__(self) -> int:
-        return len(self._counters)
+        return len(self._counters) + len(self._users)
 
 
 def _headers(plan: list[tuple[Counter, Limits]], now: float) -> list[tuple[bytes, bytes]]:

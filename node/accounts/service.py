@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from node.accounts.audit import AuditRecord, scrub
 from node.accounts.keys import KeyRecord, KeyRing, hash_secret, new_key_id, new_secret
+from node.accounts.pacing import FailurePacer
 from node.accounts.plans import PlanRecord, effective
 from node.accounts.quotas import Quotas
 from node.accounts.roles import Principal
@@ -57,6 +58,9 @@ class Accounts:
         self.quotas = quotas
         self.keys = KeyRing()
         self.tokens = TokenRing()
+        # failed authentications per client address, across every API (admin, /v1 and friends, console)
+        n = config.node.auth_failures_per_minute
+        self.pacer = FailurePacer(per_minute=n, burst=n)
         self._storage: Storage | None = None
         self._stored_plans: dict[str, PlanRecord] = {}
         self._version: int | None = None

@@ -19,6 +19,7 @@ from typing import Any
 from node.accounts.keys import hash_secret
 from node.accounts.roles import Principal, Role
 from node.config import Config
+from node.errors import ConfigError
 
 TOKEN_PREFIX = "sk-tok-"
 BOOTSTRAP_ID = "bootstrap"
@@ -58,6 +59,18 @@ class TokenRecord:
 
     def updated(self, **changes: Any) -> TokenRecord:
         return replace(self, **changes, updated_at=time.time())
+
+
+MIN_ADMIN_KEY_CHARS = 32   # the bootstrap admin key: shorter ones are refused at start (a guessable master key)
+ADMIN_KEY_FIX = ("set a random key of 32 characters or more (e.g. `openssl rand -base64 32`), or unset it and "
+                 "the node generates one into data_dir/admin.key")
+
+
+def admin_key_problem(key: str) -> str | None:
+    """Why a bootstrap admin key is refused, or None when it is long enough."""
+    if len(key) < MIN_ADMIN_KEY_CHARS:
+        return f"is {len(key)} characters long; at least {MIN_ADMIN_KEY_CHARS} are needed"
+    return None
 
 
 class TokenRing:
@@ -107,9 +120,14 @@ class TokenRing:
 
 
 def ensure_admin_key(config: Config) -> tuple[str, bool]:
-    """The admin key, generating one into data_dir/admin.key (0600) when none is set."""
+    """The admin key, generating one into data_dir/admin.key (0600) when none is set; a short one is refused."""
     key = config.admin_key()
     if key:
+        problem = admin_key_problem(key)
+        if problem:
+            where = (f"${config.node.admin_key_env}" if os.environ.get(config.node.admin_key_env)
+                     else str(config.admin_key_path))
+            raise ConfigError(where, "admin key", problem, ADMIN_KEY_FIX)
         return key, False
     path = config.admin_key_path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 
 from node.accounts.roles import ACTIONS, Principal, may
 from node.accounts.service import Accounts
-from node.errors import AuthenticationError, PermissionDenied
+from node.errors import AuthenticationError, PermissionDenied, RateLimited
 
 
 def bearer(request: Request) -> str:
@@ -23,9 +23,15 @@ def bearer(request: Request) -> str:
 
 
 def authenticate(accounts: Accounts, request: Request) -> Principal:
-    """The caller, or 401 (no token, unknown, revoked)."""
+    """The caller, or 401 (no token, unknown, revoked); 429 first for an address past its failed tries."""
+    source = request.client.host if request.client else ""
+    wait = accounts.pacer.retry_after(source)
+    if wait:
+        raise RateLimited("too many failed authentications from this address; retry later", retry_after=wait,
+                          reason="auth_failures", code="too_many_auth_failures")
     principal = accounts.principal(bearer(request))
     if principal is None:
+        accounts.pacer.failed(source)
         raise AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
     return principal
 

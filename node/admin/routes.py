@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from node.accounts.roles import Principal
 from node.accounts.service import StorageConflict, StorageUnavailable
-from node.admin.access import bearer, need
+from node.admin.access import authenticate, need
 from node.admin.batches import add_batch_routes
 from node.admin.facade import AdminNode
 from node.admin.fleet import add_fleet_routes
@@ -24,7 +24,7 @@ from node.admin.plans import add_plan_routes
 from node.admin.reports import add_audit_routes, add_usage_routes
 from node.admin.teams import add_team_routes
 from node.admin.tokens import add_token_routes
-from node.errors import AuthenticationError, InvalidRequest, NodeError
+from node.errors import AuthenticationError, InvalidRequest, NodeError, RateLimited
 
 
 def build_admin(node: AdminNode) -> FastAPI:
@@ -55,10 +55,12 @@ def build_admin(node: AdminNode) -> FastAPI:
 
     @app.middleware("http")
     async def _authenticated_first(request: Request, call_next: Any) -> Any:
-        # 401 before FastAPI reads or validates a body: a stranger learns nothing of the routes.
-        if accounts.principal(bearer(request)) is None:
-            err = AuthenticationError("admin token required: send Authorization: Bearer <admin key or token>")
-            return JSONResponse(status_code=401, content=json.loads(err.body()))
+        # 401 before FastAPI reads or validates a body: a stranger learns nothing of the routes. A failure
+        # counts against the client's address; past its pace, 429 without the token being looked at.
+        try:
+            authenticate(accounts, request)
+        except (AuthenticationError, RateLimited) as err:
+            return JSONResponse(status_code=err.status, content=json.loads(err.body()), headers=err.headers)
         return await call_next(request)
 
     add_key_routes(app, accounts)

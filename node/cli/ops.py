@@ -65,10 +65,12 @@ def status(config: Optional[str] = ConfigOption, as_json: bool = typer.Option(Fa
                       highlight=False)
     led = data.get("ledger")
     if led:
-        colour = "red" if led["dropped"] or not led["database_up"] else "yellow" if led["spill_bytes"] else "green"
+        colour = ("red" if led["dropped"] or not led["database_up"]
+                  else "yellow" if led["spill_bytes"] or led.get("quarantined") else "green")
         db = "database up" if led["database_up"] else "database unreachable"
         console.print(f"ledger: [{colour}]{db}[/], {led['queued']} rows queued, {led['written']} written, "
-                      f"{led['spilled']} spilled ({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped",
+                      f"{led['spilled']} spilled ({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped, "
+                      f"{led.get('quarantined', 0)} quarantined",
                       highlight=False)
     t = Table(title="replicas", title_justify="left")
     for col in ("model", "replica", "runtime", "state", "since", "restarts", "port", "gpus", "last error"):

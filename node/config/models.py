@@ -13,11 +13,21 @@ from runtimes import NAMES as RUNTIMES
 from runtimes import launched
 
 GpuSelector = int | list[int | str]
+# A model name becomes a folder name (data_dir/store/models/NAME): no path separator, never `..`;
+# Ollama's NAME:TAG and dotted versions (qwen2.5-7b) are fine.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+
+
+def check_model_name(name: str) -> str:
+    """The name, or ValueError when it holds `..` (the pattern already keeps out separators)."""
+    if ".." in name:
+        raise ValueError(f"model name {name!r} may not contain '..' (it names a folder in the store)")
+    return name
 
 
 class ModelConfig(_Section):
-    # The model name clients send in `model`.
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+    # The model name clients send in `model`: letters, digits, `.`, `_`, `:`, `-` (no `/`, no `..`; it names a folder).
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME)]
     # Where the bytes come from: hf:ORG/REPO[@REV][#GLOB], ollama:NAME[:TAG], https://...#sha256=HEX, file:PATH[#GLOB] or builtin:NAME[#GLOB]; not for external.
     source: str = ""
     # vllm, sglang, ollama, llamacpp or external.
@@ -74,6 +84,11 @@ class ModelConfig(_Section):
     idle_unload_s: Annotated[float, Field(ge=0)] = 900.0
     # Idle through the runtime's sleep mode (vLLM) instead of stopping.
     sleep: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        return check_model_name(v)
 
     @field_validator("runtime")
     @classmethod

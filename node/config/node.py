@@ -44,6 +44,11 @@ class NodeSection(_Section):
     write_stall_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     # HTTPS on the node's port: the certificate chain, a PEM file (`infernode tls selfsigned` writes one).
     tls_cert: Path | None = None
+    # Failed authentications one client address may make per minute (and at once) before it gets 429 without its
+    # credential being looked at (admin API, /v1 and the other client APIs, console sign-in, /metrics); 0: no pacing.
+    auth_failures_per_minute: Annotated[int, Field(ge=0, le=1_000_000)] = 20
+    # Seconds a TLS client has, from accept, to finish its handshake (a connection counts against the caps meanwhile).
+    tls_handshake_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     # The certificate's private key, an unencrypted PEM file (may be the same file as tls_cert).
     tls_key: Path | None = None
     # PEM CA certificates: clients must present a certificate one of them signed (mTLS).

@@ -4,7 +4,10 @@ A session id is 256 random bits, sent to the browser as an HttpOnly cookie and k
 only as its SHA-256, so a dump of this table cannot be replayed. The principal's secret
 (an admin token or an API key) stays in memory on the node: the browser never holds it.
 Sessions are bounded (idle and absolute lifetimes, and a cap on their number, the oldest
-going first) so sign-ins in a loop cannot grow the node's memory.
+going first) so sign-ins in a loop cannot grow the node's memory. One principal holds at
+most `max_per_principal` sessions (its own oldest goes first), and when the whole table is
+full a new session evicts the oldest of its own kind (API keys' sign-ins never push out
+admin tokens' sessions), so one key signing in a loop cannot sign anyone else out.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+MAX_PER_PRINCIPAL = 16   # console sessions one admin token or API key may hold at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,20 +54,42 @@ class Sessions:
     """The signed-in sessions, in memory (a node restart signs everyone out)."""
 
     def __init__(self, *, idle_s: float = 1800.0, max_age_s: float = 12 * 3600.0, max_sessions: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_per_principal: int = MAX_PER_PRINCIPAL, clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_s, self.max_age_s, self.max_sessions = idle_s, max_age_s, max_sessions
+        self.max_per_principal = max_per_principal
         self._clock = clock
         self._by_digest: OrderedDict[str, Session] = OrderedDict()
+        # principal id -> its sessions' digests, oldest first; kind -> its sessions' digests, oldest first
+        self._by_principal: dict[str, OrderedDict[str, None]] = {}
+        self._by_kind: dict[str, OrderedDict[str, None]] = {}
 
     def open(self, principal: SignedIn) -> tuple[str, Session]:
         """A new session for `principal`: its cookie value (shown once) and the session."""
+        mine = self._by_principal.get(principal.id)
+        while mine and len(mine) >= self.max_per_principal:
+            self._drop(next(iter(mine)))                       # the principal's own oldest session
+        kind = self._by_kind.get(principal.kind)
+        while len(self._by_digest) >= self.max_sessions and kind:
+            self._drop(next(iter(kind)))                       # the oldest of the same kind, never another kind's
         session_id = secrets.token_urlsafe(32)
         now = self._clock()
         session = Session(principal, secrets.token_urlsafe(32), now, now)
-        self._by_digest[_digest(session_id)] = session
-        while len(self._by_digest) > self.max_sessions:
-            self._by_digest.popitem(last=False)
+        digest = _digest(session_id)
+        self._by_digest[digest] = session
+        self._by_principal.setdefault(principal.id, OrderedDict())[digest] = None
+        self._by_kind.setdefault(principal.kind, OrderedDict())[digest] = None
         return session_id, session
+
+    def _drop(self, digest: str) -> None:
+        session = self._by_digest.pop(digest, None)
+        if session is None:
+            return
+        for index, name in ((self._by_principal, session.principal.id), (self._by_kind, session.principal.kind)):
+            table = index.get(name)
+            if table is not None:
+                table.pop(digest, None)
+                if not table:
+                    del index[name]
 
     def get(self, session_id: str | None) -> Session | None:
         """The live session with this cookie value, or None (unknown, idle too long or too old)."""
@@ -74,7 +101,7 @@ class Sessions:
             return None
         now = self._clock()
         if now - session.seen > self.idle_s or now - session.created > self.max_age_s:
-            del self._by_digest[digest]
+            self._drop(digest)
             return None
         session.seen = now
         self._by_digest.move_to_end(digest)
@@ -82,13 +109,13 @@ class Sessions:
 
     def close(self, session_id: str | None) -> None:
         if session_id:
-            self._by_digest.pop(_digest(session_id), None)
+            self._drop(_digest(session_id))
 
     def close_principal(self, principal_id: str) -> int:
         """End every session of one principal (its key or token was revoked); how many ended."""
-        gone = [d for d, s in self._by_digest.items() if s.principal.id == principal_id]
+        gone = list(self._by_principal.get(principal_id, ()))
         for d in gone:
-            del self._by_digest[d]
+            self._drop(d)
         return len(gone)
 
     def __len__(self) -> int:

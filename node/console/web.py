@@ -16,13 +16,13 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
 import jinja2
 
+from node.accounts.pacing import FailurePacer
 from node.console.sessions import Session, Sessions, SignedIn, csrf_ok
 
 COOKIE = "infernode_session"
@@ -35,6 +35,11 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
+# What docs/console.md promises of every console answer, its forwarded API answers included
+# (node/gateway/dispatch.py puts these over whatever the admin API or the gateway said).
+FORWARD_HEADERS = [*SECURITY_HEADERS, (b"cache-control", b"no-store")]
+MAX_COOKIE_HEADER = 8192   # a longer Cookie header is not looked into
+MAX_COOKIE_VALUE = 128     # our cookies' values are 43 characters; nothing longer is ours
 HTML_CT = (b"content-type", b"text/html; charset=utf-8")
 JSON_CT = (b"content-type", b"application/json")
 STATIC_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8",
@@ -93,11 +98,13 @@ def _static_files() -> dict[str, bytes]:
 class Console:
     """Answers /ui/ itself, or says where a console API call goes (`Forward`)."""
 
-    def __init__(self, identify: Identify, *, secure: bool, node_name: str, sessions: Sessions | None = None) -> None:
+    def __init__(self, identify: Identify, *, secure: bool, node_name: str, sessions: Sessions | None = None,
+                 pacer: FailurePacer | None = None) -> None:
         self.identify = identify
+        self.pacer = pacer if pacer is not None else FailurePacer()
         self.secure = secure
         self.node_name = node_name
-        self.sessions = sessions or Sessions()
+        self.sessions = sessions if sessions is not None else Sessions()  # an empty one is falsy
         self._env = jinja2.Environment(loader=jinja2.PackageLoader("node.console", "templates"),
                                        autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self._static = _static_files()   # a few small files, read once
@@ -113,8 +120,9 @@ class Console:
         # /v1 bodies (a playground chat) are bounded by the node's max_body_bytes, admin bodies by the admin API's.
         return None, (1 << 62) if path.startswith("/ui/api/v1/") else 0
 
-    def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer | Forward:
-        """The answer to one /ui request, or where to forward it."""
+    def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+               client: str = "") -> Answer | Forward:
+        """The answer to one /ui request, or where to forward it (`client`: the address, for pacing sign-ins)."""
         cookies = _cookies(headers)
         if path.startswith("/ui/static/"):
             return self._asset(path.removeprefix("/ui/static/"))
@@ -122,7 +130,7 @@ class Console:
             return _redirect("/ui/")
         if path == "/ui/login":
             if method == "POST":
-                return self._sign_in(cookies, headers, body)
+                return self._sign_in(cookies, body, client)
             return self._login_page("", 200)
         session = self._session(cookies)
         if path.startswith("/ui/api/"):
@@ -160,9 +168,14 @@ class Console:
         return Answer(status, [HTML_CT, (b"cache-control", b"no-store"), *SECURITY_HEADERS,
                                (b"set-cookie", self._cookie(LOGIN_COOKIE, token, path="/ui/login"))], html.encode())
 
-    def _sign_in(self, cookies: dict[str, str], headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
+    def _sign_in(self, cookies: dict[str, str], body: bytes, client: str) -> Answer:
         if len(body) > MAX_FORM_BYTES:
             return self._login_page("That sign-in form is too large.", 413)
+        wait = self.pacer.retry_after(client)
+        if wait:   # before the token is looked at: guessing costs a guesser time, whatever it sends
+            page = self._login_page(f"Too many failed sign-ins from this address; try again in {wait} s.", 429)
+            page.headers.append((b"retry-after", str(wait).encode()))
+            return page
         form = _form(body)
         expected = cookies.get(LOGIN_COOKIE, "")
         presented = form.get("csrf", "")
@@ -171,6 +184,7 @@ class Console:
         secret = form.get("token", "").strip()
         principal = self.identify(secret) if secret else None
         if principal is None:
+            self.pacer.failed(client)
             return self._login_page("That token or key is not valid here.", 401)
         session_id, session = self.sessions.open(principal)
         home = "/ui/" if principal.role != "key" else "/ui/usage"
@@ -239,16 +253,20 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 def _cookies(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The console's own cookies only, by a plain split (linear; no http.cookies, whose parser is
+    quadratic in backslashes on some Pythons); anything unusual is simply not ours."""
     jar: dict[str, str] = {}
     for k, v in headers:
-        if k == b"cookie" and len(v) <= 8192:
-            c: SimpleCookie = SimpleCookie()
-            try:
-                c.load(v.decode("latin-1"))
-            except CookieError:
-                continue
-            jar.update({name: m.value for name, m in c.items()})
+        if k != b"cookie" or len(v) > MAX_COOKIE_HEADER:
+            continue
+        for part in v.split(b";"):
+            name, eq, value = part.strip().partition(b"=")
+            if eq and name in _OUR_COOKIES and len(value) <= MAX_COOKIE_VALUE:
+                jar.setdefault(name.decode("ascii"), value.decode("latin-1"))
     return jar
+
+
+_OUR_COOKIES = frozenset({COOKIE.encode(), LOGIN_COOKIE.encode()})
 
 
 def _form(body: bytes) -> dict[str, str]:
@@ -270,4 +288,4 @@ def _json(status: int, body: dict[str, Any]) -> Answer:
     return Answer(status, [JSON_CT, (b"cache-control", b"no-store"), *SECURITY_HEADERS], json.dumps(body).encode())
 
 
-__all__ = ["Answer", "Console", "Forward", "PAGES", "SignedIn"]
+__all__ = ["FORWARD_HEADERS", "Answer", "Console", "Forward", "PAGES", "SignedIn"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import InvalidRequest, NodeError
+from node.supply.modelcard import ModelCard
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class ModelView:
     context_len: int | None
     loaded: bool
     format: str = ""        # the weights' file format ("gguf", "safetensors"), as its runtime's adapter says
+    card: ModelCard | None = None  # what its locked files say it is (size, digest, family, kind); None: no files
 
 
 class StreamTranslator(Protocol):
@@ -87,7 +89,16 @@ def _openai_error(err: NodeError, rid: str) -> tuple[int, bytes]:
 
 
 # OpenAI's /v1 paths: the worker speaks the API already, so bodies pass through (node/gateway/relay.py).
-OPENAI = Route(api="openai", error=_openai_error, credential=bearer, passthrough=True)
+def _openai_credential(req: Any) -> bytes | None:
+    """A bearer token; on the model routes also the `x-api-key` the anthropic SDK sends (models.retrieve)."""
+    token = bearer(req)
+    if token is None and (req.path == b"/v1/models" or req.path.startswith(b"/v1/models/")):
+        key = req.header(b"x-api-key")
+        return key.strip() if key else None
+    return token
+
+
+OPENAI = Route(api="openai", error=_openai_error, credential=_openai_credential, passthrough=True)
 
 
 def sse_chunks(out: bytes) -> list[dict[str, Any]]:

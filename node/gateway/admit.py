@@ -4,7 +4,8 @@ In the code's order: the key (from the head when dispatch already checked it), r
 admission (rpm counts the request from here, however it ends), the body decoded as
 UTF-8 JSON, the model and the key's right to it, another API's body translated to
 OpenAI's, the end user's admission, the fields the node itself reads, the context
-check, and whether any model of the fallback chain can serve now. Bad input of any
+check, and whether any model of the fallback chain can serve now. Decoding and the
+checks of the fields clients send are node/gateway/intake.py's and fields.py's. Bad input of any
 shape is a 4xx in the client API's error shape; the rest of the body is the worker's.
 """
 
@@ -24,25 +25,10 @@ from node.gateway.adapter import OPENAI, Call, Route
 from node.gateway.call import chain
 from node.gateway.exchange import Admitted, Exchange, ModelInfo
 from node.gateway.httpd import Request
+from node.gateway.intake import Intake, decode, parse  # noqa: F401  (parse: gateway.py reads local bodies with it)
 from node.workers.router import Router
 
 log = logging.getLogger("infernode.gateway")
-
-
-def parse(body: bytes) -> dict[str, Any]:
-    """A request body: a JSON object, or a 400."""
-    try:
-        # RFC 8259: JSON on the wire is UTF-8; decoding it first skips json's encoding sniffing.
-        req = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InvalidRequest("request body is not UTF-8 JSON") from None
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
-    if not isinstance(req, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return req
 
 
 class Admitter:
@@ -54,6 +40,7 @@ class Admitter:
         self.log_prompts = log_prompts
         self.loads_on_demand = loads_on_demand  # an on-demand model without a ready replica is loaded, not refused
         self.draining = False
+        self.intake = Intake()  # bodies decoded and checked; large ones (and their translation) off the loop
 
     def authenticate(self, req: Request, route: Route) -> KeyRecord:
         """The key's record for a request; AuthenticationError when it has none or a bad one."""
@@ -78,11 +65,12 @@ class Admitter:
                              api=lane or route.api, client_rid=client_rid)
 
     def check(self, req: Request, route: Route, key: KeyRecord, adm: Admission, ex: Exchange,
-              models: Mapping[str, ModelInfo], ridb: bytes) -> Admitted:
+              models: Mapping[str, ModelInfo], ridb: bytes, body: dict[str, Any] | None = None) -> Admitted:
         """Decode and check what the node itself reads of a body (model, user, stream_options, the prompt's
-        size) and translate another API's; the rest is the worker's."""
+        size) and translate another API's; the rest is the worker's. `body`: already decoded (Intake.read)."""
         raw = req.body
-        body = parse(raw)
+        if body is None:
+            body = decode(raw, route.api)
         path = req.path
         model = body.get("model")
         if not isinstance(model, str) or not model:

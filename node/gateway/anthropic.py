@@ -308,19 +308,20 @@ class MessageStream:
             if self.kind != "text" or self.open < 0:
                 out += self._block({"type": "text", "text": ""}, "text")
             out += _TEXT_DELTA % (self.open, json.dumps(text).encode())
+        parts = [out]  # one join: a chunk may carry many tool calls
         for tc in delta.get("tool_calls") or ():
             at = tc.get("index", 0)
             fn = tc.get("function") or {}
             if at not in self.tools:
                 self.tools[at] = self.index
-                out += self._block({"type": "tool_use", "id": tc.get("id") or f"toolu_{self.call.rid}_{at}",
-                                    "name": fn.get("name") or "", "input": {}}, "tool_use")
+                parts.append(self._block({"type": "tool_use", "id": tc.get("id") or f"toolu_{self.call.rid}_{at}",
+                                          "name": fn.get("name") or "", "input": {}}, "tool_use"))
             args = fn.get("arguments")
             if args and self.tools[at] == self.open:
-                out += _JSON_DELTA % (self.open, json.dumps(args).encode())
+                parts.append(_JSON_DELTA % (self.open, json.dumps(args).encode()))
         if choice.get("finish_reason"):
             self.reason, self.matched = _stop(choice, self.call.req)
-        return out
+        return b"".join(parts) if len(parts) > 1 else out
 
     def finish(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         out = (b"" if self.started else self._start()) + self._close()

@@ -10,6 +10,13 @@ from node.errors import NodeError
 
 _DECODER = json.JSONDecoder()
 _USAGE_VALUE = re.compile(rb'"usage"\s*:\s*\{')
+MESSAGE_CHARS = 1000  # a worker's error message as a client sees it, at most
+# What a worker's error may carry that a client must not see: traceback lines and file paths.
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s*File \"", re.M)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+)+\.\w{1,8}\b"  # a file: /x/y/app.py, C:\\m\\w.gguf
+                   r"|/(?:home|usr|opt|tmp|var|root|srv|mnt|data|app|lib|etc|run|proc|nix|Users|work)\b[\w.+@~/-]*"
+                   r"|\b[\w-]+\.pyc?\b")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def usage_of(raw: bytes) -> dict[str, Any] | None:
@@ -38,6 +45,16 @@ def usage_of(raw: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+def scrub(message: str) -> str:
+    """A worker's error message without its internals: no traceback, no file paths, no control characters, bounded."""
+    message = message[:4 * MESSAGE_CHARS]
+    cut = _TRACEBACK.search(message)
+    if cut is not None:
+        message = message[:cut.start()]
+    message = _CONTROL.sub(" ", _PATH.sub("<path>", message)).strip()
+    return message[:MESSAGE_CHARS] or "the worker refused the request"
+
+
 def tokens(usage: dict[str, Any]) -> tuple[int, int]:
     """(prompt, completion) tokens of a usage object: OpenAI's chat/completions names, or the Responses API's."""
     return (int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
@@ -54,10 +71,14 @@ class WorkerRefused(NodeError):
 
 
 def worker_message(raw: bytes) -> str:
-    """The message of a worker's error body (OpenAI's shape, FastAPI's `detail`, or text)."""
+    """The message of a worker's error body (OpenAI's shape, FastAPI's `detail`, or text), scrubbed of internals."""
+    return scrub(_message_of(raw))
+
+
+def _message_of(raw: bytes) -> str:
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace")[:2000]
     if isinstance(obj, dict):
         err = obj.get("error")
@@ -71,18 +92,25 @@ def worker_message(raw: bytes) -> str:
 
 
 def worker_error(raw: bytes, status: int) -> bytes:
-    """A worker's error, in OpenAI's shape, marked as coming from the worker."""
+    """A worker's error, in OpenAI's shape, marked as coming from the worker, its message scrubbed."""
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        obj["error"]["source"] = "worker"
-        obj["error"].setdefault("type", "invalid_request_error" if status < 500 else "upstream_error")
-        return json.dumps(obj).encode()
-    message = obj.get("detail") if isinstance(obj, dict) and "detail" in obj else raw.decode("utf-8", "replace")[:2000]
+    err = obj.get("error") if isinstance(obj, dict) else None
+    kind = "invalid_request_error" if status < 500 else "upstream_error"
+    if isinstance(err, dict):
+        message, param, code = err.get("message"), err.get("param"), err.get("code")
+        if isinstance(err.get("type"), str) and status < 500:
+            kind = err["type"]
+    else:
+        message = obj.get("detail") if isinstance(obj, dict) and "detail" in obj else err
+        param, code = None, str(status)
+        if message is None:
+            message = raw[:4 * MESSAGE_CHARS].decode("utf-8", "replace")
     if not isinstance(message, str):
-        message = json.dumps(message)
+        message = json.dumps(message)[:4 * MESSAGE_CHARS]
     return json.dumps({"error": {
-        "message": message, "type": "invalid_request_error" if status < 500 else "upstream_error",
-        "param": None, "code": str(status), "source": "worker"}}).encode()
+        "message": scrub(message), "type": kind[:64], "param": param if isinstance(param, str) else None,
+        "code": code if isinstance(code, (str, int)) and not isinstance(code, bool) else None,
+        "source": "worker"}}).encode()

@@ -18,6 +18,7 @@ from typing import Any
 
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest, NoReadyReplica, UpstreamTimeout
+from node.gateway.dialect import adapt
 from node.gateway.exchange import Admitted, Exchange, ModelInfo, Upstream, WorkerUnreachable
 from node.gateway.schedule import Gate, QueueFull, Schedule
 from node.gateway.upstream import ConnectFailed, Pool, TimedOut, UpstreamFailure
@@ -149,6 +150,9 @@ def _body(a: Admitted, ex: Exchange, target: WorkerView) -> tuple[bytes, bool, b
     changed = False
     if ex.stream and target.stream_usage and not wants_usage and ex.endpoint in ("chat", "completions"):
         req["stream_options"] = {**(options or {}), "include_usage": True}
+        changed = True
+    spoken = target.dialect
+    if spoken is not None and ex.endpoint in ("chat", "completions") and adapt(req, spoken):
         changed = True
     name = target.upstream_model or ex.model
     if name != req.get("model"):  # the worker's own name, or the fallback's

@@ -8,7 +8,11 @@ The node has no tokenizer on the hot path, so it only rejects what is certain:
   by MAX_BYTES_PER_TOKEN (no common tokenizer has ordinary tokens longer than that;
   runs of one character, which some vocabularies do merge into long tokens, are why
   runs count once). Anything less certain goes to the worker, which enforces its
-  own limit and whose 400 is passed through.
+  own limit and whose 400 is passed through;
+- a chat whose messages alone, at MESSAGE_TOKENS each (what every chat template adds
+  around a message at the least: a role marker and an end-of-turn mark), plus
+  `max_tokens` exceed it: 32,000 empty messages are refused here, not ground through
+  by the worker's template and tokenizer.
 
 The work is bounded whatever the body: the run-collapsed length is counted without a
 regex (byte-wise XOR of the text and itself shifted by one, in C) over at most
@@ -23,6 +27,7 @@ from typing import Any
 from node.errors import InvalidRequest
 
 MAX_BYTES_PER_TOKEN = 32
+MESSAGE_TOKENS = 3  # template tokens per chat message, a floor (ChatML, Llama 3 and Gemma add 5 or more)
 SCAN_BYTES = 512 << 10  # prompt bytes looked at per request at most (~2.5 ms of CPU in the worst case)
 
 
@@ -47,6 +52,14 @@ def check(req: dict[str, Any], endpoint: str, context_len: int | None) -> None:
         raise InvalidRequest(
             f"{param} is {max_tokens}, but this model's context is {context_len} tokens; "
             f"ask for at most {context_len} tokens, prompt included", param=param, code="context_length_exceeded")
+    if endpoint == "chat":
+        messages = req.get("messages")
+        count = len(messages) if isinstance(messages, list) else 0
+        if count * MESSAGE_TOKENS + max_tokens > context_len:  # before any walk of the messages
+            raise InvalidRequest(
+                f"the request has {count} messages, at least {count * MESSAGE_TOKENS} tokens of chat template, "
+                f"and {param} is {max_tokens}: together more than this model's context of {context_len} tokens",
+                param="messages", code="context_length_exceeded")
     ids, texts = _prompt(req, endpoint)
     if ids + max_tokens > context_len:
         raise InvalidRequest(
@@ -86,7 +99,7 @@ def _prompt(req: dict[str, Any], endpoint: str) -> tuple[int, list[bytes]]:
                 texts.append(_utf8(content))
             elif isinstance(content, list):
                 texts += [_utf8(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        return 0, texts
+        return len(messages or ()) * MESSAGE_TOKENS, texts
     prompt = req.get("prompt")
     if isinstance(prompt, str):
         texts.append(_utf8(prompt))

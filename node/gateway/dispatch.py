@@ -25,9 +25,9 @@ import uuid
 from typing import TYPE_CHECKING
 
 from node.admin.routes import build_admin
-from node.console.web import Answer, Console
+from node.console.web import FORWARD_HEADERS, Answer, Console
 from node.errors import AuthenticationError, NodeError, NoReadyReplica, NotFound, RateLimited
-from node.gateway import anthropic, ollama, responses
+from node.gateway import anthropic, fields, ollama, responses
 from node.gateway.adapter import Route, bearer
 from node.gateway.asgi import serve_asgi
 from node.gateway.exchange import JSON_CT, error_headers
@@ -52,7 +52,8 @@ class NodeApp:
         self.admin = build_admin(node)
         self.server_addr = server_addr
         self.scheme = node.config.node.scheme
-        self.console = Console(node.identify, secure=self.scheme == "https", node_name=node.config.node.name)
+        self.console = Console(node.identify, secure=self.scheme == "https", node_name=node.config.node.name,
+                               pacer=node.accounts.pacer)
         env = node.config.node.metrics_token_env
         self.metrics_token: bytes | None = None
         if env:
@@ -69,8 +70,12 @@ class NodeApp:
         if route is not None or path.startswith(b"/v1/"):
             return self._authenticate(req, route) or self._batch_head(req)
         if path == b"/metrics" and self.metrics_token is not None:
+            paced = self._paced(req)
+            if paced is not None:
+                return Refusal(paced.status, error_headers(paced, _request_id(req)), paced.body())
             presented = bearer(req) or b""
             if not self.metrics_token or not hmac.compare_digest(presented, self.metrics_token):
+                self.node.accounts.pacer.failed(req.client)
                 err = AuthenticationError("metrics token required: send Authorization: Bearer <token>",
                                           code="invalid_metrics_token", headers={"www-authenticate": "Bearer"})
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
@@ -87,6 +92,13 @@ class NodeApp:
                 return Refusal(401, error_headers(err, _request_id(req)), err.body())
         return None
 
+    def _paced(self, req: Request) -> RateLimited | None:
+        """429 for an address past its failed authentications (node/accounts/pacing.py), before any credential is read."""
+        wait = self.node.accounts.pacer.retry_after(req.client)
+        if not wait:
+            return None
+        return RateLimited("too many failed authentications from this address; retry later", retry_after=wait,
+                           reason="auth_failures", code="too_many_auth_failures")
     def _batch_head(self, req: Request) -> Refusal | None:
         """A file upload gets the upload limit as its body limit, while an upload slot is free (node/batches/api.py)."""
         batch_api = self.node.batch_api
@@ -104,23 +116,28 @@ class NodeApp:
         gateway = self.node.gateway
         if gateway is None:
             return None  # still starting: the handler answers 503
-        try:
-            req.auth = gateway.authenticate(req, route)
-        except AuthenticationError as err:
-            gateway.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
-            rid = _request_id(req)
-            status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
-            return Refusal(status, error_headers(err, rid), body)
-        return None
+        err: NodeError | None = self._paced(req)
+        if err is None:
+            try:
+                req.auth = gateway.authenticate(req, route)
+                return None
+            except AuthenticationError as exc:
+                self.node.accounts.pacer.failed(req.client)
+                err = exc
+        gateway.metrics.refused.labels(refusal_reason(err.status, err.code)).inc()
+        rid = _request_id(req)
+        status, body = (err.status, err.body()) if route is None else route.error(err, rid.decode("latin-1"))
+        return Refusal(status, error_headers(err, rid), body)
 
     async def __call__(self, req: Request, conn: Connection) -> None:
         path = req.path
         if path == b"/ui" or path.startswith(b"/ui/"):
-            ui = self.console.handle(req.method, path.decode("latin-1"), req.headers, req.body)
+            ui = self.console.handle(req.method, path.decode("latin-1"), req.headers, req.body, client=req.client)
             if isinstance(ui, Answer):
                 return conn.respond(ui.status, ui.headers + [(b"x-request-id", _request_id(req))], ui.body)
             req.path, req.headers = ui.path, ui.headers
             path = req.path
+            conn.override_headers = FORWARD_HEADERS  # the console's security headers on what comes back
         gateway = self.node.gateway
         route = API_ROUTES.get(path)
         if (route is not None or path.startswith(b"/v1/")) and gateway is not None:
@@ -153,5 +170,5 @@ class NodeApp:
 
 
 def _request_id(req: Request) -> bytes:
-    rid = req.header(b"x-request-id")
-    return rid[:128] if rid else uuid.uuid4().hex.encode()
+    rid = fields.request_id(req.header(b"x-request-id"))  # printable ASCII only: it reaches logs
+    return rid.encode() if rid else uuid.uuid4().hex.encode()

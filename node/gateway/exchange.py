@@ -24,9 +24,13 @@ if TYPE_CHECKING:
 JSON_CT = [(b"content-type", b"application/json")]
 
 
+NO_RETRY = [(b"x-should-retry", b"false")]  # the official SDKs' word for "do not send this again"
+
+
 def error_headers(err: NodeError, rid: bytes) -> list[tuple[bytes, bytes]]:
     """The headers of an error answer: JSON, the request id, and the error's own (Retry-After, x-ratelimit-*)."""
-    return JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    out = JSON_CT + [(b"x-request-id", rid)] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    return out if err.retryable else out + NO_RETRY
 
 
 class WorkerUnreachable(UpstreamError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
@@ -22,10 +21,11 @@ from node.accounts.keys import KeyRecord, KeyRing
 from node.accounts.ledger import Ledger
 from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest, NodeError, NotFound, RateLimited
+from node.gateway import catalog, fields
 from node.gateway.adapter import OPENAI, ModelView, Route
 from node.gateway.admit import Admitter, parse
 from node.gateway.call import Caller
-from node.gateway.exchange import JSON_CT, Admitted, ModelInfo, error_headers
+from node.gateway.exchange import Admitted, ModelInfo, error_headers
 from node.gateway.httpd import Connection, Request
 from node.gateway.me import SelfUsage, self_service
 from node.gateway.relay import relay
@@ -33,6 +33,7 @@ from node.gateway.schedule import QUEUE_WAIT_S, Schedule
 from node.gateway.settle import Books, Settlement
 from node.gateway.upstream import Pool
 from node.ops.metrics import Metrics, refusal_reason
+from node.supply.modelcard import ModelCard
 from node.workers.router import Router
 
 log = logging.getLogger("infernode.gateway")
@@ -51,11 +52,13 @@ class Gateway:
 
     def __init__(self, *, keys: KeyRing, quotas: Quotas, router: Router, ledger: Ledger, metrics: Metrics,
                  models: dict[str, ModelInfo], client: Pool, format_of: Callable[[str], str] = lambda model: "",
+                 card_of: Callable[[str], ModelCard | None] = lambda model: None,
                  queue_wait_s: float = QUEUE_WAIT_S, log_prompts: bool = False,
                  ensure_loaded: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.keys, self.quotas, self.router, self.ledger, self.metrics = keys, quotas, router, ledger, metrics
         self.models = models
         self.format_of = format_of      # model name: its weights' file format
+        self.card_of = card_of          # model name: what its locked files say it is (Ollama's listings)
         self.schedule = Schedule(models, queue_wait_s)
         self.admitter = Admitter(keys, quotas, router, log_prompts=log_prompts,
                                  loads_on_demand=ensure_loaded is not None)
@@ -105,7 +108,7 @@ class Gateway:
         """Answer one `/v1` request, or one of another client API's (`route`: how to translate it)."""
         nid = self.new_id()
         rid_in = req.header(b"x-request-id")
-        client_rid = rid_in.decode("latin-1")[:128] if rid_in else None
+        client_rid = fields.request_id(rid_in)
         rid = client_rid or nid
         ridb = rid.encode("latin-1")
         api = route or OPENAI
@@ -117,7 +120,8 @@ class Gateway:
                 return await self._local(api, key, req, ridb, conn)
             adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid, req.lane)
             settlement = self.books.open(ex, adm, self.models)
-            a = self.admitter.check(req, api, key, adm, ex, self.models, ridb)
+            body, api = await self.admitter.intake.read(req.body, api.api, api)
+            a = self.admitter.check(req, api, key, adm, ex, self.models, ridb, body)
             api = a.route  # a runtime that serves the API itself gets it passed through (errors in OpenAI's shape)
             await self._serve(a, settlement, conn)
         except NodeError as err:
@@ -145,7 +149,7 @@ class Gateway:
             if req.method != route.method:
                 raise InvalidRequest(f"use {route.method} for {path.decode('latin-1')}", code="method_not_allowed")
             return None if route.local is not None else ""
-        if req.method == "GET" and (path == b"/v1/models" or path in (b"/v1/me", b"/v1/me/usage")):
+        if req.method == "GET" and (catalog.is_catalog(path) or path in (b"/v1/me", b"/v1/me/usage")):
             return None
         endpoint = PROXIED.get(path)
         if endpoint is None:
@@ -186,16 +190,12 @@ class Gateway:
     async def _local(self, route: Route, key: KeyRecord, req: Request, ridb: bytes, conn: Connection) -> None:
         """A path the node answers itself: OpenAI's model list, /v1/me, another API's listings and details."""
         if route.passthrough:
-            if req.path != b"/v1/models":
-                return await self_service(self, key, req, ridb, conn)
-            data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "infernode",
-                     "max_model_len": self.context_len(m)}
-                    for m in self.models.values() if self.quotas.allows(key, m.name)]
-            conn.respond(200, JSON_CT + [(b"x-request-id", ridb)], json.dumps({"object": "list", "data": data}).encode())
-            return
+            if catalog.is_catalog(req.path):
+                return catalog.answer(self, key, req, ridb, conn)
+            return await self_service(self, key, req, ridb, conn)
         assert route.local is not None  # only routes the node answers itself come here
         parsed = parse(req.body) if route.method == "POST" else None
         views = [ModelView(m.name, m.created, self.context_len(m), bool(self.router.ready(m.name)),
-                           self.format_of(m.name)) for m in self.models.values()
+                           self.format_of(m.name), self.card_of(m.name)) for m in self.models.values()
                  if self.quotas.allows(key, m.name)]
         conn.respond(200, [(b"content-type", route.content_type), (b"x-request-id", ridb)], route.local(views, parsed))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from node.errors import OperationFailed, RequestTimeout
 from node.gateway.limits import delivery
 from node.gateway.reader import MAX_HEAD_BYTES, RequestReader
-from node.gateway.request import JSON, Handler, HeadCheck, Refusal, Request
+from node.gateway.request import Handler, HeadCheck, Refusal, Request
 
 __all__ = ["MAX_HEAD_BYTES", "Connection", "Handler", "HeadCheck", "Refusal", "Request"]
 
@@ -41,7 +41,7 @@ STATUS_LINES = {v: {int(s): f"HTTP/{v} {int(s)} {s.phrase}\r\n".encode() for s i
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, queues them, and is what handlers answer through."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, counted: bool = False) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
@@ -55,7 +55,7 @@ class Connection(asyncio.Protocol):
         self._paused_writing = False
         self._paused_reading = False
         self._closed = False
-        self._counted = False        # counted in the server's admission
+        self._counted = counted      # counted in the server's admission (TLS: from accept, by its handshake)
         self._broken = False         # the parser gave up; nothing more is parsed
         self._lingering = False      # refused: the rest of the request is read and dropped until close
         self._linger_bytes = 0
@@ -67,6 +67,9 @@ class Connection(asyncio.Protocol):
         self._version = "1.1"        # the HTTP version of the request being answered
         self._keep_alive = True
         self._done_waiters: list[asyncio.Future[None]] | None = None
+        # Headers the dispatcher puts on this one answer, replacing the handler's of the same names
+        # (the console's security headers on the API answers it forwards); reset per request.
+        self.override_headers: list[tuple[bytes, bytes]] | None = None
         self.reader = RequestReader(self)
         self._sock: Any = None
         self._acked = -1             # the client's acknowledged bytes when last looked
@@ -78,7 +81,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         server = self.server
-        if not server.admission.enter(self.client[0] if self.client else ""):
+        if not self._counted and not server.admission.enter(self.client[0] if self.client else ""):
             # Cheap: nothing parsed, one prepared write, closed. (A client that already sent a
             # request may see a reset instead: the kernel resets a close with unread data.)
             transport.write(server.busy_answer)  # type: ignore[attr-defined]
@@ -201,6 +204,7 @@ class Connection(asyncio.Protocol):
             self._queued_bytes -= len(req.body)
             self._keep_alive = self._keep_alive and req.keep_alive
             self._busy, self._complete, self._started, self._chunked = True, False, False, False
+            self.override_headers = None
             self._head_only = req.method == "HEAD"
             self._version = "1.0" if req.http_version == "1.0" else "1.1"
             try:
@@ -217,7 +221,7 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("error answering %s %s", req.method, req.path[:200])
                 if not self._started:
-                    self.respond(500, JSON, OperationFailed("internal error in the node; see its log").body())
+                    self.respond(*Refusal.of(OperationFailed("internal error in the node; see its log")))
             finally:
                 self._busy = False
             if not self._complete:
@@ -256,8 +260,13 @@ class Connection(asyncio.Protocol):
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         lines = STATUS_LINES[self._version]
         parts = [lines.get(status) or f"HTTP/{self._version} {status} Unknown\r\n".encode(), self.server.date_header]
+        if self.override_headers is not None:
+            names = {k for k, _ in self.override_headers}
+            headers = [h for h in headers if h[0].lower() not in names] + self.override_headers
         for k, v in headers:
             parts += (k, b": ", v, b"\r\n")
+            if k == b"x-request-id":  # the anthropic SDK reads `request-id` (message._request_id)
+                parts += (b"request-id: ", v, b"\r\n")
         parts.append(framing)
         if not self._keep_alive or self.server.closing:
             self._keep_alive = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from typing import Any
 
 from node.errors import InvalidRequest, ModelNotFound, NodeError
@@ -81,13 +82,46 @@ def _images(images: Any, param: str) -> list[dict[str, Any]]:
     return parts
 
 
+class _Pending:
+    """Tool calls not yet answered: a result takes the oldest call of its tool's name, else the oldest call.
+
+    Each call is queued once and skipped at most once when answered by the other route, so a
+    chat with N calls and N results costs O(N) (a list searched per result was O(N²)).
+    """
+
+    __slots__ = ("order", "by_name", "answered", "seq")
+
+    def __init__(self) -> None:
+        self.order: deque[tuple[int, str]] = deque()             # (seq, call id), oldest first
+        self.by_name: dict[Any, deque[tuple[int, str]]] = {}     # tool name -> its calls, oldest first
+        self.answered: set[int] = set()
+        self.seq = 0
+
+    def add(self, call_id: str, name: str) -> None:
+        entry = (self.seq, call_id)
+        self.seq += 1
+        self.order.append(entry)
+        self.by_name.setdefault(name, deque()).append(entry)
+
+    def answer(self, name: Any) -> str | None:
+        """The call id a result for `name` answers, or None when no call waits."""
+        queue = self.by_name.get(name) if isinstance(name, str) else None
+        for q in (queue, self.order):
+            while q:
+                seq, call_id = q.popleft()
+                if seq not in self.answered:
+                    self.answered.add(seq)
+                    return call_id
+        return None
+
+
 def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """An /api/chat request as a chat completions request."""
     out: dict[str, Any] = {"model": body.get("model")}
     _common(body, out)
     raw = expect(body, "messages", list) or []
     messages: list[dict[str, Any]] = []
-    pending: list[tuple[str, str]] = []  # (call id, tool name) not yet answered
+    pending = _Pending()
     for i, msg in enumerate(raw):
         where = f"messages.{i}"
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant", "tool"):
@@ -98,9 +132,7 @@ def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise InvalidRequest(f"{where}.content must be a string", param=where)
         role = msg["role"]
         if role == "tool":
-            name = msg.get("tool_name") or msg.get("name")
-            at = next((j for j, (_, n) in enumerate(pending) if n == name), 0 if pending else -1)
-            call_id = msg.get("tool_call_id") or (pending.pop(at)[0] if at >= 0 else f"call_{i}")
+            call_id = msg.get("tool_call_id") or pending.answer(msg.get("tool_name") or msg.get("name")) or f"call_{i}"
             messages.append({"role": "tool", "tool_call_id": call_id, "content": content or ""})
             continue
         turn: dict[str, Any] = {"role": role, "content": content or ""}
@@ -119,7 +151,7 @@ def chat_to_openai(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 args = fn.get("arguments")
                 turn["tool_calls"].append({"id": call_id, "type": "function", "function": {
                     "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args or {})}})
-                pending.append((call_id, fn["name"]))
+                pending.add(call_id, fn["name"])
             turn["content"] = content or None
         messages.append(turn)
     out["messages"] = messages
@@ -252,19 +284,21 @@ class NdjsonStream:
             return self._line(choice["text"]) if choice["text"] else b""
         delta = choice.get("delta") or {}
         for tc in delta.get("tool_calls") or ():
-            held = self.calls.setdefault(tc.get("index", 0), {"id": None, "function": {"name": "", "arguments": ""}})
+            # Name and argument pieces kept as lists, joined once at the end (+= on a held string is quadratic).
+            held = self.calls.setdefault(tc.get("index", 0), {"id": None, "name": [], "arguments": []})
             fn = tc.get("function") or {}
             held["id"] = held["id"] or tc.get("id")
-            held["function"]["name"] += fn.get("name") or ""
-            held["function"]["arguments"] += fn.get("arguments") or ""
+            held["name"].append(fn.get("name") or "")
+            held["arguments"].append(fn.get("arguments") or "")
         text = delta.get("content")
         return self._line(text) if text else b""
 
     def finish(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         out = b""
         if self.calls:
-            message = {"role": "assistant", "content": "",
-                       "tool_calls": _tool_calls([self.calls[k] for k in sorted(self.calls)])}
+            calls = [{"id": c["id"], "function": {"name": "".join(c["name"]), "arguments": "".join(c["arguments"])}}
+                     for c in (self.calls[k] for k in sorted(self.calls))]
+            message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls)}
             out = json.dumps({"model": self.call.model, "created_at": _iso(self.call.created), "message": message,
                               "done": False}).encode() + b"\n"
         last: dict[str, Any] = {"model": self.call.model, "created_at": _iso(time.time())}
@@ -281,9 +315,31 @@ class NdjsonStream:
 
 
 # -- listings (answered by the node) ----------------------------------------------
+class ManagedByConfig(NodeError):
+    """Models come and go through appliance.toml and models.lock, never through a client."""
+
+    status = 403
+    type = "permission_error"
+    code = "models_managed_by_config"
+
+
+def tagged(name: str) -> str:
+    """The name as Ollama lists it: with its tag (`:latest` when it has none)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 def _details(v: ModelView) -> dict[str, Any]:
-    return {"parent_model": "", "format": v.format or "unknown",
-            "family": "", "families": None, "parameter_size": "", "quantization_level": ""}
+    c = v.card
+    family = c.family if c is not None else ""
+    return {"parent_model": "", "format": v.format or "unknown", "family": family,
+            "families": [family] if family else None, "parameter_size": c.parameter_size if c is not None else "",
+            "quantization_level": c.quantization if c is not None else ""}
+
+
+def _listed(v: ModelView) -> dict[str, Any]:
+    name = tagged(v.name)
+    return {"name": name, "model": name, "size": v.card.size if v.card is not None else 0,
+            "digest": v.card.digest if v.card is not None else "", "details": _details(v)}
 
 
 def version(models: list[ModelView], body: Any) -> bytes:
@@ -291,15 +347,20 @@ def version(models: list[ModelView], body: Any) -> bytes:
 
 
 def tags(models: list[ModelView], body: Any) -> bytes:
-    return json.dumps({"models": [{"name": v.name, "model": v.name, "modified_at": _iso(v.created), "size": 0,
-                                   "digest": "", "details": _details(v)} for v in models]}).encode()
+    return json.dumps({"models": [{**_listed(v), "modified_at": _iso(v.created)} for v in models]}).encode()
 
 
 def ps(models: list[ModelView], body: Any) -> bytes:
     forever = "2318-01-01T00:00:00Z"  # loaded for as long as the node runs, as Ollama shows keep_alive=-1
-    return json.dumps({"models": [{"name": v.name, "model": v.name, "size": 0, "digest": "", "details": _details(v),
-                                   "expires_at": forever, "size_vram": 0, "context_length": v.context_len or 0}
-                                  for v in models if v.loaded]}).encode()
+    return json.dumps({"models": [{**_listed(v), "expires_at": forever, "size_vram": 0,
+                                   "context_length": v.context_len or 0} for v in models if v.loaded]}).encode()
+
+
+def capabilities(v: ModelView) -> list[str]:
+    """What Ollama's /api/show says a model can do: from its kind and its chat template."""
+    if v.card is not None and v.card.embedding:
+        return ["embedding"]
+    return ["completion", "tools"] if v.card is not None and v.card.tools else ["completion"]
 
 
 def show(models: list[ModelView], body: Any) -> bytes:
@@ -309,12 +370,21 @@ def show(models: list[ModelView], body: Any) -> bytes:
         raise InvalidRequest("'model' is required", param="model")
     found = next((v for v in models if v.name in (name, name.removesuffix(":latest"))), None)
     if found is None:
-        raise ModelNotFound(f"model '{name}' not found")
-    info: dict[str, Any] = {"general.architecture": "unknown"}
+        raise ModelNotFound(f"model '{name[:256]}' not found")
+    arch = found.card.family if found.card is not None and found.card.family else "unknown"
+    info: dict[str, Any] = {"general.architecture": arch}
     if found.context_len:
-        info["unknown.context_length"] = found.context_len
+        info[f"{arch}.context_length"] = found.context_len
     return json.dumps({"modelfile": "", "parameters": "", "template": "", "details": _details(found),
-                       "model_info": info, "capabilities": ["completion"], "modified_at": _iso(found.created)}).encode()
+                       "model_info": info, "capabilities": capabilities(found),
+                       "modified_at": _iso(found.created)}).encode()
+
+
+def managed(models: list[ModelView], body: Any) -> bytes:
+    """/api/pull, /api/delete, /api/create, /api/copy, /api/push: refused, saying where models are managed."""
+    raise ManagedByConfig("models on this node are managed in its appliance.toml: add the model there, then run "
+                          "`infernode lock` and `infernode pull` (an admin's job); clients cannot pull, create, "
+                          "copy, push or delete models")
 
 
 def _route(**kw: Any) -> Route:
@@ -332,4 +402,9 @@ ROUTES = {
     b"/api/tags": _route(local=tags, method="GET"),
     b"/api/ps": _route(local=ps, method="GET"),
     b"/api/show": _route(local=show),
+    b"/api/pull": _route(local=managed),
+    b"/api/push": _route(local=managed),
+    b"/api/create": _route(local=managed),
+    b"/api/copy": _route(local=managed),
+    b"/api/delete": _route(local=managed, method="DELETE"),
 }

@@ -126,6 +126,8 @@ class RequestReader:
         req = self.req = Request(p.get_method().decode("ascii"), path, query, self._headers,
                                  p.get_http_version(), p.should_keep_alive())
         req.body_limit = self.limits.max_body_bytes
+        client = self.conn.client
+        req.client = client[0] if client else ""
         length = -1
         expect_continue = has_body = upgrade = False
         for k, v in self._headers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,7 +23,12 @@ class Refusal(NamedTuple):
 
     @classmethod
     def of(cls, err: NodeError) -> Refusal:
-        return cls(err.status, JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()], err.body())
+        """The answer of an error found before the request was handed on (it gets a request id of its own)."""
+        headers = JSON + [(b"x-request-id", uuid.uuid4().hex.encode())]
+        headers += [(k.encode(), v.encode()) for k, v in err.headers.items()]
+        if not err.retryable:
+            headers.append((b"x-should-retry", b"false"))
+        return cls(err.status, headers, err.body())
 
 
 class Request:
@@ -32,6 +38,7 @@ class Request:
         "auth",
         "body",
         "body_limit",
+        "client",
         "headers",
         "http_version",
         "keep_alive",
@@ -50,6 +57,7 @@ class Request:
         self.refusal: Refusal | None = None  # set when the server answers this request itself
         self.auth: Any = None                # what the head check established (e.g. the API key's record)
         self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
+        self.client = ""                     # the client's address (for pacing failed authentication)
         self.lane: str | None = None         # "batch" for the node's own batch lines (node/gateway/inprocess.py)
 
     def header(self, name: bytes) -> bytes | None:

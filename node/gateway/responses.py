@@ -282,17 +282,17 @@ class ResponseStream:
             self._event("response.output_item.done", {"output_index": at, "item": item})
 
     def _close_calls(self) -> bytes:
-        out = b""
+        out = []
         for key in sorted(self.calls, key=lambda k: self.calls[k]["at"]):
             st = self.calls[key]
             args = "".join(st["args"])
             item = _function_call(self.call, st["at"], st["call_id"], st["name"], args)
             self.output.append(item)
-            out += self._event("response.function_call_arguments.done", {
-                "item_id": item["id"], "output_index": st["at"], "name": st["name"], "arguments": args})
-            out += self._event("response.output_item.done", {"output_index": st["at"], "item": item})
+            out.append(self._event("response.function_call_arguments.done", {
+                "item_id": item["id"], "output_index": st["at"], "name": st["name"], "arguments": args}))
+            out.append(self._event("response.output_item.done", {"output_index": st["at"], "item": item}))
         self.calls = {}
-        return out
+        return b"".join(out)
 
     def _next_index(self) -> int:
         self.items += 1
@@ -319,25 +319,26 @@ class ResponseStream:
             self.text.append(text)
             out += _DELTA % (self.msg_id, self.text_at, json.dumps(text).encode(), self.seq)
             self.seq += 1
+        parts = [out]  # one join: a chunk may carry many tool calls
         for tc in delta.get("tool_calls") or ():
             key = tc.get("index", 0)
             fn = tc.get("function") or {}
             st = self.calls.get(key)
             if st is None:
-                out += self._close_text()
+                parts.append(self._close_text())
                 at = self._next_index()
                 st = self.calls[key] = {"at": at, "call_id": tc.get("id") or f"call_{at}",
                                         "name": fn.get("name") or "", "args": []}
                 item = _function_call(self.call, at, st["call_id"], st["name"], "", "in_progress")
-                out += self._event("response.output_item.added", {"output_index": at, "item": item})
+                parts.append(self._event("response.output_item.added", {"output_index": at, "item": item}))
             if fn.get("arguments"):
                 st["args"].append(fn["arguments"])
-                out += _ARGS % (json.dumps(f"fc_{self.call.rid}_{st['at']}").encode(), st["at"],
-                                json.dumps(fn["arguments"]).encode(), self.seq)
+                parts.append(_ARGS % (json.dumps(f"fc_{self.call.rid}_{st['at']}").encode(), st["at"],
+                                      json.dumps(fn["arguments"]).encode(), self.seq))
                 self.seq += 1
         if choice.get("finish_reason"):
             self.reason = choice["finish_reason"]
-        return out
+        return b"".join(parts) if len(parts) > 1 else out
 
     def finish(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         out = (b"" if self.started else self._start()) + self._close_text() + self._close_calls()

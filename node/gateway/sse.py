@@ -28,13 +28,18 @@ class SseRelay:
 
     def __init__(self, *, drop_usage: bool, count_content: bool) -> None:
         self.drop_usage, self.count_content = drop_usage, count_content
-        self.buf = b""
+        self._buf: bytes | bytearray = b""  # an incomplete event (a bytearray while it arrives in pieces)
         self.usage: dict[str, Any] | None = None
         self.content_events = 0
         self.first_content = False
         self.stream_id: bytes | None = None
         self.saw_done = False
         self._cr = False  # the last chunk ended with a CR (already an LF here): a leading LF is its pair
+
+    @property
+    def buf(self) -> bytes:
+        """What is held of an incomplete event."""
+        return self._buf if isinstance(self._buf, bytes) else bytes(self._buf)
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events so far (line endings as LF, the hidden usage chunk removed)."""
@@ -45,18 +50,30 @@ class SseRelay:
         if b"\r" in chunk:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        data = self.buf + chunk if self.buf else chunk
+        if self._buf:
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and self._buf[-1:] == b"\n"):
+                # Still inside one event: grow it in place (joining the held part per chunk is quadratic).
+                if not isinstance(self._buf, bytearray):
+                    self._buf = bytearray(self._buf)
+                self._buf += chunk
+                if len(self._buf) > MAX_PENDING:  # a pathological event: pass it on rather than grow
+                    data, self._buf = bytes(self._buf), b""
+                    return data
+                return b""
+            data = bytes(self._buf) + chunk
+        else:
+            data = chunk
         if data.endswith(b"\n\n"):  # the common case: one or more whole events
-            out, self.buf = data, b""
+            out, self._buf = data, b""
         else:
             cut = data.rfind(b"\n\n")
             if cut < 0:
                 if len(data) > MAX_PENDING:  # a pathological event: pass it on rather than grow
-                    self.buf = b""
+                    self._buf = b""
                     return data
-                self.buf = data
+                self._buf = data
                 return b""
-            out, self.buf = data[: cut + 2], data[cut + 2:]
+            out, self._buf = data[: cut + 2], data[cut + 2:]
         if self.count_content or not self.first_content:
             n = 0
             for p in CONTENT_MARKS:

@@ -24,6 +24,7 @@ import httpx
 
 from node.accounts.storage import open_storage
 from node.accounts.storage.migrations import MIGRATIONS
+from node.accounts.tokens import ADMIN_KEY_FIX, admin_key_problem
 from node.admin.client import node_tls
 from node.config import Config
 from node.errors import ConfigError
@@ -289,13 +290,17 @@ def check_ledger(config: Config, timeout_s: float) -> Check:
     led = status.get("ledger") if isinstance(status, dict) else None
     if isinstance(led, dict):
         detail = (f"{led['written']} rows written, {led['queued']} queued, {led['spilled']} spilled "
-                  f"({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped since start")
+                  f"({led['spill_bytes']} bytes awaiting replay), {led['dropped']} dropped, "
+                  f"{led.get('quarantined', 0)} quarantined since start")
         if not led["database_up"]:
             return fail("ledger", f"the running node cannot write usage to the database; {detail}",
                         "bring the database back: spilled rows are replayed when it answers")
         if led["dropped"]:
             return warn("ledger", detail, "usage rows were lost (queue or spill file full); check the database's "
                                           "availability and the node's log")
+        if led.get("quarantined"):
+            return warn("ledger", detail, f"the database refused rows (kept in {config.data_dir / 'ledger.quarantine.jsonl'}, "
+                                          "their made-safe copies written); see the node's log for why")
         if led["spill_bytes"]:
             return warn("ledger", detail, "the spill file is replayed as soon as the database takes writes")
         return ok("ledger", detail)
@@ -312,9 +317,15 @@ def check_ledger(config: Config, timeout_s: float) -> Check:
 
 
 def check_admin_key(config: Config) -> Check:
+    where = (f"${config.node.admin_key_env}" if os.environ.get(config.node.admin_key_env)
+             else str(config.admin_key_path))
+    key = config.admin_key()
+    problem = admin_key_problem(key) if key else None
+    if problem:
+        return fail("admin key", f"the key in {where} {problem}; `infernode up` refuses it", ADMIN_KEY_FIX)
     if os.environ.get(config.node.admin_key_env):
         return ok("admin key", f"set in ${config.node.admin_key_env}")
-    if config.admin_key():
+    if key:
         return ok("admin key", f"set in {config.admin_key_path}")
     return warn("admin key", "not set; the node generates one into data_dir/admin.key on first start",
                 f"set ${config.node.admin_key_env} or [node].admin_key_file to choose it yourself")

@@ -233,6 +233,8 @@ class _LedgerCollector:
         yield gauge("infernode_ledger_spill_bytes", "Size of the spill file awaiting replay.", "spill_bytes")
         yield counter("infernode_ledger_write_failures", "Ledger writes the database refused or could not take.",
                       "write_failures")
+        yield counter("infernode_ledger_rows_quarantined", "Ledger rows the database refused alone: kept in the "
+                      "quarantine file, a made-safe copy written.", "quarantined")
         yield gauge("infernode_ledger_database_up", "1 when the ledger's last write reached the database.", "database_up")
 
 

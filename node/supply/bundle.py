@@ -85,10 +85,9 @@ def export_bundle(store: Store, lock: LockFile, out: Path) -> BundleSummary:
 def read_bundle_lock(path: Path) -> LockFile:
     """The lock a bundle carries (for messages: what it was exported for)."""
     with tarfile.open(path, "r:") as tar:
-        member = tar.extractfile(LOCK_MEMBER)
-        if member is None:
+        if LOCK_MEMBER not in tar.getnames():
             raise StoreError(f"{path}: not an infernode bundle (no {LOCK_MEMBER})")
-        return LockFile.model_validate(tomllib.loads(member.read().decode()))
+        return LockFile.model_validate(tomllib.loads(_member(tar, LOCK_MEMBER).read().decode()))
 
 
 def import_entry(store: Store, entry: LockEntry, source: Path, progress: PullProgress) -> None:
@@ -134,19 +133,25 @@ def _import_from_bundle(store: Store, entry: LockEntry, path: Path, progress: Pu
                 theirs = _bundle_entry(tar, entry.name)
                 why = f"it pins {theirs.revision}, models.lock pins {entry.revision}" if theirs else "the model is not in it"
                 raise StoreError(f"{entry.name}: {f.path} (sha256:{f.sha256}) is not in {path}: {why}")
+            _member(tar, member)   # a link is refused before anything is written
             copy_stream(store, f, entry.name, progress, functools.partial(_member, tar, member))
 
 
 def _member(tar: tarfile.TarFile, name: str) -> BinaryIO:
-    src = tar.extractfile(name)
+    """A regular member's bytes; a link (symbolic or hard) or anything else is refused, never followed."""
+    try:
+        info = tar.getmember(name)
+    except KeyError:
+        raise StoreError(f"{tar.name!s}: no {name} in the bundle") from None
+    src = tar.extractfile(info) if info.isfile() else None
     if src is None:
-        raise StoreError(f"{tar.name!s}: {name} is not a regular file")
+        kind = "a symbolic link" if info.issym() else "a hard link" if info.islnk() else "not a regular file"
+        raise StoreError(f"{tar.name!s}: {name} is {kind} in the bundle; a bundle holds regular files only "
+                         "(write it with `infernode bundle export`)")
     return src  # type: ignore[return-value]
 
 
 def _bundle_entry(tar: tarfile.TarFile, name: str) -> LockEntry | None:
-    member = tar.extractfile(LOCK_MEMBER)
-    if member is None:
-        return None
+    member = _member(tar, LOCK_MEMBER)
     lock = LockFile.model_validate(tomllib.loads(io.TextIOWrapper(member).read()))
     return lock.entry(name)

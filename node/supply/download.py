@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import http.client
 import os
 import random
@@ -373,4 +374,29 @@ def get_with_retries(client: httpx.Client, url: str, settings: NetSettings, *, h
         attempt += 1
         if attempt > settings.retries:
             raise RemoteError(f"{what or url}: gave up after {settings.retries} retries: {last}")
+        settings.sleep_before(attempt)
+
+
+def hash_with_retries(client: httpx.Client, url: str, settings: NetSettings, *,
+                      headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """Size and sha256 of the bytes at `url` as they come over the wire (never decoded: a server that
+    gzips anyway cannot inflate them in memory), streamed in bounded memory, retried like a download."""
+    attempt, last = 0, ""
+    while True:
+        try:
+            with client.stream("GET", url, headers=headers or {}) as r:
+                if r.status_code < 500 and r.status_code not in (408, 429):
+                    if r.status_code >= 400:
+                        raise RemoteError(f"{url}: HTTP {r.status_code} from {url}")
+                    h, size = hashlib.sha256(), 0
+                    for chunk in r.iter_raw(1 << 20):
+                        h.update(chunk)
+                        size += len(chunk)
+                    return size, h.hexdigest()
+                last = f"HTTP {r.status_code}"
+        except httpx.TransportError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        attempt += 1
+        if attempt > settings.retries:
+            raise RemoteError(f"{url}: gave up after {settings.retries} retries: {last}")
         settings.sleep_before(attempt)

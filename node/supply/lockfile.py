@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Annotated
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from node.config.models import MODEL_NAME, check_model_name
 from node.errors import ConfigError
 
 LOCK_VERSION = 1
@@ -37,7 +38,8 @@ class LockedFile(BaseModel):
 class LockEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    # becomes a store folder's name: checked like appliance.toml's, so a hand-edited lock cannot leave the store
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME), AfterValidator(check_model_name)]
     source: str
     revision: str
     digest: str = ""

@@ -21,7 +21,7 @@ import httpx
 
 from node.config import ModelConfig
 from node.errors import StoreError
-from node.supply.download import NetSettings, RemoteError, get_with_retries
+from node.supply.download import NetSettings, RemoteError, get_with_retries, hash_with_retries
 from node.supply.fetchpool import FetchPool
 from node.supply.lockfile import LockedFile, LockEntry
 from node.supply.manifest import MANIFEST_V2, check_manifest, is_ollama_entry
@@ -100,8 +100,7 @@ def resolve_hf(model: ModelConfig, src: HfSource, settings: NetSettings) -> Lock
 
 
 def _hash_url(client: httpx.Client, url: str, headers: dict[str, str], settings: NetSettings) -> tuple[int, str]:
-    r = get_with_retries(client, url, settings, headers=headers)
-    return len(r.content), hashlib.sha256(r.content).hexdigest()
+    return hash_with_retries(client, url, settings, headers=headers)
 
 
 # -- Ollama registry (Docker distribution v2) -----------------------------------------

@@ -323,6 +323,8 @@ class Store:
         """The model's file tree (links to blobs), built on first use."""
         digest = entry.digest.removeprefix("sha256:")[:12] or "unsealed"
         root = self.models_dir / entry.name / digest
+        if not root.resolve().is_relative_to(self.models_dir.resolve()):   # names are checked at load; never trust
+            raise StoreError(f"model name {entry.name!r} would leave {self.models_dir}")
         if root.is_dir():
             return root
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")

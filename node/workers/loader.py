@@ -128,7 +128,7 @@ class Loader:
         if failed and reason == "request":
             why = failed[0].last_error.splitlines()[0]
             raise NoReadyReplica(f"model '{m.name}' failed to load ({why}); an operator can retry with "
-                                 f"`infernode load {m.name}`", retry_after=RETRY_NO_ROOM_S)
+                                 f"`infernode load {m.name}`", retry_after=RETRY_NO_ROOM_S, cures_soon=False)
         placed = await self._make_room(m, reps)
         for r, p in zip(reps, placed):
             if not r.sleeping:  # a sleeper wakes where it is
@@ -177,7 +177,7 @@ class Loader:
             if first and (await self._fit(m, reps, ignore=evictable))[0] is None:
                 # Not even with every on-demand model unloaded: refuse without unloading any.
                 raise NoReadyReplica(f"cannot load '{m.name}': {why}, even with every other on-demand model "
-                                     "unloaded", retry_after=RETRY_NO_ROOM_S)
+                                     "unloaded", retry_after=RETRY_NO_ROOM_S, cures_soon=False)
             first = False
             victims = [v for v in evictable if all(r.state is not S.LOADING for r in self._replicas(v))]
             idle = [v for v in victims if not self._in_use(v)]

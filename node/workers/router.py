@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from runtimes import Dialect
 
 
 class WorkerView(Protocol):
@@ -35,6 +38,10 @@ class WorkerView(Protocol):
     @property
     def upstream_headers(self) -> tuple[tuple[str, str], ...]:
         """Headers sent with every request to it (e.g. an external server's key)."""
+
+    @property
+    def dialect(self) -> Dialect | None:
+        """Where its runtime's chat/completions dialect differs from OpenAI's; None when it does not."""
 
     def serves_api(self, api: str) -> bool:
         """Whether it serves that client API (e.g. "responses") itself."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtimes import LaunchPlan
+    from runtimes import Dialect, LaunchPlan
 
 
 class Serving:
@@ -52,6 +52,10 @@ class Serving:
     @property
     def upstream_headers(self) -> tuple[tuple[str, str], ...]:
         return self.plan.headers if self.plan else ()
+
+    @property
+    def dialect(self) -> Dialect | None:
+        return self.plan.dialect if self.plan and not self.plan.dialect.native else None
 
     def serves_api(self, api: str) -> bool:
         return bool(self.plan and api in self.plan.native_apis)

@@ -7,7 +7,7 @@ are made from worker threads, never from the request path.
 
 from __future__ import annotations
 
-from node.accounts.storage.sql import SqlStorage, Storage, StorageConflict, StorageTimeout, StorageUnavailable, UsageRow
+from node.accounts.storage.sql import SqlStorage, Storage, StorageConflict, StorageRejected, StorageTimeout, StorageUnavailable, UsageRow
 
 
 def open_storage(url: str) -> Storage:
@@ -21,4 +21,4 @@ def open_storage(url: str) -> Storage:
     raise ValueError(f"unsupported database url {url!r}")
 
 
-__all__ = ["Storage", "SqlStorage", "StorageConflict", "StorageTimeout", "StorageUnavailable", "UsageRow", "open_storage"]
+__all__ = ["Storage", "SqlStorage", "StorageConflict", "StorageRejected", "StorageTimeout", "StorageUnavailable", "UsageRow", "open_storage"]

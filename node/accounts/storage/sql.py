@@ -32,6 +32,10 @@ class StorageConflict(Exception):
     """A write collided with a row that already exists (a duplicate name or id)."""
 
 
+class StorageRejected(Exception):
+    """The database refused a value it was given (text it cannot encode, a NUL byte): the data's fault, not the database's."""
+
+
 class StorageTimeout(Exception):
     """A read ran past its time limit and was stopped (ask for less)."""
 
@@ -171,8 +175,13 @@ class SqlStorage(GovernanceTables, BatchTables):
         try:
             yield
         except Exception as exc:
-            if any(c.__name__ == "IntegrityError" for c in type(exc).__mro__):
+            names = {c.__name__ for c in type(exc).__mro__}
+            if "IntegrityError" in names:
                 raise StorageConflict(str(exc).splitlines()[0]) from exc
+            # a lone surrogate cannot be encoded (UnicodeEncodeError, before the driver sends it); PostgreSQL
+            # refuses NUL in text (DataError): neither means the database is away
+            if isinstance(exc, UnicodeError) or "DataError" in names:
+                raise StorageRejected(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
             # sqlite3's progress handler stops a statement as "interrupted"; PostgreSQL cancels it.
             if (isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted") or type(exc).__name__ == "QueryCanceled":
                 raise StorageTimeout(str(exc).splitlines()[0]) from exc
