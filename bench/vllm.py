@@ -130,6 +130,11 @@ def orchestrate(args: argparse.Namespace) -> None:
                 "key": r.json()["key"], "node_pid": node.pid, "vllm_pid": worker["pid"],
                 "rounds": args.rounds, "prompts": args.prompts, "concurrency": args.concurrency,
                 "input_len": args.input_len, "output_len": args.output_len, "warmup": args.warmup}
+        if args.worker_nice is not None:
+            # vLLM's processes share one session; under autogroup scheduling its group's nice is what counts.
+            group = Path(f"/proc/{worker['pid']}/autogroup")
+            group.write_text(str(args.worker_nice))
+            print(f"vLLM's session: {group.read_text().strip()}", file=sys.stderr)
         rows_path = plan["rows"] = str(work / "rounds.jsonl")
         subprocess.run([str(vllm_python), str(Path(__file__).resolve()), "--client"], input=json.dumps(plan),
                        text=True, cwd=work, check=True)
@@ -322,6 +327,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=32, help="prompts per target before the rounds, not counted")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--worker-nice", type=int, default=None,
+                    help="CPU priority of vLLM's session against the node's (its /proc/PID/autogroup nice, 0-19)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # the vLLM-side half, plan on stdin
     args = ap.parse_args()
