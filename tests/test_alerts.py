@@ -184,7 +184,7 @@ runtime = "llamacpp"
 replicas = 1
 
 [runtimes.llamacpp]
-python = "/nonexistent/python3"
+server = "/nonexistent/llama-server"
 """
         extra = f"""
 [alerts]

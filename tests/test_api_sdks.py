@@ -30,7 +30,7 @@ from runtimes import OPENAI, llamacpp
 from tests.conftest import REPO, TINY_MODEL, NodeProc, free_port, start_node, write_config
 
 TINY_GGUF = REPO / "node" / "builtin_models" / "tiny-chat" / "tiny-chat.gguf"
-ODD_NAME = "org/stub:v1"   # model ids may hold `/` and `:`
+ODD_NAME = "org.stub:v1"   # model names may hold `.` and `:` (never `/`: a name becomes a path in the store)
 
 
 def _llama_server() -> str | None:
@@ -249,6 +249,8 @@ def test_models_retrieve_openai_and_anthropic(sdk_node):
     m = oai(node, key).models.retrieve("tiny-chat")
     assert (m.id, m.object, m.owned_by) == ("tiny-chat", "model", "infernode") and m.created > 0
     assert oai(node, key).models.retrieve(ODD_NAME).id == ODD_NAME
+    with pytest.raises(openai.NotFoundError):   # an id with a `/` is looked up like any other (and is no name here)
+        oai(node, key).models.retrieve("org/stub:v1")
     with pytest.raises(openai.NotFoundError) as caught:
         oai(node, key).models.retrieve("nope")
     assert caught.value.body["code"] == "model_not_found"

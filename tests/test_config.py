@@ -23,6 +23,9 @@ M = {"name": "m", "source": "file:x", "runtime": "llamacpp"}
     ({"models": [{"name": "m", "runtime": "vllm"}]}, "models[0]", "source is required"),
     ({"node": {"listen": "8080"}}, "node.listen", "HOST:PORT"),
     ({"runtimes": {"tgi": {}}}, "runtimes", "unknown runtime 'tgi'"),
+    ({"runtimes": {"vllm": {"server": "/opt/x"}}}, "runtimes.vllm.server", "vllm has no server executable of its own"),
+    ({"runtimes": {"llamacpp": {"python": "/opt/venv/bin/python"}}}, "runtimes.llamacpp.python",
+     "llamacpp runs its own server executable, not a Python module; remove python (set server = PATH"),
     ({"quotas": {"default": {"rpm": -1}}}, "quotas.default.rpm", "greater than or equal to 0"),
     ({"database": {"url": "mysql://x"}}, "database.url", "postgresql://"),
 ])
@@ -36,10 +39,14 @@ def test_bad_config_names_file_key_and_problem(raw, key, words):
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
-    (tmp_path / "appliance.toml").write_text('[node]\ndata_dir = "state"\n[runtimes.vllm]\npython = "envs/vllm/bin/python"\n')
+    (tmp_path / "appliance.toml").write_text('[node]\ndata_dir = "state"\n[runtimes.vllm]\npython = "envs/vllm/bin/python"\n'
+                                             '[runtimes.llamacpp]\nserver = "bin/llama-server"\n')
     cfg = load_config(tmp_path / "appliance.toml")
     assert cfg.data_dir == tmp_path / "state"
     assert cfg.runtimes["vllm"].python == tmp_path / "envs/vllm/bin/python"
+    assert cfg.runtimes["llamacpp"].server == tmp_path / "bin/llama-server"
+    (tmp_path / "appliance.toml").write_text('[runtimes.llamacpp]\nserver = "llama-server"\n')  # a bare name: looked up on PATH
+    assert load_config(tmp_path / "appliance.toml").runtimes["llamacpp"].server == Path("llama-server")
     assert cfg.lock_path == tmp_path / "models.lock"
     assert cfg.database_url() == f"sqlite:///{tmp_path / 'state' / 'infernode.db'}"
 

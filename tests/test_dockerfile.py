@@ -52,10 +52,28 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerfile_parses_and_uses_known_instructions(commands: tuple) -> None:
     assert commands and all(c.cmd in KNOWN for c in commands), [c.cmd for c in commands if c.cmd not in KNOWN]
     args = {c.value[0].split("=", 1)[0]: c.value[0].split("=", 1)[1] for c in commands if c.cmd == "ARG"}
-    base = one(commands, "FROM").value[0]
-    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-    # A CUDA *runtime* image: the drivers come from the host, compilers for CUDA are not needed.
-    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu\d\d\.\d\d", base), base
+    froms = [c for c in commands if c.cmd == "FROM"]
+    assert len(froms) == 2, "one stage builds llama-server, the image is the other"
+    build, final = (re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f.value[0]) for f in froms)
+    # The image is a CUDA *runtime* image: the drivers come from the host, compilers for CUDA are not needed
+    # there; they are in the build stage only, which compiles llama-server with CUDA from the same CUDA release.
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu\d\d\.\d\d", final), final
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?devel-ubuntu\d\d\.\d\d", build), build
+    assert build.split(":")[1].split("-")[0] == final.split(":")[1].split("-")[0]
+    assert [v.lower() for v in froms[0].value[1:]] == ["as", "llama-server"]
+
+
+def test_llama_server_is_built_as_a_node_builds_it_with_cuda(commands: tuple) -> None:
+    stage_end = [i for i, c in enumerate(commands) if c.cmd == "FROM"][1]
+    stage = commands[:stage_end]
+    env = " ".join(" ".join(c.value) for c in stage if c.cmd == "ENV")
+    assert "INFERNODE_BUILD_GPU=1" in env or "INFERNODE_BUILD_GPU 1" in env
+    runs = " ".join(c.value[0] for c in stage if c.cmd == "RUN")
+    assert "infernode runtimes build llamacpp" in runs and "infernode runtimes path llamacpp" in runs
+    [copy] = [c for c in commands[stage_end:] if c.cmd == "COPY" and c.flags]
+    assert copy.flags == ("--from=llama-server",) and copy.value == ("/out/llama-server", "/opt/infernode/runtimes/llamacpp/bin/llama-server")
+    install_at = next(i for i, c in enumerate(commands) if c.cmd == "RUN" and "install.sh" in c.value[0])
+    assert commands.index(copy) < install_at, "the installer finds the binary in place and keeps it"
 
 
 def test_everything_copied_exists_in_git_and_passes_dockerignore(commands: tuple) -> None:
@@ -64,7 +82,10 @@ def test_everything_copied_exists_in_git_and_passes_dockerignore(commands: tuple
     copies = [c for c in commands if c.cmd in ("COPY", "ADD")]
     assert copies
     for c in copies:
-        assert c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags), c.original
+        assert c.cmd == "COPY", c.original
+        if c.flags:  # only the built llama-server comes from elsewhere: the build stage
+            assert c.flags == ("--from=llama-server",), c.original
+            continue
         for src in c.value[:-1]:
             assert (REPO / src).exists(), f"{c.original}: {src} does not exist"
             under = [t for t in tracked if t == src or t.startswith(src.rstrip("/") + "/")]
@@ -85,6 +106,7 @@ def test_the_installer_builds_the_image_with_flags_it_has(commands: tuple) -> No
     for flag in flags:
         assert f"        {flag})" in install, f"install.sh has no {flag}"
     assert re.search(r"--runtime [a-z,]*vllm", call.group(1)), "the image ships vLLM"
+    assert re.search(r"--runtime [a-z,]*llamacpp", call.group(1)), "the image ships llama-server"
     assert "rm -f /etc/infernode/admin.key" in runs, "no admin key may be baked into the image"
     run_flags = {f for c in commands if c.cmd == "RUN" for f in c.flags}
     assert "--mount=type=cache,target=/root/.cache/pip" in run_flags  # pip's cache, not a layer

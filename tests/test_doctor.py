@@ -16,7 +16,7 @@ from node.ops.doctor import Level, check_database, check_fleet, check_gpus, chec
 from node.supply.lockfile import read_lock
 from node.supply.store import Store
 from node.workers.gpus import discover
-from tests.conftest import TINY_MODEL, free_port, needs_llama_cpp, run_cli, wait_until, write_config
+from tests.conftest import TINY_MODEL, free_port, llama_server, run_cli, wait_until, write_config
 from tests.fakes.nvml import FakeNvml, box
 
 
@@ -28,8 +28,8 @@ def doctor(config: Path, env: dict | None = None) -> tuple[int, dict[str, dict],
     return p.returncode, checks, text.stdout
 
 
-@needs_llama_cpp
 def test_good_setup_passes(tmp_path: Path):
+    llama_server()
     cfg = write_config(tmp_path, TINY_MODEL)
     run_cli("lock", config=cfg, check=True)
     run_cli("pull", config=cfg, check=True)
@@ -58,7 +58,7 @@ def test_broken_setup_fails_and_says_what_to_fix(tmp_path: Path):
     dead = free_port()
     models = TINY_MODEL + """
 [runtimes.llamacpp]
-python = "/nonexistent/venv/bin/python"
+server = "/nonexistent/bin/llama-server"
 """
     extra = f"""
 [database]
@@ -76,7 +76,7 @@ advertise_url = "http://box:8080"
     assert rc == 1, text
     failed = {name for name, c in checks.items() if c["level"] == "fail"}
     assert failed == {"runtime llamacpp", "port", "model tiny-chat", "database", "fleet"}, text
-    assert "/nonexistent/venv/bin/python" in checks["runtime llamacpp"]["detail"]
+    assert "server = /nonexistent/bin/llama-server: not found" in checks["runtime llamacpp"]["detail"]
     assert "another program" in checks["port"]["detail"] and str(port) in checks["port"]["fix"]
     assert "infernode lock" in checks["model tiny-chat"]["detail"]
     assert "cannot reach" in checks["database"]["detail"] and "[database].url" in checks["database"]["fix"]

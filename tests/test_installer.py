@@ -100,10 +100,10 @@ def files_under(root: Path) -> dict[str, str]:
 
 
 def worker_pids(box: Box) -> list[int]:
-    """The llama.cpp servers running from this install's runtime venv."""
-    needle = f"{box.opt}/runtimes/llamacpp/bin/python"
+    """The llama-server workers running from this install's own copy of it."""
+    needle = f"{box.opt}/runtimes/llamacpp/bin/llama-server"
     # The keeper's command line names the worker's too: the worker is the one it starts with.
-    return sorted(pid for pid, cmd in processes(needle) if cmd.startswith(needle) and "llama_cpp.server" in cmd)
+    return sorted(pid for pid, cmd in processes(needle) if cmd.startswith(needle + " "))
 
 
 def processes_mentioning(needle: str) -> list[str]:
@@ -149,15 +149,17 @@ def test_install_then_the_installed_node_answers_readyz(box: Box) -> None:
     print(f"install took {time.monotonic() - t0:.0f}s")
     assert "Next steps:" in p.stdout and "no NVIDIA driver found" in p.stderr  # warns, does not fail
     assert (box.opt / "current/bin/infernode").exists() and box.current().startswith("venvs/node-")
-    assert (box.opt / "runtimes/llamacpp/bin/python").exists()
+    server = box.opt / "runtimes/llamacpp/bin/llama-server"
+    assert os.access(server, os.X_OK) and "version:" in subprocess.run([server, "--version"], capture_output=True,
+                                                                       text=True, timeout=30).stderr
     cfg = (box.etc / "appliance.toml").read_text()
     assert f'data_dir = "{box.data}"' in cfg and f'listen = "127.0.0.1:{box.port}"' in cfg
     assert f'admin_key_file = "{box.etc}/admin.key"' in cfg
-    assert f'[runtimes.llamacpp]\npython = "{box.opt}/runtimes/llamacpp/bin/python"' in cfg
+    assert f'[runtimes.llamacpp]\nserver = "{server}"' in cfg
     assert (box.etc / "models.lock").read_text().count("[[models]]") == 1
     key = box.etc / "admin.key"
     assert key.stat().st_mode & 0o777 == 0o600 and key.read_text().startswith("sk-admin-")
-    # The node's venv has the node, not the runtime: llama.cpp lives only in its own venv.
+    # The node's venv has the node, not a Python llama.cpp: the runtime is llama-server alone.
     assert subprocess.run([str(box.opt / "current/bin/python"), "-c", "import llama_cpp"], capture_output=True).returncode != 0
     # The CLI on PATH finds this install's config by itself.
     p = subprocess.run([str(box.cli), "lock", "--check"], capture_output=True, text=True, cwd=box.root, timeout=60,
@@ -167,7 +169,7 @@ def test_install_then_the_installed_node_answers_readyz(box: Box) -> None:
     node = box.start("node1.log")
     try:
         box.wait_ready(node, "node1.log")
-        assert any("llama_cpp.server" in c for c in processes_mentioning(f"{box.opt}/runtimes/llamacpp/bin/python"))
+        assert worker_pids(box)
         with box.admin() as admin:  # the admin key the installer generated is the one the node uses
             r = admin.post("/admin/v1/keys", json={"name": "survives-upgrade"})
             assert r.status_code in (200, 201), r.text

@@ -165,7 +165,7 @@ def test_database_away_rows_spill_and_replay(private_pg: PrivatePostgres, tmp_pa
 
 
 def chat(url: str, key: str, rid: str) -> httpx.Response:
-    """One tiny completion; rid must be a UUID (llama-cpp-python's server rejects other x-request-ids)."""
+    """One tiny completion with the client's own x-request-id."""
     return httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}", "x-request-id": rid},
                       json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
                       timeout=60)

@@ -27,7 +27,7 @@ def model(name: str, *, load: str = "on_demand", extra: str = "") -> str:
 name = "{name}"
 source = "builtin:tiny-chat#*.gguf"
 runtime = "llamacpp"
-args = ["--n_threads", "1"]
+args = ["-t", "1"]
 load = "{load}"
 {extra}
 """

@@ -18,7 +18,7 @@ from runtimes import WorkerSpec
 from tests.conftest import REPO
 
 S = WorkerState
-FAKE_PYTHON = REPO / "tests" / "fakes" / "llamacpp_python.py"
+FAKE_SERVER = REPO / "tests" / "fakes" / "llama_server.py"
 
 
 class Clock:
@@ -35,7 +35,7 @@ def make(tmp: Path, mode: str, seen: list[WorkerState], clock: Clock, idle_unloa
         seen.append(r.state)
 
     spec = WorkerSpec(model="od", replica=0, runtime="llamacpp", port=0, model_path=tmp / "model.gguf",
-                      python=str(FAKE_PYTHON), env={"FAKE_LLAMACPP_MODE": mode}, startup_timeout_s=20)
+                      binary=str(FAKE_SERVER), env={"FAKE_LLAMACPP_MODE": mode}, startup_timeout_s=20)
     settings = SupervisorSection(backoff_initial_s=0.2, backoff_max_s=0.8, crash_loop_limit=2, probe_interval_s=0.2,
                                  probe_timeout_s=2, probe_failures=2, stop_timeout_s=3)
     r = OnDemandReplica(spec=spec, settings=settings, run_dir=tmp / "run", log_dir=tmp / "logs",

@@ -54,9 +54,14 @@ def test_what_each_plan_tells_the_node() -> None:
 
     gguf = HF_MODEL.parent / "model.gguf"
     lc = llamacpp_rt.plan(spec("llamacpp", model_path=gguf))
-    assert lc.context_length == 2048 and lc.uuid_request_ids and lc.stream_usage  # usage through the shim
-    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("--n_ctx=512",))).context_length == 512
+    # llama-server sends its own usage chunk and takes any request id.
+    assert lc.context_length == 2048 and not lc.uuid_request_ids and lc.stream_usage
+    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "512"))).context_length == 512
+    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("--ctx-size=512",))).context_length == 512
     assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, max_model_len=4096)).context_length == 4096
+    # Without the shared KV pool each of the slots holds an equal part of -c.
+    split = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "4096", "-np", "2", "--no-kv-unified")))
+    assert split.context_length == 2048 and split.concurrency == 2
     v = vllm_rt.plan(spec("vllm", args=("--max-model-len", "1024")))
     assert v.context_length == 1024 and not v.uuid_request_ids and v.stream_usage
     assert vllm_rt.plan(spec("vllm")).context_length is None  # vLLM reads it from the model
@@ -107,6 +112,34 @@ def test_vllm_sleep_mode_flag_dev_routes_and_controls() -> None:
     for name in ("llamacpp", "sglang"):
         path = HF_MODEL.parent / "tiny-chat.gguf" if name == "llamacpp" else HF_MODEL
         assert runtimes.get(name).plan(spec(name, sleep=True, model_path=path)).sleep is None
+
+
+def test_llama_server_argv_probes_and_what_it_cannot_serve() -> None:
+    from runtimes import llamacpp as llamacpp_rt
+
+    gguf = HF_MODEL.parent / "tiny-chat.gguf"
+    p = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, binary="/cache/bin/llama-server", args=("-t", "1")))
+    assert p.argv == ("/cache/bin/llama-server", "-m", str(gguf), "--alias", "chat", "--host", "127.0.0.1",
+                      "--port", "8001", "-c", "2048", "-np", "4", "--kv-unified", "--jinja", "--metrics", "-t", "1")
+    assert p.health == Probe("/health") and p.ready == Probe("/v1/models", expect_model="chat")
+    assert p.metrics_path == "/metrics" and p.concurrency == 4 and p.native_apis == ()
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert set(p.cannot) == {"embeddings", "rerank"} and "--embeddings" in p.cannot["embeddings"]
+    # The user's flags win: theirs are kept and the node adds none of the same.
+    mine = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, gpu_uuids=UUIDS[:1],
+                                 args=("--parallel=8", "--no-jinja", "--ctx-size", "8192", "--embeddings", "--reranking")))
+    assert mine.concurrency == 8 and mine.context_length == 8192 and mine.cannot == {}
+    assert "-np" not in mine.argv and "--jinja" not in mine.argv and "-c" not in mine.argv
+    assert mine.env["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
+    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf)).argv[0] == "llama-server"  # looked up on PATH
+    assert llamacpp_rt.version_argv(spec("llamacpp", binary="/x/llama-server")) == ("/x/llama-server", "--version")
+    with pytest.raises(ValueError, match="GGUF"):
+        llamacpp_rt.plan(spec("llamacpp", model_path=None))
+    # What to build it from is data, pinned by digest; only llamacpp has a server the node builds.
+    server = runtimes.server_binary("llamacpp")
+    assert server is not None and server.build is not None and len(server.build.sha256) == 64
+    assert "-DGGML_NATIVE=OFF" in server.build.cmake_args and server.build.gpu_cmake_args == ("-DGGML_CUDA=ON",)
+    assert [n for n in runtimes.NAMES if runtimes.server_binary(n)] == ["llamacpp"]
 
 
 def test_sglang_argv_and_probes() -> None:

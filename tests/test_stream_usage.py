@@ -1,7 +1,7 @@
 """Exact usage: a streamed request reports the same tokens as the same request not streamed, on every API.
 
-Against a real llama.cpp worker (whose own streams carry no usage; the node launches it
-through runtimes/llamacpp_usage.py), greedy so that both answers are the same, with a
+Against a real llama-server worker (its streams end with its own usage chunk when the node
+asks with stream_options.include_usage), greedy so that both answers are the same, with a
 stop sequence and non-ASCII text, where counting streamed chunks would be wrong.
 """
 

@@ -25,7 +25,7 @@ from runtimes import WorkerSpec
 from tests.conftest import REPO, TINY_MODEL, free_port, run_cli, start_node, wait_until, write_config
 
 S = WorkerState
-FAKE_PYTHON = REPO / "tests" / "fakes" / "llamacpp_python.py"
+FAKE_SERVER = REPO / "tests" / "fakes" / "llama_server.py"
 
 
 # -- one replica, driven directly ------------------------------------------------------
@@ -61,7 +61,7 @@ def make_replica(tmp: Path, mode: str, rec: Recorder, *, probe_inference: bool =
     base = dict(backoff_initial_s=0.2, backoff_max_s=0.8, stable_after_s=30, crash_loop_limit=5,
                 probe_interval_s=0.2, probe_timeout_s=2, probe_failures=2, stop_timeout_s=3)
     spec = WorkerSpec(model="fake", replica=0, runtime="llamacpp", port=0, model_path=tmp / "model.gguf",
-                      python=str(FAKE_PYTHON), env={"FAKE_LLAMACPP_MODE": mode, **(env or {})},
+                      binary=str(FAKE_SERVER), env={"FAKE_LLAMACPP_MODE": mode, **(env or {})},
                       startup_timeout_s=startup_timeout_s)
     return Replica(spec=spec, settings=SupervisorSection(**{**base, **settings}), run_dir=tmp / "run",
                    log_dir=tmp / "logs", probe_client=httpx.AsyncClient(), on_change=rec,
@@ -159,7 +159,7 @@ def test_without_inference_probe_health_alone_passes(tmp_path):
 
 
 # -- a real node --------------------------------------------------------------------------
-def two_models(b_args: str = '["--n_threads", "1"]', a_args: str = '["--n_threads", "1"]') -> str:
+def two_models(b_args: str = '["-t", "1"]', a_args: str = '["-t", "1"]') -> str:
     return f"""
 [[models]]
 name = "a"
@@ -189,7 +189,7 @@ def test_reload_restarts_only_the_changed_model(node_factory):
     port = node.url.rsplit(":", 1)[1]
     assert wait_until(lambda: all_ready(node), timeout=60)
     before = pids(node)
-    write_config(node.config.parent, two_models(b_args='["--n_threads", "1", "--n_batch", "64"]'), port=int(port))
+    write_config(node.config.parent, two_models(b_args='["-t", "1", "-b", "64"]'), port=int(port))
     with node.admin() as c:
         r = c.post("/admin/v1/reload")
     assert r.status_code == 200, r.text
@@ -202,8 +202,8 @@ def test_reload_restarts_only_the_changed_model(node_factory):
     assert process_start_time(before["b-0"]) is None
 
     # SIGHUP does the same: change a, leave b.
-    write_config(node.config.parent, two_models(b_args='["--n_threads", "1", "--n_batch", "64"]',
-                                                a_args='["--n_threads", "1", "--n_batch", "32"]'), port=int(port))
+    write_config(node.config.parent, two_models(b_args='["-t", "1", "-b", "64"]',
+                                                a_args='["-t", "1", "-b", "32"]'), port=int(port))
     node.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: pids(node).get("a-0") not in (None, after["a-0"]) and all_ready(node), timeout=60)
     assert pids(node)["b-0"] == after["b-0"]
@@ -305,12 +305,16 @@ runtime = "vllm"
 """
 
 
-@pytest.mark.parametrize("runtime,models", [("llamacpp", TINY_MODEL), ("vllm", VLLM_MODEL)])
-def test_missing_runtime_is_a_clear_failed_state(node_factory, runtime, models):
-    missing = "/nonexistent/venv/bin/python"
-    node = node_factory(models, extra=f'[runtimes.{runtime}]\npython = "{missing}"\n', ready=False)
+@pytest.mark.parametrize("runtime,models,setting,missing,says", [
+    ("llamacpp", TINY_MODEL, "server", "/nonexistent/bin/llama-server",
+     "llamacpp is not installed: [runtimes.llamacpp] server = /nonexistent/bin/llama-server: not found"),
+    ("vllm", VLLM_MODEL, "python", "/nonexistent/venv/bin/python",
+     "vllm is not installed: /nonexistent/venv/bin/python not found"),
+])
+def test_missing_runtime_is_a_clear_failed_state(node_factory, runtime, models, setting, missing, says):
+    node = node_factory(models, extra=f'[runtimes.{runtime}]\n{setting} = "{missing}"\n', ready=False)
     r = wait_until(lambda: _ready_reasons(node), timeout=30)
-    assert r and f"{runtime} is not installed: {missing} not found" in r[0]
+    assert r and says in r[0]
     [w] = node.workers()
     assert w["state"] == "failed" and f"{runtime} is not installed" in w["last_error"]
     out = run_cli("status", "--json", config=node.config, check=True)
@@ -321,7 +325,7 @@ def test_missing_runtime_is_a_clear_failed_state(node_factory, runtime, models):
     doctor = run_cli("doctor", "--json", config=node.config)
     assert doctor.returncode != 0
     [check] = [c for c in json.loads(doctor.stdout) if c["name"] == f"runtime {runtime}"]
-    assert check["level"] == "fail" and f"{runtime} is not installed: {missing} not found" in check["detail"]
+    assert check["level"] == "fail" and says in check["detail"]
 
 
 def _ready_reasons(node) -> list[str] | None:

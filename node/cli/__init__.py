@@ -6,7 +6,7 @@ import sys
 
 from rich.markup import escape
 
-from node.cli import batches, doctor, fleet, keys, models, ops, tls, tokens  # noqa: F401  (each module adds its commands to the root)
+from node.cli import batches, doctor, fleet, keys, models, ops, runtimes, tls, tokens  # noqa: F401  (each module adds its commands to the root)
 from node.cli.root import app, err_console
 from node.errors import ConfigError, NodeError
 

@@ -23,6 +23,7 @@ from node.config.node import DatabaseSection, NodeSection
 from node.config.ops import AlertsSection, FleetSection, LiteLLMFleet, SupervisorSection
 from node.errors import ConfigError
 from runtimes import NAMES as RUNTIMES
+from runtimes import server_binary
 
 __all__ = ["CONFIG_ENV", "SYSTEM_CONFIG", "GiB", "parse_size", "NodeSection", "DatabaseSection", "GpuSelector",
            "ModelConfig", "RuntimeSettings", "QuotaSettings", "PlanSettings", "LiteLLMFleet", "FleetSection",
@@ -62,9 +63,15 @@ class Config(_Section):
     @field_validator("runtimes")
     @classmethod
     def _known_runtimes(cls, v: dict[str, RuntimeSettings]) -> dict[str, RuntimeSettings]:
-        for name in v:
+        for name, settings in v.items():
             if name not in RUNTIMES:
                 raise ValueError(f"unknown runtime '{name}'; use one of {', '.join(RUNTIMES)}")
+            if settings.server is not None and server_binary(name) is None:
+                raise ValueError(f"@runtimes.{name}.server: {name} has no server executable of its own; "
+                                 "remove it (set python or binary instead)")
+            if settings.python is not None and server_binary(name) is not None:
+                raise ValueError(f"@runtimes.{name}.python: {name} runs its own server executable, not a Python "
+                                 "module; remove python (set server = PATH to choose the executable)")
         return v
 
     @model_validator(mode="after")
@@ -203,6 +210,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         name: rs.model_copy(update={
             "python": _resolve(base, rs.python) if rs.python else None,
             "binary": _resolve(base, rs.binary) if rs.binary and "/" in str(rs.binary) else rs.binary,
+            "server": _resolve(base, rs.server) if rs.server and "/" in str(rs.server) else rs.server,
         })
         for name, rs in cfg.runtimes.items()
     }

@@ -152,12 +152,14 @@ class ModelConfig(_Section):
 
 
 class RuntimeSettings(_Section):
-    """Where a runtime lives: its own venv's python, or a binary path (ollama)."""
+    """Where a runtime lives: its own venv's python, a binary path (ollama), or its server (llamacpp)."""
 
-    # The python of the runtime's own virtual environment (vllm, sglang, llamacpp).
+    # The python of the runtime's own virtual environment (vllm, sglang).
     python: Path | None = None
     # The runtime's executable (ollama); a bare name is looked up on PATH.
     binary: Path | None = None
+    # The runtime's server executable (llamacpp: llama-server); unset: on PATH, else built from pinned sources and cached.
+    server: Path | None = None
     # Seconds to become ready, for every model on this runtime (default: 1200 for vLLM and SGLang, 600 for Ollama, 300 for llama.cpp).
     startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
     # Environment variables for every worker of this runtime.

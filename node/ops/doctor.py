@@ -124,7 +124,7 @@ def check_runtimes(config: Config, lock: LockFile) -> Iterator[Check]:
     async def run() -> list[tuple[str, Any]]:
         async with httpx.AsyncClient() as client:
             sup = Supervisor(config, lock, Store(config.data_dir / "store"), Inventory(()), Router(()), client)
-            return [(name, await sup.check_runtime(name)) for name in used]
+            return [(name, await sup.check_runtime(name, build=False)) for name in used]
 
     for name, check in asyncio.run(run()):
         if check.ok:

@@ -126,3 +126,30 @@ class JsonProgress:
             f = self._files.get(name) or _FileState(0, 0, 0, 0.0, 0.0)
             self.event(event="done" if ok else "error", file=name, total=f.total, done=f.done,
                        **({"error": message} if message else {}))
+
+
+class RichBuildProgress:
+    """One bar per build phase (download in bytes, compile in build steps), for `infernode runtimes build`."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                              TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                              console=console, transient=False)
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RichBuildProgress:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def stage(self, text: str, total: int) -> None:
+        if self._task is not None:
+            task = self._bars.tasks[self._task]
+            self._bars.update(self._task, completed=task.total or task.completed)
+        self._task = self._bars.add_task(text, total=total or None)
+
+    def update(self, done: int, total: int) -> None:
+        if self._task is not None:
+            self._bars.update(self._task, completed=done, total=total)

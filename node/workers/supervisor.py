@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ import httpx
 
 import runtimes
 from node.config import Config, ModelConfig
+from node.supply.builds import BuildError, LogBuildProgress, ServerCache, cache_root, locate
 from node.supply.lockfile import LockFile
 from node.supply.resolve import stale_models
 from node.supply.store import Store
@@ -60,35 +62,82 @@ class Supervisor:
         self.runtime_checks: dict[str, RuntimeCheck] = {}
         self._store_problems: dict[str, str] = {}
         self.clock = clock  # the idle timers' clock (tests pass their own)
+        self.server_cache = ServerCache(cache_root(), gpus=bool(inventory.gpus))
+        self.servers: dict[str, str] = {}  # runtime -> the server executable found or built for it
 
     # -- building specs ----------------------------------------------------------
     def _python(self, runtime: str) -> str:
         rs = self.config.runtime_settings(runtime)
         return str(rs.python) if rs.python else sys.executable
 
-    async def check_runtime(self, runtime: str, model: ModelConfig | None = None) -> RuntimeCheck:
-        """Is a runtime installed where the config says? (cached; runs its version command)."""
+    def _binary(self, runtime: str) -> str | None:
+        if runtime in self.servers:
+            return self.servers[runtime]
+        rs = self.config.runtime_settings(runtime)
+        return str(rs.binary) if rs.binary else None
+
+    async def _find_server(self, runtime: str, server: runtimes.ServerBinary, build: bool) -> RuntimeCheck | None:
+        """Find the runtime's server (configured, PATH, cache), building it when allowed; a failed check if not."""
+        configured = self.config.runtime_settings(runtime).server
+        try:
+            found = locate(server, str(configured) if configured else None, self.server_cache)
+        except BuildError as exc:  # e.g. a bad INFERNODE_BUILD_GPU
+            return RuntimeCheck(False, f"{runtime}: {exc.message}")
+        if found is None and configured is None and build:
+            log.info("%s: %s is not on PATH and not built yet: building it from pinned sources "
+                     "(once per machine; minutes)", runtime, server.name)
+            cancel = threading.Event()
+            try:
+                found = await asyncio.to_thread(self.server_cache.ensure, server,
+                                                LogBuildProgress(log, f"{runtime}: {server.name}"), cancel)
+            except BuildError as exc:
+                return RuntimeCheck(False, f"{runtime}: {exc.message}")
+            except asyncio.CancelledError:
+                cancel.set()  # the build's thread kills its compilers and ends
+                raise
+            log.info("%s: built %s", runtime, found)
+        if found is None:
+            where = f"[runtimes.{runtime}] server = {configured}: not found" if configured else \
+                f"{server.name} is neither on PATH nor built in {self.server_cache.root}"
+            return RuntimeCheck(False, f"{runtime} is not installed: {where}; run `infernode runtimes build {runtime}` "
+                                       f"or set [runtimes.{runtime}] server in appliance.toml")
+        self.servers[runtime] = str(found)
+        return None
+
+    async def check_runtime(self, runtime: str, model: ModelConfig | None = None, *, build: bool = True) -> RuntimeCheck:
+        """Is a runtime installed where the config says? (cached; runs its version command).
+
+        A runtime whose server the node can build is built here when missing, unless `build` is False.
+        """
         if runtime in self.runtime_checks:
             return self.runtime_checks[runtime]
         if not runtimes.launched(runtime):
             return RuntimeCheck(True, "not launched by the node")
-        rs = self.config.runtime_settings(runtime)
+        server = runtimes.server_binary(runtime)
+        if server is not None:
+            failed = await self._find_server(runtime, server, build)
+            if failed is not None:
+                if build:
+                    self.runtime_checks[runtime] = failed
+                return failed
         spec = WorkerSpec(model="probe", replica=0, runtime=runtime, port=0, python=self._python(runtime),
-                          binary=str(rs.binary) if rs.binary else None)
+                          binary=self._binary(runtime))
         argv = runtimes.get(runtime).version_argv(spec)
         exe = argv[0] if argv else runtime
         missing = not argv or (shutil.which(exe) is None if not Path(exe).is_absolute() else not os.access(exe, os.X_OK))
         if missing:
             check = RuntimeCheck(False, f"{runtime} is not installed: {exe} not found; "
-                                        f"install it or set [runtimes.{runtime}] python/binary in appliance.toml")
+                                        f"install it or set [runtimes.{runtime}] {'server' if server else 'python/binary'} in appliance.toml")
         else:
             try:
                 proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                             stderr=asyncio.subprocess.STDOUT)
                 out, _ = await asyncio.wait_for(proc.communicate(), 60)
                 text = out.decode(errors="replace").strip().splitlines()
+                # The line naming the version (a server may print its compiler after it), else the last.
+                named = [ln[len("version"):].lstrip(": ") for ln in text if ln.lower().startswith("version")]
                 if proc.returncode == 0:
-                    check = RuntimeCheck(True, text[-1] if text else "installed")
+                    check = RuntimeCheck(True, (named or text or ["installed"])[-1])
                 else:
                     check = RuntimeCheck(False, f"{runtime} is not installed in {argv[0]}: {text[-1] if text else proc.returncode}")
             except (TimeoutError, OSError) as exc:
@@ -119,7 +168,7 @@ class Supervisor:
             model=m.name, replica=placed.replica, runtime=m.runtime, port=0, api_key=api_key,
             model_path=model_path, source=m.source, registry=m.registry, gpu_uuids=placed.gpu_uuids,
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
-            python=self._python(m.runtime), binary=str(rs.binary) if rs.binary else None,
+            python=self._python(m.runtime), binary=self._binary(m.runtime),
             max_model_len=m.max_model_len, url=m.url,
             startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s, sleep=m.sleep,
         )

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""A misbehaving stand-in for the llama.cpp runtime's interpreter, for supervisor tests.
+"""A misbehaving stand-in for llama.cpp's `llama-server`, for supervisor tests (faults on demand).
 
-Set as `[runtimes.llamacpp] python = ".../tests/fakes/llamacpp_python.py"`, it is run the
-way the node runs the real interpreter: `PY -c CODE` for the version check (handed to
-the real Python) and `PY SHIM -m llama_cpp.server --model F --model_alias A --host H --port P
---n_ctx N ...` for a worker. It accepts exactly the flags of llama-cpp-python's server
-that the adapter uses (llama-cpp-python docs, "OpenAI Compatible Web Server": `--model`,
-`--model_alias`, `--host`, `--port`, `--n_ctx`, `--n_threads`, `--n_gpu_layers`,
-`--interrupt_requests`) and rejects others like the real argparse-based server (exit 2).
-It serves the routes the node probes on that server: `GET /v1/models` (the alias
-listed), `GET /docs` (FastAPI's docs page, the liveness probe) and `POST /v1/completions`.
+The real llama-server runs in the other tests; this one exists to crash, hang and fail
+when told. Set as the worker's binary (`WorkerSpec(binary=...)`, or `[runtimes.llamacpp]
+server`), it is run the way the node runs the real one: `llama-server --version` for the
+version check (it prints `version: N (COMMIT)` and the compiler, to stderr, exit 0) and
+`llama-server -m F --alias A --host H --port P -c N -np S --kv-unified --jinja --metrics
+...` for a worker. It accepts exactly the flags of llama-server (common/arg.cpp) the
+adapter uses and tests pass, and rejects others with exit 1 as the real one does
+(`error: invalid argument`). It serves the routes the node probes on that server:
+`GET /health` (503 `{"error": {"code": 503, "message": "Loading model"}}` while
+loading, then `{"status": "ok"}`), `GET /v1/models` (the alias listed), `GET /metrics`
+and `POST /v1/completions`.
 
 FAKE_LLAMACPP_MODE (from the model's env) says how to misbehave:
   serve            serve normally
@@ -32,16 +34,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: invalid argument: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def _server_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llama_cpp.server")
-    p.add_argument("--model", required=True)
-    p.add_argument("--model_alias")
-    p.add_argument("--host", default="localhost")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--n_ctx", type=int, default=2048)
-    p.add_argument("--n_threads", type=int)
-    p.add_argument("--n_gpu_layers", type=int)
-    p.add_argument("--interrupt_requests", choices=["True", "False"])
+    p = _Parser(prog="llama-server", add_help=False)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-a", "--alias")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-c", "--ctx-size", type=int, default=0)
+    p.add_argument("-np", "--parallel", type=int, default=-1)
+    p.add_argument("-t", "--threads", type=int)
+    p.add_argument("-b", "--batch-size", type=int)
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers")
+    for flag in ("--kv-unified", "--no-kv-unified", "--jinja", "--no-jinja", "--metrics", "--embeddings", "--reranking"):
+        p.add_argument(flag, action="store_true")
     return p.parse_args(argv)
 
 
@@ -57,31 +68,34 @@ def _handler(alias: str, infer_ok: bool) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "me"}]})
-            elif self.path == "/docs":
-                page = b"<!DOCTYPE html><html><head><title>FastAPI - Swagger UI</title></head></html>"
+                self._json(200, {"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "llamacpp"}]})
+            elif self.path == "/health":
+                self._json(200, {"status": "ok"})
+            elif self.path == "/metrics":
+                page = b"# HELP llamacpp:requests_processing Number of requests processing.\n" \
+                       b"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 0\n"
                 self.send_response(200)
-                self.send_header("content-type", "text/html; charset=utf-8")
+                self.send_header("content-type", "text/plain; version=0.0.4")
                 self.send_header("content-length", str(len(page)))
                 self.end_headers()
                 self.wfile.write(page)
             else:
-                self._json(404, {"detail": "Not Found"})
+                self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             if self.path != "/v1/completions":
-                return self._json(404, {"detail": "Not Found"})
+                return self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
             if not infer_ok:
-                return self._json(500, {"error": {"message": "llama_decode failed", "type": "internal_server_error"}})
+                return self._json(500, {"error": {"code": 500, "message": "llama_decode failed", "type": "server_error"}})
             self._json(200, {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
                              "model": body.get("model", alias),
                              "choices": [{"text": " x", "index": 0, "logprobs": None, "finish_reason": "length"}],
                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
         def log_message(self, fmt: str, *args) -> None:
-            print("fake-llamacpp:", fmt % args, flush=True)
+            print("fake-llama-server:", fmt % args, flush=True)
 
     return Handler
 
@@ -94,13 +108,10 @@ def _crash(code: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["-c"]:  # the node's version check: the real interpreter answers it
-        os.execv(sys.executable, [sys.executable, *argv])
-    if argv[:1] and argv[0].endswith("llamacpp_usage.py"):  # the node's usage shim, which runs the server
-        argv = argv[1:]
-    if argv[:2] != ["-m", "llama_cpp.server"]:
-        sys.exit(f"fake interpreter: unsupported invocation {argv!r}")
-    args = _server_args(argv[2:])
+    if argv == ["--version"]:  # the node's version check
+        print("version: 1 (0c1e570)\nbuilt with a fake for tests", file=sys.stderr, flush=True)
+        return
+    args = _server_args(argv)
     mode = os.environ.get("FAKE_LLAMACPP_MODE", "serve")
     if mode == "crash":
         _crash(3)
@@ -114,8 +125,8 @@ def main(argv: list[str]) -> None:
         print("llama_model_load: loading model (this fake never finishes)", flush=True)
         while True:
             time.sleep(3600)
-    server = ThreadingHTTPServer((args.host, args.port), _handler(args.model_alias or args.model, mode != "infer_fail"))
-    print(f"fake-llamacpp: serving {args.model_alias} on {args.host}:{args.port}", flush=True)
+    server = ThreadingHTTPServer((args.host, args.port), _handler(args.alias or args.model, mode != "infer_fail"))
+    print(f"fake-llama-server: serving {args.alias} on {args.host}:{args.port}", flush=True)
     if mode.startswith("crash_after:"):
         def later() -> None:
             time.sleep(float(mode.split(":", 1)[1]))
