@@ -201,6 +201,11 @@ def server_binary(name: str) -> ServerBinary | None:
     return found
 
 
+def runs_python(name: str) -> bool:
+    """Whether the runtime's workers are a Python module run by an interpreter (its `[runtimes.NAME] python`)."""
+    return getattr(get(name), "MODULE", None) is not None
+
+
 def launched(name: str) -> bool:
     """Whether the node launches this runtime's workers (and so pins, pulls, places and version-checks them)."""
     return get(name).LAYOUT is not None

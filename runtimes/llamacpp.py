@@ -1,9 +1,10 @@
 """llama.cpp through its own OpenAI server, `llama-server` (C++, tools/server in llama.cpp).
 
 Flags follow llama-server's `--help` (common/arg.cpp): `-m PATH --alias NAME --host
---port`, `-c` (context), `-np` (parallel slots: the replica's concurrency) with
-`--kv-unified` (the slots share one KV pool of `-c` tokens, so any one request may use
-the whole context, as llama-server's own automatic `-np` does), `--jinja` (the model's
+--port`, `-np` (parallel slots: the replica's concurrency) and `-c` (the KV cache: the
+model's context times the slots) with `--no-kv-unified` (each slot holds one whole
+context; a pool shared by the slots, `--kv-unified`, lets requests running together
+exhaust it, and llama-server then fails them), `--jinja` (the model's
 chat template, tool calls included), `--metrics` (Prometheus `/metrics`, `llamacpp:*`),
 and `--embeddings` / `--reranking` where the user's args say the model is one. Threads
 (`-t`) and GPU layers (`-ngl`) are llama.cpp's defaults (physical cores; `auto` fits the
@@ -86,12 +87,15 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         "--host", spec.host,
         "--port", str(spec.port),
     ]
+    slots = int_or_none(flag_value(args, *PARALLEL_FLAGS)) or spec.concurrency or DEFAULT_PARALLEL
     if not has_flag(args, *CTX_FLAGS):
-        argv += ["-c", str(spec.max_model_len or DEFAULT_N_CTX)]
+        # Each slot holds a whole context (as Ollama sizes num_ctx x parallel): requests running at once
+        # can never run out of KV together, which a pool shared by the slots (--kv-unified) allows.
+        argv += ["-c", str((spec.max_model_len or DEFAULT_N_CTX) * max(slots, 1))]
     if not has_flag(args, *PARALLEL_FLAGS):
-        argv += ["-np", str(spec.concurrency or DEFAULT_PARALLEL)]  # the model's concurrency, else a few
+        argv += ["-np", str(slots)]  # the model's concurrency, else a few
     if not has_flag(args, *KV_UNIFIED_FLAGS):
-        argv.append("--kv-unified")
+        argv.append("--no-kv-unified")
     if not has_flag(args, "--jinja", "--no-jinja"):
         argv.append("--jinja")
     if not has_flag(args, "--metrics"):
@@ -100,7 +104,7 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
     full = tuple(argv)
     slots = int_or_none(flag_value(full, *PARALLEL_FLAGS)) or DEFAULT_PARALLEL
     context = int_or_none(flag_value(full, *CTX_FLAGS))
-    if context and has_flag(args, "-no-kvu", "--no-kv-unified"):
+    if context and not has_flag(args, "-kvu", "--kv-unified"):
         context //= max(slots, 1)  # without a shared pool each slot holds an equal part of -c
     cannot: dict[str, str] = {}
     if not has_flag(args, *EMBEDDING_FLAGS):

@@ -286,7 +286,7 @@ def test_the_batches_page_shows_progress_and_an_operator_cancels(tiny_node, brow
     key = tiny_node.create_key()
     c = openai.OpenAI(base_url=tiny_node.url + "/v1", api_key=key, max_retries=0)
     lines = b"".join(_json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                                  "body": {"model": "tiny-chat", "max_tokens": 64,
+                                  "body": {"model": "tiny-chat", "max_tokens": 500,
                                            "messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
                      for i in range(300))
     f = c.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")

@@ -307,10 +307,13 @@ def test_lock_streams_a_url_when_head_is_refused(tmp_path):
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/m.gguf"
         box = write_box(tmp_path, model(f"{url}#sha256={digest}"))
-        # in a child, so its peak RSS is its own
-        code = ("import resource, sys; from node.config import load_config; from node.supply.resolve import build_lock;"
+        # In a child, so its peak RSS is its own: the high-water mark is reset first (clear_refs 5), since a
+        # forked child starts from its parent's (pytest's, hundreds of MiB late in a full run).
+        code = ("import re; open('/proc/self/clear_refs', 'w').write('5');"
+                "from node.config import load_config; from node.supply.resolve import build_lock;"
                 f"lock = build_lock(load_config({str(box)!r})); f = lock.models[0].files[0];"
-                "print(f.size, f.sha256, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1);"
+                "print(f.size, f.sha256, hwm)")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
         assert p.returncode == 0, p.stderr

@@ -56,12 +56,18 @@ def test_what_each_plan_tells_the_node() -> None:
     lc = llamacpp_rt.plan(spec("llamacpp", model_path=gguf))
     # llama-server sends its own usage chunk and takes any request id.
     assert lc.context_length == 2048 and not lc.uuid_request_ids and lc.stream_usage
-    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "512"))).context_length == 512
-    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("--ctx-size=512",))).context_length == 512
+    # The node sizes -c as context x slots: each of the 4 slots holds the whole context.
+    assert flag(lc.argv, "-c") == "8192" and flag(lc.argv, "-np") == "4" and "--no-kv-unified" in lc.argv
     assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, max_model_len=4096)).context_length == 4096
-    # Without the shared KV pool each of the slots holds an equal part of -c.
-    split = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "4096", "-np", "2", "--no-kv-unified")))
+    assert flag(llamacpp_rt.plan(spec("llamacpp", model_path=gguf, max_model_len=4096)).argv, "-c") == "16384"
+    # The user's -c is the whole cache: without the shared pool each of the slots holds an equal part of it.
+    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "2048"))).context_length == 512
+    assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("--ctx-size=512", "-np", "1"))).context_length == 512
+    split = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "4096", "-np", "2")))
     assert split.context_length == 2048 and split.concurrency == 2
+    # With the shared pool (the user's choice) any one request may use all of it.
+    shared = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, args=("-c", "4096", "-np", "2", "--kv-unified")))
+    assert shared.context_length == 4096 and "--no-kv-unified" not in shared.argv
     v = vllm_rt.plan(spec("vllm", args=("--max-model-len", "1024")))
     assert v.context_length == 1024 and not v.uuid_request_ids and v.stream_usage
     assert vllm_rt.plan(spec("vllm")).context_length is None  # vLLM reads it from the model
@@ -114,13 +120,17 @@ def test_vllm_sleep_mode_flag_dev_routes_and_controls() -> None:
         assert runtimes.get(name).plan(spec(name, sleep=True, model_path=path)).sleep is None
 
 
+def flag(argv: tuple[str, ...], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
 def test_llama_server_argv_probes_and_what_it_cannot_serve() -> None:
     from runtimes import llamacpp as llamacpp_rt
 
     gguf = HF_MODEL.parent / "tiny-chat.gguf"
     p = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, binary="/cache/bin/llama-server", args=("-t", "1")))
     assert p.argv == ("/cache/bin/llama-server", "-m", str(gguf), "--alias", "chat", "--host", "127.0.0.1",
-                      "--port", "8001", "-c", "2048", "-np", "4", "--kv-unified", "--jinja", "--metrics", "-t", "1")
+                      "--port", "8001", "-c", "8192", "-np", "4", "--no-kv-unified", "--jinja", "--metrics", "-t", "1")
     assert p.health == Probe("/health") and p.ready == Probe("/v1/models", expect_model="chat")
     assert p.metrics_path == "/metrics" and p.concurrency == 4 and p.native_apis == ()
     assert p.env["CUDA_VISIBLE_DEVICES"] == ""
@@ -128,7 +138,7 @@ def test_llama_server_argv_probes_and_what_it_cannot_serve() -> None:
     # The user's flags win: theirs are kept and the node adds none of the same.
     mine = llamacpp_rt.plan(spec("llamacpp", model_path=gguf, gpu_uuids=UUIDS[:1],
                                  args=("--parallel=8", "--no-jinja", "--ctx-size", "8192", "--embeddings", "--reranking")))
-    assert mine.concurrency == 8 and mine.context_length == 8192 and mine.cannot == {}
+    assert mine.concurrency == 8 and mine.context_length == 8192 // 8 and mine.cannot == {}  # -c split among 8 slots
     assert "-np" not in mine.argv and "--jinja" not in mine.argv and "-c" not in mine.argv
     assert mine.env["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
     assert llamacpp_rt.plan(spec("llamacpp", model_path=gguf)).argv[0] == "llama-server"  # looked up on PATH

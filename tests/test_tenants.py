@@ -181,9 +181,10 @@ def test_worker_refusals_keep_their_4xx_without_internals(api_node):
         r = _post(node, key, "/v1/chat/completions", {**base, "stub": {"status": status, "message": leak}})
         assert r.status_code == want and r.json()["error"]["source"] == "worker", r.text
         assert "bad value" in r.text and "/usr" not in r.text and "app.py" not in r.text and "secret" not in r.text
-    # The real llama.cpp worker refusing a body the node passes (logit_bias of the wrong shape).
-    r = _post(node, key, "/v1/chat/completions", {**base, "model": TINY, "logit_bias": "x"})
-    assert r.status_code in (400, 422, 502) and r.json()["error"]["source"] == "worker", r.text
+    # The real llama.cpp worker (llama-server) refusing a body the node passes: a grammar it cannot parse.
+    r = _post(node, key, "/v1/chat/completions", {**base, "model": TINY, "grammar": "root ::= ((("})
+    assert r.status_code == 400 and r.json()["error"]["source"] == "worker", r.text
+    assert "grammar" in r.json()["error"]["message"], r.text
     assert 'File "' not in r.text and ".py" not in r.text and "Traceback" not in r.text, r.text
 
 

@@ -31,7 +31,8 @@ MODEL = """
 name = "tiny-vllm"
 source = "builtin:tiny-chat#hf/*"
 runtime = "vllm"
-args = ["--enforce-eager", "--max-model-len", "512"]
+# Schema output without free whitespace: random weights would otherwise pad a JSON object until max_tokens.
+args = ["--enforce-eager", "--max-model-len", "512", "--structured-outputs-config", '{"disable_any_whitespace": true}']
 env = { VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1" }
 startup_timeout_s = 600
 """

@@ -168,8 +168,10 @@ class Supervisor:
             model=m.name, replica=placed.replica, runtime=m.runtime, port=0, api_key=api_key,
             model_path=model_path, source=m.source, registry=m.registry, gpu_uuids=placed.gpu_uuids,
             gpu_memory_fraction=placed.gpu_memory_fraction, args=tuple(m.args), env={**rs.env, **m.env},
-            python=self._python(m.runtime), binary=self._binary(m.runtime),
-            max_model_len=m.max_model_len, url=m.url,
+            # The node's own interpreter is no part of a worker that runs none (it changes with every upgrade,
+            # and a changed spec is not adopted).
+            python=self._python(m.runtime) if runtimes.runs_python(m.runtime) else WorkerSpec.python,
+            binary=self._binary(m.runtime), max_model_len=m.max_model_len, url=m.url,
             startup_timeout_s=m.startup_timeout_s or rs.startup_timeout_s, sleep=m.sleep,
             concurrency=m.concurrency,
         )

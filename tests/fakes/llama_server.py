@@ -5,7 +5,7 @@ The real llama-server runs in the other tests; this one exists to crash, hang an
 when told. Set as the worker's binary (`WorkerSpec(binary=...)`, or `[runtimes.llamacpp]
 server`), it is run the way the node runs the real one: `llama-server --version` for the
 version check (it prints `version: N (COMMIT)` and the compiler, to stderr, exit 0) and
-`llama-server -m F --alias A --host H --port P -c N -np S --kv-unified --jinja --metrics
+`llama-server -m F --alias A --host H --port P -c N -np S --no-kv-unified --jinja --metrics
 ...` for a worker. It accepts exactly the flags of llama-server (common/arg.cpp) the
 adapter uses and tests pass, and rejects others with exit 1 as the real one does
 (`error: invalid argument`). It serves the routes the node probes on that server:
