@@ -55,12 +55,14 @@ def free_port() -> int:
 
 # -- the orchestrator (the node's environment) ----------------------------------------
 
-def node_config(port: int, vllm_python: Path) -> str:
+def node_config(port: int, vllm_python: Path, worker_nice: int | None) -> str:
+    supervisor = f"[supervisor]\nworker_nice = {worker_nice}\n" if worker_nice is not None else ""
     return f"""
 [node]
 listen = "127.0.0.1:{port}"
 data_dir = "data"
 
+{supervisor}
 [quotas.default]
 rpm = 100000000
 tpm = 10000000000
@@ -78,9 +80,9 @@ startup_timeout_s = 900
 """
 
 
-def start_node(work: Path, port: int, vllm_python: Path) -> subprocess.Popen:
+def start_node(work: Path, port: int, vllm_python: Path, worker_nice: int | None) -> subprocess.Popen:
     py = sys.executable
-    (work / "appliance.toml").write_text(node_config(port, vllm_python))
+    (work / "appliance.toml").write_text(node_config(port, vllm_python, worker_nice))
     cfg = str(work / "appliance.toml")
     subprocess.run([py, "-m", "node", "lock", "--config", cfg], check=True, cwd=REPO, capture_output=True)
     log = (work / "node.log").open("ab")
@@ -114,7 +116,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="infernode-bench-vllm-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    node = start_node(work, port, vllm_python)
+    node = start_node(work, port, vllm_python, args.worker_nice)
     print(f"node pid {node.pid}, work dir {work}; waiting for vLLM (about a minute on two cores)", file=sys.stderr)
     try:
         for _ in range(600):
@@ -130,10 +132,8 @@ def orchestrate(args: argparse.Namespace) -> None:
                 "key": r.json()["key"], "node_pid": node.pid, "vllm_pid": worker["pid"],
                 "rounds": args.rounds, "prompts": args.prompts, "concurrency": args.concurrency,
                 "input_len": args.input_len, "output_len": args.output_len, "warmup": args.warmup}
-        if args.worker_nice is not None:
-            # vLLM's processes share one session; under autogroup scheduling its group's nice is what counts.
-            group = Path(f"/proc/{worker['pid']}/autogroup")
-            group.write_text(str(args.worker_nice))
+        group = Path(f"/proc/{worker['pid']}/autogroup")   # the keeper sets it from [supervisor] worker_nice
+        if group.exists():
             print(f"vLLM's session: {group.read_text().strip()}", file=sys.stderr)
         rows_path = plan["rows"] = str(work / "rounds.jsonl")
         subprocess.run([str(vllm_python), str(Path(__file__).resolve()), "--client"], input=json.dumps(plan),
@@ -328,7 +328,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=32, help="prompts per target before the rounds, not counted")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--worker-nice", type=int, default=None,
-                    help="CPU priority of vLLM's session against the node's (its /proc/PID/autogroup nice, 0-19)")
+                    help="the node's [supervisor] worker_nice (0-19; default: the node's default, 5; 0 shows the issue)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # the vLLM-side half, plan on stdin
     args = ap.parse_args()

@@ -127,3 +127,30 @@ def test_exit_code_recorded(tmp_path):
     assert k.wait(20) == 7
     assert state(tmp_path)["exit_code"] == 7
     assert os.path.exists(tmp_path / "w.log")
+
+
+def test_the_worker_yields_the_cpu_to_the_node(tmp_path):
+    """--nice: the worker (and its children) run at that niceness, and so does its session's autogroup."""
+    def nice_of(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+    k = subprocess.Popen(
+        [sys.executable, "-m", "node.workers.keeper", "--state", str(tmp_path / "w.json"), "--owner", owner_token(),
+         "--owner-file", str(tmp_path / "owner"), "--stop-timeout", "2", "--log", str(tmp_path / "w.log"),
+         "--nice", "7", "--", sys.executable, "-c",
+         "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+         "print('up', flush=True); time.sleep(600)"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pid = wait_until(lambda: state(tmp_path).get("worker_pid"), timeout=20)
+        assert pid and wait_until(lambda: "up" in log_lines(tmp_path) or any(x.endswith(" up") for x in log_lines(tmp_path)))
+        assert nice_of(pid) == 7 and nice_of(os.getpid()) == 0 and nice_of(k.pid) == 0
+        child = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+        assert nice_of(child) == 7
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        if autogroup.exists():   # kernels sharing CPU by session
+            assert autogroup.read_text().split()[-1] == "7"
+            assert Path("/proc/self/autogroup").read_text().split()[-1] == "0"
+    finally:
+        k.send_signal(signal.SIGTERM)
+        k.wait(20)

@@ -74,3 +74,5 @@ class SupervisorSection(_Section):
     log_max_bytes: Annotated[int, Field(gt=0)] = 20 * 1024 * 1024
     # Rotated worker logs kept.
     log_backups: Annotated[int, Field(ge=0)] = 3
+    # CPU niceness of worker processes (0-19; 0: the node's own): the node's wake-ups go first when a worker saturates the CPU.
+    worker_nice: Annotated[int, Field(ge=0, le=19)] = 5

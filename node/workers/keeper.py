@@ -68,6 +68,26 @@ def _set_pdeathsig() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _in_worker(nice: int) -> None:
+    """Run in the worker before it execs (its new session made): die with the keeper, and yield
+    the CPU to the node.
+
+    A runtime that never stops using the CPU (vLLM's CPU build polls) otherwise makes every
+    wake-up of the node wait its turn: streams then arrive in one piece. The session's
+    autogroup nice covers kernels that share CPU time by session; the process nice (which
+    its children inherit) covers those that share it by cgroup. Raising either needs no
+    privilege.
+    """
+    _set_pdeathsig()
+    if nice > 0:
+        os.nice(nice)
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+        except OSError:  # no autogroup (kernel option off, or not Linux's /proc): the process nice stands
+            pass
+
+
 def _copy_output(stream, log: logging.Logger) -> None:
     for raw in iter(stream.readline, b""):
         log.info(raw.rstrip(b"\n").decode("utf-8", "replace"))
@@ -114,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_set_pdeathsig,
+        preexec_fn=lambda: _in_worker(args.nice),
     )
     threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True).start()
     info = json.loads(args.info) if args.info else {}
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-max-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--log-backups", type=int, default=3)
     p.add_argument("--info", default="")
+    p.add_argument("--nice", type=int, default=0, help="the worker's CPU niceness (0: as the keeper's)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.cmd and args.cmd[0] == "--":

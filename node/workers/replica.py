@@ -291,6 +291,7 @@ class Replica(Serving):
             "--log-max-bytes", str(self.settings.log_max_bytes),
             "--log-backups", str(self.settings.log_backups),
             "--info", json.dumps(info),
+            "--nice", str(self.settings.worker_nice),
             "--", *self.plan.argv,
         ]
         popen = subprocess.Popen(
