@@ -32,7 +32,7 @@ name = "tiny-vllm"
 source = "builtin:tiny-chat#hf/*"
 runtime = "vllm"
 # Schema output without free whitespace: random weights would otherwise pad a JSON object until max_tokens.
-args = ["--enforce-eager", "--max-model-len", "512", "--structured-outputs-config", '{"disable_any_whitespace": true}']
+args = ["--enforce-eager", "--max-model-len", "512", "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
 env = { VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1" }
 startup_timeout_s = 600
 """
