@@ -22,7 +22,6 @@ from node.gateway.context import check
 from node.gateway.exchange import ModelInfo
 from node.gateway.gateway import Gateway
 from node.gateway.listener import Server
-from node.gateway.schedule import Gate, QueueFull
 from node.gateway.upstream import BUFFER_LIMIT, BrokenResponse, ConnectFailed, Pool, TimedOut, Unanswered
 from node.ops.metrics import Metrics
 from node.workers.router import Router
@@ -386,42 +385,6 @@ def test_https(tmp_path, monkeypatch):
             resp.close()
         await pool.aclose()
         server.close()
-    asyncio.run(main())
-
-
-def test_gate_queues_in_order_and_refuses_beyond():
-    async def main():
-        gate = Gate(max_inflight=1, max_queue=2)
-        await gate.acquire(1)
-        order = []
-
-        async def waiter(i):
-            await gate.acquire(5)
-            order.append(i)
-        tasks = [asyncio.create_task(waiter(i)) for i in range(2)]
-        await asyncio.sleep(0.01)
-        assert gate.queued == 2
-        with pytest.raises(QueueFull) as e:
-            await gate.acquire(1)
-        assert e.value.retry_after > 0
-        gate.release(0.1)
-        await asyncio.sleep(0.01)
-        gate.release(0.1)
-        await asyncio.gather(*tasks)
-        assert order == [0, 1] and gate.inflight == 1
-        gate.release(0.1)
-        assert gate.inflight == 0
-        # A waiter that gives up leaves the line; one that times out gets QueueFull.
-        await gate.acquire(1)
-        t = asyncio.create_task(gate.acquire(5))
-        await asyncio.sleep(0.01)
-        t.cancel()
-        await asyncio.sleep(0.01)
-        assert gate.queued == 0
-        with pytest.raises(QueueFull):
-            await gate.acquire(0.05)
-        gate.release(0)
-        assert gate.inflight == 0
     asyncio.run(main())
 
 

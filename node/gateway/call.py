@@ -20,8 +20,8 @@ from node.accounts.quotas import Quotas
 from node.errors import InvalidRequest, NoReadyReplica, UpstreamTimeout
 from node.gateway.dialect import adapt
 from node.gateway.exchange import Admitted, Exchange, ModelInfo, Upstream, WorkerUnreachable
-from node.gateway.schedule import QueueFull, Schedule
-from node.gateway.scheduler import Slot
+from node.gateway.schedule import Schedule
+from node.gateway.scheduler import QueueFull, Slot
 from node.gateway.upstream import ConnectFailed, Pool, TimedOut, UpstreamFailure
 from node.workers.router import Router, WorkerView
 
