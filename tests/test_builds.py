@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -193,10 +194,12 @@ def test_a_failing_compile_names_the_error_and_the_log(served: Served, tmp_path:
     assert not list((tmp_path / "cache" / "runtimes").rglob("bin/*"))
 
 
-def test_missing_tools_are_named_with_the_fix(served: Served, tmp_path: Path) -> None:
+def test_missing_tools_are_named_with_the_fix(served: Served, tmp_path: Path, monkeypatch) -> None:
     server = recipe(served, tarball(hello_sources()))
     empty = tmp_path / "empty-path"
     empty.mkdir()
+    # Neither on PATH nor beside the interpreter (where the `cmake` and `ninja` wheels of the llamacpp extra go).
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))
     with pytest.raises(BuildError, match="needs cmake and ninja: pip install cmake ninja"):
         cache_at(tmp_path / "cache", {"PATH": str(empty)}).ensure(server)
 
