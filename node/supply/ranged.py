@@ -42,7 +42,7 @@ from node.supply.download import (
 from node.supply.lockfile import LockedFile
 from node.supply.progress import PullProgress
 from node.supply.segments import Segment
-from node.supply.store import BlobWriter, DigestMismatch, DiskFull, SizeMismatch, Store
+from node.supply.store import BlobWriter, DigestMismatch, DiskFull, SizeMismatch, Store, drain_pipe
 
 SAVE_EVERY_S = 1.0  # how much a kill may cost per file: what arrived since the last save
 POLL_S = 0.05
@@ -351,12 +351,7 @@ class _SegmentSink:
                 raise OSError(errno.EIO, "splice moved no bytes")
             n -= moved
             self.seg.done += moved
-        while n:
-            data = os.read(pipe_r, n)
-            if not data:
-                raise OSError(errno.EIO, "the pipe ran dry")
-            self.append(data)
-            n -= len(data)
+        drain_pipe(pipe_r, n, self.append)
 
     @contextlib.contextmanager
     def _disk(self) -> Iterator[None]:

@@ -18,7 +18,7 @@ import mmap
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,16 @@ from runtimes import ModelLayout
 CHUNK = 1024 * 1024
 HASH_WINDOW = 16 * 1024 * 1024  # mapped at a time by hash_through: what hashing adds to RSS, per file
 
+
+
+def drain_pipe(pipe_r: int, n: int, append: Callable[[bytes], object]) -> None:
+    """Read exactly `n` bytes a splice left in a pipe, passing them to `append` (EIO if it runs dry)."""
+    while n:
+        data = os.read(pipe_r, n)
+        if not data:
+            raise OSError(errno.EIO, "the pipe ran dry")
+        append(data)
+        n -= len(data)
 
 class DigestMismatch(StoreError):
     def __init__(self, name: str, expected: str, actual: str, size: int | None = None) -> None:
@@ -151,12 +161,7 @@ class BlobWriter:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
             self._no_splice = True  # a filesystem that cannot take splice: copy through memory instead
-        while n:
-            data = os.read(pipe_r, n)
-            if not data:
-                raise OSError(errno.EIO, "the pipe ran dry")
-            self.append(data)
-            n -= len(data)
+        drain_pipe(pipe_r, n, self.append)
 
     def write(self, data: bytes | bytearray) -> None:
         """Append and hash at once (local copies, where nothing else runs alongside)."""
