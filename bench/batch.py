@@ -8,7 +8,7 @@
 3. A restart mid-batch (SIGTERM, start again): lines recorded before the stop, lines run twice
    (ledger rows per line beyond one), lines missing from the output.
 
-Run: `.venv/bin/python bench/batch.py [--lines 1000] [--tokens 16] [--concurrency 8]`.
+Run: `.venv/bin/python bench/batch.py [--lines 1000] [--tokens 16] [--concurrency 8] [--yield-s S]`.
 """
 
 from __future__ import annotations
@@ -92,9 +92,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--probes", type=int, default=40)
+    ap.add_argument("--yield-s", type=float, default=None,
+                    help="[node] batch_yield_s (default: the node's; 0: batch takes any free slot)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         cfg = write_config(Path(d), TINY_MODEL, extra=f"[batches]\nconcurrency = {a.concurrency}\n")
+        if a.yield_s is not None:
+            cfg.write_text(cfg.read_text().replace("[node]\n", f"[node]\nbatch_yield_s = {a.yield_s}\n", 1))
         node = start_node(cfg)
         try:
             node.wait_ready()

@@ -116,6 +116,7 @@ class Node:
             log_prompts=self.config.node.log_prompts, ensure_loaded=self.ensure_loaded,
             scheduler=Scheduler(self.router, slots_of=lambda target: target.concurrency,
                                 tenancy=Tenancy(self.quotas), batch_min_share=self.config.node.batch_min_share,
+                                batch_yield_s=self.config.node.batch_yield_s,
                                 metrics=self.metrics),
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,7 @@ from node.accounts.keys import KeyRecord
 from node.accounts.plans import PlanRecord
 from node.accounts.quotas import Quotas
 from node.accounts.teams import TeamRecord
+from node.gateway import scheduler as scheduler_module
 from node.gateway.fairqueue import Priority
 from node.gateway.scheduler import ModelQueue, QueueFull, QueueTimeout, Scheduler, Tenancy, cost
 from node.ops.metrics import Metrics
@@ -42,11 +44,13 @@ def key(kid: str, team: str | None = None, **kw) -> KeyRecord:
 
 
 def setup(*slots: int, max_queue: int = 100, timeout: float = 30.0, max_queued: int | None = None,
-          metrics: Metrics | None = None) -> tuple[Router, ModelQueue, list[Replica]]:
+          metrics: Metrics | None = None, batch_yield_s: float = 0.5,
+          batch_min_share: float = 0.1) -> tuple[Router, ModelQueue, list[Replica]]:
     router = Router(["m"])
     reps = [Replica(f"m/{i}", n) for i, n in enumerate(slots)]
     router.set_ready("m", reps)
-    sched = Scheduler(router, slots_of=lambda t: t.slots, metrics=metrics)
+    sched = Scheduler(router, slots_of=lambda t: t.slots, metrics=metrics, batch_yield_s=batch_yield_s,
+                      batch_min_share=batch_min_share)
     q = sched.set_models({"m": (64, max_queue, timeout, max_queued)})["m"]
     return router, q, reps
 
@@ -197,6 +201,65 @@ async def test_batch_waits_behind_interactive():
     assert got.priority is Priority.INTERACTIVE and not batch.done()
     got.leave(0.1)
     assert (await asyncio.wait_for(batch, 1)).priority is Priority.BATCH
+
+
+@run
+async def test_batch_fills_idle_slots_at_once():
+    _, q, _ = setup(4)
+    slots = [await asyncio.wait_for(enter(q, key("b"), lower=True), 0.05) for _ in range(4)]
+    assert q.batch == 4 and q.fore == 0 and all(s.priority is Priority.BATCH for s in slots)
+
+
+@run
+async def test_batch_yields_free_slots_while_interactive_traffic_runs_and_resumes_after_it():
+    _, q, _ = setup(4, batch_yield_s=0.3, batch_min_share=0)
+    inter = await enter(q, key("i"))
+    batch = asyncio.create_task(enter(q, key("b"), lower=True))
+    await asyncio.sleep(0.05)
+    assert not batch.done() and q.held == {"m/0": 1}          # three slots free, yet batch waits
+    again = await asyncio.wait_for(enter(q, key("i")), 0.05)   # interactive passes the waiting batch at once
+    inter.leave(0.01)
+    again.leave(0.01)
+    left = asyncio.get_running_loop().time()
+    await asyncio.sleep(0.2)
+    assert not batch.done()                                    # still within batch_yield_s of the last one
+    got = await asyncio.wait_for(batch, 1)
+    assert got.priority is Priority.BATCH and asyncio.get_running_loop().time() - left >= 0.29
+    more = await asyncio.wait_for(enter(q, key("b"), lower=True), 0.05)  # quiet now: the fast path
+    assert q.batch == 2 and more.target is not None
+
+
+@run
+async def test_batch_keeps_its_floor_of_slot_time_while_interactive_never_stops(monkeypatch):
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    _, q, _ = setup(4, batch_yield_s=60, batch_min_share=0.2)
+
+    async def interactive_for(seconds: float) -> None:
+        s = await enter(q, key("i"))
+        clock.now += seconds
+        s.leave(seconds)
+
+    steady = await enter(q, key("i"))                     # interactive traffic that never stops
+    first, second = (asyncio.create_task(enter(q, key("b"), lower=True)) for _ in range(2))
+    await asyncio.sleep(0.02)
+    assert not first.done() and not second.done()         # nothing served yet: no floor to keep
+    await interactive_for(0.1)                            # 0.1 s of interactive slot time, batch none: under its floor
+    got = await asyncio.wait_for(first, 0.5)
+    await asyncio.sleep(0.02)
+    assert not second.done() and q.batch == 1             # one at a time under the floor
+    clock.now += 0.1
+    got.leave(30.0)                                       # batch held its slot 0.1 s (not the 30 s it says it took)
+    await asyncio.sleep(0.02)
+    assert not second.done() and q.batch == 0             # half the slot time: over 0.2
+    for _ in range(2):
+        await interactive_for(0.1)
+    await asyncio.sleep(0.02)
+    assert not second.done()                              # 0.1 s of 0.4: still over 0.2
+    for _ in range(2):
+        await interactive_for(0.1)                        # 0.1 s of 0.6: under it
+    assert (await asyncio.wait_for(second, 0.5)).priority is Priority.BATCH
+    steady.leave(0.1)
 
 
 @run

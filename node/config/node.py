@@ -67,6 +67,9 @@ class NodeSection(_Section):
     load_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     # The least share of a busy model's service (tokens asked) that batch-priority requests keep while interactive ones wait too.
     batch_min_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # Seconds a model's interactive traffic keeps batch-priority requests from starting after its last
+    # request (batch fills idle capacity; batch_min_share still holds).
+    batch_yield_s: Annotated[float, Field(ge=0, le=60)] = 0.5
 
     @field_validator("listen")
     @classmethod

@@ -201,11 +201,11 @@ class FairQueue:
         band = self._band()
         return None if band is None else band.head()
 
-    def pop(self) -> Ticket | None:
-        """The next ticket to serve (None when nothing waits)."""
-        inter, batch = self._bands
-        contended = bool(inter.waiting and batch.waiting)
-        band = self._band()
+    def pop(self, batch: bool = True) -> Ticket | None:
+        """The next ticket to serve (None when nothing waits); `batch` False: interactive ones only."""
+        inter, batch_band = self._bands
+        contended = bool(inter.waiting and batch_band.waiting)
+        band = self._band() if batch else (inter if inter.waiting else None)
         if band is None:
             return None
         t = band.pop()
@@ -213,7 +213,7 @@ class FairQueue:
         if contended:
             f = self.batch_min_share
             self._deficit += -(1 - f) * t.cost if t.priority is Priority.BATCH else f * t.cost
-        elif not batch.waiting:
+        elif not batch_band.waiting:
             self._deficit = 0.0  # the floor holds while batch waits, not across spells without it
         self._left(t)
         return t

@@ -6,6 +6,12 @@ returns a `Slot` on one replica (the least busy with a free slot) or waits for o
 `Slot.leave` hands it to the next waiter in fair order. When nothing waits and a slot
 is free, `enter` takes it at once: no tenant lookup, no cost estimate, one allocation.
 
+Batch fills idle capacity: a batch-priority request takes a slot only when no interactive
+request of the model is in flight and none has been for `batch_yield_s` (a client sending
+one request after another keeps the model to itself), except that batch keeps its
+`batch_min_share` of the model's slot time (over about the last ten seconds) even then,
+one request at a time. Batch requests already running are not stopped.
+
 Bounded waiting: past `max_queue` waiters of the model, or past `max_queued` of one
 tenant, a request is refused at once (429); a waiter whose `queue_timeout_s` runs out
 gets a 503; a waiter whose client goes away (its task cancelled) leaves at once.
@@ -15,6 +21,7 @@ All of it runs on the event loop (no locks).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -28,6 +35,7 @@ from node.workers.router import WorkerView as Target
 DEFAULT_MAX_TOKENS = 256   # the cost of a request that names no max_tokens
 TEAM_LABELS = 32           # teams with a label of their own in infernode_team_inflight; later ones are "other"
 BYTES_PER_TOKEN = 4        # the prompt's estimate: its body's bytes over this
+SHARE_WINDOW_S = 10.0      # batch's floor of slot time is kept over about this many seconds (a decaying sum)
 
 
 class QueueFull(Exception):
@@ -80,10 +88,12 @@ class Tenancy:
 class Slot:
     """One request's place on a replica (target None: the model had no ready replica; the caller decides)."""
 
-    __slots__ = ("queue", "target", "priority", "gauge")
+    __slots__ = ("queue", "target", "priority", "gauge", "taken")
 
-    def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, gauge: Any) -> None:
+    def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, gauge: Any,
+                 taken: float) -> None:
         self.queue, self.target, self.priority, self.gauge = queue, target, priority, gauge  # gauge: its team's
+        self.taken = taken  # time.monotonic() when it was taken
 
     def release(self, duration_s: float) -> None:
         """Give the slot back: the next waiter in fair order gets it."""
@@ -97,11 +107,18 @@ class ModelQueue:
 
     def __init__(self, model: str, router: Router, slots_of: Callable[[Target], int], *, max_inflight: int = 64,
                  max_queue: int = 256, queue_timeout_s: float = 30.0, max_queued: int | None = None,
-                 batch_min_share: float = 0.1, metrics: Any = None) -> None:
+                 batch_min_share: float = 0.1, batch_yield_s: float = 0.5, metrics: Any = None) -> None:
         self.model, self.router, self.slots_of = model, router, slots_of
         self.max_inflight, self.max_queue, self.queue_timeout_s = max_inflight, max_queue, queue_timeout_s
         self.fq = FairQueue(batch_min_share, max_queued)
+        self.batch_yield_s = batch_yield_s
         self.inflight = 0
+        self.fore = 0                           # interactive slots held
+        self.batch = 0                          # batch slots held
+        self.fore_seen = -math.inf              # when an interactive slot was last taken or given back
+        self._slot_s = [0.0, 0.0]               # decaying slot-seconds served: all, batch
+        self._slot_t = time.monotonic()
+        self._wake: asyncio.TimerHandle | None = None
         self.held: dict[str, int] = {}          # replica id -> slots taken
         self._avg_s = 1.0                       # moving average of request time, for Retry-After
         self._teams: dict[str, Any] = {}       # metric children, cached
@@ -113,11 +130,41 @@ class ModelQueue:
         return len(self.fq)
 
     def configure(self, *, max_inflight: int, max_queue: int, queue_timeout_s: float, max_queued: int | None,
-                  batch_min_share: float) -> None:
+                  batch_min_share: float, batch_yield_s: float = 0.5) -> None:
         """New limits (config reload); waiters stay where they are."""
         self.max_inflight, self.max_queue, self.queue_timeout_s = max_inflight, max_queue, queue_timeout_s
         self.fq.max_queued, self.fq.batch_min_share = max_queued, batch_min_share
+        self.batch_yield_s = batch_yield_s
         self.dispatch()
+
+    def batch_may_start(self, now: float) -> bool:
+        """Whether a batch request may take a free slot now (see the module's docstring)."""
+        if self.fore == 0 and now - self.fore_seen >= self.batch_yield_s:
+            return True
+        share = self.fq.batch_min_share
+        if self.batch or share <= 0:
+            return False
+        total, batch = self._slot_s
+        return batch < share * total
+
+    def _resume_batch(self) -> None:
+        """Once interactive traffic has been quiet for `batch_yield_s`, hand waiting batch requests their slots."""
+        self._wake = None
+        if self.fq.depth(Priority.BATCH) and self.fore == 0:
+            left = self.fore_seen + self.batch_yield_s - time.monotonic()
+            if left > 0:
+                self._wake = asyncio.get_running_loop().call_later(left, self._resume_batch)
+            else:
+                self.dispatch()
+
+    def _arm(self) -> None:
+        if self._wake is None and self.fore == 0:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # configured before the loop runs: the next release dispatches
+                return
+            self._wake = loop.call_later(max(0.0, self.fore_seen + self.batch_yield_s - time.monotonic()),
+                                         self._resume_batch)
 
     def _free(self) -> Target | None | Literal[False]:
         """The least busy ready replica with a free slot; None when none is ready; False when all are full."""
@@ -135,22 +182,29 @@ class ModelQueue:
 
     def _take(self, target: Target | None, priority: Priority, team: str) -> Slot:
         self.inflight += 1
+        now = time.monotonic()
+        if priority is Priority.BATCH:
+            self.batch += 1
+        else:
+            self.fore += 1
+            self.fore_seen = now
         if target is not None:
             self.held[target.id] = self.held.get(target.id, 0) + 1
         gauge = self._gauge(team) if self.metrics is not None else None
         if gauge is not None:
             gauge.inc()
-        return Slot(self, target, priority, gauge)
+        return Slot(self, target, priority, gauge, now)
 
     async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False) -> Slot:
         """A slot for one request of `key` (body: its JSON, size: its bytes); waits in fair order, or QueueFull."""
         team = key.team or ""
         if not self.fq.size and self.inflight < self.max_inflight:
-            target = self._free()
-            if target is not False:  # the fast path: nothing waits and a slot is free
-                prio = Priority.BATCH if lower else tenancy.of(key)[2]
-                self._observe(prio, 0.0)
-                return self._take(target, prio, team)
+            prio = Priority.BATCH if lower else tenancy.of(key)[2]
+            if prio is not Priority.BATCH or self.batch_may_start(time.monotonic()):
+                target = self._free()
+                if target is not False:  # the fast path: nothing waits and a slot is free
+                    self._observe(prio, 0.0)
+                    return self._take(target, prio, team)
         tenant, share, prio = tenancy.of(key)
         if lower:
             prio = Priority.BATCH  # a request may lower its priority, never raise it
@@ -165,6 +219,8 @@ class ModelQueue:
         t = Ticket(tenant, key.id, prio, cost(body, size), share, time.monotonic(), (fut, team))
         self.fq.push(t)
         self._depth(prio)
+        if self.fq.depth(Priority.BATCH) == self.fq.size - (prio is not Priority.BATCH):
+            self.dispatch()  # only yielding batch waited: a slot may be free (a batch one arms the wake-up)
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 slot = await fut
@@ -184,9 +240,21 @@ class ModelQueue:
 
     def release(self, slot: Slot, duration_s: float) -> None:
         """Give a slot back, then hand free slots to waiters."""
+        now = time.monotonic()
         if duration_s:
             self._avg_s += (duration_s - self._avg_s) * 0.05
+        held = now - slot.taken  # slot time (duration_s counts the wait for it too)
+        decay = math.exp((self._slot_t - now) / SHARE_WINDOW_S)
+        served = self._slot_s
+        served[0] = served[0] * decay + held
+        served[1] = served[1] * decay + (held if slot.priority is Priority.BATCH else 0.0)
+        self._slot_t = now
         self.inflight -= 1
+        if slot.priority is Priority.BATCH:
+            self.batch -= 1
+        else:
+            self.fore -= 1
+            self.fore_seen = now
         target = slot.target
         if target is not None:
             self.held[target.id] -= 1  # (entries stay: one per replica id the model has had)
@@ -202,8 +270,10 @@ class ModelQueue:
             target = self._free()
             if target is False:
                 return
-            t = fq.pop()
-            assert t is not None
+            t = fq.pop(batch=self.batch_may_start(time.monotonic()))
+            if t is None:  # only batch waits, and it yields for now
+                self._arm()
+                return
             self._depth(t.priority)
             fut, team = t.payload
             if not fut.done():  # a cancelled waiter is removed at once; this is belt and braces
@@ -277,10 +347,11 @@ class Scheduler:
     """Every model's queue; wakes a model's waiters when the router says its replicas changed."""
 
     def __init__(self, router: Router, *, slots_of: Callable[[Target], int] = lambda t: 1 << 30,
-                 tenancy: Tenancy | None = None, batch_min_share: float = 0.1, metrics: Any = None) -> None:
+                 tenancy: Tenancy | None = None, batch_min_share: float = 0.1, batch_yield_s: float = 0.5,
+                 metrics: Any = None) -> None:
         self.router, self.slots_of, self.metrics = router, slots_of, metrics
         self.tenancy = tenancy or Tenancy()
-        self.batch_min_share = batch_min_share
+        self.batch_min_share, self.batch_yield_s = batch_min_share, batch_yield_s
         self.queues: dict[str, ModelQueue] = {}
         router.on_ready = self.poke
 
@@ -290,7 +361,7 @@ class Scheduler:
         for name, (inflight, queue, timeout_s, queued) in limits.items():
             q = self.queues.get(name) or ModelQueue(name, self.router, self.slots_of, metrics=self.metrics)
             q.configure(max_inflight=inflight, max_queue=queue, queue_timeout_s=timeout_s, max_queued=queued,
-                        batch_min_share=self.batch_min_share)
+                        batch_min_share=self.batch_min_share, batch_yield_s=self.batch_yield_s)
             queues[name] = q
         self.queues = queues
         return queues
