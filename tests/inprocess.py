@@ -12,6 +12,7 @@ need only the request path use it instead of a node process.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import sqlite3
@@ -106,6 +107,10 @@ class GatewayApp:
     def run(self, coro: Any) -> Any:
         """Run a coroutine on the gateway's loop (to change what it serves) and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        """Start a coroutine on the gateway's loop; its result comes through the future."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def create_key(self, **fields: Any) -> str:
         """A new API key's secret, with those fields (rpm, models, ...)."""

@@ -322,3 +322,30 @@ def test_a_stream_is_charged_before_its_end_and_settled_once(stub_node):
     assert remaining() == 10_000 - 39
     [row] = node.ledger_rows(client_request_id="charged-once")
     assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (200, 7, 32)
+
+
+def test_a_batch_line_outwaits_the_models_queue_timeout(tmp_path):
+    """A batch line (node/gateway/inprocess.py) waits past queue_timeout_s, which still bounds a client's wait."""
+    from node.gateway import inprocess
+
+    model = ModelInfo("stub-model", max_model_len=CONTEXT, max_inflight=1, max_queue=4, queue_timeout_s=0.2)
+    node = GatewayApp(tmp_path, [model]).start()
+    try:
+        key = node.create_key()
+        record = node.keys.lookup(key)
+        auth = {"authorization": f"Bearer {key}"}
+        slow = {"model": "stub-model", "prompt": "x", "stub": {"delay_s": 1.0}}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            held = pool.submit(httpx.post, node.url + "/v1/completions", json=slow, headers=auth, timeout=20)
+            assert wait_until(lambda: node.gateway.inflight == 1)
+            line = node.submit(inprocess.call(
+                node.gateway, record, b"/v1/completions", json.dumps({"model": "stub-model", "prompt": "y"}).encode(),
+                "batch_x-0"))
+            client = httpx.post(node.url + "/v1/completions", json={"model": "stub-model", "prompt": "z"},
+                                headers=auth, timeout=20)
+            assert client.status_code == 503 and client.json()["error"]["code"] == "queue_timeout"
+            assert held.result().status_code == 200
+            out = line.result(10)
+        assert out.status == 200 and json.loads(out.body)["object"] == "text_completion"
+    finally:
+        node.stop()

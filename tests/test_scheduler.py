@@ -137,6 +137,20 @@ async def test_the_queue_deadline_is_a_503_with_retry_after():
 
 
 @run
+async def test_a_request_may_be_given_its_own_wait_batch_lines_wait_longer():
+    _, q, _ = setup(1, timeout=0.05)
+    held = await enter(q, key("a"))
+    line = asyncio.create_task(q.enter(key("b"), T, BODY, 100, True, 5.0))
+    await asyncio.sleep(0.2)                    # past the model's queue_timeout_s, still waiting
+    assert not line.done() and q.queued == 1
+    held.leave(0.1)
+    assert (await asyncio.wait_for(line, 2)).priority is Priority.BATCH
+    with pytest.raises(QueueFull) as err:
+        await q.enter(key("c"), T, BODY, 100, False, 0.1)
+    assert "waited 0.1 s" in err.value.error.message
+
+
+@run
 async def test_a_tenant_past_max_queued_is_a_429_and_others_still_queue():
     _, q, _ = setup(1, max_queued=2)
     await enter(q, key("a", team="t"))

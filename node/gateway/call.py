@@ -31,6 +31,9 @@ log = logging.getLogger("infernode.gateway")
 SUBPATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
             "rerank": "/rerank", "score": "/score"}
 OPENAI_ENDPOINTS = frozenset(SUBPATHS)
+# A batch line (api "batch") may wait this long for a slot, not the model's queue_timeout_s: batch
+# yields to interactive traffic, and the runner tries a line that timed out again until its window ends.
+BATCH_LINE_WAIT_S = 600.0
 
 EnsureLoaded = Callable[[str], Awaitable[None]]
 
@@ -81,7 +84,8 @@ class Caller:
             ex.model = adm.model = cand.name
             gate = self.schedule.gate(cand.name)
             try:
-                slot = ex.slot = await gate.enter(a.key, self.schedule.scheduler.tenancy, a.body, len(a.raw), ex.lower)
+                slot = ex.slot = await gate.enter(a.key, self.schedule.scheduler.tenancy, a.body, len(a.raw), ex.lower,
+                                                  BATCH_LINE_WAIT_S if ex.api == "batch" else None)
             except QueueFull as full:
                 if not last:
                     continue  # overloaded: the next fallback

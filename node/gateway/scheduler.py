@@ -195,8 +195,11 @@ class ModelQueue:
             gauge.inc()
         return Slot(self, target, priority, gauge, now)
 
-    async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False) -> Slot:
-        """A slot for one request of `key` (body: its JSON, size: its bytes); waits in fair order, or QueueFull."""
+    async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False,
+                    wait_s: float | None = None) -> Slot:
+        """A slot for one request of `key` (body: its JSON, size: its bytes); waits in fair order, or QueueFull.
+
+        `wait_s`: how long it may wait, when not the model's `queue_timeout_s` (a batch line's)."""
         team = key.team or ""
         if not self.fq.size and self.inflight < self.max_inflight:
             prio = Priority.BATCH if lower else tenancy.of(key)[2]
@@ -222,7 +225,7 @@ class ModelQueue:
         if self.fq.depth(Priority.BATCH) == self.fq.size - (prio is not Priority.BATCH):
             self.dispatch()  # only yielding batch waited: a slot may be free (a batch one arms the wake-up)
         try:
-            async with asyncio.timeout(self.queue_timeout_s):
+            async with asyncio.timeout(wait_s or self.queue_timeout_s):
                 slot = await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
@@ -232,7 +235,7 @@ class ModelQueue:
             if isinstance(exc, TimeoutError):
                 wait = self.retry_after()
                 raise QueueFull(wait, QueueTimeout(
-                    f"model '{self.model}' is busy: the request waited {self.queue_timeout_s:g} s for a slot",
+                    f"model '{self.model}' is busy: the request waited {wait_s or self.queue_timeout_s:g} s for a slot",
                     retry_after=wait)) from None
             raise
         self._observe(prio, time.monotonic() - t.arrived)
