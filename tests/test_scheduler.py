@@ -203,6 +203,33 @@ async def test_no_ready_replica_admits_without_a_target():
 
 
 @run
+async def test_slots_taken_while_loading_get_a_replicas_slots_once_it_is_ready():
+    router, q, _ = setup(timeout=0.3)
+    early = [await enter(q, key(f"k{i}")) for i in range(4)]      # the model is loading: no replica yet
+    assert all(s.target is None for s in early) and q.held == {}
+    await q.bind(early[0])                                        # still none ready: routed as before
+    assert early[0].target is None
+    replica = Replica("m/0", 2)
+    router.set_ready("m", [replica])                              # loaded, with 2 slots
+    binds = [asyncio.create_task(q.bind(s)) for s in early]
+    await asyncio.sleep(0.02)
+    assert [b.done() for b in binds] == [True, True, False, False]  # in the order they came
+    assert q.held == {"m/0": 2} and early[0].target is replica and early[2].target is None
+    late = asyncio.create_task(enter(q, key("later")))             # a request after the load waits behind them
+    await asyncio.sleep(0.02)
+    early[0].leave(0.1)
+    await asyncio.sleep(0.02)
+    assert binds[2].done() and early[2].target is replica and not late.done()
+    with pytest.raises(QueueTimeout):                             # the fourth's wait is bounded too
+        await binds[3]
+    early[3].leave(0.0)
+    for s in early[1:3]:
+        s.leave(0.1)
+    assert (await asyncio.wait_for(late, 1)).target is replica
+    assert q.held == {"m/0": 1} and q.inflight == 1
+
+
+@run
 async def test_batch_waits_behind_interactive():
     _, q, _ = setup(1)
     held = await enter(q, key("x"))

@@ -84,8 +84,9 @@ class Caller:
             ex.model = adm.model = cand.name
             gate = self.schedule.gate(cand.name)
             try:
+                wait_s = BATCH_LINE_WAIT_S if ex.api == "batch" else None
                 slot = ex.slot = await gate.enter(a.key, self.schedule.scheduler.tenancy, a.body, len(a.raw), ex.lower,
-                                                  BATCH_LINE_WAIT_S if ex.api == "batch" else None)
+                                                  wait_s)
             except QueueFull as full:
                 if not last:
                     continue  # overloaded: the next fallback
@@ -94,6 +95,8 @@ class Caller:
                 if on_demand and not self.router.ready(cand.name):
                     # Holding its slot keeps the model busy, so no other load evicts it before this request is routed.
                     await self.ensure_loaded(cand.name)  # type: ignore[misc]
+                if slot.target is None:  # taken while the model had no ready replica: a replica's slot now
+                    await gate.bind(slot, wait_s)
                 return await self._send(a, cand), slot
             except (WorkerUnreachable, NoReadyReplica) as err:
                 slot.release(time.perf_counter() - ex.started)

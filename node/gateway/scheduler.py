@@ -12,6 +12,11 @@ one request after another keeps the model to itself), except that batch keeps it
 `batch_min_share` of the model's slot time (over about the last ten seconds) even then,
 one request at a time. Batch requests already running are not stopped.
 
+A request admitted while its model had no ready replica (an on-demand model loading) holds a
+slot without a replica; once the model is ready, `bind` places it on a replica with a free
+slot, in the order they came, before any request that came later: the first burst after
+a load gets the replicas' `concurrency` like any other.
+
 Bounded waiting: past `max_queue` waiters of the model, or past `max_queued` of one
 tenant, a request is refused at once (429); a waiter whose `queue_timeout_s` runs out
 gets a 503; a waiter whose client goes away (its task cancelled) leaves at once.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -119,6 +125,7 @@ class ModelQueue:
         self._slot_s = [0.0, 0.0]               # decaying slot-seconds served: all, batch
         self._slot_t = time.monotonic()
         self._wake: asyncio.TimerHandle | None = None
+        self.binding: deque[tuple[asyncio.Future[None], Slot]] = deque()  # slots waiting for a replica
         self.held: dict[str, int] = {}          # replica id -> slots taken
         self._avg_s = 1.0                       # moving average of request time, for Retry-After
         self._teams: dict[str, Any] = {}       # metric children, cached
@@ -241,6 +248,40 @@ class ModelQueue:
         self._observe(prio, time.monotonic() - t.arrived)
         return slot
 
+    async def bind(self, slot: Slot, wait_s: float | None = None) -> None:
+        """Place a slot taken without a replica on one that has a free slot, waiting for it in arrival order.
+
+        Returns at once when the model still has no ready replica (the caller routes as it
+        would have); a 503 `queue_timeout` after `wait_s` (else `queue_timeout_s`).
+        """
+        if slot.target is not None:
+            return
+        target = self._free()
+        if target is None:
+            return
+        if target is not False and not self.binding:
+            self._place(slot, target)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (fut, slot)
+        self.binding.append(entry)
+        try:
+            async with asyncio.timeout(wait_s or self.queue_timeout_s):
+                await fut
+        except BaseException as exc:
+            if not fut.done():
+                self.binding.remove(entry)
+            if isinstance(exc, TimeoutError) and slot.target is None:
+                raise QueueTimeout(f"model '{self.model}' is busy: the request waited "
+                                   f"{wait_s or self.queue_timeout_s:g} s for a slot after it loaded",
+                                   retry_after=self.retry_after()) from None
+            if slot.target is None:
+                raise
+
+    def _place(self, slot: Slot, target: Target) -> None:
+        slot.target = target
+        self.held[target.id] = self.held.get(target.id, 0) + 1
+
     def release(self, slot: Slot, duration_s: float) -> None:
         """Give a slot back, then hand free slots to waiters."""
         now = time.monotonic()
@@ -263,11 +304,20 @@ class ModelQueue:
             self.held[target.id] -= 1  # (entries stay: one per replica id the model has had)
         if slot.gauge is not None:
             slot.gauge.dec()
-        if self.fq.size:
+        if self.fq.size or self.binding:
             self.dispatch()
 
     def dispatch(self) -> None:
         """Hand free slots to waiters in fair order (after a release, a replica becoming ready, a reload)."""
+        binding = self.binding
+        while binding:  # slots taken while the model loaded go first: they came before any waiter
+            target = self._free()
+            if not target:
+                return
+            fut, slot = binding.popleft()
+            if not fut.done():
+                self._place(slot, target)
+                fut.set_result(None)
         fq = self.fq
         while fq and self.inflight < self.max_inflight:
             target = self._free()
@@ -372,5 +422,5 @@ class Scheduler:
     def poke(self, model: str) -> None:
         """A model's replicas changed: free slots may have appeared."""
         q = self.queues.get(model)
-        if q is not None and q.fq:
+        if q is not None and (q.fq or q.binding):
             q.dispatch()
