@@ -4,11 +4,12 @@
    (nothing else running), then as one N-line batch through the node; the ratio is the direct
    run's time over the batch's (create to completed, validation included).
 2. Interactive latency: `--probes` one-at-a-time requests through the node alone, then the same
-   while an N-line batch runs; the ratio of the p90s.
+   while an N-line batch runs; the ratio of the p90s. `--probe-gap` spaces them out (a person
+   at a chat window rather than a script).
 3. A restart mid-batch (SIGTERM, start again): lines recorded before the stop, lines run twice
    (ledger rows per line beyond one), lines missing from the output.
 
-Run: `.venv/bin/python bench/batch.py [--lines 1000] [--tokens 16] [--concurrency 8] [--yield-s S]`.
+Run: `.venv/bin/python bench/batch.py [--lines 1000] [--tokens 16] [--concurrency 8] [--yield-s S] [--probe-gap S]`.
 """
 
 from __future__ import annotations
@@ -73,9 +74,13 @@ def direct(worker: str, n: int, tokens: int, concurrency: int) -> float:
         return time.monotonic() - t0
 
 
-def probes(http: httpx.Client, k: int, tokens: int) -> list[float]:
+def probes(http: httpx.Client, k: int, tokens: int, gap: float = 0.0, batch: str | None = None) -> list[float]:
+    """k interactive requests, one after another (`gap` apart); with `batch`, only while it runs."""
     out = []
     for i in range(k):
+        time.sleep(gap)
+        if batch is not None and http.get(f"/v1/batches/{batch}").json()["status"] != "in_progress":
+            break
         t0 = time.monotonic()
         http.post("/v1/chat/completions", json=body(10_000 + i, tokens)).raise_for_status()
         out.append(time.monotonic() - t0)
@@ -92,6 +97,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--probes", type=int, default=40)
+    ap.add_argument("--probe-gap", type=float, default=0.0,
+                    help="seconds between interactive probes (0: one after another)")
     ap.add_argument("--yield-s", type=float, default=None,
                     help="[node] batch_yield_s (default: the node's; 0: batch takes any free slot)")
     a = ap.parse_args()
@@ -112,11 +119,18 @@ def main() -> None:
             _, t_batch = run_batch(http, a.lines, a.tokens)
             print(f"throughput: direct {a.lines / t_direct:.1f} req/s, batch {a.lines / t_batch:.1f} req/s: "
                   f"{t_direct / t_batch:.2f}x direct (target >= 0.8)", flush=True)
-            alone = probes(http, a.probes, a.tokens)
+            alone = probes(http, a.probes, a.tokens, a.probe_gap)
             bid, _ = run_batch(http, a.lines, a.tokens, wait=False)
-            during = probes(http, a.probes, a.tokens)
+            while http.get(f"/v1/batches/{bid}").json()["status"] == "validating":
+                time.sleep(0.01)
+            during = probes(http, a.probes, a.tokens, a.probe_gap, bid)
             finish(http, bid, time.monotonic())
-            print(f"interactive p90: alone {p90(alone) * 1000:.1f} ms, during a batch {p90(during) * 1000:.1f} ms: "
+            if len(during) < 2:
+                raise SystemExit(f"the batch ended after {len(during)} probes: give it more --lines")
+            preempted = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(node.url + "/metrics").text.splitlines()
+                            if line.startswith('infernode_batch_lines_total{result="preempted"}'))
+            print(f"interactive p90: alone {p90(alone) * 1000:.1f} ms, during a batch {p90(during) * 1000:.1f} ms "
+                  f"({len(during)} probes; {preempted:.0f} batch lines preempted): "
                   f"{p90(during) / p90(alone):.2f}x (target <= 1.2)", flush=True)
             n = min(a.lines, 300)
             bid, _ = run_batch(http, n, a.tokens * 4, wait=False)

@@ -197,6 +197,25 @@ def test_a_busy_model_is_retried_not_failed(store, tmp_path, monkeypatch):
     asyncio.run(go())
 
 
+def test_a_preempted_line_is_sent_again_at_once_and_counted(store, tmp_path, monkeypatch):
+    monkeypatch.setattr("node.batches.runner.RETRY_FIRST_S", 30.0)   # a backoff would time the test out
+    async def go():
+        tries: dict[int, int] = {}
+        seen: list[str] = []
+
+        def preempted_twice(line: Line) -> Outcome:
+            tries[line.index] = tries.get(line.index, 0) + 1
+            return Outcome(0, b"", retry=True, again=True) if tries[line.index] <= 2 else Outcome(200, b"{}")
+        batches, runner = setup(store, tmp_path, Worker(preempted_twice))
+        runner.on_line = seen.append
+        b = await until(batches, (await create(batches, 4)).id, S.COMPLETED, timeout=10)
+        assert (b.completed, b.failed) == (4, 0) and set(tries.values()) == {3}
+        assert sorted(seen) == ["completed"] * 4 + ["preempted"] * 8
+        assert len(list(store.iter_lines(b.id))) == 4   # recorded once each
+        await runner.close()
+    asyncio.run(go())
+
+
 def test_owners_see_only_their_own(store, tmp_path):
     async def go():
         batches, runner = setup(store, tmp_path, Worker())
@@ -240,10 +259,10 @@ def test_an_answer_given_is_recorded_even_when_the_runner_stops_meanwhile(store,
         def __init__(self, inner) -> None:
             self.inner, self.started = inner, threading.Event()
 
-        def record_line(self, result):
+        def record_lines(self, results):
             self.started.set()
             _time.sleep(0.3)
-            return self.inner.record_line(result)
+            return self.inner.record_lines(results)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)

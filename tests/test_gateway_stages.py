@@ -349,3 +349,29 @@ def test_a_batch_line_outwaits_the_models_queue_timeout(tmp_path):
         assert out.status == 200 and json.loads(out.body)["object"] == "text_completion"
     finally:
         node.stop()
+
+
+def test_an_interactive_request_preempts_a_running_batch_line(tmp_path):
+    """A batch line holding the model while it was quiet is stopped at the worker when a client's request comes."""
+    from node.gateway import inprocess
+
+    model = ModelInfo("stub-model", max_model_len=CONTEXT, max_inflight=8, max_queue=8)
+    node = GatewayApp(tmp_path, [model]).start()
+    try:
+        key = node.create_key()
+        record = node.keys.lookup(key)
+        slow = json.dumps({"model": "stub-model", "prompt": "line", "stub": {"delay_s": 5.0}}).encode()
+        line = node.submit(inprocess.call(node.gateway, record, b"/v1/completions", slow, "batch_p-0"))
+        assert wait_until(lambda: node.gateway.inflight == 1)
+        t0 = time.monotonic()
+        r = httpx.post(node.url + "/v1/completions", json={"model": "stub-model", "prompt": "now"},
+                       headers={"authorization": f"Bearer {key}"}, timeout=20)
+        assert r.status_code == 200
+        out = line.result(5)
+        assert out.preempted and time.monotonic() - t0 < 2.5     # not the line's 5 s
+        assert wait_until(lambda: any(e["event"] == "disconnect" and e["request_id"] == "batch_p-0"
+                                      for e in node.events()), timeout=5)  # the worker stopped computing it
+        rows = node.ledger_rows(api="batch")
+        assert [(row["status"], row["api"]) for row in rows] == [(499, "batch")]
+    finally:
+        node.stop()

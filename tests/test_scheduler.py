@@ -230,6 +230,27 @@ async def test_slots_taken_while_loading_get_a_replicas_slots_once_it_is_ready()
 
 
 @run
+async def test_an_interactive_request_preempts_the_batch_lines_taken_while_it_was_quiet():
+    _, q, _ = setup(4, batch_yield_s=60, batch_min_share=1.0)   # floor 1.0: one batch slot whenever none runs
+    stopped: list[str] = []
+    lines = [await enter(q, key("b"), lower=True) for _ in range(2)]   # quiet: batch takes free slots
+    for i, s in enumerate(lines):
+        q.preemptible(s, functools.partial(stopped.append, f"line{i}"))
+    lines[1].leave(0.01)                                # a line that ended is not preempted
+    inter = await enter(q, key("i"))
+    assert stopped == ["line0"] and q.preempted == 1
+    lines[0].leave(0.01)                                # (its request stops and gives the slot back)
+    inter.leave(0.01)
+    floor = await asyncio.wait_for(enter(q, key("b"), lower=True), 0.5)  # under batch's floor, not quiet
+    q.preemptible(floor, functools.partial(stopped.append, "floor"))
+    other = await enter(q, key("i"))
+    assert stopped == ["line0"] and q.preempted == 1     # the floor's line is kept
+    for s in (floor, other):
+        s.leave(0.01)
+    assert q.inflight == 0 and not q._preemptible
+
+
+@run
 async def test_batch_waits_behind_interactive():
     _, q, _ = setup(1)
     held = await enter(q, key("x"))

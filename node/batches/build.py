@@ -32,7 +32,7 @@ def build_batches(config: Any, storage: Any, gateway: Any, keys: Any, quotas: An
 
     runner = BatchRunner(storage, files, batch_executor(gateway, keys), limits=limits, model_problem=model_problem,
                          concurrency=cfg.concurrency,
-                         on_line=lambda ok: lines.labels("completed" if ok else "failed").inc())
+                         on_line=lambda result: lines.labels(result).inc())
     metrics.batch_counts = storage.batch_counts
     batches = Batches(storage, files, runner, limits)
     uploads = UploadGate(cfg.upload_slots, config.node.request_timeout_s + 5)

@@ -41,6 +41,7 @@ class BatchStore(Protocol):
     def list_batches(self, key_id: str | None, team: str | None, after: str | None = None, limit: int = 20,
                      statuses: tuple[BatchStatus, ...] = ()) -> list[BatchRecord]: ...
     def record_line(self, result: LineResult) -> bool: ...
+    def record_lines(self, results: list[LineResult]) -> list[bool]: ...
     def recorded_lines(self, batch_id: str) -> set[int]: ...
     def line_counts(self, batch_id: str) -> tuple[int, int]: ...
     def iter_lines(self, batch_id: str, page: int = 1000) -> Iterator[LineResult]: ...
@@ -61,6 +62,7 @@ class Outcome:
     body: bytes
     stop: str | None = None       # e.g. "budget_exceeded": no later line can succeed either
     retry: bool = False           # the model is busy or not ready: try the line again later
+    again: bool = False           # preempted for interactive traffic: send it again at once
 
 
 # (batch, line, request id) -> the answer; the node's gateway, in-process, at batch priority.
@@ -74,13 +76,15 @@ class BatchRunner:
                  limits: batch_lines.Limits = batch_lines.Limits(),
                  model_problem: Callable[[BatchRecord, str], str | None] = lambda b, m: None,
                  concurrency: int = 8, clock: Callable[[], float] = time.time,
-                 on_line: Callable[[bool], None] = lambda ok: None) -> None:
+                 on_line: Callable[[str], None] = lambda result: None) -> None:
         self.store, self.files, self.execute = store, files, execute
         self.limits, self.model_problem = limits, model_problem
         self.concurrency, self.clock, self.on_line = concurrency, clock, on_line
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
-        self._recording: set[asyncio.Future[bool]] = set()
+        self._recording: set[asyncio.Future[Any]] = set()
+        self._pending: list[tuple[LineResult, asyncio.Future[bool]]] = []  # results for the next commit
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -205,6 +209,9 @@ class BatchRunner:
                         out = Outcome(500, json.dumps({"error": {"message": f"internal error: {exc!r}"}}).encode())
                     if not out.retry or cancel.is_set() or stop or self._expired(batch):
                         break
+                    if out.again:
+                        self.on_line("preempted")
+                        continue
                     # Busy or loading: a batch line waits its turn rather than failing.
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
@@ -266,17 +273,35 @@ class BatchRunner:
         await self._save(batch)
 
     async def _record(self, batch: BatchRecord, result: LineResult) -> None:
-        # An answer the worker gave is recorded even when the runner is stopping: shielded, and
-        # `close` waits for it (a cancelled thread job that never started would lose the line).
-        job = asyncio.ensure_future(asyncio.to_thread(self.store.record_line, result))
+        # An answer the worker gave is recorded even when the runner is stopping: its future is
+        # shielded, the writer is a task of its own, and `close` waits for both.
+        job: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, job))
         self._recording.add(job)
         job.add_done_callback(self._recording.discard)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+            self._recording.add(self._writer)
+            self._writer.add_done_callback(self._recording.discard)
         if await asyncio.shield(job):
             if result.ok:
                 batch.completed += 1
             else:
                 batch.failed += 1
-            self.on_line(result.ok)
+            self.on_line("completed" if result.ok else "failed")
+
+    async def _write_pending(self) -> None:
+        """Group commit: the results that came while the last commit ran go in the next, one transaction."""
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                new = await asyncio.to_thread(self.store.record_lines, [r for r, _ in group])
+            except Exception as exc:  # each line's task fails as a single insert would have
+                for _, job in group:
+                    job.set_exception(exc)
+                continue
+            for (_, job), fresh in zip(group, new, strict=True):
+                job.set_result(fresh)
 
     async def _fail_rest(self, batch: BatchRecord, code: str, message: str) -> None:
         """Record every line not yet recorded as failed with `code` (expired, cancelled, budget spent)."""

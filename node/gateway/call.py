@@ -87,6 +87,8 @@ class Caller:
                 wait_s = BATCH_LINE_WAIT_S if ex.api == "batch" else None
                 slot = ex.slot = await gate.enter(a.key, self.schedule.scheduler.tenancy, a.body, len(a.raw), ex.lower,
                                                   wait_s)
+                if ex.preempt is not None:
+                    gate.preemptible(slot, ex.preempt)
             except QueueFull as full:
                 if not last:
                     continue  # overloaded: the next fallback

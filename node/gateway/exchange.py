@@ -85,6 +85,7 @@ class Exchange:
     client_rid: str | None = None
     slot: Any = None              # its place on a replica (node/gateway/scheduler.py)
     lower: bool = False           # x-infernode-priority: batch
+    preempt: Any = None           # a batch line's stop (node/gateway/inprocess.py), given to its slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ class Gateway:
                 return await self._local(api, key, req, ridb, conn)
             adm, ex = self.admitter.admit(key, endpoint, api, client_rid, nid, req.lane,
                                           req.header(b"x-infernode-priority") == b"batch")
+            ex.preempt = req.preempt
             settlement = self.books.open(ex, adm, self.models)
             body, api = await self.admitter.intake.read(req.body, api.api, api)
             a = self.admitter.check(req, api, key, adm, ex, self.models, ridb, body)

@@ -4,10 +4,15 @@ A line goes through the same stages as a client's request (admission, the model'
 batch priority, the call, settling: quotas, ledger, metrics), answered into memory instead
 of a socket. Its lane (`Request.lane`) marks it: budgets apply, rpm and tpm do not (the
 scheduler paces batch work), and its ledger row says `api = batch`.
+
+A line can be preempted (`Request.preempt`): when an interactive request comes for its model,
+the scheduler stops it as if its client had gone (the worker stops computing it; its ledger
+row says 499), and the runner sends it again at once, to wait for its turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -26,6 +31,7 @@ class Capture:
 
     def __init__(self) -> None:
         self.gone = False
+        self.preempted = False
         self.started = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -56,7 +62,17 @@ async def call(gateway: Any, key: Any, path: bytes, body: bytes, request_id: str
                                       (b"x-infernode-priority", lane.encode())], "1.1", True)
     req.body, req.auth, req.lane = body, key, lane
     out = Capture()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def preempt() -> None:
+        out.gone = out.preempted = True  # the gateway takes the cancellation as its client going away
+        task.cancel()
+
+    req.preempt = preempt
     await gateway.handle(req, out)
+    if out.preempted and task.cancelling():  # stopped for its own sake too (the runner is closing)
+        raise asyncio.CancelledError
     return out
 
 
@@ -70,6 +86,8 @@ def batch_executor(gateway: Any, keys: Any) -> Execute:
                                                       "type": "authentication_error", "code": "invalid_api_key"}
                                             }).encode(), stop="invalid_api_key")
         out = await call(gateway, key, batch.endpoint.encode(), json.dumps(line.body).encode(), request_id)
+        if out.preempted:
+            return Outcome(0, b"", retry=True, again=True)
         code = _error_code(out.body) if out.status >= 400 else None
         if out.status == 429 and code == "budget_exceeded":
             return Outcome(out.status, out.body, stop="budget_exceeded")

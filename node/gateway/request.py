@@ -44,6 +44,7 @@ class Request:
         "keep_alive",
         "lane",
         "method",
+        "preempt",
         "path",
         "query",
         "refusal",
@@ -59,6 +60,7 @@ class Request:
         self.body_limit = 0                  # set from the server's max_body_bytes; a head check may lower it
         self.client = ""                     # the client's address (for pacing failed authentication)
         self.lane: str | None = None         # "batch" for the node's own batch lines (node/gateway/inprocess.py)
+        self.preempt: Any = None             # a batch line's: stops it so an interactive request runs alone
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:

@@ -10,7 +10,9 @@ Batch fills idle capacity: a batch-priority request takes a slot only when no in
 request of the model is in flight and none has been for `batch_yield_s` (a client sending
 one request after another keeps the model to itself), except that batch keeps its
 `batch_min_share` of the model's slot time (over about the last ten seconds) even then,
-one request at a time. Batch requests already running are not stopped.
+one request at a time. The node's own batch lines taken while interactive traffic was quiet are
+preempted when an interactive request comes (`preemptible`): stopped at the worker and
+queued again, so that request does not share the runtime's forward passes with them.
 
 A request admitted while its model had no ready replica (an on-demand model loading) holds a
 slot without a replica; once the model is ready, `bind` places it on a replica with a free
@@ -94,12 +96,14 @@ class Tenancy:
 class Slot:
     """One request's place on a replica (target None: the model had no ready replica; the caller decides)."""
 
-    __slots__ = ("queue", "target", "priority", "gauge", "taken")
+    __slots__ = ("queue", "target", "priority", "gauge", "taken", "quiet", "preempt")
 
     def __init__(self, queue: ModelQueue, target: Target | None, priority: Priority, gauge: Any,
-                 taken: float) -> None:
+                 taken: float, quiet: bool = False) -> None:
         self.queue, self.target, self.priority, self.gauge = queue, target, priority, gauge  # gauge: its team's
         self.taken = taken  # time.monotonic() when it was taken
+        self.quiet = quiet  # a batch slot taken while interactive traffic was quiet (not under batch's floor)
+        self.preempt: Callable[[], None] | None = None
 
     def release(self, duration_s: float) -> None:
         """Give the slot back: the next waiter in fair order gets it."""
@@ -126,6 +130,8 @@ class ModelQueue:
         self._slot_t = time.monotonic()
         self._wake: asyncio.TimerHandle | None = None
         self.binding: deque[tuple[asyncio.Future[None], Slot]] = deque()  # slots waiting for a replica
+        self._preemptible: set[Slot] = set()
+        self.preempted = 0                      # batch slots preempted, in all
         self.held: dict[str, int] = {}          # replica id -> slots taken
         self._avg_s = 1.0                       # moving average of request time, for Retry-After
         self._teams: dict[str, Any] = {}       # metric children, cached
@@ -190,8 +196,10 @@ class ModelQueue:
     def _take(self, target: Target | None, priority: Priority, team: str) -> Slot:
         self.inflight += 1
         now = time.monotonic()
+        quiet = False
         if priority is Priority.BATCH:
             self.batch += 1
+            quiet = self.fore == 0 and now - self.fore_seen >= self.batch_yield_s
         else:
             self.fore += 1
             self.fore_seen = now
@@ -200,7 +208,7 @@ class ModelQueue:
         gauge = self._gauge(team) if self.metrics is not None else None
         if gauge is not None:
             gauge.inc()
-        return Slot(self, target, priority, gauge, now)
+        return Slot(self, target, priority, gauge, now, quiet)
 
     async def enter(self, key: Any, tenancy: Tenancy, body: dict, size: int, lower: bool = False,
                     wait_s: float | None = None) -> Slot:
@@ -210,6 +218,8 @@ class ModelQueue:
         team = key.team or ""
         if not self.fq.size and self.inflight < self.max_inflight:
             prio = Priority.BATCH if lower else tenancy.of(key)[2]
+            if self._preemptible and prio is not Priority.BATCH:
+                self._preempt()
             if prio is not Priority.BATCH or self.batch_may_start(time.monotonic()):
                 target = self._free()
                 if target is not False:  # the fast path: nothing waits and a slot is free
@@ -218,6 +228,8 @@ class ModelQueue:
         tenant, share, prio = tenancy.of(key)
         if lower:
             prio = Priority.BATCH  # a request may lower its priority, never raise it
+        elif self._preemptible and prio is not Priority.BATCH:
+            self._preempt()  # the slots it waits for are freed as the preempted lines stop
         if len(self.fq) >= self.max_queue:
             raise QueueFull(self.retry_after())
         if self.fq.full_for(tenant):
@@ -278,6 +290,23 @@ class ModelQueue:
             if slot.target is None:
                 raise
 
+    def preemptible(self, slot: Slot, stop: Callable[[], None]) -> None:
+        """`stop` ends the request holding `slot` (a batch line of the node's own) when an interactive one comes.
+
+        Only a slot taken while interactive traffic was quiet: one batch holds under its floor is kept.
+        """
+        if slot.priority is Priority.BATCH and slot.quiet and slot.target is not None:
+            slot.preempt = stop
+            self._preemptible.add(slot)
+
+    def _preempt(self) -> None:
+        slots, self._preemptible = self._preemptible, set()
+        for slot in slots:
+            stop, slot.preempt = slot.preempt, None
+            if stop is not None:
+                self.preempted += 1
+                stop()
+
     def _place(self, slot: Slot, target: Target) -> None:
         slot.target = target
         self.held[target.id] = self.held.get(target.id, 0) + 1
@@ -296,6 +325,9 @@ class ModelQueue:
         self.inflight -= 1
         if slot.priority is Priority.BATCH:
             self.batch -= 1
+            if slot.preempt is not None:
+                slot.preempt = None
+                self._preemptible.discard(slot)
         else:
             self.fore -= 1
             self.fore_seen = now

@@ -75,7 +75,8 @@ class Metrics:
                                    ["reason"], r)
         self.ledger_stats: Callable[[], Mapping[str, Any]] | None = None  # set once the ledger runs
         r.register(_LedgerCollector(self))
-        self.batch_lines = Counter("infernode_batch_lines", "Batch lines recorded, by result (completed|failed).",
+        self.batch_lines = Counter("infernode_batch_lines", "Batch lines by result: completed|failed (recorded), "
+                                   "preempted (stopped for interactive traffic, sent again).",
                                    ["result"], registry=r)
         self.batch_counts: Callable[[], Mapping[str, int]] | None = None  # batches by status, read at scrape time
         r.register(_BatchCollector(self))

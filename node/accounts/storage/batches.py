@@ -141,6 +141,13 @@ class BatchTables:
                 f"INSERT INTO batch_lines ({cols}) VALUES ({marks}) ON CONFLICT (batch_id, line) DO NOTHING"),
                 [getattr(result, n) for n in LINE_COLUMNS]) > 0
 
+    def record_lines(self, results: list[LineResult]) -> list[bool]:
+        """Record several lines' results in one transaction (one commit); for each, whether it was new."""
+        cols, marks = ", ".join(LINE_COLUMNS), ", ".join("?" for _ in LINE_COLUMNS)
+        sql = self._sql(f"INSERT INTO batch_lines ({cols}) VALUES ({marks}) ON CONFLICT (batch_id, line) DO NOTHING")
+        with self._guard(), self.backend.transaction() as tx:
+            return [tx.execute(sql, [getattr(r, n) for n in LINE_COLUMNS]) > 0 for r in results]
+
     def recorded_lines(self, batch_id: str) -> set[int]:
         with self._guard():
             rows = self.backend.query(self._sql("SELECT line FROM batch_lines WHERE batch_id = ?"), (batch_id,))
