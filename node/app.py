@@ -31,7 +31,8 @@ from node.console.sessions import SignedIn
 from node.errors import AuthenticationError, NoReadyReplica, OperationFailed
 from node.gateway.exchange import ModelInfo
 from node.gateway.gateway import Gateway
-from node.gateway.scheduler import Scheduler, Tenancy
+from node.gateway.scheduler import Scheduler
+from node.gateway.tenancy import Tenancy
 from node.gateway.upstream import Pool
 from node.ops.alerts import Alerter, budget_uses
 from node.ops.logs import ACCESS_LOGGER

@@ -15,7 +15,8 @@ from node.accounts.quotas import Quotas
 from node.accounts.teams import TeamRecord
 from node.gateway import scheduler as scheduler_module
 from node.gateway.fairqueue import Priority
-from node.gateway.scheduler import ModelQueue, QueueFull, QueueTimeout, Scheduler, Tenancy, cost
+from node.gateway.scheduler import ModelQueue, QueueFull, QueueTimeout, Scheduler, cost
+from node.gateway.tenancy import Tenancy
 from node.ops.metrics import Metrics
 from node.workers.router import Router
 

@@ -34,9 +34,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from node.accounts.plans import standing
 from node.errors import NodeError, RateLimited
 from node.gateway.fairqueue import FairQueue, Priority, Ticket
+from node.gateway.tenancy import Tenancy
 from node.workers.router import Router
 from node.workers.router import WorkerView as Target
 
@@ -63,34 +63,6 @@ class QueueTimeout(NodeError):
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message, headers={"retry-after": str(max(1, min(60, int(retry_after + 0.999))))})
-
-
-class Tenancy:
-    """Who a key's request belongs to, (tenant, share, priority), cached per key record.
-
-    With `quotas` (node/accounts/quotas.py) the key's team and plans are read from it
-    (node/accounts/plans.py `standing`); a team or plan change empties the cache.
-    """
-
-    def __init__(self, quotas: Any = None) -> None:
-        self.quotas = quotas
-        self._cache: dict[str, tuple[Any, tuple[str, float, Priority]]] = {}
-        self._generation = -1
-
-    def of(self, key: Any) -> tuple[str, float, Priority]:
-        q = self.quotas
-        if q is None:
-            return key.team or f"key:{key.id}", 1.0, Priority.INTERACTIVE
-        if self._generation != q.generation or len(self._cache) > 100_000:
-            self._cache, self._generation = {}, q.generation
-        hit = self._cache.get(key.id)
-        if hit is not None and hit[0] is key:  # records are immutable: the same object, the same answer
-            return hit[1]
-        team = q.team(key.team) if key.team else None
-        tenant, share, prio = standing(key, team, q.plan(key.plan), q.plan(team.plan) if team is not None else None)
-        out = (tenant, share, Priority.parse(prio) or Priority.INTERACTIVE)
-        self._cache[key.id] = (key, out)
-        return out
 
 
 class Slot:
