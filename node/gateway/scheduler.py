@@ -249,6 +249,8 @@ class ModelQueue:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (fut, slot)
         self.binding.append(entry)
+        if target is not False:
+            self.dispatch()  # a slot is free: the ones ahead of this take it first
         try:
             async with asyncio.timeout(wait_s or self.queue_timeout_s):
                 await fut
