@@ -4,16 +4,14 @@ Agent loops that send a tool call's result back (an assistant turn holding only 
 then the result) on every API, streamed and not; structured output; `models.retrieve`;
 error classes and retry behaviour; request ids. `tiny-chat` runs on the default llama.cpp
 runtime, whatever it is (each runtime's dialect is in its adapter, and the node maps to
-it); `tiny-lcs` is llama.cpp's own `llama-server` on the same model, fronted as an
-`external` model, when the binary is found (`$INFERNODE_LLAMA_SERVER`, `llama-server` on
-PATH, or the hand-built /tmp/lcp/build/bin/llama-server).
+it); `tiny-lcs` is llama.cpp's own `llama-server` started by hand on the same model (the
+binary the suite uses, tests/conftest.py `llama_server()`), fronted as an `external`
+model: the same server with its own flags, behind the runtime-agnostic path.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,23 +25,13 @@ import pytest
 from pydantic import BaseModel
 
 from runtimes import OPENAI, llamacpp
-from tests.conftest import REPO, TINY_MODEL, NodeProc, free_port, start_node, write_config
+from tests.conftest import REPO, TINY_MODEL, NodeProc, free_port, llama_server, start_node, write_config
 
 TINY_GGUF = REPO / "node" / "builtin_models" / "tiny-chat" / "tiny-chat.gguf"
 ODD_NAME = "org.stub:v1"   # model names may hold `.` and `:` (never `/`: a name becomes a path in the store)
 
 
-def _llama_server() -> str | None:
-    for candidate in (os.environ.get("INFERNODE_LLAMA_SERVER"), shutil.which("llama-server"),
-                      "/tmp/lcp/build/bin/llama-server"):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-LLAMA_SERVER = _llama_server()
-NO_LLAMA_SERVER = "llama.cpp's llama-server binary not found (set INFERNODE_LLAMA_SERVER or put it on PATH)"
-MODELS = ["tiny-chat", pytest.param("tiny-lcs", marks=pytest.mark.skipif(LLAMA_SERVER is None, reason=NO_LLAMA_SERVER))]
+MODELS = ["tiny-chat", "tiny-lcs"]
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -77,7 +65,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def sdk_node(tmp_path_factory) -> Iterator[tuple[NodeProc, str]]:
-    """tiny-chat (the llamacpp runtime), ODD_NAME (the stand-in worker) and, when found, tiny-lcs (llama-server)."""
+    """tiny-chat (the llamacpp runtime), ODD_NAME (the stand-in worker) and tiny-lcs (llama-server by hand)."""
     from tests.fakes import openai_worker
 
     d: Path = tmp_path_factory.mktemp("sdks")
@@ -91,15 +79,14 @@ runtime = "external"
 url = "http://127.0.0.1:{stub_port}/v1"
 max_model_len = 4096
 """
-    if LLAMA_SERVER:
-        port = free_port()
-        log = (d / "llama-server.log").open("wb")
-        lcs = subprocess.Popen([LLAMA_SERVER, "-m", str(TINY_GGUF), "--alias", "tiny-lcs", "--host", "127.0.0.1",
-                                "--port", str(port), "-np", "2", "-t", "1", "--jinja", "-c", "4096"],
-                               stdout=log, stderr=subprocess.STDOUT)
-        procs.append(lcs)
-        _wait_http(f"http://127.0.0.1:{port}/health", lcs)
-        models += f"""
+    port = free_port()
+    log = (d / "llama-server.log").open("wb")
+    lcs = subprocess.Popen([str(llama_server()), "-m", str(TINY_GGUF), "--alias", "tiny-lcs", "--host", "127.0.0.1",
+                            "--port", str(port), "-np", "2", "-t", "1", "--jinja", "-c", "4096"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    procs.append(lcs)
+    _wait_http(f"http://127.0.0.1:{port}/health", lcs)
+    models += f"""
 [[models]]
 name = "tiny-lcs"
 runtime = "external"
