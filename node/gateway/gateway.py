@@ -178,7 +178,8 @@ class Gateway:
                     out_headers += a.adm.wire_headers
                 await relay(up, a.route, a.call, settlement, out_headers, conn)
             finally:
-                up.resp.close()  # back to the pool when read to the end; else closed, which cancels the worker's work
+                # Back to the pool when read to the end; else closed, which cancels the worker's work.
+                up.resp.close(keep=not ex.stream or up.target.keeps_stream_connections)
                 up.target.end()
                 gauge.dec()
                 gate.release(time.perf_counter() - ex.started)

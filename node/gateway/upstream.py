@@ -100,10 +100,15 @@ class Response:
         """From now on, wait at most this long for more body bytes."""
         self._timeout = min(self._timeout, seconds)
 
-    def close(self) -> None:
-        """Return the connection to the pool if the body was read to its end, else drop it (the worker stops)."""
+    def close(self, keep: bool = True) -> None:
+        """Return the connection to the pool if the body was read to its end, else drop it (the worker stops).
+
+        `keep` False: drop it anyway (a worker that closes its side after such an answer, without saying so).
+        """
         conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
+            if not keep:
+                conn.reusable = False
             self._pool._finish(self._idle, conn)
 
 

@@ -51,6 +51,14 @@ class WorkerView(Protocol):
     def priorities(self) -> Mapping[str, int] | None:
         """The body's `priority` per band ("interactive", "batch") where its runtime schedules by it, else None."""
 
+    @property
+    def stops_unstreamed_late(self) -> bool:
+        """Whether it stops a dropped non-streamed request only late (a stream: at its next token)."""
+
+    @property
+    def keeps_stream_connections(self) -> bool:
+        """Whether its connection may be reused after a streamed answer."""
+
     def serves_api(self, api: str) -> bool:
         """Whether it serves that client API (e.g. "responses") itself."""
 

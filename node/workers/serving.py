@@ -68,6 +68,14 @@ class Serving:
         """The body's `priority` per band, where its runtime schedules by it."""
         return self.plan.priorities if self.plan else None
 
+    @property
+    def stops_unstreamed_late(self) -> bool:
+        return bool(self.plan and self.plan.stops_unstreamed_late)
+
+    @property
+    def keeps_stream_connections(self) -> bool:
+        return not self.plan or self.plan.keeps_stream_connections
+
     def serves_api(self, api: str) -> bool:
         return bool(self.plan and api in self.plan.native_apis)
 
