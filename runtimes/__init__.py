@@ -146,10 +146,6 @@ class LaunchPlan:
     # Requests the worker serves well at once (e.g. llama-server's parallel slots): the node sends it no more and
     # queues the rest itself, in fair order; None: no cap but the model's max_inflight.
     concurrency: int | None = None
-    # True when the worker notices a client that dropped a non-streamed request only late (llama-server polls
-    # about once a second) but stops a stream at its next token: the node sends the batch lines it may
-    # preempt as streams, and puts their answers back together.
-    stops_unstreamed_late: bool = False
     # False when the worker closes its connection after a streamed answer without saying so (no
     # `Connection: close`): the node then never reuses such a connection, which would fail as it is reused.
     keeps_stream_connections: bool = True

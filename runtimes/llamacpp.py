@@ -123,9 +123,6 @@ def plan(spec: WorkerSpec) -> LaunchPlan:
         context_length=context,
         cannot=cannot,
         concurrency=slots if slots > 0 else DEFAULT_PARALLEL,
-        # A non-streamed request's client is polled for once a second (HTTP_POLLING_SECONDS in its
-        # server-context.cpp); a stream's at every token.
-        stops_unstreamed_late=True,
         # It answers a stream with `Keep-Alive: timeout=5, max=100` and then closes the connection.
         keeps_stream_connections=False,
     )

@@ -156,14 +156,9 @@ def _body(a: Admitted, ex: Exchange, target: WorkerView) -> tuple[bytes, bool, b
     the model by another name (or a fallback serves it), or the route translated it.
     """
     req = a.body
-    changed = False
-    if (ex.preempt is not None and not ex.stream and target.stops_unstreamed_late
-            and ex.endpoint in ("chat", "completions")):
-        # A batch line it may preempt goes as a stream, which the worker stops at once when the
-        # node drops it; the line puts the answer back together (node/batches/assemble.py).
-        req["stream"], req["stream_options"], ex.stream, changed = True, {"include_usage": True}, True, True
     options = req.get("stream_options")
     wants_usage = bool(options and options.get("include_usage"))
+    changed = False
     if ex.stream and target.stream_usage and not wants_usage and ex.endpoint in ("chat", "completions"):
         req["stream_options"] = {**(options or {}), "include_usage": True}
         changed = True

@@ -7,9 +7,7 @@ scheduler paces batch work), and its ledger row says `api = batch`.
 
 A line can be preempted (`Request.preempt`): when an interactive request comes for its model,
 the scheduler stops it as if its client had gone (the worker stops computing it; its ledger
-row says 499), and the runner sends it again at once, to wait for its turn. Where the
-runtime stops only streams at once, such a line goes to it as a stream (node/gateway/call.py)
-and its answer is put back together here (node/batches/assemble.py).
+row says 499), and the runner sends it again at once, to wait for its turn.
 """
 
 from __future__ import annotations
@@ -18,14 +16,12 @@ import asyncio
 import json
 from typing import Any
 
-from node.batches.assemble import Unassembled, assemble
 from node.batches.lines import Line
 from node.batches.records import BatchRecord
 from node.batches.runner import Execute, Outcome
 from node.gateway.request import Request
 
 LANE = "batch"
-OFF_LOOP_BYTES = 256 * 1024   # a streamed answer this large is put together on a worker thread
 
 
 class Capture:
@@ -92,8 +88,6 @@ def batch_executor(gateway: Any, keys: Any) -> Execute:
         out = await call(gateway, key, batch.endpoint.encode(), json.dumps(line.body).encode(), request_id)
         if out.preempted:
             return Outcome(0, b"", retry=True, again=True)
-        if out.status == 200 and (b"content-type", b"text/event-stream") in out.headers:
-            return await _whole(out.body, "chat" if batch.endpoint.endswith("/chat/completions") else "completions")
         code = _error_code(out.body) if out.status >= 400 else None
         if out.status == 429 and code == "budget_exceeded":
             return Outcome(out.status, out.body, stop="budget_exceeded")
@@ -102,16 +96,6 @@ def batch_executor(gateway: Any, keys: Any) -> Execute:
         return Outcome(out.status, out.body, retry=out.status in (429, 503))
 
     return execute
-
-
-async def _whole(sse: bytes, endpoint: str) -> Outcome:
-    """A line sent as a stream (the runtime stops only those at once): its answer, whole, as unstreamed."""
-    try:
-        answer = (await asyncio.to_thread(assemble, sse, endpoint) if len(sse) >= OFF_LOOP_BYTES
-                  else assemble(sse, endpoint))
-    except Unassembled as err:
-        return Outcome(502, json.dumps({"error": err.error}).encode())
-    return Outcome(200, json.dumps(answer).encode())
 
 
 def _error_code(body: bytes) -> str | None:

@@ -52,10 +52,6 @@ class WorkerView(Protocol):
         """The body's `priority` per band ("interactive", "batch") where its runtime schedules by it, else None."""
 
     @property
-    def stops_unstreamed_late(self) -> bool:
-        """Whether it stops a dropped non-streamed request only late (a stream: at its next token)."""
-
-    @property
     def keeps_stream_connections(self) -> bool:
         """Whether its connection may be reused after a streamed answer."""
 

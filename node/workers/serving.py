@@ -69,10 +69,6 @@ class Serving:
         return self.plan.priorities if self.plan else None
 
     @property
-    def stops_unstreamed_late(self) -> bool:
-        return bool(self.plan and self.plan.stops_unstreamed_late)
-
-    @property
     def keeps_stream_connections(self) -> bool:
         return not self.plan or self.plan.keeps_stream_connections
 
