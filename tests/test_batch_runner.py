@@ -115,7 +115,7 @@ def test_a_restart_resumes_and_never_reruns_a_recorded_line(store, tmp_path):
                 break
             await asyncio.sleep(0.01)
         # Three lines are in flight; record one as if it had finished just before the stop.
-        store.record_line(LineResult(b.id, 0, "c0", 200, '{"x": 1}', None, None, "r", clock()))
+        assert store.record_lines([LineResult(b.id, 0, "c0", 200, '{"x": 1}', None, None, "r", clock())]) == [True]
         await runner.close()   # the node stops: lines in flight are not recorded
         assert store.get_batch(b.id).status is S.IN_PROGRESS
         again = Worker()
@@ -125,7 +125,7 @@ def test_a_restart_resumes_and_never_reruns_a_recorded_line(store, tmp_path):
         assert 0 not in again.calls and sorted(again.calls) == list(range(1, 12))
         assert (done.completed, done.failed) == (12, 0)
         assert [o["custom_id"] for o in output(batches2, done, done.output_file_id)] == [f"c{i}" for i in range(12)]
-        assert store.record_line(LineResult(b.id, 5, "c5", 200, "{}", None, None, "r", 0)) is False
+        assert store.record_lines([LineResult(b.id, 5, "c5", 200, "{}", None, None, "r", 0)]) == [False]
         await runner2.close()
     asyncio.run(go())
 

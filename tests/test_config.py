@@ -28,6 +28,9 @@ M = {"name": "m", "source": "file:x", "runtime": "llamacpp"}
      "llamacpp runs its own server executable, not a Python module; remove python (set server = PATH"),
     ({"quotas": {"default": {"rpm": -1}}}, "quotas.default.rpm", "greater than or equal to 0"),
     ({"database": {"url": "mysql://x"}}, "database.url", "postgresql://"),
+    ({"node": {"batch_yield_s": -1}}, "node.batch_yield_s", "greater than or equal to 0"),
+    ({"node": {"batch_yield_s": 3600}}, "node.batch_yield_s", "less than or equal to 60"),
+    ({"node": {"batch_yield_s": "soon"}}, "node.batch_yield_s", "valid number"),
 ])
 def test_bad_config_names_file_key_and_problem(raw, key, words):
     with pytest.raises(ConfigError) as e:

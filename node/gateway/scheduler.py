@@ -103,7 +103,6 @@ class ModelQueue:
         self._wake: asyncio.TimerHandle | None = None
         self.binding: deque[tuple[asyncio.Future[None], Slot]] = deque()  # slots waiting for a replica
         self._preemptible: set[Slot] = set()
-        self.preempted = 0                      # batch slots preempted, in all
         self.held: dict[str, int] = {}          # replica id -> slots taken
         self._avg_s = 1.0                       # moving average of request time, for Retry-After
         self._teams: dict[str, Any] = {}       # metric children, cached
@@ -122,9 +121,13 @@ class ModelQueue:
         self.batch_yield_s = batch_yield_s
         self.dispatch()
 
+    def _quiet_in(self, now: float) -> float:
+        """Seconds until interactive traffic has been quiet for `batch_yield_s` (≤ 0: it has; inf: some in flight)."""
+        return math.inf if self.fore else self.fore_seen + self.batch_yield_s - now
+
     def batch_may_start(self, now: float) -> bool:
         """Whether a batch request may take a free slot now (see the module's docstring)."""
-        if self.fore == 0 and now - self.fore_seen >= self.batch_yield_s:
+        if self._quiet_in(now) <= 0:
             return True
         share = self.fq.batch_min_share
         if self.batch or share <= 0:
@@ -136,20 +139,19 @@ class ModelQueue:
         """Once interactive traffic has been quiet for `batch_yield_s`, hand waiting batch requests their slots."""
         self._wake = None
         if self.fq.depth(Priority.BATCH) and self.fore == 0:
-            left = self.fore_seen + self.batch_yield_s - time.monotonic()
-            if left > 0:
-                self._wake = asyncio.get_running_loop().call_later(left, self._resume_batch)
+            if self._quiet_in(time.monotonic()) > 0:
+                self._arm()
             else:
                 self.dispatch()
 
     def _arm(self) -> None:
+        """Wake waiting batch requests once interactive traffic is quiet (a release re-arms it while some runs)."""
         if self._wake is None and self.fore == 0:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # configured before the loop runs: the next release dispatches
                 return
-            self._wake = loop.call_later(max(0.0, self.fore_seen + self.batch_yield_s - time.monotonic()),
-                                         self._resume_batch)
+            self._wake = loop.call_later(max(0.0, self._quiet_in(time.monotonic())), self._resume_batch)
 
     def _free(self) -> Target | None | Literal[False]:
         """The least busy ready replica with a free slot; None when none is ready; False when all are full."""
@@ -171,7 +173,7 @@ class ModelQueue:
         quiet = False
         if priority is Priority.BATCH:
             self.batch += 1
-            quiet = self.fore == 0 and now - self.fore_seen >= self.batch_yield_s
+            quiet = self._quiet_in(now) <= 0
         else:
             self.fore += 1
             self.fore_seen = now
@@ -278,7 +280,6 @@ class ModelQueue:
         for slot in slots:
             stop, slot.preempt = slot.preempt, None
             if stop is not None:
-                self.preempted += 1
                 stop()
 
     def _place(self, slot: Slot, target: Target) -> None:

@@ -133,16 +133,9 @@ class BatchTables:
         return {r["status"]: int(r["n"]) for r in rows}
 
     # -- line results ------------------------------------------------------------
-    def record_line(self, result: LineResult) -> bool:
-        """Record one line's result; False when it was already recorded (it is then left as it was)."""
-        cols, marks = ", ".join(LINE_COLUMNS), ", ".join("?" for _ in LINE_COLUMNS)
-        with self._guard():
-            return self.backend.execute(self._sql(
-                f"INSERT INTO batch_lines ({cols}) VALUES ({marks}) ON CONFLICT (batch_id, line) DO NOTHING"),
-                [getattr(result, n) for n in LINE_COLUMNS]) > 0
-
     def record_lines(self, results: list[LineResult]) -> list[bool]:
-        """Record several lines' results in one transaction (one commit); for each, whether it was new."""
+        """Record lines' results in one transaction (one commit); for each, whether it was new (a line
+        already recorded is left as it was)."""
         cols, marks = ", ".join(LINE_COLUMNS), ", ".join("?" for _ in LINE_COLUMNS)
         sql = self._sql(f"INSERT INTO batch_lines ({cols}) VALUES ({marks}) ON CONFLICT (batch_id, line) DO NOTHING")
         with self._guard(), self.backend.transaction() as tx:
